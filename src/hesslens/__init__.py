@@ -1,0 +1,46 @@
+"""hesslens: the curvature of neural-network losses, full network and layer by layer.
+
+Example:
+    >>> import torch, hesslens as hl
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    >>> H = hl.Hessian(model, torch.nn.functional.cross_entropy, data)
+    >>> H.eigenvalues(k=3).values.shape
+    torch.Size([3])
+"""
+
+from hesslens.curvature import (
+    CurvatureOperator,
+    GaussNewton,
+    GaussNewtonResidual,
+    Hessian,
+    discover_layers,
+)
+from hesslens.errors import HesslensError, HesslensInputError
+from hesslens.linalg import EigenResult, Spectrum, TraceResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureOperator",
+    "EigenResult",
+    "GaussNewton",
+    "GaussNewtonResidual",
+    "Hessian",
+    "HessianTracePenalty",
+    "HesslensError",
+    "HesslensInputError",
+    "Spectrum",
+    "TraceResult",
+    "__version__",
+    "discover_layers",
+]
+
+
+def __getattr__(name: str):
+    # The training layer imports the curvature layer; load it on first use only.
+    if name == "HessianTracePenalty":
+        from hesslens.training.penalty import HessianTracePenalty
+
+        return HessianTracePenalty
+    raise AttributeError(f"module 'hesslens' has no attribute {name!r}")

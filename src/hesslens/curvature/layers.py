@@ -1,0 +1,111 @@
+"""Layer discovery: which parameters make up each layer, in forward order.
+
+A *layer* is the set of trainable parameters that one module owns directly (its weight and bias),
+as in the paper, where a layer is one Conv2d or Linear. Modules that own no trainable parameter
+(ReLU, pooling, containers) are not layers. A parameter shared between modules (tied weights)
+belongs to the first module that owns it.
+
+Example:
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> discover_layers(model)
+    {'0': ['0.weight', '0.bias'], '2': ['2.weight', '2.bias']}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hesslens.errors import HesslensInputError
+
+ROOT_LAYER = "<root>"
+
+
+def discover_layers(model: nn.Module, example_inputs: object = None) -> dict[str, list[str]]:
+    """Map each layer's name to the names of its trainable parameters.
+
+    Layers come in forward order when ``example_inputs`` is given (the order in which the
+    modules are first called in one forward pass, run without gradients and without touching
+    BatchNorm statistics); otherwise, and for modules the forward pass does not call, in
+    registration order. Parameter names are those of ``model.named_parameters()``.
+    """
+    owned: dict[str, list[str]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        names = []
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            names.append(f"{module_name}.{param_name}" if module_name else param_name)
+        if names:
+            owned[module_name or ROOT_LAYER] = names
+    if example_inputs is None or len(owned) < 2:
+        return owned
+    order = _call_order(model, example_inputs, set(owned))
+    ranked = sorted(owned, key=lambda name: order.get(name, len(order)))
+    return {name: owned[name] for name in ranked}
+
+
+def _call_order(model: nn.Module, example_inputs: object, wanted: set[str]) -> dict[str, int]:
+    """Run one forward pass on a copy of ``model`` and record when each wanted module runs."""
+    import copy
+
+    probe = copy.deepcopy(model).eval()
+    order: dict[str, int] = {}
+    handles = []
+    for name, module in probe.named_modules():
+        key = name or ROOT_LAYER
+        if key in wanted:
+
+            def record(_module, _inputs, key=key):
+                order.setdefault(key, len(order))
+
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, (tuple, list)):
+                probe(*example_inputs)
+            else:
+                probe(example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if ROOT_LAYER in wanted:
+        order[ROOT_LAYER] = -1
+    return order
+
+
+def select_layers(
+    layers: Mapping[str, Sequence[str]], names: str | Sequence[str]
+) -> list[str]:
+    """Resolve a layer selection: ``"all"``, ``"middle"``, one name, or a list of names.
+
+    ``"middle"`` is the layers with index in ``[floor(n / 4), ceil(3 n / 4))`` of the ``n``
+    layers in forward order: the middle half of the network, at least one layer.
+
+    Example:
+        >>> select_layers({"a": ["a.w"], "b": ["b.w"], "c": ["c.w"], "d": ["d.w"]}, "middle")
+        ['b', 'c']
+    """
+    all_names = list(layers)
+    if isinstance(names, str):
+        if names == "all":
+            return all_names
+        if names == "middle":
+            n = len(all_names)
+            lo, hi = n // 4, -(-3 * n // 4)
+            return all_names[lo : max(hi, lo + 1)]
+        names = [names]
+    unknown = [name for name in names if name not in layers]
+    if unknown:
+        raise HesslensInputError(
+            f"unknown layer name(s) {unknown}; the layers of this model are {all_names} "
+            "(or use 'all' or 'middle')"
+        )
+    if not names:
+        raise HesslensInputError("the layer selection is empty: name at least one layer")
+    return list(dict.fromkeys(names))

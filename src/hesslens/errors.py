@@ -1,0 +1,22 @@
+"""Errors that hesslens raises for bad input.
+
+Every error raised for something the user gave (a loss that is not a scalar, an unknown layer
+name, a missing data folder, ...) is a :class:`HesslensInputError`. It is a ``ValueError``, so
+code that already catches ``ValueError`` keeps working, and the command line turns it into one
+line on stderr and exit code 2.
+
+Example:
+    >>> from hesslens.errors import HesslensInputError
+    >>> issubclass(HesslensInputError, ValueError)
+    True
+"""
+
+from __future__ import annotations
+
+
+class HesslensError(Exception):
+    """Base class of every error hesslens raises on purpose."""
+
+
+class HesslensInputError(HesslensError, ValueError):
+    """Bad input: the message names the problem and what to do about it."""

@@ -1,0 +1,75 @@
+"""Bad input gets an error that names the problem."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.functional import cross_entropy
+
+import hesslens as hl
+from hesslens.errors import HesslensInputError
+from tests.reference import classification_batches, mlp
+
+
+def _data():
+    return classification_batches((6,), classes=4)
+
+
+def test_non_scalar_loss():
+    with pytest.raises(HesslensInputError, match="not a scalar"):
+        hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y, reduction="none"), _data())
+
+
+def test_non_finite_loss():
+    with pytest.raises(HesslensInputError, match="not finite"):
+        hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * float("nan"), _data())
+
+
+def test_empty_data():
+    with pytest.raises(HesslensInputError, match="empty"):
+        hl.Hessian(mlp(), cross_entropy, [])
+
+
+def test_unknown_layer_name():
+    H = hl.Hessian(mlp(), cross_entropy, _data())
+    with pytest.raises(HesslensInputError, match=r"unknown layer.*'nope'.*\['0', '2', '4'\]"):
+        H.block("nope")
+
+
+def test_model_without_trainable_parameters():
+    model = mlp().requires_grad_(False)
+    with pytest.raises(HesslensInputError, match="no trainable parameters"):
+        hl.Hessian(model, cross_entropy, _data())
+
+
+def test_k_larger_than_dimension():
+    model = nn.Linear(2, 2)
+    data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
+    H = hl.Hessian(model, cross_entropy, data)
+    with pytest.raises(HesslensInputError, match="k=7 is larger than .* dimension 6"):
+        H.eigenvalues(k=7)
+
+
+def test_dropout_in_train_mode():
+    model = nn.Sequential(nn.Linear(6, 5), nn.Dropout(0.5), nn.Linear(5, 4)).train()
+    with pytest.raises(HesslensInputError, match="dropout"):
+        hl.Hessian(model, cross_entropy, _data())
+    hl.Hessian(model.eval(), cross_entropy, _data())
+    hl.Hessian(model.train(), cross_entropy, _data(), allow_dropout=True)
+
+
+def test_wrong_vector_size():
+    H = hl.Hessian(mlp(), cross_entropy, _data())
+    with pytest.raises(HesslensInputError, match="batch of vectors"):
+        H.hvp(torch.ones(3))
+
+
+def test_inputs_and_model_on_different_devices():
+    model = mlp()
+    data = [(x.to("meta"), y.to("meta")) for x, y in _data()]
+    with pytest.raises(HesslensInputError, match="inputs are on meta but the model is on cpu"):
+        hl.Hessian(model, cross_entropy, data)
+
+
+def test_mismatched_batch():
+    with pytest.raises(HesslensInputError, match="rows"):
+        hl.Hessian(mlp(), cross_entropy, (torch.randn(3, 6), torch.zeros(4, dtype=torch.long)))

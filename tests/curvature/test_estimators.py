@@ -1,0 +1,130 @@
+"""Eigenvalues, traces, layer traces and densities of real networks against dense float64
+references, at default settings."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.functional import cross_entropy
+
+import hesslens as hl
+from tests.reference import (
+    bn_model,
+    classification_batches,
+    dense_gauss_newton,
+    dense_hessian,
+    mlp,
+    small_cnn,
+)
+
+
+def _case(name):
+    if name == "mlp":
+        model, shape, classes = mlp(3), (6,), 4
+    elif name == "cnn":
+        model, shape, classes = small_cnn(3), (1, 7, 7), 3
+    else:
+        model, shape, classes = bn_model(3), (5,), 3
+    batches = classification_batches(shape, n=(24, 17, 9), classes=classes, seed=5)
+    return model, batches
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn", "batchnorm"])
+def setup(request):
+    model, batches = _case(request.param)
+    H = hl.Hessian(model, cross_entropy, batches)  # float32 model, default settings
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names)
+    return model, batches, H, dense
+
+
+def test_top_eigenvalues_and_vectors(setup):
+    _, _, H, dense = setup
+    evals, evecs = torch.linalg.eigh(dense)
+    result = H.eigenvalues(k=5)
+    ref = evals.flip(0)[:5]
+    assert result.values.shape == (5,)
+    assert bool(result.converged.all())
+    assert torch.all(result.values[:-1] >= result.values[1:])
+    rel = ((result.values - ref).abs() / ref.abs()).max()
+    assert rel < 1e-4, rel
+    for i in range(3):  # well separated on these models: vectors match up to sign
+        cos = torch.dot(result.vectors[i].double(), evecs[:, -1 - i]).abs()
+        assert cos > 1 - 1e-3
+    assert result.n_hvp == H.n_products > 0
+
+
+@pytest.mark.parametrize("which", ["SA", "LM"])
+def test_other_ends_of_the_spectrum(setup, which):
+    _, _, H, dense = setup
+    evals = torch.linalg.eigvalsh(dense)
+    result = H.eigenvalues(k=3, which=which)
+    if which == "SA":
+        ref = evals[:3].flip(0)
+    else:
+        ref = evals[evals.abs().argsort(descending=True)[:3]].sort(descending=True).values
+    scale = evals.abs().max()
+    assert torch.allclose(result.values, ref, atol=1e-4 * scale)
+
+
+def test_block_top_eigenvalues(setup):
+    _, _, H, dense = setup
+    offset = 0
+    for layer in H.layers:
+        block = H.block(layer)
+        sub = dense[offset : offset + block.dim, offset : offset + block.dim]
+        offset += block.dim
+        ref = torch.linalg.eigvalsh(sub)[-1]
+        top = block.eigenvalues(k=1).values[0]
+        assert abs(top - ref) <= 1e-4 * abs(ref), (layer, top, ref)
+
+
+def test_trace(setup):
+    _, _, H, dense = setup
+    exact = torch.trace(dense).item()
+    result = H.trace()
+    assert abs(result.value - exact) <= 0.03 * abs(exact)
+    assert abs(result.value - exact) <= 5 * result.stderr + 1e-6 * abs(exact)
+    assert result.n_hvp > 0
+
+
+def test_layer_traces_from_shared_probes(setup):
+    _, _, H, dense = setup
+    full, layers = H.traces()
+    assert list(layers) == H.layers
+    assert np.isclose(sum(r.value for r in layers.values()), full.value, rtol=1e-9)
+    offset = 0
+    for layer, result in layers.items():
+        size = H.block(layer).dim
+        exact = torch.diagonal(dense)[offset : offset + size].sum().item()
+        offset += size
+        assert abs(result.value - exact) <= 0.10 * abs(exact) + 1e-3 * abs(full.value), layer
+        assert abs(result.value - exact) <= 5 * result.stderr + 1e-6 * abs(full.value), layer
+
+
+def test_density_against_exact_measure(setup):
+    _, _, H, dense = setup
+    evals = torch.linalg.eigvalsh(dense).numpy()
+    exact = hl.Spectrum.from_eigenvalues(evals)
+    density = H.density()
+    assert np.isclose(density.weights.sum(), 1.0)
+    assert abs(density.nodes.max() - evals.max()) <= 1e-3 * abs(evals.max())
+    assert abs(density.mean - evals.mean()) <= 0.10 * abs(evals.mean())
+    point_mass = hl.Spectrum(np.zeros(1), np.ones(1))
+    assert density.wasserstein(exact) < 0.2 * exact.wasserstein(point_mass)
+
+
+def test_gauss_newton_top_eigenvalues(setup):
+    model, batches, H, _ = setup
+    G = H.gauss_newton()
+    dense = dense_gauss_newton(model, cross_entropy, batches, H.parameter_names)
+    ref = torch.linalg.eigvalsh(dense).flip(0)[:3]
+    result = G.eigenvalues(k=3)
+    assert ((result.values - ref).abs() / ref.abs()).max() < 1e-4
+
+
+def test_estimators_are_reproducible_with_a_seed():
+    model, batches = _case("mlp")
+    a = hl.Hessian(model, cross_entropy, batches, path="reverse")
+    b = hl.Hessian(model, cross_entropy, batches, path="reverse")
+    assert a.trace(seed=3).value == b.trace(seed=3).value
+    assert torch.equal(a.eigenvalues(k=2, seed=4).values, b.eigenvalues(k=2, seed=4).values)
+    assert a.trace(seed=3).value != a.trace(seed=4).value

@@ -1,0 +1,167 @@
+"""Products of the Hessian, Gauss-Newton and residual operators against dense float64 matrices."""
+
+import pytest
+import torch
+from torch.nn.functional import cross_entropy
+
+import hesslens as hl
+from tests.reference import (
+    bn_model,
+    classification_batches,
+    dense_gauss_newton,
+    dense_hessian,
+    frozen_model,
+    mlp,
+    small_cnn,
+)
+
+CASES = {
+    "mlp": (mlp, (6,), 4),
+    "cnn": (small_cnn, (1, 7, 7), 3),
+    "batchnorm": (bn_model, (5,), 3),
+    "frozen": (frozen_model, (4,), 3),
+}
+
+
+def _setup(case, path="auto", bn="eval"):
+    build, shape, classes = CASES[case]
+    model = build().double()
+    batches = classification_batches(shape, classes=classes)
+    batches = [(x.double(), y) for x, y in batches]
+    H = hl.Hessian(model, cross_entropy, batches, path=path, batchnorm=bn)
+    return model, batches, H
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("path", ["reverse", "forward", "auto"])
+def test_hessian_products_match_dense(case, path):
+    model, batches, H = _setup(case, path)
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names)
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(5, H.dim, generator=g, dtype=torch.float64)
+    assert torch.allclose(H.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(H.hvp(V[0]), dense @ V[0], atol=1e-12, rtol=1e-10)
+    assert H.hvp(V[0]).shape == (H.dim,)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gauss_newton_and_residual_match_dense(case):
+    model, batches, H = _setup(case)
+    names = H.parameter_names
+    G_dense = dense_gauss_newton(model, cross_entropy, batches, names)
+    H_dense = dense_hessian(model, cross_entropy, batches, names)
+    V = torch.randn(4, H.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.allclose(H.gauss_newton().hvp(V), V @ G_dense, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(H.residual().hvp(V), V @ (H_dense - G_dense), atol=1e-12, rtol=1e-10)
+    G = hl.GaussNewton(model, cross_entropy, batches)
+    assert torch.allclose(G.dense(), G_dense, atol=1e-12)
+    # G is positive semi-definite for a convex loss in the outputs.
+    assert torch.linalg.eigvalsh(G_dense).min() > -1e-10
+
+
+def test_batch_statistics_mode_matches_dense():
+    model, batches, H = _setup("batchnorm", bn="batch")
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names, bn="batch")
+    assert torch.allclose(H.dense(), dense, atol=1e-12)
+    eval_dense = dense_hessian(model, cross_entropy, batches, H.parameter_names, bn="eval")
+    assert not torch.allclose(dense, eval_dense, atol=1e-3)
+
+
+def test_block_products_differentiate_only_the_block():
+    model, batches, H = _setup("mlp")
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names)
+    offset = 0
+    for layer in H.layers:
+        block = H.block(layer)
+        idx = slice(offset, offset + block.dim)
+        assert block.parameter_names == H.layer_parameters[layer]
+        assert torch.allclose(block.dense(), dense[idx, idx], atol=1e-12)
+        offset += block.dim
+    assert offset == H.dim
+
+
+def test_frozen_parameter_and_parameter_free_module():
+    model, _, H = _setup("frozen")
+    assert "3.bias" not in H.parameter_names
+    assert H.layers == ["0", "3", "5"]
+    assert H.layer_parameters["3"] == ["3.weight"]
+    assert H.dim == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_float64_mode_analyses_a_float32_model_exactly():
+    build, shape, classes = CASES["cnn"]
+    model = build()  # float32
+    batches = classification_batches(shape, classes=classes)
+    H = hl.Hessian(model, cross_entropy, batches, dtype=torch.float64)
+    assert H.dtype == torch.float64
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names)
+    assert torch.allclose(H.dense(), dense, atol=1e-12)
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_several_batches_equal_one_concatenated_batch():
+    model, batches, H = _setup("mlp")
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    one = hl.Hessian(model, cross_entropy, (x, y))
+    assert H.num_samples == one.num_samples == len(y)
+    assert torch.allclose(H.dense(), one.dense(), atol=1e-12)
+
+
+def test_data_as_generator_and_dataloader():
+    model, batches, H = _setup("mlp")
+    from_gen = hl.Hessian(model, cross_entropy, (b for b in batches))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    from_loader = hl.Hessian(model, cross_entropy, loader)
+    ref = H.dense()
+    assert torch.allclose(from_gen.dense(), ref, atol=1e-12)
+    assert torch.allclose(from_loader.dense(), ref, atol=1e-12)
+
+
+def test_products_never_change_the_model():
+    model = bn_model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    batches = classification_batches((5,), classes=3)
+    for bn in ("eval", "batch"):
+        H = hl.Hessian(model, cross_entropy, batches, batchnorm=bn)
+        H.eigenvalues(k=2)
+        H.gauss_newton().hvp(torch.ones(H.dim))
+        H.trace(max_hvp=40)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert modes == [m.training for m in model.modules()]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_snapshot_of_parameters_at_construction():
+    model, batches, H = _setup("mlp")
+    v = torch.ones(H.dim, dtype=torch.float64)
+    hv = H.hvp(v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert torch.equal(H.hvp(v), hv)
+
+
+def test_to_scipy_linear_operator():
+    from scipy.sparse.linalg import eigsh
+
+    model, batches, H = _setup("mlp")
+    op = H.to_scipy()
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names)
+    top = eigsh(op, k=2, which="LA", return_eigenvectors=False)
+    ref = torch.linalg.eigvalsh(dense)[-2:].numpy()
+    assert abs(sorted(top)[-1] - ref[-1]) < 1e-8 * abs(ref[-1])
+
+
+def test_custom_layer_grouping():
+    model, batches, _ = _setup("mlp")
+    groups = {"hidden": ["0.weight", "0.bias", "2.weight", "2.bias"],
+              "head": ["4.weight", "4.bias"]}
+    H = hl.Hessian(model, cross_entropy, batches, layers=groups)
+    assert H.layers == ["hidden", "head"]
+    assert H.block("head").dim == 8 * 4 + 4
