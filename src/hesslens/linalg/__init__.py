@@ -1,0 +1,58 @@
+"""Algorithms on any batched symmetric matrix-vector product (no neural-network knowledge).
+
+An operator is anything with ``dim``, ``dtype``, ``device`` and ``matmat(V)`` for a
+``(k, dim)`` batch of row vectors (:class:`SymmetricOperator`); a dense square tensor works
+too. On top of it:
+
+* :func:`lanczos`, :func:`eigsh` -- Lanczos with full reorthogonalisation; extreme eigenvalues
+  with a-posteriori error bounds.
+* :func:`hutchinson`, :func:`hutchpp`, :func:`block_traces` -- trace estimators; the trace of
+  every diagonal block from one shared set of probes.
+* :func:`slq`, :class:`Spectrum` -- stochastic Lanczos quadrature and spectral measures
+  (densities, moments, Wasserstein and Jensen-Shannon distances).
+
+Example
+-------
+>>> import torch
+>>> import hesslens.linalg as hla
+>>> A = torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64))
+>>> round(float(hla.eigsh(A, k=1).values[0]), 4)
+50.0
+>>> hla.hutchinson(A, n_hvp=10).value
+1275.0
+"""
+
+from hesslens.linalg.lanczos import WHICH, LanczosRun, eigsh, lanczos
+from hesslens.linalg.operator import (
+    CountingOperator,
+    DeflatedOperator,
+    MatrixOperator,
+    SymmetricOperator,
+    as_operator,
+)
+from hesslens.linalg.probes import DISTRIBUTIONS, random_probes
+from hesslens.linalg.results import EigenResult, TraceResult
+from hesslens.linalg.slq import slq
+from hesslens.linalg.spectrum import Spectrum
+from hesslens.linalg.trace import block_traces, hutchinson, hutchpp
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "WHICH",
+    "CountingOperator",
+    "DeflatedOperator",
+    "EigenResult",
+    "LanczosRun",
+    "MatrixOperator",
+    "Spectrum",
+    "SymmetricOperator",
+    "TraceResult",
+    "as_operator",
+    "block_traces",
+    "eigsh",
+    "hutchinson",
+    "hutchpp",
+    "lanczos",
+    "random_probes",
+    "slq",
+]

@@ -1,0 +1,288 @@
+"""Symmetric linear operators given by a batched matrix-vector product.
+
+Every algorithm of :mod:`hesslens.linalg` sees a matrix only through
+:class:`SymmetricOperator`: a size ``dim``, a ``dtype``, a ``device`` and one method,
+``matmat``, that multiplies a batch of row vectors. Hessians, Gauss-Newton matrices and
+their layer blocks implement it elsewhere in the package; here are the small adapters the
+algorithms and the tests need: a dense matrix, a product counter, a deflation, and
+:func:`as_operator` to turn what a user passes into an operator.
+
+Example
+-------
+>>> import torch
+>>> from hesslens.linalg import CountingOperator, MatrixOperator
+>>> op = CountingOperator(MatrixOperator(torch.diag(torch.tensor([3.0, 1.0]))))
+>>> op.matmat(torch.eye(2))
+tensor([[3., 0.],
+        [0., 1.]])
+>>> op.n_products
+2
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hesslens.errors import HesslensInputError
+
+__all__ = [
+    "CountingOperator",
+    "DeflatedOperator",
+    "MatrixOperator",
+    "SymmetricOperator",
+    "as_operator",
+]
+
+
+@runtime_checkable
+class SymmetricOperator(Protocol):
+    """A symmetric ``dim x dim`` matrix known through batched products.
+
+    Attributes
+    ----------
+    dim : int
+        Size of the (square) matrix.
+    dtype : torch.dtype
+        Floating dtype the product works in; algorithms cast their vectors to it.
+    device : torch.device
+        Device the product's input and output live on.
+
+    Notes
+    -----
+    ``matmat(V)`` takes a ``(k, dim)`` batch of row vectors and returns the ``(k, dim)``
+    batch whose row ``i`` is ``A @ V[i]``. The algorithms count cost in products: one row
+    of ``V`` is one product.
+    """
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return the batch ``A @ V[i]`` for every row ``i`` of the ``(k, dim)`` tensor."""
+        ...
+
+
+def _check_batch(V: Tensor, dim: int) -> None:
+    if V.ndim != 2 or V.shape[1] != dim:
+        raise HesslensInputError(
+            f"matmat expects a (k, {dim}) batch of row vectors, got shape {tuple(V.shape)}"
+        )
+
+
+class MatrixOperator:
+    """A dense symmetric matrix as a :class:`SymmetricOperator`.
+
+    Parameters
+    ----------
+    matrix : Tensor
+        Square ``(n, n)`` symmetric tensor. Symmetry is assumed, not checked: only the
+        products ``A @ v`` are used.
+
+    Attributes
+    ----------
+    n_products : int
+        Number of vectors multiplied so far (the sum of ``k`` over ``matmat`` calls).
+
+    Examples
+    --------
+    >>> import torch
+    >>> op = MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+    >>> op.matmat(torch.tensor([[1.0, 1.0]]))
+    tensor([[3., 3.]])
+    >>> op.dim, op.n_products
+    (2, 1)
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if not isinstance(matrix, Tensor):
+            matrix = torch.as_tensor(np.asarray(matrix))
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise HesslensInputError(
+                f"MatrixOperator needs a square 2-D matrix, got shape {tuple(matrix.shape)}"
+            )
+        if not matrix.is_floating_point():
+            matrix = matrix.to(torch.get_default_dtype())
+        self.matrix = matrix
+        self.dim = int(matrix.shape[0])
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+        self.n_products = 0
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return ``V @ A`` (row ``i`` is ``A @ V[i]`` because ``A`` is symmetric)."""
+        _check_batch(V, self.dim)
+        self.n_products += int(V.shape[0])
+        return V.to(self.dtype) @ self.matrix
+
+    def __repr__(self) -> str:
+        return f"MatrixOperator(dim={self.dim}, dtype={self.dtype}, device={self.device})"
+
+
+class CountingOperator:
+    """Wrap an operator and count the vectors it multiplies.
+
+    Parameters
+    ----------
+    op : SymmetricOperator
+        The operator to wrap; products are passed through unchanged.
+
+    Attributes
+    ----------
+    n_products : int
+        Number of vectors multiplied so far.
+    n_calls : int
+        Number of ``matmat`` calls so far.
+
+    Examples
+    --------
+    >>> import torch
+    >>> op = CountingOperator(MatrixOperator(torch.eye(3)))
+    >>> _ = op.matmat(torch.ones(4, 3))
+    >>> op.n_products, op.n_calls
+    (4, 1)
+    """
+
+    def __init__(self, op: SymmetricOperator) -> None:
+        self.op = op
+        self.dim = op.dim
+        self.dtype = op.dtype
+        self.device = op.device
+        self.n_products = 0
+        self.n_calls = 0
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Multiply through the wrapped operator, counting ``V.shape[0]`` products."""
+        _check_batch(V, self.dim)
+        self.n_products += int(V.shape[0])
+        self.n_calls += 1
+        return self.op.matmat(V)
+
+    def __repr__(self) -> str:
+        return f"CountingOperator({self.op!r}, n_products={self.n_products})"
+
+
+class DeflatedOperator:
+    """The deflation ``P A P`` with ``P = I - U^T U`` for an orthonormal basis ``U``.
+
+    The operator acts as ``A`` on the orthogonal complement of the rows of ``U`` and as zero
+    on their span: its eigenvalues are those of ``A`` with the ones of the deflated
+    eigenvectors replaced by zeros.
+
+    Parameters
+    ----------
+    op : SymmetricOperator
+        The operator ``A``.
+    basis : Tensor
+        ``(r, dim)`` tensor with orthonormal rows (e.g. eigenvectors from
+        :func:`~hesslens.linalg.eigsh`). The projections are done in float64.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = MatrixOperator(torch.diag(torch.tensor([5.0, 2.0, 1.0], dtype=torch.float64)))
+    >>> op = DeflatedOperator(A, torch.tensor([[1.0, 0.0, 0.0]]))
+    >>> op.matmat(torch.eye(3, dtype=torch.float64)).diagonal()
+    tensor([0., 2., 1.], dtype=torch.float64)
+    """
+
+    def __init__(self, op: SymmetricOperator, basis: Tensor) -> None:
+        basis = torch.as_tensor(basis)
+        if basis.ndim == 1:
+            basis = basis.unsqueeze(0)
+        if basis.ndim != 2 or basis.shape[1] != op.dim:
+            raise HesslensInputError(
+                f"basis must have shape (r, {op.dim}), got {tuple(basis.shape)}"
+            )
+        self.op = op
+        self.dim = op.dim
+        self.dtype = op.dtype
+        self.device = op.device
+        self.basis = basis.to(device=op.device, dtype=torch.float64)
+
+    def _project(self, V: Tensor) -> Tensor:
+        return V - (V @ self.basis.T) @ self.basis
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """Return the rows of ``P A P V^T`` (one product per row of ``V``)."""
+        _check_batch(V, self.dim)
+        W = self._project(V.to(torch.float64))
+        AW = self.op.matmat(W.to(self.dtype)).to(torch.float64)
+        return self._project(AW).to(self.dtype)
+
+    def __repr__(self) -> str:
+        return f"DeflatedOperator({self.op!r}, rank={self.basis.shape[0]})"
+
+
+class _ScipyOperator:
+    """Adapter for a ``scipy.sparse.linalg.LinearOperator`` (products done in numpy)."""
+
+    def __init__(self, linop: Any) -> None:
+        n, m = linop.shape
+        if n != m:
+            raise HesslensInputError(f"need a square operator, got shape {linop.shape}")
+        self.linop = linop
+        self.dim = int(n)
+        dtype = np.dtype(linop.dtype) if linop.dtype is not None else np.dtype(np.float64)
+        self.dtype = torch.float32 if dtype == np.float32 else torch.float64
+        self.device = torch.device("cpu")
+
+    def matmat(self, V: Tensor) -> Tensor:
+        _check_batch(V, self.dim)
+        out = self.linop.matmat(V.detach().cpu().numpy().T)
+        return torch.as_tensor(np.asarray(out).T.copy(), dtype=self.dtype)
+
+
+def as_operator(obj: Any) -> SymmetricOperator:
+    """Turn ``obj`` into a :class:`SymmetricOperator`.
+
+    Parameters
+    ----------
+    obj : SymmetricOperator, Tensor, numpy.ndarray or scipy LinearOperator
+        An object with ``dim``, ``dtype``, ``device`` and ``matmat`` is returned as is; a
+        dense square matrix becomes a :class:`MatrixOperator`; a square
+        ``scipy.sparse.linalg.LinearOperator`` is wrapped (products on the CPU).
+
+    Returns
+    -------
+    SymmetricOperator
+
+    Raises
+    ------
+    TypeError
+        For anything else.
+
+    Examples
+    --------
+    >>> import torch
+    >>> as_operator(torch.eye(4)).dim
+    4
+    """
+    if isinstance(obj, SymmetricOperator):
+        return obj
+    if isinstance(obj, (Tensor, np.ndarray)):
+        return MatrixOperator(torch.as_tensor(obj))
+    if hasattr(obj, "matmat") and hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        return _ScipyOperator(obj)
+    raise TypeError(
+        "expected a SymmetricOperator (dim, dtype, device, matmat), a square tensor or a "
+        f"scipy LinearOperator, got {type(obj).__name__}"
+    )
+
+
+def matmat64(op: SymmetricOperator, V: Tensor) -> Tensor:
+    """Multiply a float64 batch through ``op`` and return float64 (internal helper).
+
+    The vectors are cast to ``op.dtype`` only for the product; the algorithms keep their own
+    arithmetic in float64.
+    """
+    out = op.matmat(V.to(dtype=op.dtype, device=op.device))
+    if out.shape != V.shape:
+        raise HesslensInputError(
+            f"operator returned shape {tuple(out.shape)} for a batch of shape {tuple(V.shape)}"
+        )
+    return out.to(torch.float64)

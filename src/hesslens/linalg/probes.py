@@ -1,0 +1,87 @@
+"""Random probe vectors for stochastic estimators.
+
+Probes are always drawn on the CPU in float64 from the given generator, then cast and moved:
+the same seed gives the same probes on every device and in every dtype.
+
+Example
+-------
+>>> import torch
+>>> g = torch.Generator().manual_seed(0)
+>>> random_probes(2, 3, generator=g).abs()
+tensor([[1., 1., 1.],
+        [1., 1., 1.]])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hesslens.errors import HesslensInputError
+
+__all__ = ["DISTRIBUTIONS", "check_distribution", "random_probes"]
+
+#: The probe distributions :func:`random_probes` knows: both have ``E[v v^T] = I``.
+DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def check_distribution(distribution: str) -> None:
+    """Raise ``ValueError`` naming the allowed distributions for an unknown one."""
+    if distribution not in DISTRIBUTIONS:
+        raise HesslensInputError(
+            f"unknown probe distribution {distribution!r}; choose one of {DISTRIBUTIONS}"
+        )
+
+
+def random_probes(
+    k: int,
+    dim: int,
+    distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw ``k`` random probe vectors of length ``dim`` with ``E[v v^T] = I``.
+
+    Parameters
+    ----------
+    k, dim : int
+        Number and length of the probes.
+    distribution : {"rademacher", "gaussian"}
+        Rademacher: independent signs +-1 (the lowest-variance choice for Hutchinson);
+        Gaussian: independent standard normals (rotation invariant).
+    generator : torch.Generator, optional
+        CPU generator to draw from; ``None`` uses torch's global generator.
+    dtype : torch.dtype, optional
+        Dtype of the result (default: torch's default dtype).
+    device : torch.device or str, optional
+        Device of the result (default: CPU).
+
+    Returns
+    -------
+    Tensor
+        ``(k, dim)`` tensor of probes.
+
+    Raises
+    ------
+    ValueError
+        For an unknown distribution or negative sizes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> a = random_probes(3, 5, "gaussian", torch.Generator().manual_seed(1))
+    >>> b = random_probes(3, 5, "gaussian", torch.Generator().manual_seed(1), torch.float32)
+    >>> torch.equal(a.float(), b)
+    True
+    """
+    if k < 0 or dim < 0:
+        raise HesslensInputError(f"probe sizes must be nonnegative, got k={k}, dim={dim}")
+    check_distribution(distribution)
+    if distribution == "rademacher":
+        bits = torch.randint(0, 2, (k, dim), generator=generator, dtype=torch.int64)
+        out = bits.to(torch.float64).mul_(2.0).sub_(1.0)
+    else:
+        out = torch.randn(k, dim, generator=generator, dtype=torch.float64)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    return out.to(dtype=dtype, device=device)

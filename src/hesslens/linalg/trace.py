@@ -1,0 +1,452 @@
+"""Stochastic trace estimators: Hutchinson, Hutch++ and shared-probe block traces.
+
+* :func:`hutchinson` -- ``tr(A) ~ mean_i g_i^T A g_i`` over random probes with
+  ``E[g g^T] = I`` (Hutchinson 1989).
+* :func:`hutchpp` -- Hutch++ (Meyer, Musco, Musco, Woodruff 2021): a third of the budget
+  sketches the range of ``A``, whose trace is then computed exactly; the rest is Hutchinson
+  on the deflated remainder, whose variance no longer carries the large eigenvalues.
+* :func:`block_traces` -- the full trace and the trace of every diagonal block (e.g. every
+  layer of a Hessian) from one shared set of probes, with Hutch++ deflation and adaptive
+  stopping on the standard errors.
+
+All three compute the trace exactly, from ``dim`` products with unit vectors, when that costs
+no more than the estimate would (tiny operators). Probes are drawn on the CPU from
+``seed`` (see :func:`~hesslens.linalg.random_probes`); arithmetic is in float64.
+
+Example
+-------
+>>> import torch
+>>> from hesslens.linalg import MatrixOperator
+>>> A = torch.diag(torch.arange(1.0, 201.0, dtype=torch.float64))
+>>> est = hutchinson(MatrixOperator(A), n_hvp=100)
+>>> est.method, abs(est.value - 20100.0) < 1e-9   # Rademacher: exact for a diagonal matrix
+('hutchinson', True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from hesslens.errors import HesslensInputError
+from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64
+from hesslens.linalg.probes import check_distribution, random_probes
+from hesslens.linalg.results import TraceResult
+
+__all__ = ["block_traces", "hutchinson", "hutchpp"]
+
+ProgressFn = Callable[[int], None]
+
+
+def _check_positive(**kwargs: int) -> None:
+    for name, value in kwargs.items():
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _apply(
+    op: SymmetricOperator,
+    V: Tensor,
+    batch_size: int,
+    used: list[int],
+    progress: ProgressFn | None,
+) -> Tensor:
+    """``A V^T`` (rows) in batches of ``batch_size``, counting products in ``used[0]``."""
+    out = []
+    for s in range(0, V.shape[0], batch_size):
+        out.append(matmat64(op, V[s : s + batch_size]))
+        used[0] += out[-1].shape[0]
+        if progress is not None:
+            progress(used[0])
+    if not out:
+        return V.new_zeros(V.shape)
+    return torch.cat(out)
+
+
+def _exact_diagonal(
+    op: SymmetricOperator, batch_size: int, progress: ProgressFn | None = None
+) -> Tensor:
+    """The diagonal of ``A`` from ``dim`` products with unit vectors (float64, CPU)."""
+    n = op.dim
+    diag = torch.empty(n, dtype=torch.float64)
+    used = [0]
+    for s in range(0, n, batch_size):
+        e = min(s + batch_size, n)
+        rows = torch.arange(e - s)
+        E = torch.zeros(e - s, n, dtype=torch.float64)
+        E[rows, rows + s] = 1.0
+        AE = _apply(op, E.to(op.device), batch_size, used, progress).cpu()
+        diag[s:e] = AE[rows, rows + s]
+    return diag
+
+
+def _exact(op: SymmetricOperator, batch_size: int) -> TraceResult:
+    value = float(_exact_diagonal(op, batch_size).sum())
+    return TraceResult(value=value, stderr=0.0, n_hvp=op.dim, method="exact", n_samples=0)
+
+
+def _mean_stderr(x: Tensor) -> tuple[float, float]:
+    n = x.shape[0]
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.inf
+    return mean, float(x.std(correction=1)) / math.sqrt(n)
+
+
+def _orthonormal_rows(Y: Tensor) -> Tensor:
+    """Orthonormal rows spanning the rows of ``Y`` (reduced QR in float64)."""
+    Q, _ = torch.linalg.qr(Y.T)
+    return Q.T.contiguous()
+
+
+def hutchinson(
+    op: SymmetricOperator | Tensor,
+    n_hvp: int = 100,
+    distribution: str = "rademacher",
+    seed: int = 0,
+    batch_size: int = 16,
+) -> TraceResult:
+    """Hutchinson's trace estimator.
+
+    Parameters
+    ----------
+    op : SymmetricOperator or Tensor
+        The symmetric operator ``A``.
+    n_hvp : int
+        Number of probes (= products). When ``n_hvp >= dim`` the trace is computed exactly
+        from ``dim`` unit-vector products instead (``method="exact"``, ``stderr=0``).
+    distribution : {"rademacher", "gaussian"}
+        Probe distribution.
+    seed : int
+        Seed of the probes.
+    batch_size : int
+        Probes multiplied per ``matmat`` call.
+
+    Returns
+    -------
+    TraceResult
+        ``value`` the sample mean of ``g^T A g``, ``stderr`` its sample standard deviation
+        over ``sqrt(n_hvp)`` (``inf`` for a single probe).
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> B = torch.randn(300, 300, generator=g, dtype=torch.float64)
+    >>> r = hutchinson(B @ B.T, n_hvp=200, seed=1)
+    >>> abs(r.value - float(torch.trace(B @ B.T))) < 4 * r.stderr
+    True
+    """
+    op = as_operator(op)
+    _check_positive(n_hvp=n_hvp, batch_size=batch_size)
+    check_distribution(distribution)
+    if op.dim <= n_hvp:
+        return _exact(op, batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for s in range(0, n_hvp, batch_size):
+        G = random_probes(
+            min(batch_size, n_hvp - s), op.dim, distribution, gen, torch.float64, op.device
+        )
+        samples.append((G * matmat64(op, G)).sum(dim=1))
+    value, stderr = _mean_stderr(torch.cat(samples))
+    return TraceResult(
+        value=value, stderr=stderr, n_hvp=n_hvp, method="hutchinson", n_samples=n_hvp
+    )
+
+
+def hutchpp(
+    op: SymmetricOperator | Tensor,
+    n_hvp: int = 99,
+    distribution: str = "rademacher",
+    seed: int = 0,
+    batch_size: int = 16,
+) -> TraceResult:
+    """Hutch++ trace estimator (Meyer, Musco, Musco and Woodruff, 2021).
+
+    With ``s = n_hvp // 3``: ``S`` = ``s`` random probes, ``U`` = orthonormal basis of
+    ``A S`` (QR), ``tr(U A U^T)`` exactly from ``s`` more products, and Hutchinson with the
+    remaining ``n_hvp - 2 s`` probes on ``(I - P) A (I - P)``, ``P = U^T U``. The estimate
+    is unbiased; ``stderr`` is that of the Hutchinson part (the sketched part is exact given
+    ``S``).
+
+    Parameters
+    ----------
+    op : SymmetricOperator or Tensor
+        The symmetric operator ``A``.
+    n_hvp : int
+        Total products. With fewer than 3 this is plain Hutchinson; with ``n_hvp >= dim``
+        the trace is computed exactly.
+    distribution : {"rademacher", "gaussian"}
+        Probe distribution (sketch and Hutchinson probes).
+    seed : int
+        Seed of the probes.
+    batch_size : int
+        Vectors multiplied per ``matmat`` call.
+
+    Returns
+    -------
+    TraceResult
+        ``method="hutch++"``, ``n_samples`` the Hutchinson probes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> V = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))[0]
+    >>> lam = torch.cat([torch.tensor([100.0, 50.0, 20.0]), torch.rand(397, generator=g)])
+    >>> A = (V * lam.double()) @ V.T
+    >>> r = hutchpp(A, n_hvp=60)
+    >>> abs(r.value - float(lam.sum())) < 4 * r.stderr
+    True
+    """
+    op = as_operator(op)
+    _check_positive(n_hvp=n_hvp, batch_size=batch_size)
+    check_distribution(distribution)
+    if op.dim <= n_hvp:
+        return _exact(op, batch_size)
+    n_sketch = n_hvp // 3
+    if n_sketch == 0:
+        return hutchinson(op, n_hvp, distribution, seed, batch_size)
+    n_probe = n_hvp - 2 * n_sketch
+    gen = torch.Generator().manual_seed(seed)
+    used = [0]
+    S = random_probes(n_sketch, op.dim, distribution, gen, torch.float64, op.device)
+    U = _orthonormal_rows(_apply(op, S, batch_size, used, None))
+    low_rank = float((U * _apply(op, U, batch_size, used, None)).sum())
+    G = random_probes(n_probe, op.dim, distribution, gen, torch.float64, op.device)
+    H = G - (G @ U.T) @ U
+    W = _apply(op, H, batch_size, used, None)
+    mean, stderr = _mean_stderr((H * W).sum(dim=1))
+    return TraceResult(
+        value=low_rank + mean, stderr=stderr, n_hvp=used[0], method="hutch++", n_samples=n_probe
+    )
+
+
+def _low_rank_traces(U: Tensor, Z: Tensor, segs: list[tuple[int, int]]) -> list[float]:
+    """Block traces of ``A_Q = P A + A P - P A P`` (``P = U^T U``) from ``U`` and ``Z = U A``.
+
+    For the columns ``l = a:b`` of a block: ``tr((P A)_ll) = tr((A P)_ll) = <U_l, Z_l>`` and
+    ``tr((P A P)_ll) = <M, U_l U_l^T>`` with ``M = U A U^T = Z U^T``.
+    """
+    M = Z @ U.T
+    M = (M + M.T) / 2
+    out = []
+    for a, b in segs:
+        Ul, Zl = U[:, a:b], Z[:, a:b]
+        out.append(float(2.0 * (Ul * Zl).sum() - (M * (Ul @ Ul.T)).sum()))
+    return out
+
+
+def _check_slices(slices: Mapping[str, slice] | None, dim: int) -> dict[str, tuple[int, int]]:
+    """Validate disjoint unit-step slices inside ``[0, dim)``; return name -> (start, stop)."""
+    out: dict[str, tuple[int, int]] = {}
+    if slices is None:
+        return out
+    for name, sl in slices.items():
+        if not isinstance(sl, slice):
+            raise HesslensInputError(f"block {name!r}: expected a slice, got {type(sl).__name__}")
+        if sl.step not in (None, 1):
+            raise HesslensInputError(f"block {name!r}: slices must have step 1, got {sl}")
+        start = 0 if sl.start is None else int(sl.start)
+        stop = dim if sl.stop is None else int(sl.stop)
+        if not 0 <= start <= stop <= dim:
+            raise HesslensInputError(f"block {name!r}: slice {sl} is not a range inside [0, {dim})")
+        out[str(name)] = (start, stop)
+    spans = sorted((a, b, name) for name, (a, b) in out.items() if b > a)
+    for (_, b0, n0), (a1, _, n1) in itertools.pairwise(spans):
+        if a1 < b0:
+            raise HesslensInputError(f"blocks {n0!r} and {n1!r} overlap")
+    return out
+
+
+def _segments(blocks: dict[str, tuple[int, int]], dim: int) -> list[tuple[int, int]]:
+    """The named blocks, in order, followed by the gaps they leave in ``[0, dim)``."""
+    segs = list(blocks.values())
+    pos = 0
+    for a, b in sorted(s for s in segs if s[1] > s[0]):
+        if a > pos:
+            segs.append((pos, a))
+        pos = max(pos, b)
+    if pos < dim:
+        segs.append((pos, dim))
+    return segs
+
+
+def block_traces(
+    op: SymmetricOperator | Tensor,
+    slices: Mapping[str, slice] | None = None,
+    rtol: float = 0.01,
+    max_hvp: int = 1000,
+    min_probes: int = 30,
+    sketch_rank: int = 16,
+    distribution: str = "rademacher",
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: ProgressFn | None = None,
+    block_floor: float = 0.01,
+) -> tuple[TraceResult, dict[str, TraceResult]]:
+    """The trace of ``A`` and of each diagonal block, from one shared set of probes.
+
+    The method is Hutch++ with adaptive Hutchinson on the remainder, every estimate read off
+    the same products:
+
+    1. *Sketch.* ``S`` = ``sketch_rank`` random probes, ``U`` (``(s, dim)``, orthonormal rows)
+       a basis of ``A S``, ``Z = U A`` (``s`` more products), ``P = U^T U``.
+    2. *Exact low-rank part.* ``A = A_Q + A_R`` with ``A_Q = P A + A P - P A P`` and
+       ``A_R = (I - P) A (I - P)``. With ``U_l, Z_l`` the columns of block ``l`` and
+       ``M = U A U^T = Z U^T``: ``tr((A_Q)_ll) = 2 <U_l, Z_l> - <M, U_l U_l^T>``.
+    3. *Residual part.* For probes ``g``: ``h = (I - P) g``, ``w = (I - P) A h = A_R g`` and the
+       samples ``x_l = <g_l, w_l>``, unbiased for ``tr((A_R)_ll)`` because ``E[g g^T] = I``.
+       The full sample is the sum over all coordinates.
+    4. ``value_l`` = low-rank part + sample mean, ``stderr_l`` = sample std / ``sqrt(n)``.
+
+    Probes are drawn ``batch_size`` at a time. Once ``min_probes`` samples are in, the loop
+    stops when ``stderr_full <= rtol * |full|`` and, for every block,
+    ``stderr_l <= rtol * max(|value_l|, block_floor * |full|)`` -- blocks whose trace is
+    below ``block_floor`` of the full trace are measured to an absolute accuracy relative to
+    the full trace, so that a block with trace ~0 does not run forever -- or when
+    ``max_hvp`` products have been used.
+
+    If ``dim <= 2 * sketch_rank + min_probes`` (no more than the fewest products the
+    estimate could take) the traces are computed exactly from ``dim`` unit-vector products; so
+    they are, too, once the standard errors show that reaching the targets would take more
+    than ``dim`` further products and the budget still allows ``dim`` (small, indefinite
+    operators, where Hutchinson's variance is largest).
+
+    Parameters
+    ----------
+    op : SymmetricOperator or Tensor
+        The symmetric operator ``A``.
+    slices : mapping of str to slice, optional
+        Disjoint unit-step blocks of ``[0, dim)``. They need not cover everything: the full
+        trace always counts every coordinate. When they cover ``[0, dim)`` the full value is
+        the sum of the block values (in the order given).
+    rtol : float
+        Target relative standard error.
+    max_hvp : int
+        Most products in all (sketch, ``Z`` and probes); at least
+        ``2 * sketch_rank + min_probes``.
+    min_probes : int
+        Fewest residual probes before the stopping test (at least 2).
+    sketch_rank : int
+        Size of the Hutch++ sketch; 0 gives plain Hutchinson (``method="hutchinson"``).
+    distribution : {"rademacher", "gaussian"}
+        Probe distribution.
+    seed : int
+        Seed of the probes.
+    batch_size : int
+        Vectors multiplied per ``matmat`` call.
+    progress : callable, optional
+        ``progress(n_hvp_used)`` after every batch of products.
+    block_floor : float
+        See the stopping rule above.
+
+    Returns
+    -------
+    full : TraceResult
+        The trace of ``A``.
+    blocks : dict of str to TraceResult
+        The trace of each block, in the order of ``slices``. Every result reports the
+        same, shared ``n_hvp``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> B = torch.randn(400, 400, generator=g, dtype=torch.float64)
+    >>> A = B @ B.T / 400
+    >>> full, blocks = block_traces(A, {"a": slice(0, 100), "b": slice(100, 400)}, rtol=0.02)
+    >>> abs(full.value - (blocks["a"].value + blocks["b"].value)) < 1e-9
+    True
+    >>> abs(blocks["a"].value - float(A.diagonal()[:100].sum())) < 4 * blocks["a"].stderr
+    True
+    """
+    op = as_operator(op)
+    n = op.dim
+    _check_positive(max_hvp=max_hvp, min_probes=min_probes, batch_size=batch_size)
+    check_distribution(distribution)
+    if isinstance(sketch_rank, bool) or int(sketch_rank) != sketch_rank or sketch_rank < 0:
+        raise HesslensInputError(f"sketch_rank must be a nonnegative integer, got {sketch_rank}")
+    if min_probes < 2:
+        raise HesslensInputError(f"min_probes must be at least 2, got {min_probes}")
+    if not rtol >= 0:
+        raise HesslensInputError(f"rtol must be nonnegative, got {rtol}")
+    if max_hvp < 2 * sketch_rank + min_probes:
+        raise HesslensInputError(
+            f"max_hvp={max_hvp} is below 2 * sketch_rank + min_probes = "
+            f"{2 * sketch_rank + min_probes}: raise max_hvp or lower sketch_rank / min_probes"
+        )
+    blocks = _check_slices(slices, n)
+    segs = _segments(blocks, n)
+    names = list(blocks)
+
+    def exact_traces(spent: int) -> tuple[TraceResult, dict[str, TraceResult]]:
+        diag = _exact_diagonal(op, batch_size, progress)
+        vals = [float(diag[a:b].sum()) for a, b in segs]
+
+        def exact(v: float) -> TraceResult:
+            return TraceResult(value=v, stderr=0.0, n_hvp=spent + n, method="exact",
+                               n_samples=0)
+
+        return exact(sum(vals)), {nm: exact(v) for nm, v in zip(names, vals)}
+
+    if n <= 2 * sketch_rank + min_probes:
+        return exact_traces(0)
+
+    gen = torch.Generator().manual_seed(seed)
+    used = [0]
+    low = [0.0] * len(segs)
+    U: Tensor | None = None
+    if sketch_rank > 0:
+        S = random_probes(sketch_rank, n, distribution, gen, torch.float64, op.device)
+        U = _orthonormal_rows(_apply(op, S, batch_size, used, progress))
+        low = _low_rank_traces(U, _apply(op, U, batch_size, used, progress), segs)
+
+    chunks: list[Tensor] = []  # (batch, n_segments) samples
+    while used[0] < max_hvp:
+        nb = min(batch_size, max_hvp - used[0])
+        G = random_probes(nb, n, distribution, gen, torch.float64, op.device)
+        H = G if U is None else G - (G @ U.T) @ U
+        W = _apply(op, H, batch_size, used, progress)
+        if U is not None:
+            W = W - (W @ U.T) @ U
+        GW = G * W
+        chunks.append(torch.stack([GW[:, a:b].sum(dim=1) for a, b in segs], dim=1).cpu())
+        X = torch.cat(chunks)
+        if X.shape[0] < min_probes:
+            continue
+        stats = [_mean_stderr(X[:, i]) for i in range(len(segs))]
+        values = [lo + mu for lo, (mu, _) in zip(low, stats)]
+        full_value = sum(values)
+        full_se = _mean_stderr(X.sum(dim=1))[1]
+        floor = block_floor * abs(full_value)
+        targets = [(full_se, rtol * abs(full_value))] + [
+            (stats[i][1], rtol * max(abs(values[i]), floor)) for i in range(len(names))
+        ]
+        if all(se <= target for se, target in targets):
+            break
+        # The stderr falls as 1/sqrt(samples): if reaching the targets would take more products
+        # than the exact trace (dim unit vectors) and the budget allows that, go exact instead.
+        needed = max(X.shape[0] * (se / target) ** 2 if target > 0 else math.inf
+                     for se, target in targets)
+        if needed - X.shape[0] >= n and used[0] + n <= max_hvp:
+            return exact_traces(used[0])
+
+    X = torch.cat(chunks)
+    stats = [_mean_stderr(X[:, i]) for i in range(len(segs))]
+    values = [lo + mu for lo, (mu, _) in zip(low, stats)]
+    method = "hutch++" if U is not None else "hutchinson"
+    n_samples = int(X.shape[0])
+
+    def result(value: float, stderr: float) -> TraceResult:
+        return TraceResult(
+            value=value, stderr=stderr, n_hvp=used[0], method=method, n_samples=n_samples
+        )
+
+    full = result(sum(values), _mean_stderr(X.sum(dim=1))[1])
+    return full, {nm: result(values[i], stats[i][1]) for i, nm in enumerate(names)}

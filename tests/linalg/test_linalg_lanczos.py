@@ -1,0 +1,215 @@
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import eigh_tridiagonal
+
+from hesslens.linalg import CountingOperator, MatrixOperator, eigsh, lanczos
+
+
+def reference(ev: np.ndarray, k: int, which: str) -> np.ndarray:
+    """The k wanted eigenvalues, sorted descending."""
+    if which == "LA":
+        sel = ev[-k:]
+    elif which == "SA":
+        sel = ev[:k]
+    else:
+        sel = ev[np.argsort(-np.abs(ev), kind="stable")[:k]]
+    return np.sort(sel)[::-1]
+
+
+# ---------------------------------------------------------------- lanczos
+
+
+def test_lanczos_basis_orthonormal_and_tridiagonal(make_nn_like):
+    A, _ = make_nn_like(300)
+    run = lanczos(MatrixOperator(A), 60, seed=1)
+    Q = run.basis
+    assert Q.shape == (60, 300) and Q.dtype == torch.float64
+    eye = torch.eye(60, dtype=torch.float64)
+    assert float((Q @ Q.T - eye).abs().max()) < 1e-13
+    T = Q @ A @ Q.T
+    assert float((T - torch.as_tensor(run.tridiagonal())).abs().max()) < 1e-11
+    assert run.n_hvp == 60 and run.num_steps == 60 and not run.invariant
+    assert run.alpha.dtype == np.float64 and run.beta.shape == (59,)
+
+
+def test_lanczos_float32_operator_keeps_float64_basis(make_nn_like):
+    A, _ = make_nn_like(200)
+    op = CountingOperator(MatrixOperator(A.float()))
+    run = lanczos(op, 50)
+    assert run.basis.dtype == torch.float64 and op.n_products == 50
+    eye = torch.eye(50, dtype=torch.float64)
+    assert float((run.basis @ run.basis.T - eye).abs().max()) < 1e-13
+
+
+def test_lanczos_stops_on_invariant_subspace():
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0] * 10, dtype=torch.float64))
+    run = lanczos(A, 20)
+    assert run.invariant and run.num_steps == 3 and run.residual_norm < 1e-12
+    theta, _ = run.ritz()
+    np.testing.assert_allclose(theta, [1.0, 2.0, 3.0], atol=1e-12)
+
+
+def test_lanczos_never_exceeds_dim_and_start_vector():
+    A = torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64))
+    run = lanczos(A, 50)
+    assert run.num_steps == 7 and run.invariant
+    np.testing.assert_allclose(np.sort(run.ritz()[0]), np.arange(1.0, 8.0), atol=1e-12)
+    start = torch.ones(7, dtype=torch.float64)
+    run2 = lanczos(A, 3, start=start)
+    torch.testing.assert_close(run2.basis[0], start / start.norm())
+    with pytest.raises(ValueError):
+        lanczos(A, 3, start=torch.ones(6))
+    with pytest.raises(ValueError):
+        lanczos(A, 0)
+
+
+# ---------------------------------------------------------------- eigsh
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+@pytest.mark.parametrize("k", [1, 3, 5, 10])
+def test_eigsh_matches_eigh(make_nn_like, nn_like_eigh, which, k):
+    A, _ = make_nn_like(400, seed=1)
+    ev, vecs = nn_like_eigh(400, seed=1)
+    op = CountingOperator(MatrixOperator(A))
+    res = eigsh(op, k=k, which=which)
+    ref = reference(ev, k, which)
+    vals = res.values.numpy()
+    assert res.values.dtype == torch.float64 and res.values.shape == (k,)
+    assert np.all(np.diff(vals) <= 0)
+    np.testing.assert_allclose(vals, ref, rtol=1e-5)
+    assert bool(res.converged.all())
+    assert res.n_hvp == op.n_products == res.n_steps
+    assert res.which == which
+    # the error bounds hold
+    assert np.all(np.abs(vals - ref) <= res.bounds.numpy() + 1e-12)
+    # Ritz vectors: unit, their true residual is the reported one
+    Y = res.vectors
+    assert Y.shape == (k, 400)
+    torch.testing.assert_close(Y.norm(dim=1), torch.ones(k, dtype=torch.float64))
+    true_resid = (Y @ A - res.values[:, None] * Y).norm(dim=1)
+    assert float((true_resid - res.residuals).abs().max()) < 1e-9
+    if which != "SA":  # the outliers are well separated: the vectors are accurate
+        idx = np.argsort(-ev)[:k]
+        cos = np.abs(np.sum(Y.numpy() * vecs[:, idx].T, axis=1))
+        assert np.all(cos > 1 - 1e-6)
+
+
+@pytest.mark.parametrize(("dim", "seed"), [(300, 0), (1000, 1), (2000, 2)])
+def test_eigsh_top5_nn_like_default_settings(make_nn_like, dim, seed):
+    A, ev = make_nn_like(dim, seed=seed)
+    if dim < 1000:  # else the construction's eigenvalues (exact up to rounding)
+        ev = np.linalg.eigvalsh(A.numpy())
+    res = eigsh(A)
+    rel = np.abs(res.values.numpy() - ev[::-1][:5]) / np.abs(ev[::-1][:5])
+    assert rel.max() <= 1e-5
+    assert bool(res.converged.all()) and res.n_hvp < 40
+
+
+def test_eigsh_bound_stops_before_residual_test(make_nn_like):
+    """min(r, r^2/gap) stops earlier than r/|theta| would: no wasted products."""
+    A, _ = make_nn_like(1000, seed=1)
+    tol = 1e-6
+    seen = []
+    res = eigsh(A, k=1, tol=tol, callback=lambda step, th, b: seen.append((step, b[0] / th[0])))
+    assert [s for s, _ in seen] == list(range(1, res.n_steps + 1))
+    assert seen[-1][1] <= tol
+    run = lanczos(A, 40, seed=0)  # same start vector as eigsh(seed=0)
+    betas = [*run.beta, run.residual_norm]
+    for m in range(1, 41):
+        theta, S = eigh_tridiagonal(run.alpha[:m], run.beta[: m - 1])
+        if abs(betas[m - 1] * S[-1, -1]) <= tol * abs(theta[-1]):
+            break
+    assert res.n_hvp < m
+
+
+def test_eigsh_errors():
+    A = torch.eye(6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"k=7.*dim=6"):
+        eigsh(A, k=7)
+    with pytest.raises(ValueError, match="k=0"):
+        eigsh(A, k=0)
+    with pytest.raises(ValueError, match="which"):
+        eigsh(A, k=1, which="LR")
+    with pytest.raises(ValueError, match="max_steps"):
+        eigsh(A, k=3, max_steps=2)
+    with pytest.raises(ValueError, match="tol"):
+        eigsh(A, k=1, tol=0.0)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 4, 7])
+def test_eigsh_exhausts_tiny_operators_exactly(dim):
+    g = torch.Generator().manual_seed(dim)
+    B = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+    A = (B + B.T) / 2
+    op = CountingOperator(MatrixOperator(A))
+    res = eigsh(op, k=dim)
+    ev = np.linalg.eigvalsh(A.numpy())[::-1]
+    np.testing.assert_allclose(res.values.numpy(), ev, rtol=1e-10, atol=1e-12)
+    assert res.n_hvp == op.n_products == dim
+    assert bool(res.converged.all()) and float(res.bounds.max()) == 0.0
+
+
+def test_eigsh_repeated_eigenvalues_are_found_with_multiplicity():
+    d = torch.tensor([5.0, 5.0, 5.0, 1.0] + [0.0] * 40, dtype=torch.float64)
+    res = eigsh(torch.diag(d), k=3)
+    np.testing.assert_allclose(res.values.numpy(), [5.0, 5.0, 5.0], rtol=1e-12)
+    assert bool(res.converged.all()) and res.n_hvp < 15
+    res = eigsh(torch.eye(30, dtype=torch.float64), k=4)
+    np.testing.assert_allclose(res.values.numpy(), np.ones(4), rtol=1e-12)
+    assert res.n_hvp == 5
+    V = res.vectors
+    torch.testing.assert_close(V @ V.T, torch.eye(4, dtype=torch.float64))
+    zero = eigsh(torch.zeros(10, 10, dtype=torch.float64), k=2)
+    assert float(zero.values.abs().max()) == 0.0 and bool(zero.converged.all())
+
+
+def test_eigsh_zero_eigenvalue_converges():
+    """SA on a PSD matrix with an eigenvalue 0: the absolute floor lets it converge."""
+    g = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(150, 150, generator=g, dtype=torch.float64))[0]
+    lam = torch.cat([torch.zeros(1, dtype=torch.float64), torch.linspace(1.0, 10.0, 149)])
+    A = (V * lam) @ V.T
+    res = eigsh(A, k=2, which="SA")
+    np.testing.assert_allclose(res.values.numpy(), [1.0, 0.0], atol=1e-9)
+    assert bool(res.converged.all())
+    lm = eigsh(A, k=2, which="LM")
+    np.testing.assert_allclose(lm.values.numpy(), [10.0, lam[-2].item()], rtol=1e-6)
+
+
+def test_eigsh_multiplicity_limit_of_a_single_krylov_space():
+    """A repeated eigenvalue inside a space that is not invariant is found once (as by any
+    single-vector method): documented, and the result is still a set of true eigenvalues."""
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(200, 20, generator=g, dtype=torch.float64)
+    A = B @ B.T  # 180 zero eigenvalues
+    res = eigsh(A, k=3, which="SA")
+    ev = np.linalg.eigvalsh(A.numpy())
+    assert abs(res.values[-1].item()) < 1e-9
+    for v in res.values.tolist():
+        assert np.min(np.abs(ev - v)) <= 1e-6 * abs(ev).max()
+
+
+def test_eigsh_reproducible_and_seed_independent(make_nn_like):
+    A, _ = make_nn_like(300)
+    a, b = eigsh(A, k=4, seed=7), eigsh(A, k=4, seed=7)
+    assert torch.equal(a.values, b.values) and a.n_hvp == b.n_hvp
+    assert torch.equal(a.vectors, b.vectors)
+    c = eigsh(A, k=4, seed=8)
+    torch.testing.assert_close(a.values, c.values, rtol=1e-5, atol=0)
+
+
+def test_eigsh_float32_operator(make_nn_like):
+    A, ev = make_nn_like(500, seed=4)
+    res = eigsh(MatrixOperator(A.float()), k=5, return_vectors=True)
+    np.testing.assert_allclose(res.values.numpy(), ev[::-1][:5], rtol=1e-5)
+    assert res.vectors.dtype == torch.float32
+    assert eigsh(A, k=2, return_vectors=False).vectors is None
+
+
+def test_eigsh_max_steps_budget(make_nn_like):
+    A, _ = make_nn_like(300)
+    res = eigsh(A, k=5, max_steps=6, tol=1e-12)
+    assert res.n_hvp == 6 and not bool(res.converged.all())
+    assert res.values.shape == (5,)

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+
+from hesslens.linalg import CountingOperator, MatrixOperator, Spectrum, eigsh, random_probes, slq
+
+
+def random_sym(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return (B + B.T) / 2
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_full_steps_reproduce_every_moment(distribution):
+    """With n_steps >= dim the quadrature is exact: nodes are the eigenvalues and the
+    measure's moments are the probes' v^T A^p v / v^T v."""
+    n, n_probes = 40, 5
+    A = random_sym(n)
+    ev = np.linalg.eigvalsh(A.numpy())
+    op = CountingOperator(MatrixOperator(A))
+    spec, n_hvp = slq(op, n_probes=n_probes, n_steps=100, seed=3, distribution=distribution)
+    assert n_hvp == op.n_products == n_probes * n
+    assert len(spec) == n_probes * n
+    for run_nodes in spec.nodes.reshape(n, n_probes).T:  # every eigenvalue, n_probes times
+        np.testing.assert_allclose(np.unique(np.round(run_nodes, 9)).size, n)
+    np.testing.assert_allclose(spec.nodes[::n_probes], ev, atol=1e-10)
+    V = random_probes(n_probes, n, distribution, torch.Generator().manual_seed(3), torch.float64)
+    V = V / V.norm(dim=1, keepdim=True)
+    Ap = torch.eye(n, dtype=torch.float64)
+    for p in range(1, 9):
+        Ap = Ap @ A
+        want = float(torch.einsum("ij,jk,ik->i", V, Ap, V).mean())
+        assert spec.moment(p) == pytest.approx(want, rel=1e-9, abs=1e-9 * 3.0**p)
+
+
+def test_batched_equals_one_probe_at_a_time(make_nn_like):
+    A, _ = make_nn_like(300)
+    calls = []
+
+    class Recorder(MatrixOperator):
+        def matmat(self, V):
+            calls.append(V.shape[0])
+            return super().matmat(V)
+
+    s1, n1 = slq(Recorder(A), n_probes=6, n_steps=25, seed=2)
+    assert calls == [6] * 25  # one batched product per step
+    s2, n2 = slq(A, n_probes=6, n_steps=25, seed=2, batch_size=1)
+    assert n1 == n2 == 150
+    np.testing.assert_allclose(s1.nodes, s2.nodes, rtol=1e-10, atol=1e-12)
+    # nodes of different runs that agree to rounding may swap places: compare the measures
+    np.testing.assert_allclose(np.sort(s1.weights), np.sort(s2.weights), rtol=1e-8, atol=1e-14)
+    for p in range(1, 7):
+        assert s1.moment(p) == pytest.approx(s2.moment(p), rel=1e-10)
+    assert s1.wasserstein(s2) < 1e-12
+
+
+def test_nn_like_top_node_mean_and_distance(make_nn_like):
+    A, ev = make_nn_like(1000, seed=1)
+    exact = Spectrum.from_eigenvalues(ev)
+    spec, n_hvp = slq(A)
+    assert n_hvp == 8 * 80
+    assert spec.support[1] == pytest.approx(ev[-1], rel=1e-6)
+    assert spec.support[0] == pytest.approx(ev[0], rel=1e-3)
+    w_exact = spec.wasserstein(exact)
+    assert w_exact < 0.1 * exact.wasserstein(Spectrum([0.0], [1.0]))
+    top = eigsh(A, k=10)
+    deflated, n2 = slq(A, deflate=top)
+    assert n2 == 640
+    assert deflated.mean == pytest.approx(ev.mean(), rel=0.05)
+    assert deflated.wasserstein(exact) < w_exact
+    # the deflated eigenvalues carry exactly their weight 1 / dim
+    for lam in top.values.tolist():
+        i = np.argmin(np.abs(deflated.nodes - lam))
+        assert deflated.weights[i] == pytest.approx(1e-3, rel=1e-9)
+    assert deflated.support[1] == pytest.approx(ev[-1], rel=1e-9)
+
+
+def test_runs_stop_on_invariant_subspaces():
+    d = torch.tensor([1.0, 2.0, 4.0] * 20, dtype=torch.float64)
+    spec, n_hvp = slq(torch.diag(d), n_probes=4, n_steps=30, seed=0, distribution="gaussian")
+    assert n_hvp == 4 * 3
+    assert np.unique(np.round(spec.nodes, 10)).tolist() == [1.0, 2.0, 4.0]
+    assert spec.mean == pytest.approx(7.0 / 3.0, rel=0.2)
+
+
+def test_deflating_everything_and_errors():
+    A = random_sym(6, 1)
+    top = eigsh(A, k=6)
+    spec, n_hvp = slq(A, deflate=top)
+    assert n_hvp == 0
+    np.testing.assert_allclose(spec.nodes, np.linalg.eigvalsh(A.numpy()), atol=1e-10)
+    no_vectors = eigsh(A, k=2, return_vectors=False)
+    with pytest.raises(ValueError, match="vectors"):
+        slq(A, deflate=no_vectors)
+    with pytest.raises(ValueError):
+        slq(A, n_probes=0)
+    with pytest.raises(ValueError):
+        slq(A, n_steps=0)
+
+
+def test_deflated_with_full_steps_is_exact_on_the_complement():
+    n = 30
+    A = random_sym(n, 2)
+    ev = np.linalg.eigvalsh(A.numpy())
+    top = eigsh(A, k=3, tol=1e-12)
+    spec, n_hvp = slq(A, n_probes=3, n_steps=n, deflate=top)
+    assert n_hvp == 3 * (n - 3)
+    assert len(spec) == 3 + 3 * (n - 3)
+    dist = np.abs(spec.nodes[:, None] - ev[None, :])
+    assert dist.min(axis=1).max() < 1e-8  # every node is an eigenvalue
+    assert dist.min(axis=0).max() < 1e-8  # every eigenvalue is a node
+    assert spec.weights.sum() == pytest.approx(1.0)
+
+
+def test_progress_and_reproducibility(make_nn_like):
+    A, _ = make_nn_like(300)
+    seen = []
+    s1, _ = slq(A, n_probes=3, n_steps=10, progress=seen.append)
+    assert seen == list(range(3, 31, 3))
+    s2, _ = slq(A, n_probes=3, n_steps=10)
+    np.testing.assert_array_equal(s1.nodes, s2.nodes)
+    s3, _ = slq(A, n_probes=3, n_steps=10, seed=1)
+    assert not np.array_equal(s1.nodes, s3.nodes)
