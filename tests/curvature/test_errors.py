@@ -45,7 +45,7 @@ def test_k_larger_than_dimension():
     model = nn.Linear(2, 2)
     data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
     H = hl.Hessian(model, cross_entropy, data)
-    with pytest.raises(HesslensInputError, match="k=7 is larger than .* dimension 6"):
+    with pytest.raises(HesslensInputError, match=r"k=7 is larger than .* dimension 6"):
         H.eigenvalues(k=7)
 
 

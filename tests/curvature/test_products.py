@@ -138,7 +138,7 @@ def test_products_never_change_the_model():
 
 
 def test_snapshot_of_parameters_at_construction():
-    model, batches, H = _setup("mlp")
+    model, _batches, H = _setup("mlp")
     v = torch.ones(H.dim, dtype=torch.float64)
     hv = H.hvp(v)
     with torch.no_grad():

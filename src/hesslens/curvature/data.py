@@ -9,7 +9,8 @@ returns a batch mean, a smaller last batch included exactly.
 
 Example:
     >>> import torch
-    >>> source = BatchSource([(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(1, 2), torch.zeros(1))])
+    >>> batches = [(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(1, 2), torch.zeros(1))]
+    >>> source = BatchSource(batches)
     >>> source.num_samples, [round(w, 2) for w in source.weights]
     (4, [0.75, 0.25])
 """
@@ -53,7 +54,9 @@ class BatchSource:
 
     def __init__(self, data: object) -> None:
         if data is None:
-            raise HesslensInputError("data is None: pass (inputs, targets) or an iterable of batches")
+            raise HesslensInputError(
+                "data is None: pass (inputs, targets) or an iterable of batches"
+            )
         if _is_single_batch(data):
             self._source: Iterable = [tuple(data)]
         elif isinstance(data, Iterator):

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -79,13 +80,35 @@ def _call_order(model: nn.Module, example_inputs: object, wanted: set[str]) -> d
     return order
 
 
+def middle_indices(n: int) -> range:
+    """Indices of the middle layers among ``n`` in forward order: ``round(n/4) .. round(3n/4)``
+    (half-up, end excluded), and at least one layer.
+
+    The paper's code took the parameter *tensors* with index ``floor(m/4) .. floor(3m/4)`` in
+    ``named_parameters`` order (weights and biases counted apart, ``m ~ 2n``); rounding the layer
+    indices gives the same layers on LeNet-5 (layers 1-3 of 5) while a 3-layer network gets its
+    middle layer alone rather than all three (``floor``/``ceil`` would select every layer of a
+    3-layer MLP, making "middle" the same as "all").
+
+    Example:
+        >>> [list(middle_indices(n)) for n in (1, 3, 4, 5)]
+        [[0], [1], [1, 2], [1, 2, 3]]
+    """
+    if n <= 0:
+        return range(0)
+    lo = math.floor(n / 4 + 0.5)
+    hi = math.floor(3 * n / 4 + 0.5)
+    lo = min(lo, n - 1)
+    return range(lo, max(hi, lo + 1))
+
+
 def select_layers(
     layers: Mapping[str, Sequence[str]], names: str | Sequence[str]
 ) -> list[str]:
     """Resolve a layer selection: ``"all"``, ``"middle"``, one name, or a list of names.
 
-    ``"middle"`` is the layers with index in ``[floor(n / 4), ceil(3 n / 4))`` of the ``n``
-    layers in forward order: the middle half of the network, at least one layer.
+    ``"middle"`` is the layers :func:`middle_indices` picks among the ``n`` layers in forward
+    order: the middle half of the network.
 
     Example:
         >>> select_layers({"a": ["a.w"], "b": ["b.w"], "c": ["c.w"], "d": ["d.w"]}, "middle")
@@ -96,9 +119,7 @@ def select_layers(
         if names == "all":
             return all_names
         if names == "middle":
-            n = len(all_names)
-            lo, hi = n // 4, -(-3 * n // 4)
-            return all_names[lo : max(hi, lo + 1)]
+            return [all_names[i] for i in middle_indices(len(all_names))]
         names = [names]
     unknown = [name for name in names if name not in layers]
     if unknown:
