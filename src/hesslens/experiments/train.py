@@ -1,0 +1,220 @@
+"""``hesslens train``: train one model of the zoo on one data set, with any of the arms.
+
+Examples (shell)::
+
+    hesslens train --model cnn1d --data mnist1d --epochs 30 --out runs/sgd --seed 0
+    hesslens train --model cnn1d --data mnist1d --wd 5e-4 --out runs/l2 --seed 0
+    hesslens train --model cnn1d --data mnist1d --htr 1e-3 --htr-layers middle \\
+        --htr-every 50 --out runs/htr --seed 0 --track-every 5
+    hesslens train --model cnn1d --data mnist1d --sam 0.05 --out runs/sam --seed 0
+    hesslens train ... --out runs/htr --resume      # continue a killed run
+
+The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``checkpoint.pt`` into
+``--out`` (see :mod:`hesslens.training.trainer`). Bad input raises
+:class:`~hesslens.errors.HesslensInputError`, which the command line turns into one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from hesslens.errors import HesslensInputError
+
+__all__ = ["add_train_arguments", "config_from_args", "run_train"]
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = _nonneg_float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def _milestones(s: str) -> list[int]:
+    try:
+        out = [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated epoch numbers such as 15,22, got {s!r}"
+        ) from None
+    if not out or any(m < 1 for m in out):
+        raise argparse.ArgumentTypeError(f"expected positive epoch numbers, got {s!r}")
+    return out
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``hesslens train`` options to ``parser``."""
+    from hesslens.training.config import TrainConfig
+
+    d = TrainConfig()
+    g = parser.add_argument_group("what to train")
+    g.add_argument("--model", default=d.model,
+                   help="zoo model: mlp, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20 "
+                        f"(default {d.model})")
+    g.add_argument("--data", default=d.data,
+                   help="zoo data set: mnist1d, digits (built in), mnist, fashionmnist, svhn, "
+                        f"cifar10, cifar100 (local files, see --data-root) (default {d.data})")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding the local files of the file-based data sets")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
+                   help=f"share of the training set held out for validation (default "
+                        f"{d.val_fraction})")
+
+    g = parser.add_argument_group("optimisation (SGD with momentum)")
+    g.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help=f"(default {d.epochs})")
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"(default {d.batch_size})")
+    g.add_argument("--lr", type=_positive_float, default=d.lr,
+                   help=f"learning rate (default {d.lr})")
+    g.add_argument("--momentum", type=_nonneg_float, default=d.momentum,
+                   help=f"(default {d.momentum})")
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_nonneg_float,
+                   default=d.weight_decay, help="weight decay: the L2 arm (default 0)")
+    g.add_argument("--schedule", choices=["none", "multistep", "cosine"], default=d.schedule,
+                   help="learning-rate schedule; multistep multiplies by --lr-gamma at the "
+                        "milestones (default: half and three quarters of --epochs)")
+    g.add_argument("--milestones", type=_milestones, default=None, metavar="E1,E2",
+                   help="0-based epoch indices from which each multistep decay applies "
+                        "(PyTorch MultiStepLR convention)")
+    g.add_argument("--lr-gamma", type=_positive_float, default=d.lr_gamma,
+                   help=f"multistep decay factor (default {d.lr_gamma}, as the paper)")
+
+    g = parser.add_argument_group("Hessian-trace regularization (HTR)")
+    g.add_argument("--htr", dest="htr_gamma", type=_nonneg_float, default=0.0,
+                   metavar="GAMMA", help="add GAMMA * tr(H) to the loss (default 0: off)")
+    g.add_argument("--htr-layers", default="all", metavar="all|middle|NAME,NAME",
+                   help="layers whose Hessian blocks are penalised (default all)")
+    g.add_argument("--htr-every", type=_positive_int, default=d.htr_every, metavar="K",
+                   help="apply the penalty every K-th step (the paper: 50; default 1)")
+    g.add_argument("--htr-start", type=_nonneg_int, default=d.htr_start, metavar="EPOCH",
+                   help="first epoch (0-based) with the penalty (default 0)")
+    g.add_argument("--htr-probes", type=_positive_int, default=d.htr_probes, metavar="P",
+                   help="Hutchinson probes per evaluation (default 1)")
+    g.add_argument("--htr-method", choices=["hvp", "fd"], default=d.htr_method,
+                   help="hvp: double backward (exact quadratic forms); fd: finite differences "
+                        "of the loss, first-order only, cheaper (default hvp)")
+    g.add_argument("--htr-distribution", choices=["rademacher", "gaussian"],
+                   default=d.htr_distribution, help="probe distribution (default rademacher)")
+    g.add_argument("--htr-fd-eps", type=_positive_float, default=None, metavar="REL",
+                   help="relative finite-difference step (default: (48 u)^(1/4), u the unit "
+                        "round-off)")
+
+    g = parser.add_argument_group("SAM and curvature tracking")
+    g.add_argument("--sam", dest="sam_rho", type=_nonneg_float, default=0.0, metavar="RHO",
+                   help="sharpness-aware minimisation with radius RHO (default 0: off)")
+    g.add_argument("--track-every", type=_nonneg_int, default=0, metavar="N",
+                   help="record trace and top eigenvalue (full and per layer) every N epochs "
+                        "and after the last (default 0: off)")
+    g.add_argument("--track-per-class", type=_positive_int, default=d.track_per_class,
+                   metavar="K", help="analysis subset: K training examples per class "
+                                     "(default 10)")
+    g.add_argument("--track-densities", action="store_true",
+                   help="also record eigenvalue densities (slower)")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", required=True, metavar="DIR", help="output folder of the run")
+    g.add_argument("--seed", type=_nonneg_int, default=0, help="(default 0)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~hesslens.training.config.TrainConfig` the parsed arguments describe."""
+    from hesslens.training.config import TrainConfig
+
+    layers: str | list[str] = args.htr_layers.strip()
+    if layers not in ("all", "middle"):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+        if not layers:
+            raise HesslensInputError(
+                "--htr-layers is empty: give all, middle or comma-separated layer names"
+            )
+    return TrainConfig(
+        model=args.model,
+        data=args.data,
+        data_root=args.data_root,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        milestones=args.milestones,
+        lr_gamma=args.lr_gamma,
+        seed=args.seed,
+        htr_gamma=args.htr_gamma,
+        htr_layers=layers,
+        htr_every=args.htr_every,
+        htr_start=args.htr_start,
+        htr_probes=args.htr_probes,
+        htr_method=args.htr_method,
+        htr_distribution=args.htr_distribution,
+        htr_fd_eps=args.htr_fd_eps,
+        sam_rho=args.sam_rho,
+        track_every=args.track_every,
+        track_per_class=args.track_per_class,
+        track_densities=args.track_densities,
+        val_fraction=args.val_fraction,
+        device=args.device,
+    ).validate()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
+    from hesslens.training.trainer import train
+
+    config = config_from_args(args)
+    result = train(config, args.out, progress=not getattr(args, "no_progress", False),
+                   resume=bool(getattr(args, "resume", False)))
+    final = result["final"]
+    if not final:
+        print(f"{result['arm']}: nothing to do; results in {args.out}")
+        return 0
+    parts = [f"{result['arm']} on {config.model}/{config.data}, seed {config.seed}: "
+             f"epoch {final['epoch']}",
+             f"test acc {final['test_acc']:.4f}"]
+    if final.get("val_acc") is not None:
+        parts.append(f"val acc {final['val_acc']:.4f}")
+    if final.get("trace") is not None:
+        parts.append(f"trace {final['trace']:.4g}")
+    if final.get("top_eigenvalue") is not None:
+        parts.append(f"top eigenvalue {final['top_eigenvalue']:.4g}")
+    secs = [r["epoch_seconds"] for r in result["epochs"]]
+    parts.append(f"{sum(secs) / len(secs):.2f} s/epoch")
+    print(", ".join(parts) + f"; results in {args.out}")
+    return 0

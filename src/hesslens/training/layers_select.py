@@ -1,0 +1,72 @@
+"""Which layers a training-time penalty looks at: ``"all"``, ``"middle"`` or a list of names.
+
+A *layer* is a module that owns trainable parameters directly (a ``Linear``'s weight and bias
+together, a ``BatchNorm``'s affine weight and bias together), named as in
+``model.named_modules()``. Layers are listed in forward order; hesslens takes the order in which
+the modules were registered, which is the forward order of every model of the zoo and of any
+``nn.Sequential``. :func:`discover_layers` uses the curvature package's
+``hesslens.curvature.layers.discover_layers`` when it is importable and an equivalent local
+fallback otherwise, so that the penalty and the Hessian operator agree on names.
+
+The middle layers
+-----------------
+``"middle"`` is :func:`hesslens.curvature.layers.middle_indices`: the layers with index
+``round(n/4) .. round(3n/4)`` (half-up, end excluded) of the ``n`` layers in forward order, and
+at least one. n = 3 gives layer 1 alone (an MNIST-1D MLP or CNN), n = 5 layers 1-3 (LeNet-5, as
+the paper's tensor-index rule gives), n = 11 layers 3-7 (VGG11).
+
+The paper's code (Sankar et al. 2021, repository yashkhasbage25/HTR) counted *parameter tensors*
+instead of layers: with ``N`` tensors in ``named_parameters`` order (each weight and each bias a
+tensor of its own) it kept the tensors with index ``floor(N / 4) .. floor(3 N / 4)``. That range
+may cut a layer in two (keep its weight, drop its bias); counting whole layers keeps each
+layer's weight and bias together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from hesslens.curvature.layers import discover_layers, middle_indices
+from hesslens.errors import HesslensInputError
+
+__all__ = ["discover_layers", "middle_indices", "select_layers"]
+
+
+def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict[str, list[str]]:
+    """Resolve ``"all"``, ``"middle"`` or a list of layer names to {layer: parameter names}.
+
+    Raises:
+        HesslensInputError: unknown layer name (the message lists the valid ones), an empty
+            selection, or a model without trainable parameters.
+    """
+    found = discover_layers(model)
+    if not found:
+        raise HesslensInputError(
+            "the model has no trainable parameters; a Hessian-trace penalty needs some "
+            "(check requires_grad on the model's parameters)"
+        )
+    names = list(found)
+    if isinstance(layers, str):
+        key = layers.strip()
+        if key == "all":
+            return found
+        if key == "middle":
+            return {names[i]: found[names[i]] for i in middle_indices(len(names))}
+        # A comma-separated string of names, as the command line passes it.
+        layers = [s.strip() for s in key.split(",") if s.strip()]
+    chosen = list(layers)
+    if not chosen:
+        raise HesslensInputError(
+            f"no layers selected; pass 'all', 'middle' or some of the layer names {names}"
+        )
+    unknown = [c for c in chosen if c not in found]
+    if unknown:
+        raise HesslensInputError(
+            f"unknown layer name(s) {unknown}; valid layer names (modules owning trainable "
+            f"parameters, forward order) are {names}, or use 'all' or 'middle'"
+        )
+    # Keep forward order and drop duplicates.
+    wanted = set(chosen)
+    return {n: found[n] for n in names if n in wanted}

@@ -1,0 +1,474 @@
+"""The training loop: SGD with momentum, plus optional L2, Hessian-trace penalty (HTR) and SAM.
+
+``train(config, out_dir)`` trains one run and writes into ``out_dir``:
+
+* ``config.json``: the :class:`~hesslens.training.config.TrainConfig`;
+* ``metrics.json`` / ``metrics.csv``: one record per epoch (rewritten atomically after every
+  epoch): ``epoch`` (1-based), ``lr``, ``train_loss``, ``train_acc`` (running averages over the
+  epoch, in train mode), ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` (eval mode, after
+  the epoch), ``htr_penalty`` (mean penalty value ``tr`` estimate over the steps it was applied,
+  before multiplying by gamma) and ``htr_steps``, ``epoch_seconds`` (the training loop's wall
+  time), ``eval_seconds`` and, when tracking, the curvature keys of
+  :mod:`hesslens.training.tracking`;
+* ``checkpoint.pt``: model, optimizer, scheduler, penalty-probe generator, global RNG states,
+  epoch, step and the metrics so far, after every epoch, atomically; read with
+  ``torch.load(weights_only=True)``.
+
+Determinism and resume. The data order of epoch ``e`` is a permutation drawn from a
+``torch.Generator`` seeded with a hash of ``(seed, e)``, so it does not depend on anything that
+happened before; everything else that is random (probes, dropout) is restored from the
+checkpoint. ``train(config, out_dir, resume=True)`` after a kill therefore ends with the same
+weights and the same metrics (except wall times) as the uninterrupted run, bit for bit on the
+same device and software.
+
+BatchNorm. The model is put in train mode at the start of every epoch (all arms) and in eval mode
+for evaluation and tracking. (The paper's code called ``model.train()`` once before the loop and
+``model.eval()`` for testing, so from the second epoch on its BatchNorm layers trained in eval
+mode; that is not copied.) With SAM the perturbed second forward pass leaves the running
+statistics alone (:func:`hesslens.training.sam.bn_stats_frozen`).
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from hesslens.training import TrainConfig, train
+    >>> from hesslens.training.trainer import TensorData
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 5, generator=g); y = (x[:, 0] > 0).long()
+    >>> data = TensorData(x[:48], y[:48], x[48:], y[48:], num_classes=2)
+    >>> model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, val_fraction=0.25, htr_gamma=1e-3)
+    >>> result = train(cfg, tempfile.mkdtemp(), progress=False, model=model, dataset=data)
+    >>> len(result["epochs"]), sorted(result["final"])[:3]
+    (2, ['epoch', 'epoch_seconds', 'eval_seconds'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from hesslens.errors import HesslensInputError
+from hesslens.training.checkpoint import (
+    atomic_write_csv,
+    atomic_write_json,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from hesslens.training.config import TrainConfig, arm_label
+from hesslens.training.penalty import HessianTracePenalty
+from hesslens.training.sam import SAM, bn_stats_frozen
+from hesslens.training.tracking import CurvatureTracker
+
+__all__ = ["TensorData", "build_optimizer", "build_scheduler", "epoch_seed", "evaluate", "train"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+CONFIG_JSON = "config.json"
+CHECKPOINT_FORMAT = 1
+TIMING_KEYS = ("epoch_seconds", "eval_seconds", "tracking_seconds")
+
+Callback = Callable[[int, dict[str, Any], nn.Module], None]
+
+
+@dataclass
+class TensorData:
+    """A data set in memory, with the fields of ``hesslens.zoo.Dataset`` the trainer reads."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    name: str = "tensors"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+# ---------------------------------------------------------------------- building blocks
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s data order: a hash of ``(seed, epoch)`` (63 bits)."""
+    h = hashlib.blake2b(f"hesslens-data-order:{seed}:{epoch}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (and coupled weight decay); wrapped in SAM when ``sam_rho > 0``."""
+    kwargs = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.sam_rho > 0:
+        return SAM(params, torch.optim.SGD, rho=config.sam_rho, **kwargs)
+    return torch.optim.SGD(params, **kwargs)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule (stepped once after every epoch)."""
+    base = optimizer.base_optimizer if isinstance(optimizer, SAM) else optimizer
+    if config.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(
+            base, milestones=config.milestones_or_default(), gamma=config.lr_gamma
+        )
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(base, lr_lambda=_constant)
+
+
+def _constant(epoch: int) -> float:
+    return 1.0
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024
+) -> tuple[float | None, float | None]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode (``(None, None)`` if empty)."""
+    if len(y) == 0:
+        return None, None
+    was = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    try:
+        for s in range(0, len(y), batch_size):
+            out = model(x[s : s + batch_size])
+            yb = y[s : s + batch_size]
+            total_loss += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+    finally:
+        model.train(was)
+    return total_loss / len(y), correct / len(y)
+
+
+def _resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HesslensInputError(
+            f"device {name!r} asked for, but CUDA is not available here; use --device cpu"
+        )
+    return dev
+
+
+def _load_data(config: TrainConfig) -> Any:
+    from hesslens import zoo
+
+    return zoo.load_dataset(config.data, root=config.data_root, seed=config.seed)
+
+
+def _build_model(config: TrainConfig, dataset: Any) -> nn.Module:
+    from hesslens import zoo
+
+    return zoo.build_model(config.model, dataset.input_shape, dataset.num_classes,
+                           seed=config.seed)
+
+
+def _split(x: Tensor, y: Tensor, fraction: float, seed: int) -> tuple[Tensor, ...]:
+    if fraction <= 0:
+        return x, y, x[:0], y[:0]
+    try:
+        from hesslens.zoo import split_train_val
+    except ImportError:  # pragma: no cover - the zoo is part of the package
+        n_val = math.ceil(fraction * len(y))
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        tr, va = perm[n_val:].sort().values, perm[:n_val].sort().values
+        return x[tr], y[tr], x[va], y[va]
+    return split_train_val(x, y, val_fraction=fraction, seed=seed)
+
+
+def _tqdm(progress: bool, **kwargs: Any) -> Any:
+    from tqdm.auto import tqdm
+
+    disable = not progress or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    return tqdm(disable=disable, **kwargs)
+
+
+def _csv_columns(records: Sequence[dict[str, Any]]) -> list[str]:
+    cols: list[str] = []
+    for r in records:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    return cols
+
+
+def _flatten(record: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            if k in ("density", "layer_density"):
+                continue  # long lists: in metrics.json only
+            for kk, vv in v.items():
+                if isinstance(vv, dict):
+                    for k3, v3 in vv.items():
+                        flat[f"{k}.{kk}.{k3}"] = v3
+                else:
+                    flat[f"{k}.{kk}"] = vv
+        elif isinstance(v, (list, tuple)):
+            continue
+        else:
+            flat[k] = v
+    return flat
+
+
+def write_metrics(out_dir: Path, config: TrainConfig, records: Sequence[dict[str, Any]]) -> None:
+    """``metrics.json`` (config, arm label, records) and ``metrics.csv`` (flat), atomically."""
+    atomic_write_json(
+        out_dir / METRICS_JSON,
+        {"config": config.to_dict(), "arm": arm_label(config), "epochs": list(records)},
+    )
+    flat = [_flatten(r) for r in records]
+    atomic_write_csv(out_dir / METRICS_CSV, flat, _csv_columns(flat))
+
+
+# ---------------------------------------------------------------------- the loop
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+    *,
+    model: nn.Module | None = None,
+    dataset: Any = None,
+    callbacks: Sequence[Callback] = (),
+    similarity: Callable[[Any, Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Train one run; return ``{"config", "arm", "epochs": [records], "final": record,
+    "out_dir"}``.
+
+    Args:
+        config: what to train (validated here).
+        out_dir: where the run's files go (created). A folder that already holds a run is
+            refused unless ``resume=True``.
+        progress: tqdm bars (only when stderr is a terminal).
+        resume: continue from ``out_dir/checkpoint.pt`` (with an identical config, device and
+            data folder aside); without a checkpoint the run starts from scratch.
+        model: train this module instead of ``zoo.build_model(config.model, ...)`` (pass the
+            same architecture again to resume).
+        dataset: use this data instead of ``zoo.load_dataset(config.data, ...)``: any object
+            with ``x_train, y_train, x_test, y_test, num_classes`` (e.g. :class:`TensorData`).
+        callbacks: ``cb(epoch, record, model)`` after each epoch's evaluation and tracking and
+            before the files are written (they may add keys to ``record``). An exception from a
+            callback stops the run; the previous epoch's checkpoint stays valid.
+        similarity: spectrum similarity for tracking with densities.
+    """
+    if not isinstance(config, TrainConfig):
+        raise HesslensInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config).validate()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HesslensInputError(f"--out {str(out)!r} exists and is not a folder")
+    ckpt_path = out / CHECKPOINT
+    if not resume and (ckpt_path.exists() or (out / METRICS_JSON).exists()):
+        raise HesslensInputError(
+            f"{str(out)!r} already holds a training run; pass resume=True (--resume) to "
+            "continue it, or choose another output folder"
+        )
+    device = _resolve_device(config.device)
+
+    # Seed everything for a fresh run (a resumed run restores the states below).
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % (2**32))
+    import random
+
+    random.seed(config.seed)
+
+    data = dataset if dataset is not None else _load_data(config)
+    x_all, y_all = data.x_train, data.y_train
+    x_tr, y_tr, x_val, y_val = _split(x_all, y_all, config.val_fraction, config.seed)
+    x_tr, y_tr = x_tr.to(device), y_tr.to(device)
+    x_val, y_val = x_val.to(device), y_val.to(device)
+    x_te, y_te = data.x_test.to(device), data.y_test.to(device)
+    if model is None:
+        model = _build_model(config, data)
+    model.to(device)
+    loss_fn = nn.functional.cross_entropy
+    out.mkdir(parents=True, exist_ok=True)
+
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    penalty = None
+    if config.htr_gamma > 0:
+        penalty = HessianTracePenalty(
+            model, layers=config.htr_layers, n_probes=config.htr_probes,
+            distribution=config.htr_distribution, method=config.htr_method,
+            fd_eps=config.htr_fd_eps, seed=config.seed, loss_fn=loss_fn,
+        )
+    all_callbacks: list[Callback] = []
+    if config.track_every > 0:
+        try:
+            from hesslens.zoo import analysis_subset
+
+            xa, ya = analysis_subset(x_all, y_all, per_class=config.track_per_class, seed=0)
+        except ImportError:  # pragma: no cover
+            xa, ya = x_all[: 10 * config.track_per_class], y_all[: 10 * config.track_per_class]
+        all_callbacks.append(CurvatureTracker(
+            xa.to(device), ya.to(device), every=config.track_every, loss_fn=loss_fn,
+            last_epoch=config.epochs, densities=config.track_densities,
+            similarity=similarity, seed=0,
+        ))
+    all_callbacks.extend(callbacks)
+
+    records: list[dict[str, Any]] = []
+    start_epoch, global_step = 0, 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resume(ckpt, config, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if penalty is not None and ckpt.get("penalty") is not None:
+            penalty.load_state_dict(ckpt["penalty"])
+        start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        records = list(ckpt["metrics"])
+        restore_rng_state(ckpt["rng"])
+    atomic_write_json(out / CONFIG_JSON, config.to_dict())
+
+    n = len(y_tr)
+    n_batches = math.ceil(n / config.batch_size)
+    bar = _tqdm(progress, total=config.epochs, initial=start_epoch, desc=arm_label(config),
+                unit="epoch")
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            lr = float(scheduler.get_last_lr()[0])
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            ).to(device)
+            t0 = time.perf_counter()
+            sum_loss = torch.zeros((), device=device)
+            sum_correct = torch.zeros((), device=device, dtype=torch.long)
+            pen_sum, pen_steps = 0.0, 0
+            htr_on = penalty is not None and epoch >= config.htr_start
+            inner = _tqdm(progress, total=n_batches, leave=False, desc=f"epoch {epoch + 1}",
+                          unit="batch")
+            for b in range(n_batches):
+                idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+                xb, yb = x_tr[idx], y_tr[idx]
+                use_pen = htr_on and global_step % config.htr_every == 0
+
+                def objective(xb: Tensor = xb, yb: Tensor = yb,
+                              use_pen: bool = use_pen) -> tuple[Tensor, Tensor, Tensor | None]:
+                    out_b = model(xb)
+                    loss = loss_fn(out_b, yb)
+                    pen = None
+                    total = loss
+                    if use_pen:
+                        assert penalty is not None
+                        pen = penalty(loss, inputs=xb, targets=yb)
+                        total = loss + config.htr_gamma * pen
+                    return total, out_b, pen if pen is None else pen.detach()
+
+                optimizer.zero_grad(set_to_none=True)
+                total, out_b, pen = objective()
+                total.backward()
+                if isinstance(optimizer, SAM):
+                    optimizer.first_step(zero_grad=True)
+                    with bn_stats_frozen(model):
+                        total2, _, _ = objective()
+                        total2.backward()
+                    optimizer.second_step(zero_grad=True)
+                else:
+                    optimizer.step()
+                global_step += 1
+                with torch.no_grad():
+                    plain = loss_fn(out_b.detach(), yb, reduction="sum")
+                    sum_loss += plain
+                    sum_correct += (out_b.detach().argmax(1) == yb).sum()
+                if pen is not None:
+                    pen_sum += float(pen)
+                    pen_steps += 1
+                inner.update(1)
+            inner.close()
+            scheduler.step()
+            epoch_seconds = time.perf_counter() - t0
+
+            t1 = time.perf_counter()
+            val_loss, val_acc = evaluate(model, x_val, y_val)
+            test_loss, test_acc = evaluate(model, x_te, y_te)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": float(sum_loss) / n,
+                "train_acc": int(sum_correct) / n,
+                "val_loss": val_loss,
+                "val_acc": val_acc,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "htr_penalty": pen_sum / pen_steps if pen_steps else None,
+                "htr_steps": pen_steps,
+                "epoch_seconds": epoch_seconds,
+                "eval_seconds": time.perf_counter() - t1,
+            }
+            if not math.isfinite(record["train_loss"]):
+                raise HesslensInputError(
+                    f"training diverged at epoch {epoch + 1} (train loss "
+                    f"{record['train_loss']}); lower the learning rate or the HTR gamma"
+                )
+            for cb in all_callbacks:
+                cb(epoch + 1, record, model)
+            model.train()
+            records.append(record)
+            write_metrics(out, config, records)
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.to_dict(),
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "penalty": penalty.state_dict() if penalty is not None else None,
+                "rng": capture_rng_state(),
+                "metrics": records,
+            })
+            bar.set_postfix(train_acc=f"{record['train_acc']:.3f}",
+                            test_acc=f"{record['test_acc']:.3f}")
+            bar.update(1)
+    finally:
+        bar.close()
+    if not records:
+        write_metrics(out, config, records)
+    return {
+        "config": config.to_dict(),
+        "arm": arm_label(config),
+        "epochs": records,
+        "final": records[-1] if records else {},
+        "out_dir": str(out),
+    }
+
+
+def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise HesslensInputError(
+            f"{str(path)!r} is not a hesslens training checkpoint of format "
+            f"{CHECKPOINT_FORMAT}; start a new run in another folder"
+        )
+    saved = dict(ckpt["config"])
+    now = config.to_dict()
+    diff = sorted(
+        k for k in set(saved) | set(now)
+        if k not in ("device", "data_root") and json.dumps(saved.get(k), default=str)
+        != json.dumps(now.get(k), default=str)
+    )
+    if diff:
+        raise HesslensInputError(
+            f"cannot resume {str(path)!r}: the configuration differs in {diff} "
+            f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}); "
+            "resume with the same settings or start a new run in another folder"
+        )

@@ -1,0 +1,95 @@
+"""``hesslens train`` argument parsing and run (add_train_arguments / run_train)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from hesslens.errors import HesslensInputError
+from hesslens.experiments.train import add_train_arguments, config_from_args, run_train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="hesslens train")
+    add_train_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_and_full_option_set(tmp_path):
+    args = _parse(["--out", str(tmp_path)])
+    cfg = config_from_args(args)
+    assert (cfg.model, cfg.data, cfg.htr_gamma, cfg.sam_rho, cfg.track_every) == (
+        "cnn1d", "mnist1d", 0.0, 0.0, 0)
+    args = _parse([
+        "--model", "mlp", "--data", "digits", "--epochs", "4", "--batch-size", "32",
+        "--lr", "0.1", "--momentum", "0.5", "--wd", "5e-4", "--schedule", "cosine",
+        "--htr", "1e-3", "--htr-layers", "features.1,classifier", "--htr-every", "50",
+        "--htr-start", "2", "--htr-probes", "3", "--htr-method", "fd", "--sam", "0.05",
+        "--track-every", "2", "--out", str(tmp_path), "--seed", "7", "--device", "cpu",
+        "--milestones", "2,3"])
+    cfg = config_from_args(args)
+    assert cfg.htr_layers == ["features.1", "classifier"]
+    assert (cfg.weight_decay, cfg.schedule, cfg.htr_every, cfg.htr_start, cfg.htr_probes,
+            cfg.htr_method, cfg.sam_rho, cfg.seed, cfg.milestones) == (
+        5e-4, "cosine", 50, 2, 3, "fd", 0.05, 7, [2, 3])
+    assert config_from_args(_parse(["--out", "x", "--htr-layers", "middle"])).htr_layers \
+        == "middle"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--lr", "-1"], ["--schedule", "step"], ["--htr-method", "exact"],
+    ["--batch-size", "x"], [],  # --out missing
+])
+def test_bad_arguments_exit_2(argv, capsys):
+    if argv:
+        argv = [*argv, "--out", "o"]
+    with pytest.raises(SystemExit) as e:
+        _parse(argv)
+    assert e.value.code == 2
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        _parse(["--help"])
+    assert e.value.code == 0
+    assert "--htr-layers" in capsys.readouterr().out
+
+
+def test_run_train_on_digits_then_resume(tmp_path, capsys):
+    pytest.importorskip("hesslens.zoo")
+    out = tmp_path / "run"
+    argv = ["--model", "mlp", "--data", "digits", "--epochs", "2", "--batch-size", "64",
+            "--lr", "0.05", "--htr", "1e-4", "--htr-layers", "middle", "--htr-every", "5",
+            "--out", str(out), "--seed", "1", "--no-progress"]
+    assert run_train(_parse(argv)) == 0
+    line = capsys.readouterr().out
+    assert "test acc" in line and str(out) in line
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2
+    assert metrics["config"]["htr_layers"] == "middle"
+    with pytest.raises(HesslensInputError, match="already holds"):
+        run_train(_parse(argv))
+    assert run_train(_parse([*argv, "--resume"])) == 0
+
+
+def test_unknown_layer_and_model_are_input_errors(tmp_path):
+    pytest.importorskip("hesslens.zoo")
+    base = ["--data", "digits", "--epochs", "1", "--no-progress", "--seed", "0"]
+    with pytest.raises(HesslensInputError, match="layer"):
+        run_train(_parse([*base, "--model", "mlp", "--htr", "1e-3", "--htr-layers", "conv9",
+                          "--out", str(tmp_path / "a")]))
+    with pytest.raises(HesslensInputError, match="model"):
+        run_train(_parse([*base, "--model", "alexnet", "--out", str(tmp_path / "b")]))
+    with pytest.raises(HesslensInputError, match="htr-layers"):
+        config_from_args(_parse(["--out", "o", "--htr-layers", ","]))
