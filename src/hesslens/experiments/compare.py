@@ -271,7 +271,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _figure(result: dict[str, Any], key: str) -> bytes | None:
+def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
+    """PNG of one metric over epochs, one line per arm (mean ± std band), or None."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -306,25 +307,32 @@ def _figure(result: dict[str, Any], key: str) -> bytes | None:
     return buf.getvalue()
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    """Run ``hesslens compare``; print the table; write files; return 0."""
+def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) -> list[str]:
+    """Write ``compare.json``, ``compare.csv`` and (optionally) the figures into ``out``;
+    returns the figure file names."""
     from hesslens.training.checkpoint import atomic_write_bytes, atomic_write_csv, atomic_write_json
 
-    result = compare_runs(list(args.runs))
-    out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise HesslensInputError(f"--out {str(out)!r} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = _table_rows(result)
     atomic_write_json(out / "compare.json", result)
     atomic_write_csv(out / "compare.csv", rows, list(rows[0]) if rows else ["arm"])
-    figures = []
-    if not getattr(args, "no_figures", False):
+    written = []
+    if figures:
         for key, name in FIGURE_NAMES.items():
-            png = _figure(result, key)
+            png = metric_figure(result, key)
             if png is not None:
                 atomic_write_bytes(out / name, png)
-                figures.append(name)
+                written.append(name)
+    return written
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Run ``hesslens compare``; print the table; write files; return 0."""
+    result = compare_runs(list(args.runs))
+    out = Path(args.out)
+    figures = write_comparison(result, out, figures=not getattr(args, "no_figures", False))
     print(format_table(result))
     print(f"wrote compare.json, compare.csv{''.join(', ' + f for f in figures)} to {out}")
     return 0

@@ -1,0 +1,251 @@
+"""``hesslens reproduce``: the paper's whole study on the embedded default (MNIST-1D).
+
+Stages, each resumable (a killed run picks up where it stopped: finished training runs are
+skipped, a half-trained one continues from its last epoch checkpoint):
+
+1. *tune*: each arm's own knob (weight decay, SAM's rho, HTR's gamma) on a validation split of
+   the training set, with a seed the final runs do not use; the test set is never looked at;
+2. *train*: every arm x every seed at equal epochs, batch size, learning rate and schedule,
+   with curvature (full and per-layer top eigenvalue and trace) tracked along the way;
+3. *study*: the layer study (:mod:`hesslens.analysis`) of the final SGD and HTR models;
+4. *report*: ``results.json``, ``compare.json``/``.csv``, figures and one ``report.html`` that
+   states which of the paper's findings held here, and by how much.
+
+Runs go to a pool of worker processes (one torch thread each), since these models are too small
+for two threads to help one run.
+
+Example:
+    >>> from hesslens.experiments.reproduce_plan import quick_plan
+    >>> quick_plan().name
+    'quick'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from hesslens.errors import HesslensInputError
+from hesslens.experiments.common import add_common_arguments, positive_int, show_progress
+from hesslens.experiments.reproduce_plan import Arm, Plan, full_plan, quick_plan, slug
+
+__all__ = ["add_reproduce_arguments", "reproduce", "run_reproduce"]
+
+STUDY_ARMS = ("SGD", "HTR all layers")
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``hesslens reproduce``."""
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke-sized study (2 seeds, 5 epochs, no tuning; < 2 minutes)")
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help="training runs at a time (default: the CPU count, at most 2)")
+    add_common_arguments(parser, default_out="hesslens-reproduce")
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """Run the study from parsed arguments; prints the summary, returns the exit code."""
+    plan = quick_plan() if args.quick else full_plan()
+    workers = args.workers or max(1, min(2, os.cpu_count() or 1))
+    plan = dataclasses.replace(
+        plan, workers=workers, seeds=tuple(s + args.seed for s in plan.seeds),
+        tune_seed=plan.tune_seed + args.seed)
+    result = reproduce(plan, args.out, device=args.device, progress=show_progress(args))
+    print(result["summary_text"])
+    print(f"\nwrote {Path(args.out) / 'report.html'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- jobs
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _train_job(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Train one run to the end (continuing it if it was interrupted)."""
+    from hesslens.training import TrainConfig, train
+
+    result = train(TrainConfig.from_dict(config), run_dir, progress=False, resume=True)
+    return {"run_dir": run_dir, "final": result["final"]}
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    try:
+        data = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return len(data.get("epochs", [])) >= epochs
+
+
+def _run_jobs(jobs: list[tuple[dict[str, Any], Path]], workers: int, progress: bool,
+              desc: str) -> None:
+    from tqdm.auto import tqdm
+
+    todo = [(c, d) for c, d in jobs if not _finished(d, c["epochs"])]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
+               disable=not progress, file=sys.stderr)
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            _init_worker()
+            for config, run_dir in todo:
+                _train_job(config, str(run_dir))
+                bar.update()
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+            futures = [pool.submit(_train_job, c, str(d)) for c, d in todo]
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------- stages
+def _config(plan: Plan, arm: Arm, value: float | None, seed: int, device: str,
+            track: bool) -> dict[str, Any]:
+    return {**plan.base_config(), **arm.config_fields(value), "seed": seed, "device": device,
+            "track_every": plan.track_every if track else 0}
+
+
+def _val_score(run_dir: Path) -> float:
+    """Validation accuracy at the end of a run: the mean of its last two epochs (less noisy
+    than the last alone)."""
+    epochs = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    tail = [e["val_acc"] for e in epochs[-2:]]
+    return sum(tail) / len(tail)
+
+
+def _tune(plan: Plan, out: Path, device: str, progress: bool) -> dict[str, Any]:
+    jobs, where = [], {}
+    for arm in plan.arms:
+        if arm.knob is None or not plan.tune:
+            continue
+        for value in arm.grid:
+            run_dir = out / "tune" / slug(arm.name) / f"{arm.knob}={value:g}"
+            jobs.append((_config(plan, arm, value, plan.tune_seed, device, track=False),
+                         run_dir))
+            where[(arm.name, value)] = run_dir
+    if jobs:
+        _run_jobs(jobs, plan.workers, progress, "tune on validation")
+    chosen: dict[str, Any] = {}
+    for arm in plan.arms:
+        if arm.knob is None:
+            chosen[arm.name] = {"knob": None, "value": None, "grid": []}
+            continue
+        if not plan.tune:
+            chosen[arm.name] = {"knob": arm.knob, "value": arm.default, "grid": [],
+                                "note": "default value (--quick does not tune)"}
+            continue
+        scores = {v: _val_score(where[(arm.name, v)]) for v in arm.grid}
+        best = max(arm.grid, key=lambda v: (scores[v], -v))
+        chosen[arm.name] = {"knob": arm.knob, "value": best,
+                            "grid": [{"value": v, "val_acc": scores[v]} for v in arm.grid]}
+    return chosen
+
+
+def _train_final(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
+                 progress: bool) -> dict[str, list[Path]]:
+    jobs, runs = [], {}
+    for arm in plan.arms:
+        value = chosen[arm.name]["value"]
+        for seed in plan.seeds:
+            run_dir = out / "runs" / slug(arm.name) / f"seed{seed}"
+            jobs.append((_config(plan, arm, value, seed, device, track=True), run_dir))
+            runs.setdefault(arm.name, []).append(run_dir)
+    _run_jobs(jobs, plan.workers, progress, "train arms x seeds")
+    return runs
+
+
+def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
+           progress: bool) -> dict[str, Any]:
+    """Layer study of the first seed's final model of each arm in STUDY_ARMS."""
+    import torch
+
+    from hesslens.analysis import layer_study
+    from hesslens.experiments.common import load_state_dict
+    from hesslens.report.layer_report import write_layer_study
+    from hesslens.zoo import analysis_subset, build_model, load_dataset
+
+    data = load_dataset(plan.data)
+    x, y = analysis_subset(data.x_train, data.y_train, per_class=10, seed=0)
+    studies = {}
+    for name in STUDY_ARMS:
+        if name not in runs:
+            continue
+        study_dir = out / "study" / slug(name)
+        results_file = study_dir / "results.json"
+        if results_file.is_file():
+            studies[name] = json.loads(results_file.read_text())
+            continue
+        run_dir = runs[name][0]
+        model = build_model(plan.model, data.input_shape, data.num_classes, seed=plan.seeds[0])
+        state, _ = load_state_dict(run_dir / "checkpoint.pt")
+        model.load_state_dict(state)
+        model.eval()
+        study = layer_study(
+            model, torch.nn.functional.cross_entropy, (x.to(device), y.to(device)),
+            k=plan.study_k, density_probes=plan.study_density_probes,
+            density_steps=plan.study_density_steps, seed=0, device=device,
+            progress=progress)
+        results = study.to_dict()
+        results["settings"] = {**results.get("settings", {}), "model": plan.model,
+                               "data": plan.data, "checkpoint": str(run_dir / "checkpoint.pt"),
+                               "arm": name}
+        write_layer_study(results, study_dir)
+        studies[name] = results
+    return studies
+
+
+def _check_plan(out: Path, plan: Plan) -> None:
+    from hesslens.report.io import write_json
+
+    plan_file = out / "plan.json"
+    wanted = json.loads(json.dumps(plan.to_dict()))
+    wanted.pop("workers", None)
+    if plan_file.is_file():
+        held = json.loads(plan_file.read_text())
+        held.pop("workers", None)
+        if held != wanted:
+            raise HesslensInputError(
+                f"{out} holds a different study (its plan.json differs, e.g. --quick or --seed "
+                "changed): choose another --out, or delete the folder to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(plan_file, plan.to_dict())
+
+
+def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu",
+              progress: bool = True) -> dict[str, Any]:
+    """Run (or finish) the whole study into ``out_dir``; returns the content of
+    ``results.json`` plus ``summary_text``."""
+    from hesslens.experiments.compare import compare_runs
+    from hesslens.experiments.reproduce_report import write_reproduce_report
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HesslensInputError(f"--out {out} exists and is not a folder")
+    _check_plan(out, plan)
+    t0 = time.perf_counter()
+    timings = {}
+    chosen = _tune(plan, out, device, progress)
+    timings["tune_seconds"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    runs = _train_final(plan, out, device, chosen, progress)
+    timings["train_seconds"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    studies = _study(plan, out, runs, device, progress)
+    timings["study_seconds"] = time.perf_counter() - t2
+    comparison = compare_runs([str(d) for dirs in runs.values() for d in dirs])
+    return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings)

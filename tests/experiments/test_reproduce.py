@@ -1,0 +1,100 @@
+"""``hesslens reproduce`` end to end on a tiny plan: tuning, training, study, report, resume."""
+
+import dataclasses
+import json
+
+import pytest
+
+from hesslens.cli import main
+from hesslens.errors import HesslensInputError
+from hesslens.experiments.reproduce import reproduce
+from hesslens.experiments.reproduce_plan import Arm, Plan, quick_plan
+
+
+def _tiny_plan(**changes) -> Plan:
+    arms = (
+        Arm("SGD"),
+        Arm("SGD+L2", knob="weight_decay", grid=(1e-4, 1e-3), default=1e-4),
+        Arm("HTR all layers", fixed={"htr_every": 2, "htr_layers": "all"}, knob="htr_gamma",
+            grid=(1e-3,), default=1e-3),
+    )
+    plan = Plan(name="tiny", model="mlp", data="mnist1d", epochs=2, batch_size=256, lr=0.1,
+                seeds=(0, 1), arms=arms, tune=True, tune_seed=100, track_every=1, study_k=2,
+                study_density_probes=1, study_density_steps=20, workers=1)
+    return dataclasses.replace(plan, **changes)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    result = reproduce(_tiny_plan(), out, progress=False)
+    return out, result
+
+
+def test_writes_results_report_and_figures(study):
+    out, result = study
+    for name in ("results.json", "report.html", "plan.json", "compare/compare.json",
+                 "compare/compare.csv", "study/sgd/results.json", "study/sgd/report.html"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["arms"]) == {"SGD", "SGD+L2", "HTR all layers"}
+    assert all(arm["seeds"] == [0, 1] for arm in saved["arms"].values())
+    assert len(saved["findings"]) == 5
+    assert all(f["verdict"] in {"held", "partly", "did not hold", "not measured"}
+               for f in saved["findings"])
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') >= 3
+    assert "Findings of the paper" in html
+    assert all(f["claim"].split("(")[0].strip() in html for f in saved["findings"])
+
+
+def test_tunes_on_validation_never_on_test(study):
+    out, result = study
+    l2 = result["tuning"]["SGD+L2"]
+    scores = {g["value"]: g["val_acc"] for g in l2["grid"]}
+    assert l2["value"] == max(scores, key=scores.get)
+    for g in l2["grid"]:  # tuning runs use their own seed
+        cfg = json.loads((out / "tune" / "sgd-l2" / f"weight_decay={g['value']:g}" /
+                          "config.json").read_text())
+        assert cfg["seed"] == 100
+
+
+def test_curvature_is_tracked_every_epoch(study):
+    out, _ = study
+    metrics = json.loads((out / "runs" / "sgd" / "seed0" / "metrics.json").read_text())
+    for epoch in metrics["epochs"]:
+        assert epoch["trace"] > 0 and epoch["top_eigenvalue"] > 0
+        assert set(epoch["layer_trace"]) == set(epoch["layer_top_eigenvalue"])
+
+
+def test_second_call_resumes_without_training_again(study):
+    out, first = study
+    before = (out / "runs" / "sgd" / "seed0" / "metrics.json").stat().st_mtime_ns
+    again = reproduce(_tiny_plan(), out, progress=False)
+    assert (out / "runs" / "sgd" / "seed0" / "metrics.json").stat().st_mtime_ns == before
+    assert again["arms"]["SGD"]["final"] == first["arms"]["SGD"]["final"]
+
+
+def test_a_different_plan_in_the_same_folder_is_refused(study):
+    out, _ = study
+    with pytest.raises(HesslensInputError, match="different study"):
+        reproduce(_tiny_plan(epochs=3), out, progress=False)
+
+
+def test_quick_plan_is_an_equal_budget_comparison():
+    plan = quick_plan()
+    names = [a.name for a in plan.arms]
+    assert names == ["SGD", "SGD+L2", "SAM", "HTR all layers", "HTR middle layers"]
+    assert len(plan.seeds) >= 2
+
+
+def test_cli_help_and_bad_out(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--help"])
+    assert exc.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["reproduce", "--quick", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a folder" in err[0]
