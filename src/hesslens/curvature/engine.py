@@ -92,6 +92,7 @@ class ProductEngine:
         self.timings: dict[str, dict[str, float]] = {}
         self.calibration_products = 0
         self._graphs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None
+        self._gn_graphs: list[tuple] | None = None
         self._check_first_batch()
 
     # ----------------------------------------------------------------- helpers
@@ -233,8 +234,13 @@ class ProductEngine:
         return results[best]
 
     def gauss_newton_products(self, names: Sequence[str], V: torch.Tensor) -> torch.Tensor:
-        """``G V = J^T (d2 loss / d out2) J V`` for a (k, n) batch of flat vectors."""
+        """``G V = J^T (d2 loss / d out2) J V`` for a (k, n) batch of flat vectors.
+
+        A single vector goes through cached graphs (three backward passes, no forward); a
+        batch is vmapped through ``jvp`` / ``vjp``, which is cheaper per vector."""
         vs = split_flat(V, [self.model.params[n].shape for n in names])
+        if V.shape[0] == 1 and self.reuse_graph:
+            return join_flat(self._gauss_newton_reverse(names, vs))
         out = [torch.zeros_like(v) for v in vs]
         k = V.shape[0]
         for batch, weight in self._batches():
@@ -263,6 +269,42 @@ class ProductEngine:
                 for o, g in zip(out, gv):
                     o[sl] += weight * g
         return join_flat(out)
+
+    def _gn_graph_for(self, batch, weight: float):
+        """Graphs for reverse-mode Gauss-Newton products on one batch: the outputs, ``J^T u``
+        as a function of a dummy ``u`` (its derivative in ``u`` gives ``J v``), and the
+        gradient of the weighted loss in the outputs (its derivative gives ``H_out w``)."""
+        inputs, targets = batch
+        leaves = {
+            n: self.model.params[n].clone().requires_grad_(True) for n in self.model.trainable
+        }
+        with torch.enable_grad():
+            out = self.model(leaves, as_args(inputs))
+            u = torch.zeros_like(out, requires_grad=True)
+            jt_u = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True,
+                                       allow_unused=True)
+            z = out.detach().requires_grad_(True)
+            loss_grad = torch.autograd.grad(self.loss_fn(z, targets) * weight, z,
+                                            create_graph=True)[0]
+        return leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad
+
+    def _gauss_newton_reverse(self, names: Sequence[str], vs: list[torch.Tensor]) -> list:
+        if self._gn_graphs is None:
+            self._gn_graphs = [self._gn_graph_for(b, w) for b, w in self._batches()]
+        out = [torch.zeros_like(v) for v in vs]
+        for leaves, outputs, u, jt_u, z, loss_grad in self._gn_graphs:
+            pairs = [(jt_u[n], v[0]) for n, v in zip(names, vs) if jt_u[n] is not None]
+            if not pairs:
+                continue
+            jv = torch.autograd.grad([p for p, _ in pairs], u, [t for _, t in pairs],
+                                     retain_graph=True)[0]
+            hjv = torch.autograd.grad(loss_grad, z, jv, retain_graph=True)[0]
+            gv = torch.autograd.grad(outputs, [leaves[n] for n in names], hjv,
+                                     retain_graph=True, allow_unused=True)
+            for o, g in zip(out, gv):
+                if g is not None:
+                    o[0] += g
+        return out
 
     def loss_and_gradient(self, names: Sequence[str]) -> tuple[float, torch.Tensor]:
         """The mean loss and its gradient (flat) with respect to ``names``."""
