@@ -315,7 +315,7 @@ class ProductEngine:
             with torch.enable_grad():
                 loss = self._loss(leaves, batch) * weight
                 g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            total += float(loss)
+            total += float(loss.detach())
             for acc, gi in zip(grads, g):
                 if gi is not None:
                     acc += gi

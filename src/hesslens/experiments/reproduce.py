@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
-from hesslens.experiments.common import add_common_arguments, positive_int, show_progress
+from hesslens.experiments.common import (
+    add_common_arguments,
+    apply_threads,
+    positive_int,
+    resolve_dtype,
+    show_progress,
+)
 from hesslens.experiments.reproduce_plan import Arm, Plan, full_plan, quick_plan, slug
 
 __all__ = ["add_reproduce_arguments", "reproduce", "run_reproduce"]
@@ -58,7 +64,10 @@ def run_reproduce(args: argparse.Namespace) -> int:
     plan = dataclasses.replace(
         plan, workers=workers, seeds=tuple(s + args.seed for s in plan.seeds),
         tune_seed=plan.tune_seed + args.seed)
-    result = reproduce(plan, args.out, device=args.device, progress=show_progress(args))
+    # The study's models are small: one thread per process beats two fighting for 2 cores.
+    apply_threads(args.threads, n_params=0)
+    result = reproduce(plan, args.out, device=args.device, progress=show_progress(args),
+                       dtype=resolve_dtype(args.dtype))
     print(result["summary_text"])
     print(f"\nwrote {Path(args.out) / 'report.html'}")
     return 0
@@ -170,7 +179,7 @@ def _train_final(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
 
 
 def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
-           progress: bool) -> dict[str, Any]:
+           progress: bool, dtype: Any = None) -> dict[str, Any]:
     """Layer study of the first seed's final model of each arm in STUDY_ARMS."""
     import torch
 
@@ -198,7 +207,7 @@ def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
         study = layer_study(
             model, torch.nn.functional.cross_entropy, (x.to(device), y.to(device)),
             k=plan.study_k, density_probes=plan.study_density_probes,
-            density_steps=plan.study_density_steps, seed=0, device=device,
+            density_steps=plan.study_density_steps, seed=0, device=device, dtype=dtype,
             progress=progress)
         results = study.to_dict()
         results["settings"] = {**results.get("settings", {}), "model": plan.model,
@@ -227,9 +236,10 @@ def _check_plan(out: Path, plan: Plan) -> None:
 
 
 def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu",
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, dtype: Any = None) -> dict[str, Any]:
     """Run (or finish) the whole study into ``out_dir``; returns the content of
-    ``results.json`` plus ``summary_text``."""
+    ``results.json`` plus ``summary_text``. ``dtype`` is the layer study's precision (training
+    is float32)."""
     from hesslens.experiments.compare import compare_runs
     from hesslens.experiments.reproduce_report import write_reproduce_report
 
@@ -245,7 +255,7 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     runs = _train_final(plan, out, device, chosen, progress)
     timings["train_seconds"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    studies = _study(plan, out, runs, device, progress)
+    studies = _study(plan, out, runs, device, progress, dtype)
     timings["study_seconds"] = time.perf_counter() - t2
     comparison = compare_runs([str(d) for dirs in runs.values() for d in dirs])
     return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings)

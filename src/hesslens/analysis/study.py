@@ -1,0 +1,445 @@
+"""The layer study: the Hessian spectrum of the full network and of every layer's block, side
+by side (Sankar et al., AAAI 2021, and beyond).
+
+For the full Hessian and for each layer's diagonal block, :func:`layer_study` measures
+
+* the top-``k`` eigenvalues (Lanczos, tight a-posteriori tolerance, so that Cauchy interlacing
+  ``lambda_i(block) <= lambda_i(full)`` can be checked on the numbers);
+* the trace -- all layer traces from the same probes as the full one, so they add up to it;
+* the eigenvalue density (stochastic Lanczos quadrature, deflated with the top eigenpairs just
+  computed: nothing is computed twice);
+* the Gauss-Newton split (top eigenvalues, trace and density of ``G`` and of ``Hess - G``);
+* for layers: normalised depth, parameter count, the ratios of its top eigenvalue and trace
+  to the full ones, and the similarity of its spectrum to the full one
+  (:mod:`hesslens.analysis.similarity`).
+
+Everything is reproducible from ``seed``.
+
+Example:
+    >>> import torch
+    >>> from hesslens.analysis import layer_study
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    >>> study = layer_study(model, torch.nn.functional.cross_entropy, data, k=2,
+    ...                     density_probes=2, density_steps=20, progress=False)
+    >>> list(study.layers), study.layers["2"].depth
+    (['0', '2'], 1.0)
+    >>> sorted(study.to_dict()["full"])[:4]
+    ['density', 'dim', 'eigensolver', 'gauss_newton']
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hesslens.analysis.gauss_newton import GaussNewtonSplit, gauss_newton_split
+from hesslens.analysis.similarity import (
+    DEFAULT_NORMALIZE,
+    NORMALIZATIONS,
+    compare_spectra,
+    depths,
+    summarize_similarity,
+)
+from hesslens.analysis.spectra import SpectrumEstimate, measure_spectrum, top_eigenpairs
+from hesslens.curvature import Hessian
+from hesslens.errors import HesslensInputError
+from hesslens.linalg import Spectrum
+
+__all__ = ["SCHEMA", "LayerEntry", "LayerStudy", "StudyEntry", "interlacing", "layer_study"]
+
+#: Identifier of the layout :meth:`LayerStudy.to_dict` produces.
+SCHEMA = "hesslens.layer_study/1"
+
+
+def interlacing(block: SpectrumEstimate, full: SpectrumEstimate) -> dict[str, Any]:
+    """Check Cauchy interlacing on the computed numbers: the i-th largest eigenvalue of a
+    diagonal block is at most the i-th largest of the whole matrix.
+
+    ``violation_i = lambda_i(block) - lambda_i(full)``; the check allows each violation up to
+    the sum of the two values' a-posteriori error bounds (``tolerance_i``).
+
+    Returns:
+        ``{"holds", "max_violation", "violations", "tolerances"}``.
+    """
+    b = block.top_eigenvalues
+    f = full.top_eigenvalues
+    n = min(len(b), len(f))
+
+    def bounds(est: SpectrumEstimate) -> list[float]:
+        if est.top.bounds is not None:
+            return [float(x) for x in est.top.bounds]
+        return [float(x) for x in est.top.residuals]
+
+    bb, fb = bounds(block), bounds(full)
+    violations = [b[i] - f[i] for i in range(n)]
+    tolerances = [bb[i] + fb[i] for i in range(n)]
+    return {
+        "holds": all(v <= t for v, t in zip(violations, tolerances)),
+        "max_violation": max(violations) if violations else 0.0,
+        "violations": violations,
+        "tolerances": tolerances,
+    }
+
+
+@dataclass(eq=False)
+class StudyEntry:
+    """The full network's measurements (and the base of :class:`LayerEntry`).
+
+    Attributes:
+        name: ``"full"`` or the layer's name.
+        hessian: top eigenvalues, trace and density of the Hessian (block).
+        gauss_newton: the Gauss-Newton split, or ``None`` when not measured.
+        similarity: for the full entry the layer ranking (see
+            :func:`~hesslens.analysis.similarity.summarize_similarity`); for a layer its
+            distances to the full spectrum.
+    """
+
+    name: str
+    hessian: SpectrumEstimate
+    gauss_newton: GaussNewtonSplit | None = None
+    similarity: dict[str, Any] | None = None
+
+    @property
+    def top_eigenvalues(self) -> list[float]:
+        return self.hessian.top_eigenvalues
+
+    @property
+    def top_eigenvalue(self) -> float:
+        return self.hessian.top_eigenvalues[0]
+
+    @property
+    def trace(self) -> float | None:
+        return None if self.hessian.trace is None else float(self.hessian.trace.value)
+
+    @property
+    def density(self) -> Spectrum:
+        return self.hessian.density
+
+    @property
+    def n_params(self) -> int:
+        return self.hessian.dim
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "n_params": self.n_params}
+        out.update(self.hessian.to_dict())
+        out["similarity"] = self.similarity
+        out["gauss_newton"] = None if self.gauss_newton is None else self.gauss_newton.to_dict()
+        return out
+
+
+@dataclass(eq=False)
+class LayerEntry(StudyEntry):
+    """One layer's block, with its place in the network and its relation to the full one."""
+
+    index: int = 0
+    depth: float = 0.0
+    parameters: list[str] = field(default_factory=list)
+    top_ratio: float | None = None
+    trace_ratio: float | None = None
+    interlacing: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.update({
+            "index": self.index,
+            "depth": self.depth,
+            "parameters": list(self.parameters),
+            "ratios": {"top_eigenvalue": self.top_ratio, "trace": self.trace_ratio},
+            "interlacing": self.interlacing,
+        })
+        return out
+
+
+@dataclass(eq=False)
+class LayerStudy:
+    """The result of :func:`layer_study`.
+
+    Attributes:
+        full: the full network's entry.
+        layers: ``{layer name: LayerEntry}`` in forward order.
+        settings: the estimator settings and seed.
+        loss, grad_norm: the mean loss and its gradient norm at the analysed point.
+        num_samples: how many samples the loss averages over.
+        timings: seconds per step.
+        n_hvp: operator products used in all (a residual product counts once, though it
+            costs a Hessian and a Gauss-Newton product).
+    """
+
+    full: StudyEntry
+    layers: dict[str, LayerEntry]
+    settings: dict[str, Any]
+    loss: float
+    grad_norm: float
+    num_samples: int
+    timings: dict[str, float] = field(default_factory=dict)
+    n_hvp: int = 0
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def similarity(self) -> dict[str, Any]:
+        """The layer ranking by similarity to the full spectrum."""
+        return self.full.similarity or {}
+
+    def checks(self) -> dict[str, Any]:
+        """Self-consistency of the numbers: interlacing of every block, layer traces adding up
+        to the full trace, densities being probability measures."""
+        layer_sum = sum(e.trace or 0.0 for e in self.layers.values())
+        full_trace = self.full.trace or 0.0
+        entries = [self.full, *self.layers.values()]
+        return {
+            "interlacing_holds": all(bool(e.interlacing and e.interlacing["holds"])
+                                     for e in self.layers.values()),
+            "max_interlacing_violation": max(
+                (e.interlacing["max_violation"] for e in self.layers.values() if e.interlacing),
+                default=0.0),
+            "layer_trace_sum": layer_sum,
+            "full_trace": full_trace,
+            "trace_sum_error": abs(layer_sum - full_trace),
+            "densities_normalized": all(
+                abs(float(e.density.weights.sum()) - 1.0) < 1e-9
+                and bool((e.density.weights >= 0).all()) for e in entries),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout (see ``docs`` of :mod:`hesslens.experiments.analyze`): top-level
+        ``full`` and ``layers`` (``{name: entry}``, forward order) plus the settings, the seed,
+        the analysed point, the similarity ranking and self-checks."""
+        return {
+            "schema": SCHEMA,
+            "seed": self.settings.get("seed"),
+            "settings": dict(self.settings),
+            "num_samples": self.num_samples,
+            "point": {"loss": self.loss, "grad_norm": self.grad_norm},
+            "layer_names": self.layer_names,
+            "full": self.full.to_dict(),
+            "layers": {name: entry.to_dict() for name, entry in self.layers.items()},
+            "similarity": self.similarity,
+            "checks": self.checks(),
+            "timings": dict(self.timings),
+            "n_hvp": self.n_hvp,
+        }
+
+
+class _Steps:
+    """Progress (tqdm) over the study's steps, and their timings."""
+
+    def __init__(self, total: int, progress: bool | Callable[[str], None]) -> None:
+        self.timings: dict[str, float] = {}
+        self.callback = progress if callable(progress) else None
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="layer study", unit="step", leave=False,
+                            dynamic_ncols=True)
+
+    def run(self, label: str, fn: Callable[[], Any]) -> Any:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=True)
+        if self.callback is not None:
+            self.callback(label)
+        t0 = time.perf_counter()
+        out = fn()
+        self.timings[label] = time.perf_counter() - t0
+        if self.bar is not None:
+            self.bar.update(1)
+        return out
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _loss_and_gradient(H: Hessian) -> tuple[float, torch.Tensor]:
+    with warnings.catch_warnings():  # the engine converts the loss with float(): harmless
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
+        return H.loss_and_gradient()
+
+
+def _check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def layer_study(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: Any,
+    *,
+    k: int = 5,
+    density_probes: int = 2,
+    density_steps: int = 80,
+    trace_rtol: float = 0.02,
+    trace_max_hvp: int = 600,
+    eig_tol: float = 1e-8,
+    gn_tol: float = 1e-6,
+    gauss_newton: bool = True,
+    similarity_normalize: str = DEFAULT_NORMALIZE,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    layers: dict[str, list[str]] | None = None,
+    path: str = "reverse",
+    progress: bool | Callable[[str], None] = True,
+) -> LayerStudy:
+    """Run the layer study of ``model`` on ``data``.
+
+    Args:
+        model: the network (never modified).
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch.
+        data: ``(inputs, targets)`` or an iterable of such batches (e.g. the analysis subset).
+        k: top eigenvalues per entry (the density deflates exactly these).
+        density_probes, density_steps: SLQ probes and Lanczos steps per probe.
+        trace_rtol: relative standard error at which the trace estimate stops (full network
+            and every layer, from shared probes), or at ``trace_max_hvp`` products.
+        eig_tol: relative a-posteriori tolerance of the Hessian eigenvalues (full and blocks;
+            tight, so that the interlacing check is meaningful).
+        gn_tol: tolerance of the Gauss-Newton and residual eigenvalues.
+        gauss_newton: also measure the Gauss-Newton split of every entry.
+        similarity_normalize: ``"top"``, ``"range"`` or ``"none"``: how spectra are put on a
+            common scale before comparing them (see :mod:`hesslens.analysis.similarity`).
+        seed: seeds every random start vector and probe.
+        dtype, device: analyse a copy of the model in this dtype / on this device.
+        layers: your own grouping ``{layer: [parameter names]}`` (default: one layer per module
+            owning parameters, forward order).
+        path: how Hessian products are computed (see :class:`hesslens.Hessian`). Pinned to
+            ``"reverse"`` (double backward with the first-order graph reused) by default so
+            that reruns give bitwise-identical numbers; ``"auto"`` times the candidates and may
+            pick differently from run to run.
+        progress: show a tqdm bar (``True``), nothing (``False``), or call
+            ``progress(step_label)`` before each step.
+
+    Returns:
+        A :class:`LayerStudy`; ``.to_dict()`` gives the JSON layout.
+    """
+    k = _check_positive("k", k)
+    density_probes = _check_positive("density_probes", density_probes)
+    density_steps = _check_positive("density_steps", density_steps)
+    trace_max_hvp = _check_positive("trace_max_hvp", trace_max_hvp)
+    if not (isinstance(trace_rtol, (int, float)) and trace_rtol > 0):
+        raise HesslensInputError(f"trace_rtol must be positive, got {trace_rtol!r}")
+    if similarity_normalize not in NORMALIZATIONS:
+        raise HesslensInputError(
+            f"unknown similarity normalisation {similarity_normalize!r}; choose one of: "
+            f"{', '.join(NORMALIZATIONS)}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise HesslensInputError(f"seed must be an integer, got {seed!r}")
+
+    H = Hessian(model, loss_fn, data, layers=layers, dtype=dtype, device=device, path=path)
+    names = H.layers
+    blocks = {name: H.block(name) for name in names}
+    n_steps_total = 5 + len(names) + (2 + len(names) if gauss_newton else 0)
+    steps = _Steps(n_steps_total, progress)
+    spectra = dict(k=k, n_probes=density_probes, n_steps=density_steps, seed=seed)
+    try:
+        loss, grad = steps.run("loss and gradient", lambda: _loss_and_gradient(H))
+        full_top = steps.run("full: top eigenvalues",
+                             lambda: top_eigenpairs(H, k, tol=eig_tol, seed=seed))
+        full_trace, layer_traces = steps.run(
+            "traces (shared probes)",
+            lambda: H.traces(rtol=trace_rtol, max_hvp=trace_max_hvp, seed=seed))
+        full = steps.run("full: density", lambda: measure_spectrum(
+            H, tol=eig_tol, trace=full_trace, top=full_top, **spectra))
+        layer_est: dict[str, SpectrumEstimate] = {}
+        for name in names:
+            layer_est[name] = steps.run(f"{name}: eigenvalues + density", lambda name=name:
+                                        measure_spectrum(blocks[name], tol=eig_tol,
+                                                         trace=layer_traces[name], **spectra))
+        splits: dict[str, GaussNewtonSplit | None] = {name: None for name in ["full", *names]}
+        if gauss_newton:
+            G = H.gauss_newton()
+            gn_full_trace, gn_layer_traces = steps.run(
+                "Gauss-Newton traces (shared probes)",
+                lambda: G.traces(rtol=trace_rtol, max_hvp=trace_max_hvp, seed=seed))
+            ops = {"full": H, **blocks}
+            ests = {"full": full, **layer_est}
+            gn_traces = {"full": gn_full_trace, **gn_layer_traces}
+            for name, op in ops.items():
+                est = ests[name]
+                splits[name] = steps.run(f"{name}: Gauss-Newton split", lambda op=op, est=est,
+                                         name=name: gauss_newton_split(
+                    op, tol=gn_tol, gn_trace=gn_traces[name], hessian_trace=est.trace,
+                    hessian_top=est.top_eigenvalues[0], hessian_density=est.density,
+                    normalize=similarity_normalize, **spectra))
+
+        def similarities():
+            out = {name: compare_spectra(est.density, full.density, similarity_normalize)
+                   for name, est in layer_est.items()}
+            summary = summarize_similarity(
+                names, [out[n]["wasserstein"] for n in names], metric="wasserstein",
+                normalize=similarity_normalize)
+            return out, summary
+
+        layer_sim, summary = steps.run("similarity", similarities)
+    finally:
+        steps.close()
+
+    depth = depths(len(names))
+    full_top_value = full.top_eigenvalues[0]
+    full_trace_value = float(full_trace.value)
+    layer_entries: dict[str, LayerEntry] = {}
+    for i, name in enumerate(names):
+        est = layer_est[name]
+        layer_entries[name] = LayerEntry(
+            name=name,
+            hessian=est,
+            gauss_newton=splits[name],
+            similarity=layer_sim[name],
+            index=i,
+            depth=depth[i],
+            parameters=H.layer_parameters[name],
+            top_ratio=(est.top_eigenvalues[0] / full_top_value if full_top_value != 0
+                       else None),
+            trace_ratio=(float(est.trace.value) / full_trace_value
+                         if est.trace is not None and full_trace_value != 0 else None),
+            interlacing=interlacing(est, full),
+        )
+    full_entry = StudyEntry(name="full", hessian=full, gauss_newton=splits["full"],
+                            similarity=summary)
+    n_hvp = full_trace.n_hvp + full.n_hvp + sum(e.n_hvp for e in layer_est.values())
+    if gauss_newton:
+        n_hvp += gn_full_trace.n_hvp + sum(
+            s.gn.n_hvp + s.residual.n_hvp for s in splits.values() if s is not None)
+    settings = {
+        "k": k,
+        "density_probes": density_probes,
+        "density_steps": density_steps,
+        "density_deflation": "top-k eigenpairs",
+        "density_probe_distribution": "rademacher",
+        "trace_method": "hutch++ (shared probes, adaptive)",
+        "trace_rtol": trace_rtol,
+        "trace_max_hvp": trace_max_hvp,
+        "eig_tol": eig_tol,
+        "gn_tol": gn_tol,
+        "gauss_newton": bool(gauss_newton),
+        "similarity_normalize": similarity_normalize,
+        "similarity_metric": "wasserstein",
+        "seed": seed,
+        "dtype": str(H.dtype).replace("torch.", ""),
+        "device": str(H.device),
+        "batchnorm": "eval",
+        "product_path": path,
+    }
+    return LayerStudy(
+        full=full_entry,
+        layers=layer_entries,
+        settings=settings,
+        loss=float(loss),
+        grad_norm=float(grad.norm()),
+        num_samples=H.num_samples,
+        timings=steps.timings,
+        n_hvp=int(n_hvp),
+    )

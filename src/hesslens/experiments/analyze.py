@@ -1,0 +1,263 @@
+"""``hesslens analyze``: the layer study of one zoo model on one data set.
+
+Examples (shell)::
+
+    hesslens analyze --model lenet --data digits --out runs/lenet-digits
+    hesslens analyze --model mlp --data mnist1d --seed 1 --k 10
+    hesslens analyze --checkpoint runs/sgd/checkpoint.pt          # model and data from it
+    hesslens analyze --model lenet --data mnist --data-root ~/data --dtype float64
+
+The model (initialised from ``--seed``, or loaded from ``--checkpoint``) is analysed on the
+seeded analysis subset of the training set (``--per-class`` examples of each class; the paper:
+10), with the mean cross-entropy loss. Files written into ``--out``:
+
+``results.json``
+    Everything, strict JSON. Top level::
+
+        schema      "hesslens.layer_study/1"
+        seed        the --seed
+        run         model, data, data_root, checkpoint, per_class, num_classes,
+                    num_samples, split_seed, subset_seed, model_seed, dtype, device, command
+        settings    estimator settings (k, density_probes, density_steps, trace_rtol,
+                    trace_max_hvp, eig_tol, gn_tol, gauss_newton, similarity_normalize, ...)
+        versions    hesslens, python, torch, numpy, scipy, matplotlib, platform
+        num_samples, point {loss, grad_norm}, layer_names [forward order]
+        full        entry (below) of the full Hessian; its "similarity" is the ranking
+        layers      {layer name: entry} in forward order
+        similarity  the ranking: metric, normalize, ranking [{name, rank, depth, distance}],
+                    most_similar [names], most_similar_depths, middle_mean, outer_mean,
+                    middle_more_similar, depth_spearman
+        checks      interlacing_holds, max_interlacing_violation, layer_trace_sum,
+                    full_trace, trace_sum_error, densities_normalized
+        timings     seconds per step; n_hvp: operator products in all
+
+    An entry (full network or layer block)::
+
+        name, n_params (= dim)
+        top_eigenvalues   [k floats, descending]
+        eigensolver       residuals, bounds, converged, n_hvp, n_steps, which, tol
+        trace             {value, stderr, n_hvp, method, n_samples}
+        density           {nodes, weights}: the SLQ spectral measure (weights sum to 1)
+        similarity        layer: {normalize, wasserstein, wasserstein_raw, js_divergence,
+                          authors_distance, scale {layer, full}}; full: the ranking
+        gauss_newton      {gn: {dim, top_eigenvalues, eigensolver, trace, density},
+                           residual: {same; top eigenvalues by magnitude},
+                           gn_top_ratio, residual_ratio, similarity_to_hessian}
+                          (null with --no-gauss-newton)
+        layer only: index, depth (index / (n - 1)), parameters [names],
+                    ratios {top_eigenvalue, trace} (layer / full), interlacing {holds,
+                    max_violation, violations, tolerances}
+
+``layers.csv``
+    One row for the full network, then one per layer (columns:
+    :data:`hesslens.report.layer_report.CSV_COLUMNS`).
+``densities.png``, ``similarity_depth.png``, ``layer_curvature.png``, ``gauss_newton.png``
+    The figures; ``report.html`` embeds them (base64) with the tables: one file, offline.
+
+Bad input (unknown model or data set, missing data folder, a checkpoint that does not fit)
+raises :class:`~hesslens.errors.HesslensInputError`: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from typing import Any
+
+from hesslens.errors import HesslensInputError
+from hesslens.experiments.common import (
+    add_common_arguments,
+    apply_threads,
+    load_state_dict,
+    positive_float,
+    positive_int,
+    prepare_out_dir,
+    resolve_device,
+    resolve_dtype,
+    show_progress,
+    versions,
+)
+
+__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "add_analyze_arguments", "run_analyze"]
+
+DEFAULT_MODEL = "cnn1d"
+DEFAULT_DATA = "mnist1d"
+DEFAULT_OUT = "hesslens-out/analyze"
+
+
+def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``hesslens analyze`` options to ``parser``."""
+    parser.epilog = ("Writes results.json, layers.csv, PNG figures and a self-contained "
+                     "report.html into --out.")
+    g = parser.add_argument_group("what to analyse")
+    g.add_argument("--model", default=None,
+                   help="zoo model: mlp, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20 "
+                        f"(default: the checkpoint's, else {DEFAULT_MODEL})")
+    g.add_argument("--data", default=None,
+                   help="zoo data set: mnist1d, digits (built in), mnist, fashionmnist, svhn, "
+                        "cifar10, cifar100 (local files, see --data-root) (default: the "
+                        f"checkpoint's, else {DEFAULT_DATA})")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder holding the local files of the file-based data sets")
+    g.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="weights to analyse: a state_dict or a file written by hesslens train "
+                        "(default: the model at its seeded initialisation)")
+    g.add_argument("--per-class", type=positive_int, default=10, metavar="N",
+                   help="analysis subset: N training examples of each class (default 10, as "
+                        "the paper)")
+
+    g = parser.add_argument_group("estimators")
+    g.add_argument("--k", type=positive_int, default=5,
+                   help="top eigenvalues per layer and for the full network (default 5)")
+    g.add_argument("--density-probes", type=positive_int, default=2, metavar="P",
+                   help="SLQ probes per density (default 2)")
+    g.add_argument("--density-steps", type=positive_int, default=80, metavar="M",
+                   help="Lanczos steps per SLQ probe (default 80)")
+    g.add_argument("--trace-rtol", type=positive_float, default=0.02, metavar="R",
+                   help="relative standard error the trace estimates aim at (default 0.02)")
+    g.add_argument("--trace-max-hvp", type=positive_int, default=600, metavar="N",
+                   help="most products for the traces (default 600)")
+    g.add_argument("--eig-tol", type=positive_float, default=1e-8, metavar="TOL",
+                   help="relative tolerance of the Hessian eigenvalues (default 1e-8)")
+    g.add_argument("--no-gauss-newton", action="store_true",
+                   help="skip the Gauss-Newton split (faster)")
+    g.add_argument("--similarity-normalize", choices=["top", "range", "none"], default="top",
+                   help="scale the spectra are compared on: each divided by its largest "
+                        "|eigenvalue| (top, default: compares shapes), by its range, or raw")
+    add_common_arguments(parser, default_out=DEFAULT_OUT)
+
+
+def _names(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, str]:
+    model = args.model or config.get("model") or DEFAULT_MODEL
+    data = args.data or config.get("data") or DEFAULT_DATA
+    return str(model), str(data)
+
+
+def _fit_checkpoint(model: Any, state: dict, path: str, model_name: str, data: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        detail = detail.replace("Error(s) in loading state_dict for ", "")
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        raise HesslensInputError(
+            f"checkpoint {path} does not fit model {model_name!r} on {data!r}: {detail}"
+        ) from None
+
+
+def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
+    from hesslens.report.layer_report import layer_rows
+
+    rows = layer_rows(results)
+    head = (f"{'layer':<14} {'depth':>5} {'params':>8} {'lambda1':>10} {'/full':>6} "
+            f"{'trace':>10} {'/full':>6} {'W1':>7} {'rank':>4} {'G lambda1':>10}")
+    print(head)
+    print("-" * len(head))
+
+    def f(x: Any, spec: str) -> str:
+        if x is None:
+            width = int("".join(ch for ch in spec.split(".")[0] if ch.isdigit()) or 1)
+            return "-".rjust(width)
+        return format(x, spec)
+
+    for r in rows:
+        name = r["name"] if len(r["name"]) <= 14 else r["name"][:13] + "~"
+        print(f"{name:<14} {f(r['depth'], '5.2f')} {f(r['n_params'], '8d')} "
+              f"{f(r['top_eigenvalue'], '10.4g')} {f(r['top_ratio'], '6.3f')} "
+              f"{f(r['trace'], '10.4g')} {f(r['trace_ratio'], '6.3f')} "
+              f"{f(r['wasserstein'], '7.4f')} {f(r['similarity_rank'], '4d')} "
+              f"{f(r['gn_top_eigenvalue'], '10.4g')}")
+    sim = results.get("similarity") or {}
+    checks = results.get("checks") or {}
+    print(f"most similar to the full spectrum: {', '.join(sim.get('most_similar', [])) or '-'}"
+          f"  (W1, {sim.get('normalize', 'top')}-normalised)")
+    print(f"interlacing holds: {'yes' if checks.get('interlacing_holds') else 'NO'}; "
+          f"layer traces sum to {checks.get('layer_trace_sum', float('nan')):.6g} "
+          f"(full {checks.get('full_trace', float('nan')):.6g})")
+    print(f"wrote {out}/results.json, layers.csv, figures and report.html in {seconds:.1f} s")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``hesslens analyze``; print a short table; return the exit code (0)."""
+    import torch
+
+    from hesslens import zoo
+    from hesslens.analysis import layer_study
+    from hesslens.report.layer_report import write_layer_study
+
+    t0 = time.perf_counter()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+
+    state, rest = (None, {})
+    if args.checkpoint:
+        state, rest = load_state_dict(args.checkpoint)
+    config = rest.get("config") if isinstance(rest.get("config"), dict) else {}
+    model_name, data_name = _names(args, config)
+    info = zoo.dataset_info(data_name)  # unknown data set: clear error before any work
+    if model_name not in zoo.MODELS:
+        raise HesslensInputError(
+            f"unknown model {model_name!r}; choose one of: {', '.join(sorted(zoo.MODELS))}")
+    try:  # the model's fit to the data's input shape is known before loading anything
+        model = zoo.build_model(model_name, info.input_shape, info.num_classes, seed=args.seed)
+    except HesslensInputError as err:
+        raise HesslensInputError(
+            f"model {model_name!r} does not fit data set {data_name!r} (inputs of shape "
+            f"{info.input_shape}): {err}") from None
+    if state is not None:
+        _fit_checkpoint(model, state, args.checkpoint, model_name, data_name)
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    threads = apply_threads(args.threads, n_params if device.type == "cpu" else None)
+
+    data_root = args.data_root if args.data_root is not None else (
+        config.get("data_root") if config.get("data") == data_name else None)
+    if not info.builtin and data_root is None:
+        raise HesslensInputError(
+            f"{data_name} is read from files on disk: pass --data-root DIR, the folder holding "
+            f"{', '.join(info.files)} (hesslens never downloads data; mnist1d and digits are "
+            "built in)")
+    # the train/test split of "digits" depends on the seed the model was trained with
+    split_seed = int(config["seed"]) if config.get("data") == data_name and isinstance(
+        config.get("seed"), int) else args.seed
+    dataset = zoo.load_dataset(data_name, root=data_root, seed=split_seed)
+    out = prepare_out_dir(args.out)
+    x, y = zoo.analysis_subset(*dataset.train, per_class=args.per_class, seed=args.seed)
+    x, y = x.to(device), y.to(device)
+
+    progress = show_progress(args)
+    study = layer_study(
+        model, torch.nn.functional.cross_entropy, (x, y),
+        k=args.k, density_probes=args.density_probes, density_steps=args.density_steps,
+        trace_rtol=args.trace_rtol, trace_max_hvp=args.trace_max_hvp, eig_tol=args.eig_tol,
+        gauss_newton=not args.no_gauss_newton, similarity_normalize=args.similarity_normalize,
+        seed=args.seed, dtype=dtype, device=device, progress=progress)
+
+    results = study.to_dict()
+    results["run"] = {
+        "command": "hesslens analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+        if len(sys.argv) > 1 and sys.argv[1] == "analyze" else None,
+        "model": model_name,
+        "data": data_name,
+        "data_root": None if data_root is None else str(data_root),
+        "checkpoint": args.checkpoint,
+        "checkpoint_epoch": rest.get("epoch") if isinstance(rest.get("epoch"), int) else None,
+        "per_class": args.per_class,
+        "num_classes": info.num_classes,
+        "num_samples": int(y.shape[0]),
+        "split_seed": split_seed,
+        "subset_seed": args.seed,
+        "model_seed": None if state is not None else args.seed,
+        "loss": "cross-entropy (mean)",
+        "threads": threads,
+        "device": str(device),
+        "dtype": results["settings"]["dtype"],
+    }
+    results["versions"] = versions()
+    results["timings"]["study_total"] = time.perf_counter() - t0
+    write_layer_study(results, out)
+    _print_table(results, out, time.perf_counter() - t0)
+    return 0

@@ -1,0 +1,235 @@
+"""Command-line helpers every ``hesslens`` subcommand shares.
+
+* :func:`add_common_arguments` -- ``--out``, ``--seed``, ``--device``, ``--dtype``,
+  ``--threads``, ``--quiet``;
+* :func:`resolve_device`, :func:`resolve_dtype`, :func:`apply_threads` -- turn them into torch
+  objects, with one clear error for what cannot work here (CUDA asked for but absent, ...);
+* :func:`prepare_out_dir`, :func:`versions`, :func:`load_state_dict` -- output folder,
+  versions for the records, and checkpoint loading (``weights_only=True``).
+
+Example:
+    >>> import argparse
+    >>> p = argparse.ArgumentParser()
+    >>> add_common_arguments(p, default_out="hesslens-out/demo")
+    >>> a = p.parse_args(["--seed", "3", "--quiet"])
+    >>> a.out, a.seed, a.device, a.dtype, a.quiet
+    ('hesslens-out/demo', 3, 'cpu', None, True)
+    >>> resolve_device("cpu"), resolve_dtype("float64")
+    (device(type='cpu'), torch.float64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hesslens.errors import HesslensInputError
+
+__all__ = [
+    "DTYPES",
+    "SMALL_MODEL",
+    "add_common_arguments",
+    "apply_threads",
+    "load_state_dict",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "prepare_out_dir",
+    "resolve_device",
+    "resolve_dtype",
+    "show_progress",
+    "versions",
+]
+
+#: The dtypes ``--dtype`` accepts.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """Add ``--out DIR``, ``--seed S``, ``--device``, ``--dtype``, ``--threads`` and
+    ``--quiet`` (in a group "run") to ``parser``."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", default=default_out, metavar="DIR",
+                   help=f"output folder, created if needed (default {default_out})")
+    g.add_argument("--seed", type=nonnegative_int, default=0, metavar="S",
+                   help="seed of everything random: model initialisation, data subset, "
+                        "probes (default 0)")
+    g.add_argument("--device", default="cpu", metavar="DEV",
+                   help="cpu, cuda, cuda:N or mps (default cpu)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="compute in this precision (default: the model's own, float32)")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: 1 for models under "
+                        f"{SMALL_MODEL // 10**6}M parameters, else torch's choice)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``torch.device(name)``, or a :class:`HesslensInputError` naming what is wrong: an
+    unknown device, CUDA or MPS asked for but absent, a CUDA index out of range."""
+    name = "cpu" if name in (None, "") else str(name).strip()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HesslensInputError(
+            f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HesslensInputError(
+                f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise HesslensInputError(
+                f"device {name!r} asked for, but there are only {count} CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise HesslensInputError(
+                f"device {name!r} asked for, but MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        raise HesslensInputError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | None:
+    """``"float32"``/``"float64"`` -> the torch dtype; ``None`` stays ``None``."""
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise HesslensInputError(
+            f"unknown dtype {name!r}; choose one of: {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+#: Models with fewer parameters than this run on one CPU thread unless ``--threads`` says
+#: otherwise: their products are sequences of tiny operations, which intra-op threads speed up
+#: by well under 2x on an idle machine and slow down several-fold when the cores are shared
+#: (measured: LeNet on 100 digits, 2 cores with other work: 53 s on 1 thread, 269 s on 2).
+SMALL_MODEL = 1_000_000
+
+
+def apply_threads(threads: int | None, n_params: int | None = None) -> int:
+    """Set torch's CPU thread count: ``threads`` when given, else 1 for a model with fewer than
+    :data:`SMALL_MODEL` parameters (``n_params``), else leave torch's default. Returns the
+    count in use."""
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    elif n_params is not None and n_params < SMALL_MODEL:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with ``--quiet``, and only on a terminal."""
+    if getattr(args, "quiet", False):
+        return False
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder (and its parents); a clear error if it cannot be."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise HesslensInputError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HesslensInputError(f"cannot create the output folder {out}: {err.strerror}") \
+            from None
+    if not os.access(out, os.W_OK):
+        raise HesslensInputError(f"the output folder {out} is not writable")
+    return out
+
+
+def versions() -> dict[str, str]:
+    """Versions of hesslens, Python, torch, numpy, scipy and matplotlib, and the platform."""
+    import numpy
+    import scipy
+
+    from hesslens import __version__
+
+    out = {
+        "hesslens": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import matplotlib
+
+        out["matplotlib"] = matplotlib.__version__
+    except ImportError:  # pragma: no cover - a dependency
+        pass
+    return out
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint with ``torch.load(..., weights_only=True)`` (no code is run).
+
+    Accepts a plain ``state_dict`` or a dictionary with a ``"model"`` key holding one (what
+    ``hesslens train`` writes). Returns ``(state_dict, rest)`` where ``rest`` holds the other
+    top-level entries (e.g. ``"config"``) or is empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise HesslensInputError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HesslensInputError(
+            f"cannot read checkpoint {path}: not a torch file loadable with weights_only=True "
+            f"({first[:200]})") from None
+    rest: dict[str, Any] = {}
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        rest = {k: v for k, v in obj.items() if k != "model"}
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise HesslensInputError(
+            f"checkpoint {path} holds neither a state_dict (names -> tensors) nor a dictionary "
+            "with a 'model' state_dict")
+    return dict(obj), rest

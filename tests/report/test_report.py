@@ -1,0 +1,202 @@
+"""Writers, figures, the HTML page and the layer study's files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import struct
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+
+from hesslens.errors import HesslensInputError
+from hesslens.linalg import Spectrum
+from hesslens.report import (
+    CSV_COLUMNS,
+    Code,
+    Figure,
+    Paragraph,
+    Report,
+    Table,
+    figures,
+    to_jsonable,
+    write_csv,
+    write_json,
+    write_layer_study,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == PNG
+    return struct.unpack(">II", head[16:24])
+
+
+class _Checker(HTMLParser):
+    void = frozenset({"meta", "img", "br", "hr", "link", "input", "col", "source"})
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.images, self.external = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        for key in ("src", "href"):
+            value = attrs.get(key)
+            if value is not None and not value.startswith(("data:", "#")):
+                self.external.append(value)
+        if tag not in self.void:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if self.stack and self.stack[-1] == tag:
+            self.stack.pop()
+        else:
+            self.errors.append(tag)
+
+
+def _check_html(text):
+    c = _Checker()
+    c.feed(text)
+    assert not c.errors and not c.stack, (c.errors, c.stack)
+    assert not c.external  # self-contained
+    return c
+
+
+# ------------------------------------------------------------------ io
+def test_to_jsonable_and_strict_json(tmp_path):
+    obj = {"t": torch.tensor([1.5, 2.0]), "n": np.float32(0.25), "i": np.int64(3),
+           "nan": float("nan"), "inf": float("inf"), "arr": np.arange(2), "tup": (1, 2),
+           "dt": torch.float64, "spec": Spectrum([0.0, 1.0], [1.0, 1.0])}
+    out = to_jsonable(obj)
+    assert out["t"] == [1.5, 2.0] and out["n"] == 0.25 and out["i"] == 3
+    assert out["nan"] is None and out["inf"] == "inf" and out["arr"] == [0, 1]
+    assert out["dt"] == "float64" and out["spec"] == {"nodes": [0.0, 1.0], "weights": [0.5, 0.5]}
+    path = write_json(tmp_path / "sub" / "r.json", obj)
+    assert json.loads(path.read_text())["tup"] == [1, 2]
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary file left
+    assert os.stat(path).st_mode & 0o044  # readable by others, not mkstemp's 0600
+    with pytest.raises(HesslensInputError):
+        to_jsonable(object())
+
+
+def test_write_csv(tmp_path):
+    path = write_csv(tmp_path / "t.csv", [{"a": 1, "b": None}, {"a": 2.5, "b": [1, 2]}])
+    rows = list(csv.DictReader(path.open()))
+    assert rows == [{"a": "1", "b": ""}, {"a": "2.5", "b": "1 2"}]
+
+
+def test_write_refuses_a_file_as_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(HesslensInputError):
+        write_json(tmp_path / "f" / "r.json", {})
+
+
+# ------------------------------------------------------------------ html
+def test_report_is_self_contained_html(tmp_path):
+    png = figures.plot_densities({"a": Spectrum([0.0, 1.0], [0.9, 0.1])}, tmp_path / "d.png")
+    report = Report("Title <x>", subtitle="sub")
+    report.section("One", Paragraph("a < b & c"), Table(["k", "v"], [["x", 0.123456789],
+                                                                    {"k": "y", "v": None}]))
+    section = report.section("Two")
+    section.add(Figure.from_file(png, caption="cap"), Code("x = 1", summary="code"))
+    text = report.render()
+    c = _check_html(text)
+    assert text.startswith("<!DOCTYPE html>")
+    assert "a &lt; b &amp; c" in text and "Title &lt;x&gt;" in text
+    assert "0.1235" in text and "–" in text
+    assert len(c.images) == 1 and c.images[0].startswith("data:image/png;base64,")
+    assert '<a href="#' in text  # navigation between sections
+    out = report.write(tmp_path / "r.html")
+    assert out.read_text() == text or "Written by hesslens" in out.read_text()
+
+
+def test_blocks_validate_their_input():
+    with pytest.raises(HesslensInputError):
+        Figure(b"not a png")
+    with pytest.raises(HesslensInputError):
+        Report("x").section("s", "just a string")
+    with pytest.raises(HesslensInputError):
+        Table(["a", "b"], [[1]]).render()
+
+
+# ------------------------------------------------------------------ figures
+def test_figures_are_real_pngs(tmp_path):
+    full = Spectrum(np.r_[np.random.default_rng(0).normal(0, 0.02, 200), [0.5, 0.8, 1.0]],
+                    np.ones(203))
+    layers = {"conv1": full.scaled(0.1), "fc": full.scaled(0.5), "out": full}
+    paths = [
+        figures.plot_layer_densities(full, layers, tmp_path / "a.png",
+                                     distances={"fc": 0.01}, depths={"fc": 0.5}),
+        figures.plot_similarity_vs_depth(list(layers), [0, 0.5, 1],
+                                         {"W1": [0.1, 0.05, 0.2], "JS": [0.2, 0.1, 0.3]},
+                                         tmp_path / "b.png", highlight=["fc"]),
+        figures.plot_layer_curvature(list(layers), [0.1, 0.5, 1.0], [1.0, -0.5, 2.0],
+                                     tmp_path / "c.png", trace_err=[0.1, 0.1, 0.2],
+                                     full_top=1.2, full_trace=2.5),
+        figures.plot_gauss_newton_split(["full", *layers], [1.2, 0.1, 0.5, 1.0],
+                                        [1.0, 0.1, 0.5, 1.0], [0.3, 1e-9, 0.0, -2e-8],
+                                        tmp_path / "d.png",
+                                        spectra={"Hessian": full, "G": full.scaled(0.9)}),
+    ]
+    for p in paths:
+        w, h = _png_size(p)
+        assert 500 <= w <= 2200 and 250 <= h <= 1600
+        assert os.path.getsize(p) > 15_000  # drawn, not blank
+
+
+# ------------------------------------------------------------------ the layer study's files
+@pytest.fixture(scope="module")
+def study_dict():
+    from hesslens.analysis import layer_study
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    data = (torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    study = layer_study(model, torch.nn.functional.cross_entropy, data, k=2,
+                        density_probes=2, density_steps=20, progress=False)
+    d = study.to_dict()
+    d["run"] = {"model": "tiny", "data": "random", "per_class": None}
+    return d
+
+
+def test_write_layer_study(tmp_path, study_dict):
+    paths = write_layer_study(study_dict, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["densities.png", "gauss_newton.png", "layer_curvature.png", "layers.csv",
+                     "report.html", "results.json", "similarity_depth.png"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["layers"].keys() == study_dict["layers"].keys()
+    rows = list(csv.DictReader((tmp_path / "layers.csv").open()))
+    assert list(rows[0]) == CSV_COLUMNS
+    assert [r["name"] for r in rows] == ["full", "0", "2", "4"]
+    assert math.isclose(sum(float(r["trace"]) for r in rows[1:]), float(rows[0]["trace"]),
+                        rel_tol=1e-9)
+    html = paths["html"].read_text()
+    c = _check_html(html)
+    assert len(c.images) == 4
+    assert all(re.fullmatch(r"data:image/png;base64,[A-Za-z0-9+/=]+", s) for s in c.images)
+    assert html.count("<table") >= 3
+    for name in ("densities", "similarity", "curvature", "gauss_newton"):
+        assert paths[f"figure:{name}"].exists()
+
+
+def test_report_without_gauss_newton(tmp_path, study_dict):
+    d = json.loads(json.dumps(study_dict))
+    d["full"]["gauss_newton"] = None
+    for e in d["layers"].values():
+        e["gauss_newton"] = None
+    paths = write_layer_study(d, tmp_path)
+    assert "figure:gauss_newton" not in paths
+    assert len(_check_html(paths["html"].read_text()).images) == 3
