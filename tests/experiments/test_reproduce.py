@@ -33,6 +33,7 @@ def study(tmp_path_factory):
 
 def test_writes_results_report_and_figures(study):
     out, result = study
+    assert "paper's findings" in result["summary_text"]
     for name in ("results.json", "report.html", "plan.json", "compare/compare.json",
                  "compare/compare.csv", "study/sgd/results.json", "study/sgd/report.html"):
         assert (out / name).is_file(), name
