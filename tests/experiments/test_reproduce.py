@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from html import escape
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_writes_results_report_and_figures(study):
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') >= 3
     assert "Findings of the paper" in html
-    assert all(f["claim"].split("(")[0].strip() in html for f in saved["findings"])
+    assert all(escape(f["claim"]) in html for f in saved["findings"])
 
 
 def test_tunes_on_validation_never_on_test(study):

@@ -38,6 +38,7 @@ __all__ = [
     "add_common_arguments",
     "apply_threads",
     "load_state_dict",
+    "nonnegative_float",
     "nonnegative_int",
     "positive_float",
     "positive_int",
@@ -72,6 +73,17 @@ def nonnegative_int(text: str) -> int:
             f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
     return value
 
 

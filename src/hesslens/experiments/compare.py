@@ -310,20 +310,20 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
 def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) -> list[str]:
     """Write ``compare.json``, ``compare.csv`` and (optionally) the figures into ``out``;
     returns the figure file names."""
-    from hesslens.training.checkpoint import atomic_write_bytes, atomic_write_csv, atomic_write_json
+    from hesslens.files import write_bytes, write_csv, write_json
 
     if out.exists() and not out.is_dir():
         raise HesslensInputError(f"--out {str(out)!r} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = _table_rows(result)
-    atomic_write_json(out / "compare.json", result)
-    atomic_write_csv(out / "compare.csv", rows, list(rows[0]) if rows else ["arm"])
+    write_json(out / "compare.json", result)
+    write_csv(out / "compare.csv", rows, list(rows[0]) if rows else ["arm"])
     written = []
     if figures:
         for key, name in FIGURE_NAMES.items():
             png = metric_figure(result, key)
             if png is not None:
-                atomic_write_bytes(out / name, png)
+                write_bytes(out / name, png)
                 written.append(name)
     return written
 

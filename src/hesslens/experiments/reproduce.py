@@ -219,7 +219,7 @@ def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
 
 
 def _check_plan(out: Path, plan: Plan) -> None:
-    from hesslens.report.io import write_json
+    from hesslens.files import write_json
 
     plan_file = out / "plan.json"
     wanted = json.loads(json.dumps(plan.to_dict()))

@@ -100,8 +100,8 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     """Write everything; return the content of ``results.json`` plus ``summary_text``."""
     from hesslens.experiments.common import versions
     from hesslens.experiments.compare import load_run, write_comparison
+    from hesslens.files import write_bytes, write_json
     from hesslens.report.html import Code, Figure, Paragraph, Report, Table
-    from hesslens.report.io import write_bytes, write_json
 
     arms = _arms_by_name(comparison, runs)
     compare_figures = write_comparison(comparison, out / "compare")

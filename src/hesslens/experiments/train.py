@@ -18,48 +18,16 @@ stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import math
 
 from hesslens.errors import HesslensInputError
+from hesslens.experiments.common import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 __all__ = ["add_train_arguments", "config_from_args", "run_train"]
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s!r}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = _nonneg_float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
-    return v
 
 
 def _milestones(s: str) -> list[int]:
@@ -93,15 +61,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{d.val_fraction})")
 
     g = parser.add_argument_group("optimisation (SGD with momentum)")
-    g.add_argument("--epochs", type=_positive_int, default=d.epochs,
+    g.add_argument("--epochs", type=positive_int, default=d.epochs,
                    help=f"(default {d.epochs})")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size,
                    help=f"(default {d.batch_size})")
-    g.add_argument("--lr", type=_positive_float, default=d.lr,
+    g.add_argument("--lr", type=positive_float, default=d.lr,
                    help=f"learning rate (default {d.lr})")
-    g.add_argument("--momentum", type=_nonneg_float, default=d.momentum,
+    g.add_argument("--momentum", type=nonnegative_float, default=d.momentum,
                    help=f"(default {d.momentum})")
-    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=_nonneg_float,
+    g.add_argument("--wd", "--weight-decay", dest="weight_decay", type=nonnegative_float,
                    default=d.weight_decay, help="weight decay: the L2 arm (default 0)")
     g.add_argument("--schedule", choices=["none", "multistep", "cosine"], default=d.schedule,
                    help="learning-rate schedule; multistep multiplies by --lr-gamma at the "
@@ -109,36 +77,36 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--milestones", type=_milestones, default=None, metavar="E1,E2",
                    help="0-based epoch indices from which each multistep decay applies "
                         "(PyTorch MultiStepLR convention)")
-    g.add_argument("--lr-gamma", type=_positive_float, default=d.lr_gamma,
+    g.add_argument("--lr-gamma", type=positive_float, default=d.lr_gamma,
                    help=f"multistep decay factor (default {d.lr_gamma}, as the paper)")
 
     g = parser.add_argument_group("Hessian-trace regularization (HTR)")
-    g.add_argument("--htr", dest="htr_gamma", type=_nonneg_float, default=0.0,
+    g.add_argument("--htr", dest="htr_gamma", type=nonnegative_float, default=0.0,
                    metavar="GAMMA", help="add GAMMA * tr(H) to the loss (default 0: off)")
     g.add_argument("--htr-layers", default="all", metavar="all|middle|NAME,NAME",
                    help="layers whose Hessian blocks are penalised (default all)")
-    g.add_argument("--htr-every", type=_positive_int, default=d.htr_every, metavar="K",
+    g.add_argument("--htr-every", type=positive_int, default=d.htr_every, metavar="K",
                    help="apply the penalty every K-th step (the paper: 50; default 1)")
-    g.add_argument("--htr-start", type=_nonneg_int, default=d.htr_start, metavar="EPOCH",
+    g.add_argument("--htr-start", type=nonnegative_int, default=d.htr_start, metavar="EPOCH",
                    help="first epoch (0-based) with the penalty (default 0)")
-    g.add_argument("--htr-probes", type=_positive_int, default=d.htr_probes, metavar="P",
+    g.add_argument("--htr-probes", type=positive_int, default=d.htr_probes, metavar="P",
                    help="Hutchinson probes per evaluation (default 1)")
     g.add_argument("--htr-method", choices=["hvp", "fd"], default=d.htr_method,
                    help="hvp: double backward (exact quadratic forms); fd: finite differences "
                         "of the loss, first-order only, cheaper (default hvp)")
     g.add_argument("--htr-distribution", choices=["rademacher", "gaussian"],
                    default=d.htr_distribution, help="probe distribution (default rademacher)")
-    g.add_argument("--htr-fd-eps", type=_positive_float, default=None, metavar="REL",
+    g.add_argument("--htr-fd-eps", type=positive_float, default=None, metavar="REL",
                    help="relative finite-difference step (default: (48 u)^(1/4), u the unit "
                         "round-off)")
 
     g = parser.add_argument_group("SAM and curvature tracking")
-    g.add_argument("--sam", dest="sam_rho", type=_nonneg_float, default=0.0, metavar="RHO",
+    g.add_argument("--sam", dest="sam_rho", type=nonnegative_float, default=0.0, metavar="RHO",
                    help="sharpness-aware minimisation with radius RHO (default 0: off)")
-    g.add_argument("--track-every", type=_nonneg_int, default=0, metavar="N",
+    g.add_argument("--track-every", type=nonnegative_int, default=0, metavar="N",
                    help="record trace and top eigenvalue (full and per layer) every N epochs "
                         "and after the last (default 0: off)")
-    g.add_argument("--track-per-class", type=_positive_int, default=d.track_per_class,
+    g.add_argument("--track-per-class", type=positive_int, default=d.track_per_class,
                    metavar="K", help="analysis subset: K training examples per class "
                                      "(default 10)")
     g.add_argument("--track-densities", action="store_true",
@@ -146,7 +114,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="output folder of the run")
-    g.add_argument("--seed", type=_nonneg_int, default=0, help="(default 0)")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="(default 0)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")

@@ -1,6 +1,6 @@
 """Reports: JSON/CSV writers, matplotlib figures and one self-contained HTML page.
 
-* :mod:`hesslens.report.io` -- atomic writers and JSON-safe conversion;
+* :mod:`hesslens.files` -- atomic writers and JSON-safe conversion;
 * :mod:`hesslens.report.figures` -- PNG figures from plain data (Agg backend);
 * :mod:`hesslens.report.html` -- :class:`Report` built from :class:`Section` objects holding
   :class:`Paragraph`, :class:`Table`, :class:`Figure` (base64 PNG) and :class:`Code` blocks;
@@ -13,8 +13,8 @@ Example:
     True
 """
 
+from hesslens.files import to_jsonable, write_bytes, write_csv, write_json, write_text
 from hesslens.report.html import Code, Figure, Paragraph, Report, Section, Table, format_value
-from hesslens.report.io import to_jsonable, write_bytes, write_csv, write_json, write_text
 from hesslens.report.layer_report import (
     CSV_COLUMNS,
     FIGURES,

@@ -59,7 +59,7 @@ def _figure(width: float, height: float):
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    from hesslens.report.io import write_bytes
+    from hesslens.files import write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)

@@ -278,6 +278,6 @@ class Report:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Render and write the page atomically; returns the path."""
-        from hesslens.report.io import write_text
+        from hesslens.files import write_text
 
         return write_text(path, self.render())

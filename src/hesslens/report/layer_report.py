@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hesslens.files import write_csv, write_json
 from hesslens.report.figures import (
     plot_gauss_newton_split,
     plot_layer_curvature,
@@ -32,7 +33,6 @@ from hesslens.report.figures import (
     plot_similarity_vs_depth,
 )
 from hesslens.report.html import Code, Figure, Paragraph, Report, Table
-from hesslens.report.io import write_csv, write_json
 
 __all__ = [
     "CSV_COLUMNS",

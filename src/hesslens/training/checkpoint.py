@@ -1,4 +1,4 @@
-"""Atomic files, random-number states and checkpoints that ``torch.load(weights_only=True)`` reads.
+"""Random-number states and checkpoints that ``torch.load(weights_only=True)`` reads.
 
 Every file is written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a run killed at any moment leaves either the old file or the new one, never a
@@ -13,89 +13,26 @@ Example:
     >>> restore_rng_state(state)
     >>> random.random() == a
     True
-    >>> atomic_write_json(os.path.join(d, "x.json"), {"a": 1})
-    >>> open(os.path.join(d, "x.json")).read()
-    '{\\n  "a": 1\\n}\\n'
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import io
-import json
-import math
 import os
 import random
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from hesslens.files import write_bytes
+
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_csv",
-    "atomic_write_json",
-    "atomic_write_text",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
 ]
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    return x
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Strict JSON (NaN written as null, infinities as strings), indented, atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def atomic_write_csv(
-    path: str | os.PathLike[str], rows: Sequence[dict[str, Any]], columns: Sequence[str]
-) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    atomic_write_text(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------- RNG states
@@ -140,7 +77,7 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> No
     """``torch.save`` to memory, then an atomic write."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

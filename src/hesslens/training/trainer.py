@@ -60,9 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
+from hesslens.files import write_csv, write_json
 from hesslens.training.checkpoint import (
-    atomic_write_csv,
-    atomic_write_json,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -228,12 +227,12 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
 
 def write_metrics(out_dir: Path, config: TrainConfig, records: Sequence[dict[str, Any]]) -> None:
     """``metrics.json`` (config, arm label, records) and ``metrics.csv`` (flat), atomically."""
-    atomic_write_json(
+    write_json(
         out_dir / METRICS_JSON,
         {"config": config.to_dict(), "arm": arm_label(config), "epochs": list(records)},
     )
     flat = [_flatten(r) for r in records]
-    atomic_write_csv(out_dir / METRICS_CSV, flat, _csv_columns(flat))
+    write_csv(out_dir / METRICS_CSV, flat, _csv_columns(flat))
 
 
 # ---------------------------------------------------------------------- the loop
@@ -337,7 +336,7 @@ def train(
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         records = list(ckpt["metrics"])
         restore_rng_state(ckpt["rng"])
-    atomic_write_json(out / CONFIG_JSON, config.to_dict())
+    write_json(out / CONFIG_JSON, config.to_dict())
 
     n = len(y_tr)
     n_batches = math.ceil(n / config.batch_size)
