@@ -47,17 +47,6 @@ WHICH = ("LA", "SA", "LM")
 _NOISE_FLOOR_EPS = 100.0
 
 
-def _residual_rtol(tol: float) -> float:
-    """The largest relative residual a converged Ritz value may keep: ``sqrt(tol) / 10``.
-
-    The quadratic bound ``r^2 / gap`` assumes no eigenvalue hides closer than the other Ritz
-    values; a near-degenerate pair that Lanczos has not split yet breaks that. Asking also for
-    ``r <= sqrt(tol) / 10 * |theta|`` (1e-4 at the default ``tol = 1e-6``) caps the error even
-    then, at a cost of a few products.
-    """
-    return max(tol, 0.1 * tol**0.5)
-
-
 def _tridiag_eig(alpha: np.ndarray, offdiag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal matrix."""
     return eigh_tridiagonal(np.asarray(alpha, dtype=np.float64), np.asarray(offdiag))
@@ -406,14 +395,13 @@ def eigsh(
     the distance to the nearest other Ritz value (the second form is the sharper
     Kato-Temple-type bound for a well separated value; with a single Ritz value ``e = r``).
     The process stops as soon as every wanted value has converged, that is
-    ``e_i <= tol * |theta_i|`` and ``r_i <= sqrt(tol) / 10 * |theta_i|`` (the second guards
-    against a near-degenerate eigenvalue not yet resolved, which the gap cannot see), or both
-    within ``100 * eps * max|theta|`` (``eps`` of ``op.dtype``: the rounding level of the
-    products, which lets zero eigenvalues converge). ``gap_i`` discounts each neighbour's own
-    residual. For ``k > 1`` the ``k+1``-th value must converge too: a near-degenerate pair among
-    the wanted values is then resolved before the process stops (on an MLP Hessian whose 5th and
-    6th eigenvalues differ by 2e-4 relative, top-5 stopped with the 6th standing in for the 5th;
-    one guard value fixed it for 12 more products).
+    ``e_i <= tol * |theta_i|``, or ``e_i <= 100 * eps * max|theta|`` (``eps`` of
+    ``op.dtype``: the rounding level of the products, which lets zero eigenvalues converge).
+    ``gap_i`` discounts each neighbour's own residual. For ``k > 1`` the ``k+1``-th value must
+    converge too: a near-degenerate pair among the wanted values is then resolved before the
+    process stops (on an MLP Hessian whose 5th and 6th eigenvalues differ by 2e-4 relative,
+    top-5 stopped with the 6th standing in for the 5th; one guard value fixed it for 12 more
+    products).
 
     When the Krylov space becomes invariant before it fills the space (the operator has few
     distinct eigenvalues, e.g. repeated ones), its Ritz values are exact, but a single Krylov
@@ -507,10 +495,7 @@ def eigsh(
         if exact_c:
             bounds[n_closed:] = 0.0
         scale = float(np.max(np.abs(theta)))
-        floor = floor_eps * scale
-        ok = (bounds <= np.maximum(tol * np.abs(theta), floor)) & (
-            resid <= np.maximum(_residual_rtol(tol) * np.abs(theta), floor)
-        )
+        ok = bounds <= np.maximum(tol * np.abs(theta), floor_eps * scale)
         wanted = _select(theta, k, which)
         if callback is not None:
             order = wanted[np.argsort(-theta[wanted], kind="stable")]
