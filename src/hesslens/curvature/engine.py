@@ -4,8 +4,8 @@ Two ways to compute ``H v``, both over the same functional model:
 
 ``"reverse"``
     double backward on a first-order graph built once per batch and reused by every product
-    (``autograd.grad(g, params, v, retain_graph=True)``). Batches of vectors loop over the
-    vectors or use ``is_grads_batched`` (vmap over the backward pass).
+    (``autograd.grad(g, params, v, retain_graph=True)``), one vector at a time. (``"auto"``
+    also tries ``is_grads_batched``, vmap over the backward pass, for batches of vectors.)
 ``"forward"``
     forward-over-reverse, ``jvp(grad(loss), v)`` with ``torch.func``, vmapped over a batch of
     vectors in memory-bounded chunks. Nothing is cached, so it suits data too large to keep
@@ -110,9 +110,12 @@ class ProductEngine:
         return self.loss_fn(self.model(params, as_args(inputs)), targets)
 
     def _check_first_batch(self) -> None:
-        batch, _ = next(iter(self._batches()))
+        """Fail at construction, not at the first product: the loss of a couple of samples
+        must be a finite scalar (every batch's loss is checked again when it is used)."""
+        (inputs, targets), _ = next(iter(self._batches()))
+        inputs = tuple(t[:2] for t in inputs) if isinstance(inputs, tuple) else inputs[:2]
         with torch.no_grad():
-            loss = self._loss({}, batch)
+            loss = self._loss({}, (inputs, targets[:2]))
         check_loss(loss)
 
     # ----------------------------------------------------------------- reverse path
@@ -209,9 +212,9 @@ class ProductEngine:
     def _candidates(self, k: int) -> list[str]:
         if self.path == "forward":
             return ["forward"]
+        if self.path == "reverse":  # pinned: no timing, so products are bitwise repeatable
+            return ["reverse-loop"]
         reverse = ["reverse-loop", "reverse-batched"] if k > 1 else ["reverse-loop"]
-        if self.path == "reverse":
-            return reverse
         if k == 1 and self.model.device.type == "cpu" and self.reuse_graph:
             # Measured on CPU: a single double backward on a kept graph beats a single
             # forward-over-reverse product on every model tried (MLP 6 ms vs 16, CNN-1D,
