@@ -31,7 +31,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from hesslens import zoo
+from hesslens.files import write_text
 from hesslens.training import SAM, HessianTracePenalty, bn_stats_frozen
 
 HERE = Path(__file__).resolve().parent
@@ -164,14 +164,6 @@ def bench_setup(setup: dict[str, Any], device: torch.device, steps: int, rounds:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _table(results: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     head = f"{'model':<28}" + "".join(f"{a:>16}" for a in ARMS) + f"{'mid/all':>9}"
@@ -228,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"htr_hvp_vs_sgd": 5.0, "htr_fd_vs_sgd": 2.5, "middle_vs_all": 0.8},
         "results": results,
     }
-    _atomic_write(Path(args.out), json.dumps(payload, indent=2) + "\n")
+    write_text(Path(args.out), json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 
