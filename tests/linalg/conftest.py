@@ -11,22 +11,6 @@ import torch
 OUTLIERS = np.array([50.0, 31.0, 22.0, 15.0, 11.0, 8.5, 6.0, 4.5, 3.2, 2.4])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests multiply small matrices: one thread is fastest, and it is immune to the
-    spin-wait slowdown of thread pools (torch's and BLAS's) on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(n)
-
-
 @cache
 def _nn_like(dim: int, seed: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
