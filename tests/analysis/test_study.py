@@ -179,3 +179,10 @@ def test_bad_arguments():
         layer_study(model, cross_entropy, data, similarity_normalize="median", progress=False)
     with pytest.raises(HesslensInputError, match="k must be"):
         layer_study(model, cross_entropy, data, k=0, progress=False)
+
+
+def test_tracker_similarity_is_registered():
+    import hesslens.analysis
+    from hesslens.training import tracking
+
+    assert tracking._DEFAULT_SIMILARITY is hesslens.analysis.spectrum_similarity

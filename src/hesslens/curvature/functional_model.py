@@ -13,7 +13,7 @@ Example:
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     >>> frozen = FunctionalModel(net)
-    >>> frozen.module.training, net.training
+    >>> frozen.module[1].training, net[1].training  # the copy's BatchNorm uses running stats
     (False, True)
 """
 
