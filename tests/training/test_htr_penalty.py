@@ -350,3 +350,71 @@ def test_penalty_is_zero_where_the_loss_is_linear_in_the_chosen_layers():
     assert float(value.detach()) == 0.0
     value.backward()  # still a valid graph
     assert float(HessianTracePenalty(model, layers=["0"], seed=0)(model(x).mean()).detach()) != 0
+
+
+class _TiedMLP(nn.Module):
+    """One Linear applied twice (weight sharing): the perturbed passes must move both uses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.inp = nn.Linear(3, 4)
+        self.shared = nn.Linear(4, 4)
+        self.again = self.shared  # the same module under a second name
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.again(h))
+        return self.out(h)
+
+
+def test_fd_moves_tied_weights_everywhere_they_are_used():
+    model = _TiedMLP().double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (10,), generator=g)
+    fd = HessianTracePenalty(model, method="fd", fd_eps=1e-4, loss_fn=CE, seed=1)
+    hvp = HessianTracePenalty(model, seed=1)
+    assert fd.layers == ["inp", "shared", "out"]
+    for _ in range(3):
+        probes = fd.sample_probes()
+        loss = CE(model(x), y)
+        a = float(fd(loss, inputs=x, targets=y, probes=probes).detach())
+        b = float(hvp(loss, probes=probes).detach())
+        # Moving only one of the two uses of the shared weight is off by O(1), not O(eps^2).
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+class _SharedWeight(nn.Module):
+    """Two modules holding one parameter (``b.weight = a.weight``), as in tied embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@pytest.mark.parametrize("cls", [_TiedMLP, _SharedWeight])
+def test_fd_leaves_a_model_with_shared_weights_intact(cls):
+    model = cls().double()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (8,), generator=g)
+    before = {n: (id(p), p.detach().clone())
+              for n, p in model.named_parameters(remove_duplicate=False)}
+    fd = HessianTracePenalty(model, method="fd", fd_eps=1e-4, loss_fn=CE, seed=2)
+    hvp = HessianTracePenalty(model, seed=2)
+    probes = fd.sample_probes()
+    loss = CE(model(x), y)
+    a = float(fd(loss, inputs=x, targets=y, probes=probes).detach())
+    for n, p in model.named_parameters(remove_duplicate=False):
+        assert id(p) == before[n][0] and torch.equal(p.detach(), before[n][1]), n
+    assert a == pytest.approx(float(hvp(loss, probes=probes).detach()), rel=1e-5)

@@ -40,8 +40,7 @@ with ``L(theta)`` the loss passed in and the two perturbed losses evaluated with
 ``torch.func.functional_call`` on ``theta_S + eps v`` (differentiable with respect to the
 parameters; only the chosen layers are moved). It needs the batch: call
 ``pen(loss, inputs=x, targets=y)`` and give ``loss_fn`` at construction. Cost: two extra
-forward passes and their ordinary first-order backward, i.e. about three plain SGD steps in all,
-against roughly four to five for ``"hvp"``.
+forward passes and their ordinary first-order backward (see "Cost" below).
 
 Error of the finite difference. With ``phi(t) = L(theta + t v)``,
 
@@ -83,10 +82,43 @@ and not with ``"hvp"``. So for ReLU networks ``"fd"`` regularises finite-step sh
 ``tr(H)``, and may need a smaller gamma; a warning says so once. Use ``"hvp"`` where the trace
 itself matters, or smooth activations.
 
+Normalisation layers. PyTorch's fused BatchNorm (batch statistics), InstanceNorm and LayerNorm
+kernels give wrong third derivatives without an error (see :mod:`hesslens.training.norms`), and
+the gradient of ``"hvp"`` is one. When the loss's graph runs through one of them, the penalty
+re-evaluates the loss on the same batch with those layers written out in primitive operations
+(one extra forward pass; running statistics and the random-number stream untouched), so it needs
+``pen(loss, inputs=x, targets=y)`` and ``loss_fn``, and says so otherwise. ``"fd"`` uses first
+derivatives only and is not affected.
+
 The forward pass must be a deterministic function of the parameters for ``"fd"`` (no active
 dropout: the three losses would see different masks; a warning is given). Both perturbed passes
 run under the same random-number state, which is restored afterwards, and BatchNorm running
 statistics are not touched (the perturbed passes run on copies of the buffers).
+
+Cost
+----
+Measured with ``python benchmarks/bench_training.py`` (one CPU thread, one probe, batch 128;
+MNIST-1D MLP and 1-D CNN, a 5-layer MLP, LeNet-5), one step with the penalty against one plain
+SGD step: ``"hvp"`` 5-6x, ``"fd"`` 3-3.6x, ``layers="middle"`` 0.4-0.8x the all-layer cost.
+Both have floors that no implementation detail removes:
+
+* ``"fd"``: the gradient of the symmetric second difference is
+  ``(g(theta + e v) - 2 g(theta) + g(theta - e v)) / e^2`` (``g`` the loss gradient): two
+  gradient evaluations besides the one the SGD step makes anyway, so about three SGD steps less
+  the optimizer update's share. A one-sided difference ``2 (g(theta + e v) - g(theta)) / e^2``
+  would need one extra gradient and has the right expectation, but carries the zero-mean term
+  ``2 H v / e``, about ``1 / fd_eps`` (~25) times the signal: it is not offered.
+* ``"hvp"``: the penalty's gradient ``D^3 L[v, v, .]`` is a third derivative; double backward
+  for ``H v`` and one more backward through both graphs cost 5-6 SGD steps here. The forward-mode
+  alternatives (forward-over-reverse for ``H v``, or forward-over-forward for ``v^T H v``, then
+  reverse) were no faster overall in PyTorch 2.13: 0.8-2.4x the double-backward time, depending
+  on the model and the run.
+  Evaluating the penalty on half the batch saved little on the small models (per-operation
+  overhead dominates them: MNIST-1D CNN 5.9x to 4.9x, MLP unchanged) while raising the relative
+  spread of the estimate by 10-100 %, so the penalty always uses the whole batch.
+
+Use ``every`` (the trainer's ``htr_every``) to amortise: at the paper's schedule, one penalised
+step in 50, every arm costs 1.02-1.11x SGD.
 
 Probes are drawn from a ``torch.Generator`` seeded with ``seed``; the generator's state is part
 of :meth:`HessianTracePenalty.state_dict`, so a resumed training run draws the same probes.
@@ -119,6 +151,7 @@ from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
 from hesslens.training.layers_select import select_layers
+from hesslens.training.norms import DecomposedNorms, fused_norms_in_graph
 
 __all__ = ["HessianTracePenalty", "default_fd_eps"]
 
@@ -161,8 +194,43 @@ def _check_loss(loss: Any) -> None:
         )
 
 
-def _dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(xs, ys))  # type: ignore[return-value]
+def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module owning the parameter or buffer ``name``, and its attribute name there."""
+    module_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(module_name) if module_name else model), attr
+
+
+def _stat_buffer_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Normalisation-statistics buffers a training-mode forward pass updates in place."""
+    out = []
+    for mod_name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            for b_name, b in m.named_buffers(recurse=False):
+                if b is not None:
+                    out.append((f"{mod_name}.{b_name}" if mod_name else b_name, m, b_name))
+    return out
+
+
+def _perturbation_slots(model: nn.Module, chosen: Sequence[str]) -> list[tuple[str, int]]:
+    """``(name, i)`` for every distinct slot holding the ``i``-th chosen parameter.
+
+    A parameter shared by two modules (``b.weight = a.weight``) appears under both names, so a
+    functional call moves both uses; a module registered twice (``self.again = self.layer``)
+    appears once, since replacing the attribute of that one module moves both uses and a second
+    name would make ``functional_call`` restore the wrong tensor afterwards. The slots are passed
+    to ``functional_call(..., tie_weights=False)``, which then has nothing left to re-tie.
+    """
+    named = dict(model.named_parameters())
+    index = {id(named[n]): i for i, n in enumerate(chosen)}
+    slots, seen = [], set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        module, attr = _slot(model, name)
+        key = (id(module), attr)
+        if key in seen or id(param) not in index:
+            continue
+        seen.add(key)
+        slots.append((name, index[id(param)]))
+    return slots
 
 
 class HessianTracePenalty:
@@ -170,8 +238,9 @@ class HessianTracePenalty:
 
     Args:
         model: the network whose loss is penalised.
-        layers: ``"all"``, ``"middle"`` (layers with index in ``[floor(n/4), ceil(3n/4))`` of
-            the ``n`` layers in forward order; see :mod:`hesslens.training.layers_select`), or a
+        layers: ``"all"``, ``"middle"`` (layers with index ``round(n/4) .. round(3n/4)``, half-up,
+            end excluded, of the ``n`` layers in forward order; see
+            :func:`hesslens.curvature.layers.middle_indices`), or a
             list of layer names (a comma-separated string works too). A layer is a module that
             owns trainable parameters directly.
         n_probes: number of probes averaged per call.
@@ -222,6 +291,15 @@ class HessianTracePenalty:
         self.layer_params: dict[str, list[str]] = select_layers(model, layers)
         self.layers: list[str] = list(self.layer_params)
         self.param_names: list[str] = [n for ns in self.layer_params.values() for n in ns]
+        # (module, attribute) of each chosen parameter: a lookup per call that stays right after
+        # model.to(), without walking named_parameters() on every training step.
+        self._param_slots = [_slot(model, n) for n in self.param_names]
+        self._stat_slots = _stat_buffer_slots(model)
+        # Every (module, attribute) slot that holds a chosen parameter, for the perturbed
+        # passes of "fd": a parameter shared by two modules is moved in both.
+        self._fd_slots = _perturbation_slots(model, self.param_names)
+        self._dropouts = [m for m in model.modules()
+                          if isinstance(m, nn.modules.dropout._DropoutNd)]
         self.n_probes = n_probes
         self.distribution = distribution
         self.method = method
@@ -245,8 +323,7 @@ class HessianTracePenalty:
 
     def parameters(self) -> list[Tensor]:
         """The chosen layers' parameters (looked up on every call, so ``model.to()`` is safe)."""
-        named = dict(self.model.named_parameters())
-        return [named[n] for n in self.param_names]
+        return [getattr(module, attr) for module, attr in self._param_slots]
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -306,6 +383,10 @@ class HessianTracePenalty:
     ) -> Tensor:
         """The penalty for ``loss``: mean over probes of ``v^T H_SS v`` (differentiable).
 
+        ``inputs`` and ``targets`` (the batch ``loss`` was computed on) are needed by ``"fd"``,
+        and by ``"hvp"`` when the model normalises with batch statistics (see the module
+        docstring); the trainer always passes them.
+
         ``probes`` (advanced) replaces the drawn probes: a list of probes, each a list of
         tensors shaped like :meth:`parameters`.
         """
@@ -316,10 +397,34 @@ class HessianTracePenalty:
         elif len(probes) == 0:
             raise HesslensInputError("probes is empty; pass at least one probe or None")
         if self.method == "hvp":
-            out = self._hvp(loss, probes)
+            out = self._hvp(self._loss_for_third_derivatives(loss, inputs, targets), probes)
         else:
             out = self._fd(loss, inputs, targets, probes, probes_drawn=drawn)
         return out.reshape(())
+
+    def _loss_for_third_derivatives(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
+        """``loss``, or the same loss re-evaluated where fused normalisation kernels would make
+        the penalty's gradient wrong (see :mod:`hesslens.training.norms`)."""
+        fused = fused_norms_in_graph(loss)
+        if not fused:
+            return loss
+        if self.loss_fn is None or inputs is None or targets is None:
+            raise HesslensInputError(
+                f"the loss is computed through {fused} (BatchNorm in training mode, InstanceNorm "
+                "or LayerNorm), whose fused kernels give wrong third derivatives in PyTorch "
+                "(pytorch/pytorch#186256, #175754), so the penalty's gradient would be silently "
+                "wrong; give loss_fn= at construction and call pen(loss, inputs=x, targets=y) "
+                "so that the penalty re-evaluates the loss with differentiable normalisation, "
+                "or use method='fd'"
+            )
+        params = self.parameters()
+        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        # Batch statistics as in the training pass, on copies of the running statistics; the
+        # global random-number stream is left where the training pass left it.
+        buffers = {n: b.clone() for n, b in self._stat_buffers()} if self.model.training else {}
+        with torch.random.fork_rng(devices=devices), DecomposedNorms():
+            out = torch.func.functional_call(self.model, buffers, (inputs,), tie_weights=False)
+            return self.loss_fn(out, targets)
 
     def _hvp(self, loss: Tensor, probes: Sequence[Sequence[Tensor]]) -> Tensor:
         params = self.parameters()
@@ -334,8 +439,10 @@ class HessianTracePenalty:
         total: Tensor | None = None
         for v in probes:
             v_used = [v[i] for i in idx]
-            gv = _dot(g_used, v_used)
-            hv = torch.autograd.grad(gv, p_used, create_graph=True, allow_unused=True)
+            # H v as the vector-Jacobian product of the gradient with v (H is symmetric): no
+            # dot-product nodes between the first and second backward pass.
+            hv = torch.autograd.grad(g_used, p_used, grad_outputs=v_used, create_graph=True,
+                                     allow_unused=True)
             q = sum(
                 (h * vi).sum() for h, vi in zip(hv, v_used) if h is not None
             )
@@ -390,12 +497,11 @@ class HessianTracePenalty:
                     torch.set_rng_state(cpu_state)
                     for d, s in zip(devices, cuda_states):
                         torch.cuda.set_rng_state(s, d)
-                    moved = {
-                        n: torch.add(p, vi, alpha=sign * eps)
-                        for n, p, vi in zip(self.param_names, params, v)
-                    }
+                    shifted = [torch.add(p, vi, alpha=sign * eps) for p, vi in zip(params, v)]
+                    moved = {n: shifted[i] for n, i in self._fd_slots}
                     moved.update(buffers)
-                    out = torch.func.functional_call(self.model, moved, (inputs,))
+                    out = torch.func.functional_call(self.model, moved, (inputs,),
+                                                     tie_weights=False)
                     losses.append(self.loss_fn(out, targets))
             q = (losses[0] - 2.0 * loss + losses[1]) / (eps * eps)
             total = q if total is None else total + q
@@ -406,11 +512,10 @@ class HessianTracePenalty:
     def _stat_buffers(self) -> list[tuple[str, Tensor]]:
         """The buffers a training-mode forward pass updates in place (normalisation stats)."""
         out = []
-        for mod_name, m in self.model.named_modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-                for b_name, b in m.named_buffers(recurse=False):
-                    if b is not None:
-                        out.append((f"{mod_name}.{b_name}" if mod_name else b_name, b))
+        for full_name, module, attr in self._stat_slots:
+            b = getattr(module, attr, None)
+            if isinstance(b, Tensor):
+                out.append((full_name, b))
         return out
 
     def _warn_piecewise_linear(self) -> None:
@@ -432,8 +537,8 @@ class HessianTracePenalty:
     def _warn_dropout(self) -> None:
         if self._warned_dropout or not self.model.training:
             return
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+        for m in self._dropouts:
+            if m.training and m.p > 0:
                 warnings.warn(
                     "HessianTracePenalty(method='fd') with active dropout: the finite "
                     "difference compares losses computed with different dropout masks and is "
