@@ -57,7 +57,7 @@ def to_jsonable(obj: Any) -> Any:
             return None
         if math.isinf(obj):
             return "inf" if obj > 0 else "-inf"
-        return obj
+        return float(obj)  # numpy.float64 is a float subclass: make it a plain float
     if isinstance(obj, Mapping):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, np.generic):

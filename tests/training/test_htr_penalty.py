@@ -418,3 +418,22 @@ def test_fd_leaves_a_model_with_shared_weights_intact(cls):
     for n, p in model.named_parameters(remove_duplicate=False):
         assert id(p) == before[n][0] and torch.equal(p.detach(), before[n][1]), n
     assert a == pytest.approx(float(hvp(loss, probes=probes).detach()), rel=1e-5)
+
+
+def test_state_from_another_kind_of_device_continues_the_stream(setup):
+    """A probe-generator state saved on a GPU (16 bytes) cannot be set on a CPU generator: the
+    stream continues from a derived seed instead of failing or repeating its first probes."""
+    model, *_ = setup
+    pen = HessianTracePenalty(model, seed=7)
+    first = pen.sample_probes()
+    pen.sample_probes()
+    state = pen.state_dict()
+    assert state["device"] == "cpu" and state["draws"] == 2
+    state = {**state, "generator": torch.zeros(16, dtype=torch.uint8), "device": "cuda"}
+    resumed = HessianTracePenalty(model, seed=7)
+    resumed.load_state_dict(state)
+    nxt = resumed.sample_probes()
+    assert not all(torch.equal(a, b) for a, b in zip(nxt[0], first[0]))
+    again = HessianTracePenalty(model, seed=7)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(again.sample_probes()[0], nxt[0]))

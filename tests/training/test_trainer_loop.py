@@ -206,3 +206,64 @@ def test_zoo_model_and_data(tmp_path):
     result = train(cfg, tmp_path / "r", progress=False)
     assert 0.0 <= result["final"]["test_acc"] <= 1.0
     assert result["final"]["test_acc"] > 0.3
+
+
+def _bad(data, **changes):
+    fields = dict(x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
+                  y_test=data.y_test, num_classes=data.num_classes)
+    fields.update(changes)
+    return TensorData(**fields)
+
+
+@pytest.mark.parametrize("change, msg", [
+    (lambda d: dict(x_train=d.x_train[:0], y_train=d.y_train[:0]), "training set is empty"),
+    (lambda d: dict(x_test=d.x_test[:0], y_test=d.y_test[:0]), "test set is empty"),
+    (lambda d: dict(y_train=d.y_train[:-5]), "96 inputs but 91 labels"),
+    (lambda d: dict(y_test=d.y_test.float()), "integer class indices"),
+    (lambda d: dict(y_train=d.y_train + 1), r"outside the 3 classes"),
+    (lambda d: dict(x_train=d.x_train.clone().index_fill_(0, torch.tensor([3]), float("nan"))),
+     "NaN or infinite"),
+], ids=["empty-train", "empty-test", "lengths", "float-labels", "label-range", "nan"])
+def test_bad_data_is_named(tmp_path, change, msg):
+    data = _data()
+    with pytest.raises(HesslensInputError, match=msg):
+        train(_cfg(), tmp_path / "r", progress=False, model=_model(),
+              dataset=_bad(data, **change(data)))
+
+
+def test_validation_split_that_leaves_nothing_to_train_on(tmp_path):
+    data = _data(n=3)
+    with pytest.raises(HesslensInputError, match="leaves none to train on"):
+        train(_cfg(val_fraction=0.9), tmp_path / "r", progress=False, model=_model(),
+              dataset=data)
+
+
+def test_model_without_trainable_parameters(tmp_path):
+    model = _model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(HesslensInputError, match="no trainable parameters"):
+        train(_cfg(), tmp_path / "r", progress=False, model=model, dataset=_data())
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cudax", "tpu"])
+def test_unparsable_device(tmp_path, device):
+    with pytest.raises(HesslensInputError, match="device must be"):
+        train(_cfg(device=device), tmp_path / "r", progress=False, model=_model(),
+              dataset=_data())
+
+
+def test_resume_after_a_callback_stored_numpy_values(tmp_path):
+    import numpy as np
+
+    def note(epoch, record, model):
+        record["weight_norm"] = np.float64(1.5) * epoch
+
+    cfg = _cfg(epochs=2)
+    with pytest.raises(Kill):
+        train(cfg, tmp_path / "r", progress=False, model=_model(), dataset=_data(),
+              callbacks=[note, _kill_at(2)])
+    load_checkpoint(tmp_path / "r" / "checkpoint.pt")  # weights_only=True
+    out = train(cfg, tmp_path / "r", progress=False, resume=True, model=_model(),
+                dataset=_data(), callbacks=[note])
+    assert [r["weight_norm"] for r in out["epochs"]] == [1.5, 3.0]

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from hesslens.errors import HesslensInputError
 
 __all__ = ["RUN_ONLY_FIELDS", "SCHEDULES", "TrainConfig", "arm_key", "arm_label"]
@@ -168,9 +170,8 @@ class TrainConfig:
              f"track_per_class must be a positive integer, got {self.track_per_class!r}")
         need(is_num(self.val_fraction) and 0 <= self.val_fraction < 1,
              f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-        need(isinstance(self.device, str) and (
-            self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"),
-             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        need(_is_device(self.device),
+             f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         need(isinstance(self.extra, dict), "extra must be a dict")
         return self
 
@@ -230,3 +231,14 @@ def arm_label(config: TrainConfig | dict[str, Any]) -> str:
             + ")"
         )
     return "+".join(parts)
+
+
+def _is_device(name: Any) -> bool:
+    """Whether ``name`` is a device string torch parses, of a kind training supports."""
+    if not isinstance(name, str):
+        return False
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return dev.type in ("cpu", "cuda", "mps")

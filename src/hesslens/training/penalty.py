@@ -194,6 +194,12 @@ def _check_loss(loss: Any) -> None:
         )
 
 
+def _derived_seed(seed: int, draws: int) -> int:
+    """A seed for the probe stream after ``draws`` probes, for a generator that cannot take
+    the old one's state (another kind of device)."""
+    return (seed * 6364136223846793005 + (draws + 1) * 1442695040888963407) % (2**63)
+
+
 def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module owning the parameter or buffer ``name``, and its attribute name there."""
     module_name, _, attr = name.rpartition(".")
@@ -310,6 +316,8 @@ class HessianTracePenalty:
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None
+        self._pending_device = "cpu"
+        self._draws = 0  # probes drawn so far
         self._warned_dropout = False
         self._warned_kinks = False
         self.last_fd_steps: list[float] = []
@@ -326,14 +334,22 @@ class HessianTracePenalty:
         return [getattr(module, attr) for module, attr in self._param_slots]
 
     def _gen(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            g = torch.Generator(device=device)
+        if self._generator is not None and self._generator.device == device:
+            return self._generator
+        g = torch.Generator(device=device)
+        pending, self._pending_state = self._pending_state, None
+        if self._generator is None and pending is None and self._draws == 0:
             g.manual_seed(self.seed)
-            if self._pending_state is not None:
-                g.set_state(self._pending_state)
-                self._pending_state = None
-            self._generator = g
-        return self._generator
+        elif (self._generator is None and pending is not None
+              and self._pending_device == g.device.type):
+            g.set_state(pending)
+        else:
+            # A generator's state only fits its own kind of device: after the parameters moved
+            # (or a run resumed on another device) the stream goes on from a seed derived from
+            # the draws so far, rather than repeating the probes from the start.
+            g.manual_seed(_derived_seed(self.seed, self._draws))
+        self._generator = g
+        return g
 
     def sample_probes(self, n: int | None = None) -> list[list[Tensor]]:
         """Draw ``n`` (default ``n_probes``) probes, each a list shaped like the chosen params."""
@@ -344,6 +360,7 @@ class HessianTracePenalty:
         total = sum(sizes)
         dtype, device = params[0].dtype, params[0].device
         probes = []
+        self._draws += n
         for _ in range(n):
             # One draw for all parameters, then views: few kernel launches per probe.
             if self.distribution == "rademacher":
@@ -359,19 +376,23 @@ class HessianTracePenalty:
 
     def state_dict(self) -> dict[str, Any]:
         """The probe generator's state (a tensor and an int: ``torch.load(weights_only=True)``)."""
-        state = None
+        state, device = None, None
         if self._generator is not None:
-            state = self._generator.get_state()
+            state, device = self._generator.get_state(), self._generator.device.type
         elif self._pending_state is not None:
-            state = self._pending_state
-        return {"seed": self.seed, "generator": state}
+            state, device = self._pending_state, self._pending_device
+        return {"seed": self.seed, "generator": state, "device": device,
+                "draws": self._draws}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the generator from :meth:`state_dict`: the next probes are as before."""
+        """Restore the generator from :meth:`state_dict`: the next probes are as before (on the
+        same kind of device; on another one they continue from a seed derived from the draws)."""
         self.seed = int(state["seed"])
         self._generator = None
         gen = state.get("generator")
         self._pending_state = None if gen is None else gen.clone()
+        self._pending_device = state.get("device") or "cpu"
+        self._draws = int(state.get("draws") or 0)
 
     # ------------------------------------------------------------------ the penalty
     def __call__(

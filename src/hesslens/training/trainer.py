@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
-from hesslens.files import write_csv, write_json
+from hesslens.files import to_jsonable, write_csv, write_json
 from hesslens.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -161,7 +161,55 @@ def _resolve_device(name: str) -> torch.device:
         raise HesslensInputError(
             f"device {name!r} asked for, but CUDA is not available here; use --device cpu"
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HesslensInputError(
+            f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
+            "CUDA device(s)"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise HesslensInputError(
+            f"device {name!r} asked for, but MPS is not available here; use --device cpu"
+        )
     return dev
+
+
+def _check_data(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
+                num_classes: int, val_fraction: float) -> None:
+    """Refuse data that would fail later with an obscure error or train on the wrong thing."""
+    for split, x, y in (("training", x_train, y_train), ("test", x_test, y_test)):
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise HesslensInputError(
+                f"the {split} inputs and labels must be tensors, got {type(x).__name__} and "
+                f"{type(y).__name__}"
+            )
+        if len(x) != len(y):
+            raise HesslensInputError(
+                f"the {split} set has {len(x)} inputs but {len(y)} labels"
+            )
+        if len(y) == 0:
+            raise HesslensInputError(f"the {split} set is empty")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise HesslensInputError(
+                f"the {split} labels must be integer class indices, got dtype {y.dtype}"
+            )
+        if y.dim() != 1:
+            raise HesslensInputError(
+                f"the {split} labels must be one class index per example (shape (n,)), got "
+                f"shape {tuple(y.shape)}"
+            )
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise HesslensInputError(
+                f"the {split} labels range over [{lo}, {hi}], outside the {num_classes} "
+                f"classes [0, {num_classes - 1}]"
+            )
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise HesslensInputError(f"the {split} inputs contain NaN or infinite values")
+    if val_fraction > 0 and math.ceil(val_fraction * len(y_train)) >= len(y_train):
+        raise HesslensInputError(
+            f"val_fraction {val_fraction} of {len(y_train)} training examples leaves none to "
+            "train on; lower it"
+        )
 
 
 def _load_data(config: TrainConfig) -> Any:
@@ -289,6 +337,8 @@ def train(
 
     data = dataset if dataset is not None else _load_data(config)
     x_all, y_all = data.x_train, data.y_train
+    _check_data(x_all, y_all, data.x_test, data.y_test, int(data.num_classes),
+                config.val_fraction)
     x_tr, y_tr, x_val, y_val = _split(x_all, y_all, config.val_fraction, config.seed)
     x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_val, y_val = x_val.to(device), y_val.to(device)
@@ -296,6 +346,11 @@ def train(
     if model is None:
         model = _build_model(config, data)
     model.to(device)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise HesslensInputError(
+            "the model has no trainable parameters (all have requires_grad=False); there is "
+            "nothing to train"
+        )
     loss_fn = nn.functional.cross_entropy
     out.mkdir(parents=True, exist_ok=True)
 
@@ -426,7 +481,7 @@ def train(
             write_metrics(out, config, records)
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT,
-                "config": config.to_dict(),
+                "config": to_jsonable(config.to_dict()),
                 "epoch": epoch + 1,
                 "global_step": global_step,
                 "model": model.state_dict(),
@@ -434,7 +489,9 @@ def train(
                 "scheduler": scheduler.state_dict(),
                 "penalty": penalty.state_dict() if penalty is not None else None,
                 "rng": capture_rng_state(),
-                "metrics": records,
+                # Plain data only, so the checkpoint loads with weights_only=True even when a
+                # callback put numpy scalars or other objects in a record.
+                "metrics": to_jsonable(records),
             })
             bar.set_postfix(train_acc=f"{record['train_acc']:.3f}",
                             test_acc=f"{record['test_acc']:.3f}")
@@ -459,7 +516,7 @@ def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None
             f"{CHECKPOINT_FORMAT}; start a new run in another folder"
         )
     saved = dict(ckpt["config"])
-    now = config.to_dict()
+    now = to_jsonable(config.to_dict())
     diff = sorted(
         k for k in set(saved) | set(now)
         if k not in ("device", "data_root") and json.dumps(saved.get(k), default=str)
