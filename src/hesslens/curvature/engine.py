@@ -151,25 +151,30 @@ class ProductEngine:
         out = [torch.zeros_like(v) for v in vs]
         k = vs[0].shape[0]
         for leaves, grads in self._graphs_iter():
-            g = [grads[n] for n in names]
-            x = [leaves[n] for n in names]
-            if not any(t.requires_grad for t in g):
+            # A parameter the loss does not use has a constant (zero) gradient: its rows and
+            # columns of H are zero, and autograd must not be asked to differentiate it.
+            used = [i for i, n in enumerate(names) if grads[n].requires_grad]
+            if not used:
                 continue
+            g = [grads[names[i]] for i in used]
+            x = [leaves[names[i]] for i in used]
+            outs = [out[i] for i in used]
+            vs_used = [vs[i] for i in used]
             if batched and k > 1:
                 for start in range(0, k, self.chunk_size):
                     sl = slice(start, start + self.chunk_size)
                     hv = torch.autograd.grad(
-                        g, x, [v[sl] for v in vs], retain_graph=True, is_grads_batched=True,
-                        allow_unused=True,
+                        g, x, [v[sl] for v in vs_used], retain_graph=True,
+                        is_grads_batched=True, allow_unused=True,
                     )
-                    for o, h in zip(out, hv):
+                    for o, h in zip(outs, hv):
                         if h is not None:
                             o[sl] += h
             else:
                 for i in range(k):
-                    hv = torch.autograd.grad(g, x, [v[i] for v in vs], retain_graph=True,
+                    hv = torch.autograd.grad(g, x, [v[i] for v in vs_used], retain_graph=True,
                                              allow_unused=True)
-                    for o, h in zip(out, hv):
+                    for o, h in zip(outs, hv):
                         if h is not None:
                             o[i] += h
         return out
@@ -238,14 +243,23 @@ class ProductEngine:
         m = min(k, 4)
         head = [v[:m] for v in vs]
         timings, results = {}, {}
+        failures: list[BaseException] = []
         for candidate in candidates:
             start = time.perf_counter()
-            results[candidate] = self._run(candidate, names, head)
+            try:
+                results[candidate] = self._run(candidate, names, head)
+            except (RuntimeError, NotImplementedError) as err:
+                # e.g. forward-mode AD is not implemented for mse_loss's backward: that path
+                # is simply not a candidate for this model and loss.
+                failures.append(err)
+                continue
             timings[candidate] = time.perf_counter() - start
+        if not timings:
+            raise failures[0]
         best = min(timings, key=timings.get)
         self.choice[key] = best
         self.timings[key] = timings
-        self.calibration_products += (len(candidates) - 1) * m
+        self.calibration_products += (len(timings) - 1) * m
         if m == k:
             return results[best]
         rest = self._run(best, names, [v[m:] for v in vs])
@@ -275,11 +289,15 @@ class ProductEngine:
             def loss_grad(o, targets=targets):
                 return torch.func.grad(lambda z: self.loss_fn(z, targets))(o)
 
+            # H_out w as a vector-Jacobian product of the loss gradient (H_out is symmetric):
+            # reverse over reverse works for every loss, while forward-mode AD is missing for
+            # some (mse_loss, huber_loss).
+            _, hess_out = torch.func.vjp(loss_grad, outputs)
+
             def ggn_one(*tangents, primals=primals, vjp_fn=vjp_fn, forward=forward,
-                        outputs=outputs, loss_grad=loss_grad):
+                        hess_out=hess_out):
                 _, jv = torch.func.jvp(forward, primals, tangents)
-                _, hjv = torch.func.jvp(loss_grad, (outputs,), (jv,))
-                return vjp_fn(hjv)
+                return vjp_fn(hess_out(jv)[0])
 
             for start in range(0, k, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
