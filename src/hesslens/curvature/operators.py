@@ -103,7 +103,7 @@ class CurvatureOperator:
             inputs = source.first()[0]
             example = inputs[:1] if isinstance(inputs, torch.Tensor) else tuple(
                 t[:1] for t in inputs)
-            layer_map = discover_layers(model, example)
+            layer_map = discover_layers(model, _like_model(example, model))
         else:
             layer_map = _check_grouping(layers, fmodel.trainable)
         self._setup(engine, layer_map, list(fmodel.trainable), label="full")
@@ -426,3 +426,20 @@ def _check_grouping(layers: Mapping[str, Iterable[str]], trainable: list[str]):
             seen[p] = layer
         out[str(layer)] = params
     return out
+
+
+def _like_model(example: object, model: nn.Module) -> object:
+    """``example`` on the model's own device, floating inputs in its dtype: the layer order is
+    found by one forward pass of (a copy of) the user's model, whatever ``dtype=`` and
+    ``device=`` the operator itself uses."""
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        return example
+
+    def like(t: object) -> object:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device=ref.device, dtype=ref.dtype if t.is_floating_point() else t.dtype)
+
+    return like(example) if isinstance(example, torch.Tensor) else tuple(
+        like(t) for t in example)  # type: ignore[union-attr]
