@@ -267,3 +267,12 @@ def test_resume_after_a_callback_stored_numpy_values(tmp_path):
     out = train(cfg, tmp_path / "r", progress=False, resume=True, model=_model(),
                 dataset=_data(), callbacks=[note])
     assert [r["weight_norm"] for r in out["epochs"]] == [1.5, 3.0]
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    cfg = _cfg(epochs=1)
+    train(cfg, tmp_path / "r", progress=False, model=_model(), dataset=_data())
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(HesslensInputError, match="cannot read checkpoint"):
+        train(cfg, tmp_path / "r", progress=False, resume=True, model=_model(), dataset=_data())

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hesslens.errors import HesslensInputError
+
 from hesslens.files import write_bytes
 
 __all__ = [
@@ -81,5 +83,12 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> No
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load with ``weights_only=True`` (no arbitrary code), tensors on the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load with ``weights_only=True`` (no arbitrary code), tensors on the CPU; a file that is
+    not such a checkpoint (truncated, foreign) is a :class:`HesslensInputError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling and zip errors come in many types
+        raise HesslensInputError(
+            f"cannot read checkpoint {path} ({type(err).__name__}): not a hesslens checkpoint "
+            "loadable with weights_only=True, or truncated; start the run again in a new folder"
+        ) from None

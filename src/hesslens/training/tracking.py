@@ -124,7 +124,9 @@ class CurvatureTracker:
         was_training = model.training
         model.eval()
         try:
-            H = Hessian(model, self.loss_fn, (self.inputs, self.targets))
+            # path="reverse": products chosen by timing could differ in the last bits between
+            # an uninterrupted and a resumed run; pinned, the tracked values repeat exactly.
+            H = Hessian(model, self.loss_fn, (self.inputs, self.targets), path="reverse")
             out: dict[str, Any] = {}
             top = H.eigenvalues(k=1, tol=self.eig_tol, seed=self.seed, return_vectors=False)
             out["top_eigenvalue"] = _scalar(top.values[0])

@@ -478,7 +478,9 @@ def train(
                 cb(epoch + 1, record, model)
             model.train()
             records.append(record)
-            write_metrics(out, config, records)
+            # Checkpoint first: a kill between the two writes leaves metrics one epoch behind
+            # a checkpoint (resume rewrites them), never a finished-looking run whose
+            # checkpoint lags.
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT,
                 "config": to_jsonable(config.to_dict()),
@@ -493,6 +495,7 @@ def train(
                 # callback put numpy scalars or other objects in a record.
                 "metrics": to_jsonable(records),
             })
+            write_metrics(out, config, records)
             bar.set_postfix(train_acc=f"{record['train_acc']:.3f}",
                             test_acc=f"{record['test_acc']:.3f}")
             bar.update(1)
