@@ -172,9 +172,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
-    from hesslens.training.trainer import train
-
-    from hesslens.training.trainer import _build_model, _load_data
+    from hesslens.training.trainer import _build_model, _load_data, train
 
     config = config_from_args(args)
     prepare_out_dir(args.out)

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from hesslens.errors import HesslensInputError
-
 from hesslens.files import write_bytes
 
 __all__ = [
