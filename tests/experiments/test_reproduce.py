@@ -42,7 +42,7 @@ def test_writes_results_report_and_figures(study):
     assert set(saved["arms"]) == {"SGD", "SGD+L2", "HTR all layers"}
     assert all(arm["seeds"] == [0, 1] for arm in saved["arms"].values())
     assert len(saved["findings"]) == 5
-    assert all(f["verdict"] in {"held", "partly", "did not hold", "not measured"}
+    assert all(f["verdict"] in {"held", "partly", "did not hold", "not shown", "not measured"}
                for f in saved["findings"])
     html = (out / "report.html").read_text()
     assert html.count('src="data:image/png;base64,') >= 3
@@ -100,3 +100,23 @@ def test_cli_help_and_bad_out(tmp_path, capsys):
     assert main(["reproduce", "--quick", "--out", str(blocker)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a folder" in err[0]
+
+
+def _arm(acc, acc_sd, tr, tr_sd):
+    return {"final": {"test_acc": {"mean": acc, "std": acc_sd},
+                      "trace": {"mean": tr, "std": tr_sd}}}
+
+
+@pytest.mark.parametrize("htr_all, htr_mid, verdict", [
+    # the README's full run: every difference inside the seed noise
+    ((0.9158, 0.0114, 11.4, 2.3), (0.9158, 0.0031, 11.9, 0.8), "not shown"),
+    ((0.95, 0.002, 6.0, 0.5), (0.95, 0.002, 6.5, 0.5), "held"),
+    ((0.95, 0.002, 6.0, 0.5), (0.9158, 0.003, 11.9, 0.8), "partly"),
+    ((0.85, 0.002, 20.0, 0.5), (0.86, 0.002, 19.0, 0.5), "did not hold"),
+])
+def test_htr_verdict_counts_only_differences_beyond_seed_noise(htr_all, htr_mid, verdict):
+    from hesslens.experiments.reproduce_findings import htr_helps
+
+    arms = {"SGD": _arm(0.9150, 0.0045, 12.1, 3.4), "SGD+L2": _arm(0.9156, 0.0052, 12.0, 3.0),
+            "HTR all layers": _arm(*htr_all), "HTR middle layers": _arm(*htr_mid)}
+    assert htr_helps(arms).verdict == verdict
