@@ -178,8 +178,8 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
         parts.append(f"{name}: test accuracy {100 * acc:.2f} ± {100 * sd:.2f} % vs SGD "
                      f"{100 * acc_sgd:.2f} ± {100 * sd_sgd:.2f} % ({100 * diff:+.2f} points, "
                      f"{diff / pooled if pooled == pooled and pooled > 0 else math.nan:+.1f} "
-                     f"pooled std); final trace {tr:.3g} ± {trsd:.2g} vs {tr_sgd:.3g} ± {trsd_sgd:.2g} "
-                     f"({tr / tr_sgd:.2f}x)")
+                     f"pooled std); final trace {tr:.3g} ± {trsd:.2g} vs {tr_sgd:.3g} ± "
+                     f"{trsd_sgd:.2g} ({tr / tr_sgd:.2f}x)")
     best_htr = max((_stat(v, "test_acc")[0], k) for k, v in htr.items())
     beats_all = best_htr[0] > best_other[0]
     verdict = ("held" if wins == len(htr) and flatter == len(htr)
