@@ -5,6 +5,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 import hesslens as hl
+from hesslens.errors import HesslensInputError
 from tests.reference import (
     bn_model,
     classification_batches,
@@ -220,3 +221,15 @@ def test_unused_trainable_parameters_have_zero_curvature(path):
     assert H.block("aux").trace(method="exact").value == 0.0
     top = H.eigenvalues(k=1, tol=1e-10).values[0]
     assert top == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-7)
+
+
+@pytest.mark.parametrize("path", ["forward", "reverse"])
+def test_non_finite_loss_in_a_later_batch_is_named(path):
+    model = mlp().double()
+    batches = [(x.double(), y) for x, y in classification_batches((6,), classes=4)]
+    batches[1][0][0, 0] = float("nan")
+    H = hl.Hessian(model, cross_entropy, batches, path=path)
+    with pytest.raises(HesslensInputError, match="not finite"):
+        H.trace(method="exact")
+    with pytest.raises(HesslensInputError, match="not finite"):
+        hl.GaussNewton(model, cross_entropy, batches, reuse_graph=False).eigenvalues(k=1)

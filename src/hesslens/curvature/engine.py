@@ -92,6 +92,7 @@ class ProductEngine:
         self.timings: dict[str, dict[str, float]] = {}
         self.calibration_products = 0
         self._graphs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None
+        self._losses_checked = False
         self._gn_graphs: list[tuple] | None = None
         self._check_first_batch()
 
@@ -104,6 +105,19 @@ class ProductEngine:
                     f"{self.model.device}: move the data, or pass device= to the operator"
                 )
             yield move_batch(batch, self.model.device, self.model.dtype), weight
+
+    def _checked_batches(self):
+        """The batches, with each batch's loss checked (finite scalar) on the first pass: the
+        vmapped paths cannot check inside the transform, and a NaN there would come out as a
+        NaN trace or a scipy error far from its cause."""
+        if self._losses_checked:
+            yield from self._batches()
+            return
+        for batch, weight in self._batches():
+            with torch.no_grad():
+                check_loss(self._loss({}, batch))
+            yield batch, weight
+        self._losses_checked = True
 
     def _loss(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
         inputs, targets = batch
@@ -183,7 +197,7 @@ class ProductEngine:
     def _forward(self, names: Sequence[str], vs: list[torch.Tensor]) -> list:
         out = [torch.zeros_like(v) for v in vs]
         k = vs[0].shape[0]
-        for batch, weight in self._batches():
+        for batch, weight in self._checked_batches():
             def loss_of(sub, batch=batch):
                 return self._loss(dict(zip(names, sub)), batch)
 
@@ -275,7 +289,7 @@ class ProductEngine:
             return join_flat(self._gauss_newton_reverse(names, vs))
         out = [torch.zeros_like(v) for v in vs]
         k = V.shape[0]
-        for batch, weight in self._batches():
+        for batch, weight in self._checked_batches():
             inputs, targets = batch
             args = as_args(inputs)
             primals = tuple(self.model.params[n] for n in names)
