@@ -54,7 +54,27 @@ def test_dropout_in_train_mode():
     with pytest.raises(HesslensInputError, match="dropout"):
         hl.Hessian(model, cross_entropy, _data())
     hl.Hessian(model.eval(), cross_entropy, _data())
-    hl.Hessian(model.train(), cross_entropy, _data(), allow_dropout=True)
+    H = hl.Hessian(model.train(), cross_entropy, _data(), allow_dropout=True)
+    for path in ("forward", "reverse"):  # vmapped and looped products both run
+        H = hl.Hessian(model.train(), cross_entropy, _data(), allow_dropout=True, path=path)
+        assert torch.isfinite(torch.as_tensor(H.trace(method="exact").value))
+        assert torch.isfinite(H.hvp(torch.ones(2, H.dim))).all()
+
+
+def test_attention_dropout_counts_as_dropout():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(6, 2, dropout=0.5, batch_first=True)
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x):
+            h = x.unsqueeze(1)
+            return self.head(self.att(h, h, h)[0].squeeze(1))
+
+    with pytest.raises(HesslensInputError, match="dropout"):
+        hl.Hessian(Attn().train(), cross_entropy, _data())
+    hl.Hessian(Attn().eval(), cross_entropy, _data())
 
 
 def test_wrong_vector_size():

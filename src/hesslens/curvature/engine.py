@@ -93,6 +93,9 @@ class ProductEngine:
         self.calibration_products = 0
         self._graphs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None
         self._losses_checked = False
+        # allow_dropout=True: each vector of a vmapped batch gets its own dropout mask, as a
+        # looped product would (vmap's default refuses random operations).
+        self._randomness = "different" if getattr(model, "random", False) else "error"
         self._gn_graphs: list[tuple] | None = None
         self._check_first_batch()
 
@@ -209,7 +212,7 @@ class ProductEngine:
 
             for start in range(0, k, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
-                hv = torch.func.vmap(hvp_one)(*(v[sl] for v in vs))
+                hv = torch.func.vmap(hvp_one, randomness=self._randomness)(*(v[sl] for v in vs))
                 for o, h in zip(out, hv):
                     o[sl] += weight * h
         return out
@@ -315,7 +318,7 @@ class ProductEngine:
 
             for start in range(0, k, self.chunk_size):
                 sl = slice(start, start + self.chunk_size)
-                gv = torch.func.vmap(ggn_one)(*(v[sl] for v in vs))
+                gv = torch.func.vmap(ggn_one, randomness=self._randomness)(*(v[sl] for v in vs))
                 for o, g in zip(out, gv):
                     o[sl] += weight * g
         return join_flat(out)

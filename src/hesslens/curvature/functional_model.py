@@ -56,10 +56,8 @@ class FunctionalModel:
                 "the model has no trainable parameters (all have requires_grad=False): there is "
                 "no Hessian to analyse"
             )
-        active_dropout = [
-            name for name, m in model.named_modules()
-            if isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0
-        ]
+        active_dropout = [name for name, m in model.named_modules() if _active_dropout(m)]
+        self.random = bool(active_dropout)
         if active_dropout and not allow_dropout:
             raise HesslensInputError(
                 f"dropout is active in train mode in {active_dropout}: it makes every Hessian "
@@ -96,3 +94,14 @@ class FunctionalModel:
         """The model's output with ``params`` overriding the snapshot."""
         merged = {**self.params, **params}
         return torch.func.functional_call(self.module, (merged, self.buffers), args)
+
+
+def _active_dropout(m: nn.Module) -> bool:
+    """Dropout modules in train mode with ``p > 0``, and modules with their own dropout rate
+    (``nn.MultiheadAttention(dropout=...)``, transformer layers) in train mode."""
+    if not m.training:
+        return False
+    if isinstance(m, _DROPOUT_TYPES):
+        return m.p > 0
+    rate = getattr(m, "dropout", None)
+    return isinstance(rate, float) and rate > 0
