@@ -23,11 +23,11 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-def _write_run(path, seed, acc_final, trace_final=None, **cfg):
+def _write_run(path, seed, acc_final, trace_final=None, seconds=0.5, **cfg):
     config = TrainConfig(epochs=3, seed=seed, **cfg).to_dict()
     epochs = []
     for e in (1, 2, 3):
-        rec = {"epoch": e, "test_acc": acc_final - 0.1 * (3 - e), "epoch_seconds": 0.5 + e * 0,
+        rec = {"epoch": e, "test_acc": acc_final - 0.1 * (3 - e), "epoch_seconds": seconds,
                "train_loss": 1.0 / e}
         if trace_final is not None and e in (2, 3):
             rec["trace"] = trace_final * (1 + 0.5 * (3 - e))
@@ -48,9 +48,12 @@ def test_groups_by_config_and_averages_over_seeds(tmp_path, capsys):
     runs = [
         _write_run(tmp_path / "sgd0", 0, 0.80, 10.0),
         _write_run(tmp_path / "sgd1", 1, 0.84, 14.0),
-        _write_run(tmp_path / "htr0", 0, 0.86, 6.0, htr_gamma=1e-3, htr_layers="middle"),
-        _write_run(tmp_path / "htr1", 1, 0.88, 8.0, htr_gamma=1e-3, htr_layers="middle"),
-        _write_run(tmp_path / "htr2", 2, 0.90, 7.0, htr_gamma=1e-3, htr_layers="middle"),
+        _write_run(tmp_path / "htr0", 0, 0.86, 6.0, seconds=1.5, htr_gamma=1e-3,
+                   htr_layers="middle"),
+        _write_run(tmp_path / "htr1", 1, 0.88, 8.0, seconds=1.5, htr_gamma=1e-3,
+                   htr_layers="middle"),
+        _write_run(tmp_path / "htr2", 2, 0.90, 7.0, seconds=1.5, htr_gamma=1e-3,
+                   htr_layers="middle"),
     ]
     out = tmp_path / "cmp"
     assert run_compare(_args(runs, out)) == 0
@@ -65,7 +68,8 @@ def test_groups_by_config_and_averages_over_seeds(tmp_path, capsys):
     assert sgd["final"]["test_acc"]["std"] == pytest.approx(math.sqrt(2) * 0.02)
     assert htr["final"]["trace"]["mean"] == pytest.approx(7.0)
     assert htr["final"]["top_eigenvalue"]["mean"] == pytest.approx(0.7)
-    assert htr["cost_vs_sgd"] == pytest.approx(1.0)
+    assert htr["cost_vs_sgd"] == pytest.approx(3.0)  # 1.5 s per epoch against 0.5 s
+    assert sgd["cost_vs_sgd"] == pytest.approx(1.0)
     assert sgd["curves"]["test_acc"]["epochs"] == [1, 2, 3]
     assert sgd["curves"]["trace"]["epochs"] == [2, 3]
     with (out / "compare.csv").open() as f:
@@ -141,3 +145,15 @@ def test_end_to_end_with_real_runs(tmp_path, capsys):
     assert sorted(a["label"] for a in res["arms"]) == ["SAM(0.05)", "SGD"]
     assert all(a["n_seeds"] == 2 for a in res["arms"])
     assert not list((tmp_path / "cmp").glob("*.png"))
+
+
+def test_unfinished_runs_are_marked_incomplete(tmp_path):
+    done = _write_run(tmp_path / "a", 0, 0.8, 5.0)
+    cut = _write_run(tmp_path / "b", 1, 0.8, 5.0)
+    metrics = json.loads((cut / "metrics.json").read_text())
+    metrics["epochs"] = metrics["epochs"][:2]  # killed after 2 of 3 epochs
+    (cut / "metrics.json").write_text(json.dumps(metrics))
+    res = compare_runs([str(done), str(cut)])
+    (arm,) = res["arms"]
+    assert arm["complete"] is False
+    assert compare_runs([str(done)])["arms"][0]["complete"] is True

@@ -93,3 +93,16 @@ def test_unknown_layer_and_model_are_input_errors(tmp_path):
         run_train(_parse([*base, "--model", "alexnet", "--out", str(tmp_path / "b")]))
     with pytest.raises(HesslensInputError, match="htr-layers"):
         config_from_args(_parse(["--out", "o", "--htr-layers", ","]))
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from hesslens.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv in (["train", "--model", "alexnet", "--epochs", "1", "--out", str(tmp_path / "a")],
+                 ["train", "--model", "mlp", "--epochs", "1", "--out", str(blocker / "sub")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("hesslens") and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err

@@ -331,14 +331,25 @@ def test_fd_warns_about_dropout():
 def test_penalty_is_a_plain_loss_term_with_any_optimizer(setup):
     """Gradient accumulation: two half-batches accumulate the same as two separate calls."""
     model, x, y, _ = setup
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    halves = ((x[:6], y[:6]), (x[6:], y[6:]))
     pen = HessianTracePenalty(model, layers="middle", seed=0)
-    opt.zero_grad()
-    for xs, ys in ((x[:6], y[:6]), (x[6:], y[6:])):
+    probes = [pen.sample_probes(), pen.sample_probes()]
+    separate = []
+    for (xs, ys), pr in zip(halves, probes):
+        model.zero_grad()
         loss = CE(model(xs), ys)
-        (loss + 0.1 * pen(loss)).backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        (loss + 0.1 * pen(loss, probes=pr)).backward()
+        separate.append([p.grad.clone() for p in model.parameters()])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt.zero_grad()
+    for (xs, ys), pr in zip(halves, probes):
+        loss = CE(model(xs), ys)
+        (loss + 0.1 * pen(loss, probes=pr)).backward()
+    for p, a, b in zip(model.parameters(), *separate):
+        torch.testing.assert_close(p.grad, a + b, rtol=1e-12, atol=1e-14)
+    before = [p.detach().clone() for p in model.parameters()]
     opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
 def test_penalty_is_zero_where_the_loss_is_linear_in_the_chosen_layers():

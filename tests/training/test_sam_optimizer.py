@@ -158,3 +158,37 @@ def test_state_dict_round_trip_and_bad_rho():
                                    opt.base_optimizer.state[p]["momentum_buffer"])
     with pytest.raises(HesslensInputError, match="rho"):
         SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1)
+
+
+def test_sam_momentum_over_several_steps_matches_sgd_on_perturbed_gradients():
+    """SAM(SGD, momentum) = SGD(momentum) fed the gradients at w + rho g/||g||, step after
+    step (the first step alone cannot tell momentum apart)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    ref = copy.deepcopy(model)
+    x, y = _data()
+    rho, lr, mom, wd = 0.1, 0.05, 0.9, 1e-3
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr, momentum=mom,
+              weight_decay=wd)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=mom, weight_decay=wd)
+    for _ in range(4):
+        g = _grads(ref, x, y)
+        norm = torch.sqrt(sum((t**2).sum() for t in g))
+        with torch.no_grad():
+            for p, t in zip(ref.parameters(), g):
+                p.add_(rho * t / norm)
+        g_pert = _grads(ref, x, y)
+        with torch.no_grad():
+            for p, t in zip(ref.parameters(), g):
+                p.sub_(rho * t / norm)
+        for p, t in zip(ref.parameters(), g_pert):
+            p.grad = t
+        ref_opt.step()
+
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        CE(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-9, atol=1e-12)

@@ -300,7 +300,7 @@ class CurvatureOperator:
         if method == "exact":
             value = float(torch.diagonal(self.dense()).sum())
             return TraceResult(value=value, stderr=0.0, n_hvp=self.dim, method="exact",
-                               n_samples=self.dim)
+                               n_samples=0, converged=True)
         raise HesslensInputError(
             f"unknown trace method {method!r}: use 'hutch++', 'hutchinson', 'hutch++-fixed' or "
             "'exact'"

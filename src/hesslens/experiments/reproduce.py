@@ -235,6 +235,18 @@ def _check_plan(out: Path, plan: Plan) -> None:
     write_json(plan_file, plan.to_dict())
 
 
+def _add_seconds(out: Path, key: str, seconds: float) -> dict[str, float]:
+    """Add one leg's time for a stage to ``timings.json``: a study killed and resumed, or run
+    again, reports the time all its legs spent, not the last leg's."""
+    from hesslens.files import write_json
+
+    path = out / "timings.json"
+    held = json.loads(path.read_text()) if path.is_file() else {}
+    held[key] = float(held.get(key, 0.0)) + seconds
+    write_json(path, held)
+    return held
+
+
 def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu",
               progress: bool = True, dtype: Any = None) -> dict[str, Any]:
     """Run (or finish) the whole study into ``out_dir``; returns the content of
@@ -248,14 +260,13 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
         raise HesslensInputError(f"--out {out} exists and is not a folder")
     _check_plan(out, plan)
     t0 = time.perf_counter()
-    timings = {}
     chosen = _tune(plan, out, device, progress)
-    timings["tune_seconds"] = time.perf_counter() - t0
+    _add_seconds(out, "tune_seconds", time.perf_counter() - t0)
     t1 = time.perf_counter()
     runs = _train_final(plan, out, device, chosen, progress)
-    timings["train_seconds"] = time.perf_counter() - t1
+    _add_seconds(out, "train_seconds", time.perf_counter() - t1)
     t2 = time.perf_counter()
     studies = _study(plan, out, runs, device, progress, dtype)
-    timings["study_seconds"] = time.perf_counter() - t2
+    timings = _add_seconds(out, "study_seconds", time.perf_counter() - t2)
     comparison = compare_runs([str(d) for dirs in runs.values() for d in dirs])
     return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings)

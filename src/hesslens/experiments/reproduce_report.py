@@ -185,8 +185,13 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
             *[Figure.from_file(p) for p in pngs])
     report.section(
         "Run",
-        Paragraph("Wall time per stage (seconds): " + ", ".join(
-            f"{k.replace('_seconds', '')} {v:.0f}" for k, v in timings.items())),
+        Paragraph("Wall time per stage (seconds, summed over every leg of a resumed or "
+                  "repeated study): " + ", ".join(
+                      f"{k.replace('_seconds', '')} {v:.0f}" for k, v in timings.items())
+                  + (f". Runs trained {plan.workers} at a time on shared cores, so the cost "
+                     "per epoch against SGD above includes contention; "
+                     "benchmarks/bench_training.py measures step costs in isolation."
+                     if getattr(plan, "workers", 1) > 1 else ".")),
         *[Paragraph("Note: " + n) for n in comparison.get("notes", [])],
         Code(__import__("json").dumps(results["plan"], indent=1), summary="plan"))
     report.write(out / "report.html")

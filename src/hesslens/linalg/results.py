@@ -119,6 +119,9 @@ class TraceResult:
         ``"hutchinson"``, ``"hutch++"`` or ``"exact"``.
     n_samples : int
         Number of random samples behind ``stderr`` (0 for ``"exact"``).
+    converged : bool or None
+        For an estimate run to a target relative standard error (``rtol``): whether it got
+        there before its product budget ran out; ``None`` for a fixed budget.
     """
 
     value: float
@@ -126,6 +129,7 @@ class TraceResult:
     n_hvp: int
     method: str
     n_samples: int
+    converged: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-ready dictionary."""
@@ -135,10 +139,12 @@ class TraceResult:
             "n_hvp": int(self.n_hvp),
             "method": self.method,
             "n_samples": int(self.n_samples),
+            "converged": self.converged,
         }
 
     def __repr__(self) -> str:
+        flag = "" if self.converged is None else f", converged={self.converged}"
         return (
             f"TraceResult(value={_fmt(self.value)} ± {_fmt(self.stderr)}, "
-            f"method={self.method!r}, n_hvp={self.n_hvp}, n_samples={self.n_samples})"
+            f"method={self.method!r}, n_hvp={self.n_hvp}, n_samples={self.n_samples}{flag})"
         )

@@ -86,7 +86,8 @@ def _exact_diagonal(
 
 def _exact(op: SymmetricOperator, batch_size: int) -> TraceResult:
     value = float(_exact_diagonal(op, batch_size).sum())
-    return TraceResult(value=value, stderr=0.0, n_hvp=op.dim, method="exact", n_samples=0)
+    return TraceResult(value=value, stderr=0.0, n_hvp=op.dim, method="exact", n_samples=0,
+                       converged=True)
 
 
 def _mean_stderr(x: Tensor) -> tuple[float, float]:
@@ -391,7 +392,7 @@ def block_traces(
 
         def exact(v: float) -> TraceResult:
             return TraceResult(value=v, stderr=0.0, n_hvp=spent + n, method="exact",
-                               n_samples=0)
+                               n_samples=0, converged=True)
 
         return exact(sum(vals)), {nm: exact(v) for nm, v in zip(names, vals)}
 
@@ -443,10 +444,14 @@ def block_traces(
     method = "hutch++" if U is not None else "hutchinson"
     n_samples = int(X.shape[0])
 
-    def result(value: float, stderr: float) -> TraceResult:
+    def result(value: float, stderr: float, target: float) -> TraceResult:
         return TraceResult(
-            value=value, stderr=stderr, n_hvp=used[0], method=method, n_samples=n_samples
+            value=value, stderr=stderr, n_hvp=used[0], method=method, n_samples=n_samples,
+            converged=bool(stderr <= target),
         )
 
-    full = result(sum(values), _mean_stderr(X.sum(dim=1))[1])
-    return full, {nm: result(values[i], stats[i][1]) for i, nm in enumerate(names)}
+    full_value = sum(values)
+    floor = block_floor * abs(full_value)
+    full = result(full_value, _mean_stderr(X.sum(dim=1))[1], rtol * abs(full_value))
+    return full, {nm: result(values[i], stats[i][1], rtol * max(abs(values[i]), floor))
+                  for i, nm in enumerate(names)}

@@ -50,7 +50,7 @@ CSV_COLUMNS = [
     "wasserstein", "js_divergence", "wasserstein_raw", "authors_distance", "similarity_rank",
     "interlacing_holds",
     "gn_top_eigenvalue", "gn_top_ratio", "gn_trace", "residual_max_abs_eigenvalue",
-    "residual_ratio", "residual_trace", "gn_wasserstein_to_hessian",
+    "residual_ratio", "residual_trace", "residual_trace_stderr", "gn_wasserstein_to_hessian",
 ]
 
 #: The figure files, by key.
@@ -98,6 +98,7 @@ def _row(name: str, entry: Mapping[str, Any], rank: int | None) -> dict[str, Any
         if res_top else None,
         "residual_ratio": gn.get("residual_ratio"),
         "residual_trace": _get(gn, "residual", "trace", "value"),
+        "residual_trace_stderr": _get(gn, "residual", "trace", "stderr"),
         "gn_wasserstein_to_hessian": _get(gn, "similarity_to_hessian", "wasserstein"),
     }
 
@@ -180,6 +181,24 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _budget_note(full: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """Say so when the trace estimate stopped on its product budget, short of the asked-for
+    relative standard error."""
+    rtol, value, se = settings.get("trace_rtol"), full.get("trace"), full.get("trace_stderr")
+    if not rtol or not value or se is None or se <= rtol * abs(value):
+        return ""
+    return (f" (relative standard error {se / abs(value):.1%}: the product budget ended "
+            f"before the {rtol:.0%} asked for)")
+
+
+def _pm(value: Any, stderr: Any) -> str:
+    """``value ± stderr``: a difference of two estimates is shown with its noise, so that a
+    residual trace of -0.05 ± 0.06 does not read as a measured negative curvature."""
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if not stderr else f"{value:.3g} ± {stderr:.2g}"
+
+
 def build_layer_report(
     results: Mapping[str, Any], figures: Mapping[str, str | os.PathLike[str]]
 ) -> Report:
@@ -207,8 +226,8 @@ def build_layer_report(
             f"Loss {_fmt(_get(results, 'point', 'loss'))}, gradient norm "
             f"{_fmt(_get(results, 'point', 'grad_norm'))}. Full Hessian: top eigenvalue "
             f"{_fmt(full['top_eigenvalue'])}, trace {_fmt(full['trace'])} ± "
-            f"{_fmt(full['trace_stderr'], '.2g')}, {full['n_params']} parameters in "
-            f"{len(rows) - 1} layers."),
+            f"{_fmt(full['trace_stderr'], '.2g')}{_budget_note(full, settings)}, "
+            f"{full['n_params']} parameters in {len(rows) - 1} layers."),
         Paragraph(
             "Most similar to the full spectrum (Wasserstein-1 between the spectral measures, "
             f"{normalize}-normalised): " + (", ".join(
@@ -284,7 +303,8 @@ def build_layer_report(
     if "gauss_newton" in figures:
         gn_rows = [[r["name"], r["top_eigenvalue"], r["gn_top_eigenvalue"], r["gn_top_ratio"],
                     r["residual_max_abs_eigenvalue"], r["residual_ratio"], r["gn_trace"],
-                    r["residual_trace"], r["gn_wasserstein_to_hessian"]] for r in rows]
+                    _pm(r["residual_trace"], r.get("residual_trace_stderr")),
+                    r["gn_wasserstein_to_hessian"]] for r in rows]
         report.section(
             "Gauss-Newton split",
             *fig("gauss_newton", "Hess = G + (Hess − G) with G = Jᵀ (∂²loss/∂f²) J. Left: top "
