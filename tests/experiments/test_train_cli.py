@@ -89,6 +89,7 @@ def test_unknown_layer_and_model_are_input_errors(tmp_path):
     with pytest.raises(HesslensInputError, match="layer"):
         run_train(_parse([*base, "--model", "mlp", "--htr", "1e-3", "--htr-layers", "conv9",
                           "--out", str(tmp_path / "a")]))
+    assert not (tmp_path / "a").exists()  # nothing left behind
     with pytest.raises(HesslensInputError, match="model"):
         run_train(_parse([*base, "--model", "alexnet", "--out", str(tmp_path / "b")]))
     with pytest.raises(HesslensInputError, match="htr-layers"):

@@ -172,13 +172,16 @@ def config_from_args(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
+    from hesslens.training.layers_select import select_layers
     from hesslens.training.trainer import _build_model, _load_data, train
 
     config = config_from_args(args)
-    prepare_out_dir(args.out)
-    # Small models train several times faster on one thread than on contended cores.
     data = _load_data(config)
     model = _build_model(config, data)
+    if config.htr_gamma > 0:
+        select_layers(model, config.htr_layers)  # an unknown name fails before --out exists
+    prepare_out_dir(args.out)
+    # Small models train several times faster on one thread than on contended cores.
     apply_threads(getattr(args, "threads", None), sum(p.numel() for p in model.parameters()))
     result = train(config, args.out, progress=not getattr(args, "no_progress", False),
                    resume=bool(getattr(args, "resume", False)), model=model, dataset=data)

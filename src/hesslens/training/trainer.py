@@ -323,8 +323,8 @@ def train(
     ckpt_path = out / CHECKPOINT
     if not resume and (ckpt_path.exists() or (out / METRICS_JSON).exists()):
         raise HesslensInputError(
-            f"{str(out)!r} already holds a training run; pass resume=True (--resume) to "
-            "continue it, or choose another output folder"
+            f"{str(out)!r} already holds a training run; continue it with --resume "
+            "(resume=True in Python), or choose another output folder"
         )
     device = _resolve_device(config.device)
 

@@ -114,7 +114,8 @@ def find_files(
     if root is None:
         raise HesslensInputError(
             f"{dataset}: this data set is read from files on disk, and no root folder was given; "
-            f"pass root=DIR where DIR holds {listing}"
+            f"give the folder (--data-root DIR on the command line, root=DIR in Python) "
+            f"where DIR holds {listing}"
             f"{suffix}. hesslens never downloads data"
         )
     base = Path(root).expanduser()
