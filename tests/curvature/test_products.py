@@ -60,8 +60,9 @@ def test_gauss_newton_and_residual_match_dense(case):
     assert torch.linalg.eigvalsh(G_dense).min() > -1e-10
 
 
-def test_batch_statistics_mode_matches_dense():
-    model, batches, H = _setup("batchnorm", bn="batch")
+@pytest.mark.parametrize("path", ["reverse", "forward"])
+def test_batch_statistics_mode_matches_dense(path):
+    model, batches, H = _setup("batchnorm", path=path, bn="batch")
     dense = dense_hessian(model, cross_entropy, batches, H.parameter_names, bn="batch")
     assert torch.allclose(H.dense(), dense, atol=1e-12)
     eval_dense = dense_hessian(model, cross_entropy, batches, H.parameter_names, bn="eval")

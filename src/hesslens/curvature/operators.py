@@ -24,8 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from hesslens.curvature.engine import LossFn, Path, ProductEngine
 from hesslens.curvature.functional_model import BatchNormMode, FunctionalModel
 from hesslens.curvature.layers import discover_layers, select_layers
 from hesslens.errors import HesslensInputError
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
 from hesslens.linalg import (
     EigenResult,
     Spectrum,
@@ -240,7 +244,7 @@ class CurvatureOperator:
         M = torch.cat(cols, dim=0)
         return (M + M.T) / 2
 
-    def to_scipy(self):
+    def to_scipy(self) -> LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` in float64 (numpy in, numpy out)."""
         from scipy.sparse.linalg import LinearOperator
 
@@ -333,7 +337,7 @@ class CurvatureOperator:
         return block_traces(view, ranges, rtol=rtol, max_hvp=max_hvp, distribution=distribution,
                             seed=seed)
 
-    def layer_traces(self, **kwargs) -> dict[str, TraceResult]:
+    def layer_traces(self, **kwargs: Any) -> dict[str, TraceResult]:
         """Every layer's block trace ``tr(H_ll)`` from shared full-network probes (see
         :meth:`traces`)."""
         return self.traces(**kwargs)[1]
@@ -354,6 +358,12 @@ class CurvatureOperator:
         if isinstance(deflate, int) and not isinstance(deflate, bool):
             k = min(deflate, max(self.dim - 2, 0))
             deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None
+            if deflate is not None and not bool(torch.as_tensor(deflate.converged).all()):
+                warnings.warn(
+                    f"density(): {int((~torch.as_tensor(deflate.converged)).sum())} of the {k} "
+                    "eigenpairs used for deflation did not converge; the outliers of the "
+                    "density are approximate (pass deflate=0, or a converged eigenvalues() "
+                    "result)", stacklevel=2)
         spectrum, _ = slq(self, n_probes=n_probes, n_steps=min(n_steps, self.dim), seed=seed,
                           distribution=distribution, deflate=deflate)
         return spectrum
