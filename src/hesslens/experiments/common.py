@@ -228,13 +228,9 @@ def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     path = Path(path)
     if not path.is_file():
         raise HesslensInputError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HesslensInputError(
-            f"cannot read checkpoint {path}: not a torch file loadable with weights_only=True "
-            f"({first[:200]})") from None
+    from hesslens.training.checkpoint import load_checkpoint
+
+    obj = load_checkpoint(path)
     rest: dict[str, Any] = {}
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         rest = {k: v for k, v in obj.items() if k != "model"}

@@ -88,6 +88,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling and zip errors come in many types
         raise HesslensInputError(
-            f"cannot read checkpoint {path} ({type(err).__name__}): not a hesslens checkpoint "
-            "loadable with weights_only=True, or truncated; start the run again in a new folder"
+            f"cannot read checkpoint {path} ({type(err).__name__}): not a file that "
+            "torch.load(weights_only=True) can read (truncated, or holding other objects than "
+            "tensors and plain data)"
         ) from None
