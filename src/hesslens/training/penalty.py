@@ -438,11 +438,9 @@ class HessianTracePenalty:
                 "so that the penalty re-evaluates the loss with differentiable normalisation, "
                 "or use method='fd'"
             )
-        params = self.parameters()
-        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
         # Batch statistics as in the training pass, on copies of the running statistics; the
         # global random-number stream is left where the training pass left it.
-        buffers = {n: b.clone() for n, b in self._stat_buffers()} if self.model.training else {}
+        buffers, devices = self._side_pass_state(self.parameters())
         with torch.random.fork_rng(devices=devices), DecomposedNorms():
             out = torch.func.functional_call(self.model, buffers, (inputs,), tie_weights=False)
             return self.loss_fn(out, targets)
@@ -493,11 +491,7 @@ class HessianTracePenalty:
         rel = self.fd_eps if self.fd_eps is not None else default_fd_eps(params[0].dtype)
         scale = theta_norm if theta_norm > 0 else 1.0
         n_entries = sum(p.numel() for p in params)
-        buffers: dict[str, Tensor] = {}
-        if self.model.training:
-            # Run the perturbed passes on copies so BatchNorm running stats stay untouched.
-            buffers = {n: b.clone() for n, b in self._stat_buffers()}
-        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        buffers, devices = self._side_pass_state(params)
         self.last_fd_steps = []
         total: Tensor | None = None
         for v in probes:
@@ -530,14 +524,18 @@ class HessianTracePenalty:
             return loss * 0.0
         return total / len(probes)
 
-    def _stat_buffers(self) -> list[tuple[str, Tensor]]:
-        """The buffers a training-mode forward pass updates in place (normalisation stats)."""
-        out = []
-        for full_name, module, attr in self._stat_slots:
-            b = getattr(module, attr, None)
-            if isinstance(b, Tensor):
-                out.append((full_name, b))
-        return out
+    def _side_pass_state(self, params: Sequence[Tensor]) -> tuple[dict[str, Tensor], list]:
+        """For a forward pass of our own beside the training pass: copies of the buffers a
+        training-mode pass updates in place (normalisation statistics; none in eval mode), so
+        the model's stay untouched, and the CUDA devices whose random state to fork."""
+        buffers: dict[str, Tensor] = {}
+        if self.model.training:
+            for full_name, module, attr in self._stat_slots:
+                b = getattr(module, attr, None)
+                if isinstance(b, Tensor):
+                    buffers[full_name] = b.clone()
+        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
+        return buffers, devices
 
     def _warn_piecewise_linear(self) -> None:
         if self._warned_kinks:
