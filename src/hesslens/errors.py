@@ -20,3 +20,16 @@ class HesslensError(Exception):
 
 class HesslensInputError(HesslensError, ValueError):
     """Bad input: the message names the problem and what to do about it."""
+
+
+class DataChangedError(HesslensInputError):
+    """The data differed between two passes (a shuffling or augmenting loader, batch sizes that
+    change): the operator would mix several matrices into one."""
+
+
+class NonFiniteCurvatureError(HesslensError, ArithmeticError):
+    """A curvature product came out NaN or infinite, though the loss itself may be finite."""
+
+
+class BudgetWarning(UserWarning):
+    """An estimator stopped on its product budget before reaching the accuracy asked for."""
