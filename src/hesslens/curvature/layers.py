@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,22 +33,67 @@ def discover_layers(model: nn.Module, example_inputs: object = None) -> dict[str
     BatchNorm statistics); otherwise, and for modules the forward pass does not call, in
     registration order. Parameter names are those of ``model.named_parameters()``.
     """
+    owned = owned_parameters(model, lambda _name, param: param.requires_grad)
+    return forward_sorted(model, owned, example_inputs)
+
+
+def owned_parameters(
+    model: nn.Module, keep: Callable[[str, nn.Parameter], bool]
+) -> dict[str, list[str]]:
+    """Map each module (``ROOT_LAYER`` for the model itself) to the names of the parameters it
+    owns directly and ``keep(name, parameter)`` accepts, in registration order. A parameter
+    shared between modules belongs to the first module that owns it; names are those of
+    ``model.named_parameters()``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> owned_parameters(model, lambda name, param: name.endswith("weight"))
+        {'0': ['0.weight'], '1': ['1.weight']}
+    """
     owned: dict[str, list[str]] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         names = []
         for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
+            if id(param) in seen:
                 continue
             seen.add(id(param))
-            names.append(f"{module_name}.{param_name}" if module_name else param_name)
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if keep(name, param):
+                names.append(name)
         if names:
             owned[module_name or ROOT_LAYER] = names
+    return owned
+
+
+def forward_sorted(
+    model: nn.Module, owned: dict[str, list[str]], example_inputs: object = None
+) -> dict[str, list[str]]:
+    """``owned`` (keyed by module name) reordered by when the modules are first called in one
+    forward pass on ``example_inputs``; modules the pass does not call, and every module when
+    ``example_inputs`` is None, keep their order at the end."""
     if example_inputs is None or len(owned) < 2:
         return owned
     order = _call_order(model, example_inputs, set(owned))
     ranked = sorted(owned, key=lambda name: order.get(name, len(order)))
     return {name: owned[name] for name in ranked}
+
+
+def module_call_ranks(model: nn.Module, example_inputs: object) -> dict[str, int]:
+    """Every module's rank in the order of first calls in one forward pass on
+    ``example_inputs`` (``ROOT_LAYER`` for the model itself, rank -1): larger is later; modules
+    the pass does not call are absent. A tuple or list is passed as positional arguments, a
+    mapping as keyword arguments (``model(**batch)``), anything else as the one argument. The
+    pass runs on a copy in eval mode, without gradients.
+
+    Example:
+        >>> model = torch.nn.Sequential(
+        ...     torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> module_call_ranks(model, torch.zeros(1, 3))
+        {'<root>': -1, '0': 1, '1': 2, '2': 3}
+    """
+    wanted = {name or ROOT_LAYER for name, _ in model.named_modules()}
+    return _call_order(model, example_inputs, wanted)
 
 
 def _call_order(model: nn.Module, example_inputs: object, wanted: set[str]) -> dict[str, int]:
@@ -70,6 +115,8 @@ def _call_order(model: nn.Module, example_inputs: object, wanted: set[str]) -> d
         with torch.no_grad():
             if isinstance(example_inputs, (tuple, list)):
                 probe(*example_inputs)
+            elif isinstance(example_inputs, Mapping):  # a Hugging Face style batch
+                probe(**example_inputs)
             else:
                 probe(example_inputs)
     finally:
@@ -102,11 +149,11 @@ def middle_indices(n: int) -> range:
     return range(lo, max(hi, lo + 1))
 
 
-def select_layers(
-    layers: Mapping[str, Sequence[str]], names: str | Sequence[str]
-) -> list[str]:
+def select_layers(layers: Mapping[str, Sequence[object]], names: str | Sequence[str]) -> list[str]:
     """Resolve a layer selection: ``"all"``, ``"middle"``, one name, or a list of names.
 
+    ``layers`` is any mapping keyed by layer name in forward order: {layer: parameter names}, or
+    the blocks of :func:`hesslens.curvature.blocks.resolve_blocks` (values are not looked at).
     ``"middle"`` is the layers :func:`middle_indices` picks among the ``n`` layers in forward
     order: the middle half of the network.
 
