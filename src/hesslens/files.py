@@ -1,6 +1,10 @@
 """Writing results: JSON-safe conversion and atomic writers (temporary file + ``os.replace``,
 so a reader never sees a half-written file and an interrupted run leaves the old one).
 
+A process killed in the middle of a write leaves its temporary file behind
+(``.NAME.PID-TOKEN.XXXXXXXX.tmp``); :func:`remove_stale_temporaries`, called when a run starts
+in a folder, deletes those whose writer is gone.
+
 Example:
     >>> import numpy as np, torch, tempfile, os, json
     >>> to_jsonable({"a": torch.tensor([1.0, 2.0]), "b": np.float32(0.5), "c": float("nan")})
@@ -9,6 +13,9 @@ Example:
     >>> p = write_json(os.path.join(d, "r.json"), {"x": np.arange(3)})
     >>> json.load(open(p))
     {'x': [0, 1, 2]}
+    >>> _ = open(os.path.join(d, ".r.json.999999999-dead.abcd1234.tmp"), "w").close()
+    >>> [q.name for q in remove_stale_temporaries(d)], sorted(os.listdir(d))
+    (['.r.json.999999999-dead.abcd1234.tmp'], ['r.json'])
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import io
 import json
 import math
 import os
+import re
+import secrets
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +39,7 @@ import numpy as np
 from hesslens.errors import HesslensInputError
 
 __all__ = [
+    "remove_stale_temporaries",
     "to_jsonable",
     "write_bytes",
     "write_csv",
@@ -85,6 +95,58 @@ def _umask() -> int:
     return mask
 
 
+#: Marks this process's temporary files: a file with our pid but another token was left by an
+#: earlier process that had the same pid (containers reuse pids), so it is stale.
+_TOKEN = secrets.token_hex(4)
+# .NAME.PID-TOKEN.RANDOM.tmp (this version) or .NAME.RANDOM.tmp (before owners were recorded)
+_TMP_OWNED = re.compile(r"^\..+\.(\d+)-([0-9a-z]+)\.[0-9a-z_]{8}\.tmp$")
+_TMP_LEGACY = re.compile(r"^\..+\.[0-9a-z_]{8}\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Delete the temporary files that interrupted atomic writes left in ``folder`` (not its
+    sub-folders): those whose writing process no longer runs. Files of live writers, and
+    everything that is not such a temporary file, are kept. Returns the paths removed; a
+    missing folder removes nothing.
+
+    >>> import tempfile
+    >>> remove_stale_temporaries(tempfile.mkdtemp())
+    []
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        owned = _TMP_OWNED.match(name)
+        if owned:
+            pid, token = int(owned.group(1)), owned.group(2)
+            if pid == os.getpid():
+                stale = token != _TOKEN
+            else:
+                stale = not _alive(pid)
+        else:
+            stale = bool(_TMP_LEGACY.match(name))
+        if stale and entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
 def write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent folders are created); returns the path."""
     path = Path(path)
@@ -93,7 +155,15 @@ def write_bytes(path: PathLike, data: bytes) -> Path:
     except (FileExistsError, NotADirectoryError):
         raise HesslensInputError(
             f"cannot write {path}: a parent of it is a file, not a folder") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError:
+        raise HesslensInputError(
+            f"cannot write {path}: no permission to create its folder") from None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-{_TOKEN}.",
+                                   suffix=".tmp")
+    except OSError as err:
+        raise HesslensInputError(
+            f"cannot write {path}: {err.strerror or err} (is the folder writable?)") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -5,6 +5,12 @@ Every file is written to a temporary file in the same folder and moved into plac
 torn one. Random-number states are stored as tensors, ints and lists (no numpy arrays, no
 pickled objects) so that the safe loader accepts them.
 
+A checkpoint also records what repeating the run bit for bit needs
+(:func:`hesslens.provenance.bit_exactness`: torch's thread count, the deterministic-algorithms
+flag, the torch version, the device type); :func:`check_bit_exactness` warns, naming each one,
+when a resumed run differs (its results may then differ from an uninterrupted run in the last
+bits).
+
 Example:
     >>> import tempfile, random, os
     >>> d = tempfile.mkdtemp()
@@ -13,6 +19,10 @@ Example:
     >>> restore_rng_state(state)
     >>> random.random() == a
     True
+    >>> save_checkpoint(os.path.join(d, "c.pt"), {"model": {"w": torch.zeros(2)}})
+    >>> ckpt = load_checkpoint(os.path.join(d, "c.pt"))
+    >>> sorted(ckpt["bit_exactness"]), check_bit_exactness(ckpt)
+    (['deterministic_algorithms', 'device_type', 'threads', 'torch'], [])
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,9 +39,12 @@ import torch
 
 from hesslens.errors import HesslensInputError
 from hesslens.files import write_bytes
+from hesslens.provenance import bit_exactness
 
 __all__ = [
+    "ResumeDiffersWarning",
     "capture_rng_state",
+    "check_bit_exactness",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -74,11 +89,60 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- checkpoints
+class ResumeDiffersWarning(UserWarning):
+    """A run resumes under other settings than those its checkpoint was written with (threads,
+    deterministic algorithms, torch version, device type): it may end a few last bits away
+    from the uninterrupted run."""
+
+
+def _device_type(payload: Mapping[str, Any]) -> str:
+    """The device type of the first tensor of ``payload["model"]`` (a state_dict), else cpu."""
+    model = payload.get("model")
+    if isinstance(model, Mapping):
+        for value in model.values():
+            if isinstance(value, torch.Tensor):
+                return value.device.type
+    return "cpu"
+
+
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """``torch.save`` to memory, then an atomic write."""
+    """``torch.save`` to memory, then an atomic write. Adds ``payload["bit_exactness"]``
+    (:func:`hesslens.provenance.bit_exactness` of this process, on the device of the model's
+    tensors) unless the payload has one."""
+    if "bit_exactness" not in payload:
+        payload = {**payload, "bit_exactness": bit_exactness(_device_type(payload))}
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes(path, buf.getvalue())
+
+
+def check_bit_exactness(
+    checkpoint: Mapping[str, Any], path: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+) -> list[str]:
+    """Compare the bit-exactness settings saved in ``checkpoint`` with this process's (on
+    ``device``; default: the device type saved) and warn with a :class:`ResumeDiffersWarning`
+    naming each that differs. Returns the names that differ (``[]``: same settings, or a
+    checkpoint too old to hold them, which is also warned about).
+    """
+    where = f" {os.fspath(path)}" if path is not None else ""
+    saved = checkpoint.get("bit_exactness")
+    if not isinstance(saved, Mapping):
+        warnings.warn(
+            f"checkpoint{where} does not record the thread count, deterministic-algorithms "
+            "flag, torch version and device it was written with; the resumed run may differ "
+            "from an uninterrupted one in the last bits", ResumeDiffersWarning, stacklevel=2)
+        return []
+    now = bit_exactness(device if device is not None else saved.get("device_type", "cpu"))
+    differ = [k for k in now if saved.get(k) != now[k]]
+    if differ:
+        detail = ", ".join(f"{k} {saved.get(k)!r} then, {now[k]!r} now" for k in differ)
+        hint = " (set --threads to the saved count)" if "threads" in differ else ""
+        warnings.warn(
+            f"resuming checkpoint{where} with other settings than it was written with: "
+            f"{detail}; results may differ from an uninterrupted run in the last bits{hint}",
+            ResumeDiffersWarning, stacklevel=2)
+    return differ
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -60,9 +60,11 @@ import torch
 from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
-from hesslens.files import to_jsonable, write_csv, write_json
+from hesslens.files import remove_stale_temporaries, to_jsonable, write_csv, write_json
+from hesslens.provenance import dataset_fingerprint, versions
 from hesslens.training.checkpoint import (
     capture_rng_state,
+    check_bit_exactness,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -273,11 +275,13 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def write_metrics(out_dir: Path, config: TrainConfig, records: Sequence[dict[str, Any]]) -> None:
+def write_metrics(out_dir: Path, config: TrainConfig, records: Sequence[dict[str, Any]],
+                  provenance: dict[str, Any] | None = None) -> None:
     """``metrics.json`` (config, arm label, records) and ``metrics.csv`` (flat), atomically."""
     write_json(
         out_dir / METRICS_JSON,
-        {"config": config.to_dict(), "arm": arm_label(config), "epochs": list(records)},
+        {"config": config.to_dict(), "arm": arm_label(config), "epochs": list(records),
+         **(provenance or {})},  # data fingerprint and versions
     )
     flat = [_flatten(r) for r in records]
     write_csv(out_dir / METRICS_CSV, flat, _csv_columns(flat))
@@ -353,6 +357,9 @@ def train(
         )
     loss_fn = nn.functional.cross_entropy
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # left by a kill during an atomic write
+    provenance = {"data": dataset_fingerprint(data, getattr(data, "name", config.data)),
+                  "versions": versions(device)}
 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
@@ -383,6 +390,7 @@ def train(
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         _check_resume(ckpt, config, ckpt_path)
+        check_bit_exactness(ckpt, ckpt_path, device)  # threads, flags, torch, device
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -495,14 +503,14 @@ def train(
                 # callback put numpy scalars or other objects in a record.
                 "metrics": to_jsonable(records),
             })
-            write_metrics(out, config, records)
+            write_metrics(out, config, records, provenance)
             bar.set_postfix(train_acc=f"{record['train_acc']:.3f}",
                             test_acc=f"{record['test_acc']:.3f}")
             bar.update(1)
     finally:
         bar.close()
     if not records:
-        write_metrics(out, config, records)
+        write_metrics(out, config, records, provenance)
     return {
         "config": config.to_dict(),
         "arm": arm_label(config),
