@@ -103,6 +103,8 @@ def test_registry_and_info():
         "svhn",
         "cifar10",
         "cifar100",
+        "modadd",  # token tasks, tested in test_zoo_transformers.py
+        "seqcopy",
     ]
     assert dataset_info("cifar10").num_classes == 10
     assert dataset_info("cifar100").num_classes == 100

@@ -34,6 +34,7 @@ from hesslens.zoo import readers
 from hesslens.zoo._checks import check_int
 from hesslens.zoo.bundled import DIGITS_SCALE, digits_arrays, mnist1d_arrays
 from hesslens.zoo.dataset import Dataset, split_train_val
+from hesslens.zoo.tasks import TASKS, load_task
 
 DIGITS_TEST_FRACTION = 0.2  # 1797 -> 1437 train / 360 test, stratified
 
@@ -91,6 +92,9 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
     )
 }
+DATASETS.update(  # token tasks for gpt-nano (hesslens.zoo.tasks): ids and labels (N, T)
+    {n: DatasetInfo(n, t.input_shape, t.num_classes, (), t.description) for n, t in TASKS.items()}
+)
 
 _Root = str | os.PathLike[str] | None
 # name -> (reader of raw (x_train, y_train, x_test, y_test), value that maps the raw data to [0, 1])
@@ -183,6 +187,8 @@ def load_dataset(name: str, root: _Root = None, seed: int = 0, normalize: bool =
     if name not in DATASETS:
         raise _unknown(name)
     seed = check_int(seed, "seed")
+    if name in TASKS:  # a TokenDataset; seed draws its split, normalize does not apply
+        return load_task(name, seed)
     info = DATASETS[name]
     reader, scale = _READERS[name]
     x_train, y_train, x_test, y_test = reader(root, seed)

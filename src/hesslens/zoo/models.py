@@ -8,7 +8,7 @@ they are built (``build_model(..., seed=s)`` fixes it without touching the globa
 Example:
     >>> from hesslens.zoo.models import build_model, MODELS
     >>> sorted(MODELS)
-    ['cnn1d', 'lenet', 'mlp', 'resnet18', 'resnet20', 'vgg11', 'vgg11_bn']
+    ['cnn1d', 'gpt-nano', 'lenet', 'mlp', 'resnet18', 'resnet20', 'vgg11', 'vgg11_bn', 'vit-tiny']
     >>> model = build_model("lenet", (1, 8, 8), num_classes=10, seed=0)
     >>> type(model).__name__
     'LeNet5'
@@ -25,6 +25,7 @@ from torch import nn
 from hesslens.errors import HesslensInputError
 from hesslens.zoo._checks import check_int
 from hesslens.zoo.cnn1d import cnn1d
+from hesslens.zoo.hf_models import gpt_nano, vit_tiny
 from hesslens.zoo.lenet import lenet5
 from hesslens.zoo.mlp import mlp
 from hesslens.zoo.resnet import resnet18, resnet20
@@ -38,6 +39,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg11_bn": vgg11_bn,
     "resnet18": resnet18,
     "resnet20": resnet20,
+    "gpt-nano": gpt_nano,  # Hugging Face (transformers imported only when built); input_shape
+    "vit-tiny": vit_tiny,  # (T,) and num_classes = vocabulary for gpt-nano; see zoo.inputs
 }
 
 

@@ -1,0 +1,155 @@
+"""Two small Hugging Face transformers, built from a config (never downloaded): ``gpt-nano``,
+a ``GPT2LMHeadModel`` for the token tasks of :mod:`hesslens.zoo.tasks`, and ``vit-tiny``, a
+``ViTForImageClassification`` for the 8x8 ``digits`` or MNIST-1D.
+
+``transformers`` is imported only when one of them is built (``pip install "hesslens[hf]"``).
+Both are built with every dropout probability 0, so they may stay in train mode (the curvature
+operators refuse dropout only when it is active) and their forward is deterministic. Attention
+is the library's default (``sdpa``). Both compute their own loss from ``labels``, a batch mean
+(the language model's over the label tokens that are not ``-100``); see
+:func:`hesslens.zoo.inputs.model_batches` for the batches they take.
+
+Example:
+    >>> import torch
+    >>> from hesslens.zoo.hf_models import gpt_nano
+    >>> model = gpt_nano((4,), 24)
+    >>> model(input_ids=torch.zeros(2, 4, dtype=torch.long)).logits.shape
+    torch.Size([2, 4, 24])
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from types import ModuleType
+
+from torch import nn
+
+from hesslens.errors import HesslensInputError
+from hesslens.zoo._checks import check_input_shape, check_positive_int
+
+
+def import_transformers(what: str) -> ModuleType:
+    """Import ``transformers``, or raise a :class:`HesslensInputError` that says how to install it.
+
+    >>> import_transformers("gpt-nano").__name__
+    'transformers'
+    """
+    try:
+        import transformers
+    except ImportError as err:
+        raise HesslensInputError(
+            f"{what} is built with Hugging Face transformers, which is not installed: "
+            'pip install "hesslens[hf]" (or pip install transformers)'
+        ) from err
+    return transformers
+
+
+def _heads(width: int, heads: int, what: str) -> None:
+    if width % heads:
+        raise HesslensInputError(
+            f"{what}: the width {width} is not divisible by the {heads} attention heads; "
+            "choose a width that is a multiple of the number of heads"
+        )
+
+
+def gpt_nano(
+    input_shape: Sequence[int],
+    num_classes: int,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 2,
+) -> nn.Module:
+    """A GPT-2 language model (``GPT2LMHeadModel``) sized for the zoo's token tasks.
+
+    Args:
+        input_shape: ``(T,)``, the sequence length; it becomes ``n_positions``.
+        num_classes: the vocabulary size (``vocab_size``; the number of output logits).
+        n_layer, n_embd, n_head: depth, width and attention heads (``n_embd % n_head == 0``);
+            the MLP is ``4 * n_embd`` wide, the output layer is tied to the token embedding as
+            in GPT-2. The defaults give 26,368 parameters for ``"modadd"`` (vocabulary 24).
+
+    Dropout (embedding, attention, residual) is 0 and ``use_cache`` is off.
+
+    >>> model = gpt_nano((4,), 24)
+    >>> sum(p.numel() for p in model.parameters()), model.config.n_positions
+    (26368, 4)
+    """
+    (seq_len,) = check_input_shape(input_shape, "gpt-nano", ndims=(1,))
+    vocab = check_positive_int(num_classes, "num_classes")
+    n_layer = check_positive_int(n_layer, "n_layer")
+    n_embd = check_positive_int(n_embd, "n_embd")
+    n_head = check_positive_int(n_head, "n_head")
+    _heads(n_embd, n_head, "gpt-nano")
+    tf = import_transformers("gpt-nano")
+    config = tf.GPT2Config(
+        vocab_size=vocab, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        bos_token_id=None, eos_token_id=None,
+    )
+    model = tf.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # its loss, named (transformers warns when it must guess)
+    return model
+
+
+def _patch(patch_size: object, image: tuple[int, int]) -> tuple[int, int]:
+    if patch_size is None:
+        patch = (2, 2) if image[0] > 1 else (1, 4)
+    elif isinstance(patch_size, numbers.Integral) and not isinstance(patch_size, bool):
+        patch = (min(int(patch_size), image[0]), int(patch_size))
+    elif isinstance(patch_size, Sequence) and len(patch_size) == 2:
+        patch = (check_positive_int(patch_size[0], "patch_size"),
+                 check_positive_int(patch_size[1], "patch_size"))
+    else:
+        raise HesslensInputError(
+            f"vit-tiny: patch_size must be an int or (h, w), got {patch_size!r}"
+        )
+    if patch[0] < 1 or patch[1] < 1 or image[0] % patch[0] or image[1] % patch[1]:
+        raise HesslensInputError(
+            f"vit-tiny: patches of {patch} do not tile images of {image}; choose a patch size "
+            "that divides the height and width"
+        )
+    return patch
+
+
+def vit_tiny(
+    input_shape: Sequence[int],
+    num_classes: int,
+    patch_size: int | tuple[int, int] | None = None,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 2,
+) -> nn.Module:
+    """A Vision Transformer classifier (``ViTForImageClassification``) for small inputs.
+
+    Args:
+        input_shape: ``(C, H, W)`` images, or ``(C, L)`` signals (MNIST-1D), taken as images of
+            height 1 (:func:`~hesslens.zoo.inputs.model_batches` adds that axis).
+        num_classes: ``num_labels``.
+        patch_size: an int (capped at the height), or ``(h, w)``; default 2x2 for images
+            (digits: 16 patches) and 1x4 for signals (MNIST-1D: 10 patches).
+        hidden_size, num_hidden_layers, num_attention_heads: width, depth and heads; the MLP
+            is ``2 * hidden_size`` wide.
+
+    Dropout is 0; ``problem_type`` is single-label classification (cross-entropy, batch mean).
+
+    >>> model = vit_tiny((1, 8, 8), 10)
+    >>> sum(p.numel() for p in model.parameters()), model.config.patch_size
+    (18218, (2, 2))
+    """
+    shape = check_input_shape(input_shape, "vit-tiny", ndims=(2, 3))
+    channels, image = shape[0], ((1, shape[1]) if len(shape) == 2 else (shape[1], shape[2]))
+    labels = check_positive_int(num_classes, "num_classes")
+    hidden = check_positive_int(hidden_size, "hidden_size")
+    layers = check_positive_int(num_hidden_layers, "num_hidden_layers")
+    heads = check_positive_int(num_attention_heads, "num_attention_heads")
+    _heads(hidden, heads, "vit-tiny")
+    patch = _patch(patch_size, image)
+    tf = import_transformers("vit-tiny")
+    config = tf.ViTConfig(
+        image_size=image, patch_size=patch, num_channels=channels, hidden_size=hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=labels,
+        problem_type="single_label_classification",
+    )
+    return tf.ViTForImageClassification(config)
