@@ -3,8 +3,8 @@
 * MNIST / FashionMNIST: the four idx files ``train-images-idx3-ubyte``,
   ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, plain or
   gzipped (``.gz``); the ``name.idx3-ubyte`` spelling is accepted too.
-* SVHN: ``train_32x32.mat`` and ``test_32x32.mat`` (the "cropped digits" format; label 10
-  means digit 0). ``extra_32x32.mat`` is not read.
+* SVHN: ``train_32x32.mat`` and ``test_32x32.mat`` (the "cropped digits" format; labels are
+  1..10 and label 10 means digit 0). ``extra_32x32.mat`` is not read.
 * CIFAR-10: ``cifar-10-batches-py/data_batch_1`` ... ``data_batch_5`` and ``test_batch``.
 * CIFAR-100: ``cifar-100-python/train`` and ``test`` (fine labels, 100 classes).
 
@@ -14,8 +14,11 @@ arrays, so a tampered file cannot run code.
 Each ``read_*`` function takes the user's ``root`` folder, looks for the files in a few usual
 places under it (listed in :data:`SEARCH_DIRS`), and returns raw arrays
 ``(x_train, y_train, x_test, y_test)``: uint8 images ``(N, C, H, W)`` and int64 labels.
-Missing files raise :class:`~hesslens.errors.HesslensInputError` naming the files expected and
-every folder searched.
+Values are checked, never cast silently: pixel values must be whole numbers in ``[0, 255]``
+(float files too: NaN, fractions and out-of-range values are refused), labels integers in
+``[0, num_classes)`` (strings by name). Missing files raise
+:class:`~hesslens.errors.HesslensInputError` naming the files expected and every folder
+searched.
 
 Example:
     >>> import tempfile
@@ -182,16 +185,58 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
+def _examples(values: np.ndarray, bad: np.ndarray, limit: int = 3) -> str:
+    flat = values.reshape(-1)[bad.reshape(-1)][:limit]
+    return ", ".join(repr(v.item() if hasattr(v, "item") else v) for v in flat)
+
+
+def _whole_numbers(a: np.ndarray, what: str, where: str, lo: int, hi: int) -> np.ndarray:
+    """``a`` as int64 if it holds whole numbers in ``[lo, hi]``; otherwise an error naming the
+    dtype or the offending values (NaN, fractions, out of range) -- never a silent cast."""
+    kind = a.dtype.kind
+    if kind in "US":
+        raise HesslensInputError(
+            f"{where}: {what} are strings (dtype {a.dtype}), e.g. "
+            f"{_examples(a, np.ones(a.shape, bool))}; expected integers in [{lo}, {hi}]")
+    if kind not in "iuf":
+        raise HesslensInputError(
+            f"{where}: {what} have dtype {a.dtype} "
+            f"({'booleans' if kind == 'b' else 'not numbers'}); expected integers in [{lo}, {hi}]")
+    if a.size == 0:
+        return a.astype(np.int64)
+    if kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise HesslensInputError(
+                f"{where}: {int(bad.sum())} {what} are NaN or infinite (e.g. {_examples(a, bad)}); "
+                f"expected integers in [{lo}, {hi}]")
+        bad = a != np.round(a)
+        if bad.any():
+            raise HesslensInputError(
+                f"{where}: {int(bad.sum())} {what} are not whole numbers (e.g. "
+                f"{_examples(a, bad)}); expected integers in [{lo}, {hi}]"
+                + (" (images scaled to [0, 1]? give the raw 0..255 values)"
+                   if what == "pixel values" else ""))
+    bad = (a < lo) | (a > hi)
+    if bad.any():
+        raise HesslensInputError(
+            f"{where}: {int(bad.sum())} {what} lie outside [{lo}, {hi}] (e.g. {_examples(a, bad)}, "
+            f"range {a.min().item()}..{a.max().item()})")
+    return a.astype(np.int64)
+
+
 def _check_split(
     x: np.ndarray, y: np.ndarray, where: str, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 and labels as int64, refusing (by name) anything a cast would change:
+    pixel values that are not whole numbers in [0, 255] (NaN, fractions, out of range),
+    labels that are not integers in [0, num_classes) (strings, fractions, negatives)."""
+    x, y = np.asarray(x), np.asarray(y)
     if len(x) != len(y):
         raise HesslensInputError(f"{where}: {len(x)} images but {len(y)} labels")
-    y = y.astype(np.int64)
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise HesslensInputError(
-            f"{where}: labels must lie in [0, {num_classes}), found {y.min()}..{y.max()}"
-        )
+    y = _whole_numbers(y, "labels", where, 0, num_classes - 1)
+    if x.dtype != np.uint8:
+        _whole_numbers(x, "pixel values", where, 0, 255)
     return np.ascontiguousarray(x, dtype=np.uint8), y
 
 
@@ -238,8 +283,9 @@ def read_svhn(root: str | os.PathLike[str] | None) -> RawSplits:
                 f"{paths[name]}: expected the SVHN variables X (32, 32, 3, N) and y (N, 1)"
             )
         x = np.transpose(mat["X"], (3, 2, 0, 1))
-        y = np.asarray(mat["y"]).reshape(-1).astype(np.int64) % 10
-        out += _check_split(x, y, str(paths[name]), 10)
+        # SVHN's labels are 1..10, where 10 stands for the digit 0; anything else is refused
+        y = _whole_numbers(np.asarray(mat["y"]).reshape(-1), "labels", str(paths[name]), 1, 10)
+        out += _check_split(x, np.where(y == 10, 0, y), str(paths[name]), 10)
     return out[0], out[1], out[2], out[3]
 
 
