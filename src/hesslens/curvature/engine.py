@@ -1,29 +1,27 @@
-"""The product engine: Hessian- and Gauss-Newton-vector products of a model's mean loss.
+"""The product engine: one data loop around the per-batch products of
+:mod:`hesslens.curvature.products`, and one reduction step.
 
-Two ways to compute ``H v``, both over the same functional model:
+The loop owns what every product shares: moving each batch to the model's device and dtype,
+its weight (its share of the loss terms), the check that the data is the same on every pass,
+each batch's loss check on first use, and the cache of first-order graphs (bounded in bytes:
+batches whose graphs do not fit are rebuilt on every pass). :meth:`ProductEngine.reduce` is
+where the products of several batches, summed here, would be summed over processes too.
 
-``"reverse"``
-    double backward on a first-order graph built once per batch and reused by every product
-    (``autograd.grad(g, params, v, retain_graph=True)``), one vector at a time. (``"auto"``
-    also tries ``is_grads_batched``, vmap over the backward pass, for batches of vectors.)
-``"forward"``
-    forward-over-reverse, ``jvp(grad(loss), v)`` with ``torch.func``, vmapped over a batch of
-    vectors in memory-bounded chunks. Nothing is cached, so it suits data too large to keep
-    graphs for.
-
-Which is faster depends on the model and the device (on a CPU, double backward is cheaper for a
-ResNet, and vmapped products help an MLP; on a GPU, batching helps both), so ``"auto"`` times
-each candidate on the first batch of vectors it sees and keeps the fastest; ``.choice`` records
-it. Pin ``path=`` for bitwise-identical products across runs.
+Hessian products have three paths: ``"reverse"`` (double backward on a kept graph, looped or
+batched with ``is_grads_batched``), ``"forward"`` (forward-over-reverse, vmapped), ``"fd"``
+(finite differences of gradients: no second-order autograd, any kernel). ``"auto"`` times the
+exact candidates on the first products and keeps the fastest (``.choice``); pin ``path=`` for
+bitwise-repeatable products.
 
 Example:
     >>> import torch
     >>> from hesslens.curvature.data import BatchSource
     >>> from hesslens.curvature.functional_model import FunctionalModel
+    >>> from hesslens.curvature.loss import BatchLoss
     >>> net = torch.nn.Linear(3, 1)
     >>> data = BatchSource((torch.randn(8, 3), torch.randn(8, 1)))
-    >>> engine = ProductEngine(FunctionalModel(net), torch.nn.functional.mse_loss, data,
-    ...                        path="reverse")
+    >>> engine = ProductEngine(FunctionalModel(net), BatchLoss(net, torch.nn.functional.mse_loss),
+    ...                        data, path="reverse")
     >>> engine.hessian_products(["weight", "bias"], torch.eye(4)).shape
     torch.Size([4, 4])
 """
@@ -32,17 +30,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
-from hesslens.curvature.data import BatchSource, as_args, batch_device, move_batch
+from hesslens.curvature import products
+from hesslens.curvature.data import Batch, BatchSource, batch_device, move_batch, take_rows
 from hesslens.curvature.functional_model import FunctionalModel
-from hesslens.errors import HesslensInputError
+from hesslens.curvature.loss import BatchLoss, check_loss
+from hesslens.errors import HesslensInputError, NonFiniteCurvatureError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Path = Literal["auto", "reverse", "forward"]
+Path = Literal["auto", "reverse", "forward", "fd"]
+PATHS = ("auto", "reverse", "forward", "fd")
+
+#: Default bound on the bytes of cached first-order graphs (per engine).
+GRAPH_CACHE_BYTES = 4 * 2**30
 
 
 class ProductEngine:
@@ -52,216 +56,194 @@ class ProductEngine:
     ----------
     model : FunctionalModel
         The frozen copy of the network.
-    loss_fn : callable
-        ``loss_fn(outputs, targets)``: the mean loss of a batch, a scalar.
+    loss : BatchLoss
+        How a batch becomes a loss (and its outputs, and its number of terms).
     data : BatchSource
         The batches and their weights.
-    path : {"auto", "reverse", "forward"}
+    path : {"auto", "reverse", "forward", "fd"}
         How Hessian products are computed (see the module docstring).
     reuse_graph : bool or None
-        Keep the first-order graph of every batch between products (``"reverse"`` path). ``None``
-        keeps it when the data is in memory and has at most ``max_cached_samples`` samples.
+        Keep first-order graphs between products. ``None``: keep them while they fit in
+        ``graph_cache_bytes``; ``False``: never.
+    graph_cache_bytes : int
+        The most bytes of saved activations the graph cache holds.
     chunk_size : int
         The most vectors pushed through one vmapped product, to bound memory.
+    fd_order : {2, 4}
+        Order of the finite-difference products (``path="fd"``).
     """
 
     def __init__(
         self,
         model: FunctionalModel,
-        loss_fn: LossFn,
+        loss: BatchLoss,
         data: BatchSource,
         *,
         path: Path = "auto",
         reuse_graph: bool | None = None,
-        max_cached_samples: int = 2048,
+        graph_cache_bytes: int | None = None,
         chunk_size: int = 32,
+        fd_order: int = 4,
     ) -> None:
-        if path not in ("auto", "reverse", "forward"):
-            raise HesslensInputError(f"path must be 'auto', 'reverse' or 'forward', not {path!r}")
-        if not callable(loss_fn):
-            raise HesslensInputError("loss_fn must be callable as loss_fn(outputs, targets)")
+        if path not in PATHS:
+            raise HesslensInputError(f"path must be one of {PATHS}, not {path!r}")
+        if fd_order not in (2, 4):
+            raise HesslensInputError(f"fd_order must be 2 or 4, not {fd_order!r}")
         self.model = model
-        self.loss_fn = loss_fn
+        self.loss = loss
         self.data = data
         self.path = path
+        self.fd_order = fd_order
         self.chunk_size = max(1, int(chunk_size))
-        if reuse_graph is None:
-            reuse_graph = data.in_memory and data.num_samples <= max_cached_samples
-        self.reuse_graph = reuse_graph
+        if graph_cache_bytes is None:
+            graph_cache_bytes = GRAPH_CACHE_BYTES
+        self.graph_cache_bytes = 0 if reuse_graph is False else int(graph_cache_bytes)
         self.choice: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
         self.calibration_products = 0
-        self._graphs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] | None = None
-        self._losses_checked = False
+        self._graphs: dict[str, list] = {}
+        self._graphs_complete: dict[str, bool] = {}
+        self._cache_used = 0
+        self._checked: set[int] = set()
         # allow_dropout=True: each vector of a vmapped batch gets its own dropout mask, as a
         # looped product would (vmap's default refuses random operations).
         self._randomness = "different" if getattr(model, "random", False) else "error"
-        self._gn_graphs: list[tuple] | None = None
-        self._check_first_batch()
 
-    # ----------------------------------------------------------------- helpers
-    def _batches(self):
-        for batch, weight in self.data:
+    # ----------------------------------------------------------------- the data loop
+    def batches(self) -> Iterator[tuple[int, Batch, float]]:
+        """``(index, batch on the model's device, weight)`` for every batch, one pass."""
+        for i, (batch, weight) in enumerate(self.data):
             if batch_device(batch) != self.model.device and not self.model.device_requested:
                 raise HesslensInputError(
                     f"the inputs are on {batch_device(batch)} but the model is on "
                     f"{self.model.device}: move the data, or pass device= to the operator"
                 )
-            yield move_batch(batch, self.model.device, self.model.dtype), weight
+            yield i, move_batch(batch, self.model.device, self.model.dtype), weight
 
-    def _checked_batches(self):
-        """The batches, with each batch's loss checked (finite scalar) on the first pass: the
-        vmapped paths cannot check inside the transform, and a NaN there would come out as a
-        NaN trace or a scipy error far from its cause."""
-        if self._losses_checked:
-            yield from self._batches()
-            return
-        for batch, weight in self._batches():
-            with torch.no_grad():
-                check_loss(self._loss({}, batch))
-            yield batch, weight
-        self._losses_checked = True
+    def loss_of(self, index: int, batch: Batch, weight: float) -> products.LossOf:
+        """The weighted loss of one batch as a function of (some of) the parameters; checked
+        to be a finite scalar the first time each batch is used."""
 
-    def _loss(self, params: dict[str, torch.Tensor], batch) -> torch.Tensor:
-        inputs, targets = batch
-        return self.loss_fn(self.model(params, as_args(inputs)), targets)
+        def loss_of(params: dict[str, Tensor]) -> Tensor:
+            loss = self.loss.loss(self.loss.call(self.model.bind(params), batch), batch)
+            if index not in self._checked and not _is_traced(loss):
+                check_loss(loss)
+                self._checked.add(index)
+            return loss * weight
 
-    def _check_first_batch(self) -> None:
-        """Fail at construction, not at the first product: the loss of a couple of samples
-        must be a finite scalar (every batch's loss is checked again when it is used)."""
-        (inputs, targets), _ = next(iter(self._batches()))
-        inputs = tuple(t[:2] for t in inputs) if isinstance(inputs, tuple) else inputs[:2]
-        with torch.no_grad():
-            loss = self._loss({}, (inputs, targets[:2]))
-        check_loss(loss)
+        return loss_of
 
-    # ----------------------------------------------------------------- reverse path
-    def _graph_for(self, batch, weight: float):
-        leaves = {
-            n: self.model.params[n].clone().requires_grad_(True) for n in self.model.trainable
-        }
-        with torch.enable_grad():
-            loss = self._loss(leaves, batch) * weight
-            check_loss(loss)
-            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                        allow_unused=True)
-        grads = {
-            n: (g if g is not None else torch.zeros_like(leaves[n]))
-            for n, g in zip(leaves, grads)
-        }
-        return leaves, grads
+    def outputs_of(self, batch: Batch) -> Callable[[dict[str, Tensor]], Tensor]:
+        """The network's output tensor (``.logits`` of a ModelOutput) as a function of the
+        parameters, for Gauss-Newton products."""
+        return lambda params: self.loss.output_tensor(
+            self.loss.call(self.model.bind(params), batch))
 
-    def _graphs_iter(self):
-        if self._graphs is not None:
-            yield from self._graphs
-            return
-        cache = [] if self.reuse_graph else None
-        for batch, weight in self._batches():
-            graph = self._graph_for(batch, weight)
-            if cache is not None:
-                cache.append(graph)
-            yield graph
-        if cache is not None:
-            self._graphs = cache
+    def reduce(self, parts: list[Tensor]) -> list[Tensor]:
+        """The reduction step after the sum over this process's batches (the identity in one
+        process; the place where an all-reduce over processes belongs)."""
+        return parts
 
-    def _reverse(self, names: Sequence[str], vs: list[torch.Tensor], batched: bool) -> list:
+    def _sum(self, per_batch: Callable[[int, Batch, float], list[Tensor]],
+             vs: list[Tensor]) -> list[Tensor]:
         out = [torch.zeros_like(v) for v in vs]
-        k = vs[0].shape[0]
-        for leaves, grads in self._graphs_iter():
-            # A parameter the loss does not use has a constant (zero) gradient: its rows and
-            # columns of H are zero, and autograd must not be asked to differentiate it.
-            used = [i for i, n in enumerate(names) if grads[n].requires_grad]
-            if not used:
+        for i, batch, weight in self.batches():
+            for o, p in zip(out, per_batch(i, batch, weight)):
+                o += p
+        out = self.reduce(out)
+        _check_finite(out)
+        return out
+
+    # ----------------------------------------------------------------- graph cache
+    def _graph_batches(self, kind: str, build: Callable) -> Iterator[Any]:
+        """Every batch's graph of ``kind`` (over all trainable parameters, so every block
+        shares it): cached ones first, the rest built on the way, and cached while the cache
+        (one budget for all kinds) has room."""
+        cache = self._graphs.setdefault(kind, [])
+        if self._graphs_complete.get(kind):
+            yield from cache
+            return
+        full = False
+        for i, batch, weight in self.batches():
+            if i < len(cache):
+                yield cache[i]
                 continue
-            g = [grads[names[i]] for i in used]
-            x = [leaves[names[i]] for i in used]
-            outs = [out[i] for i in used]
-            vs_used = [vs[i] for i in used]
-            if batched and k > 1:
-                for start in range(0, k, self.chunk_size):
-                    sl = slice(start, start + self.chunk_size)
-                    hv = torch.autograd.grad(
-                        g, x, [v[sl] for v in vs_used], retain_graph=True,
-                        is_grads_batched=True, allow_unused=True,
-                    )
-                    for o, h in zip(outs, hv):
-                        if h is not None:
-                            o[sl] += h
+            graph = build(i, batch, weight)
+            if not full and i == len(cache) and (
+                    self._cache_used + graph.nbytes <= self.graph_cache_bytes):
+                cache.append(graph)
+                self._cache_used += graph.nbytes
             else:
-                for i in range(k):
-                    hv = torch.autograd.grad(g, x, [v[i] for v in vs_used], retain_graph=True,
-                                             allow_unused=True)
-                    for o, h in zip(outs, hv):
-                        if h is not None:
-                            o[i] += h
-        return out
+                full = True
+            yield graph
+        self._graphs_complete[kind] = not full
 
-    # ----------------------------------------------------------------- forward path
-    def _forward(self, names: Sequence[str], vs: list[torch.Tensor]) -> list:
-        out = [torch.zeros_like(v) for v in vs]
-        k = vs[0].shape[0]
-        for batch, weight in self._checked_batches():
-            def loss_of(sub, batch=batch):
-                return self._loss(dict(zip(names, sub)), batch)
+    def _build_hessian_graph(self, i: int, batch: Batch, weight: float) -> products.BatchGraph:
+        return products.build_graph(self.loss_of(i, batch, weight), self.model.params,
+                                    self.model.trainable)
 
-            primals = tuple(self.model.params[n] for n in names)
-
-            def hvp_one(*tangents, primals=primals, loss_of=loss_of):
-                grad_fn = torch.func.grad(loss_of)
-                return torch.func.jvp(grad_fn, (primals,), (tangents,))[1]
-
-            for start in range(0, k, self.chunk_size):
-                sl = slice(start, start + self.chunk_size)
-                hv = torch.func.vmap(hvp_one, randomness=self._randomness)(*(v[sl] for v in vs))
-                for o, h in zip(out, hv):
-                    o[sl] += weight * h
-        return out
-
-    # ----------------------------------------------------------------- public
-    def hessian_products(self, names: Sequence[str], V: torch.Tensor) -> torch.Tensor:
+    # ----------------------------------------------------------------- Hessian products
+    def hessian_products(self, names: Sequence[str], V: Tensor) -> Tensor:
         """``H V`` for a (k, n) batch of flat vectors over the parameters ``names``."""
         vs = split_flat(V, [self.model.params[n].shape for n in names])
         key = "batched" if V.shape[0] > 1 else "single"
-        if key not in self.choice:
-            return join_flat(self._choose(key, names, vs))
-        return join_flat(self._run(self.choice[key], names, vs))
+        with _named_derivative_errors():
+            if key not in self.choice:
+                return join_flat(self._choose(key, names, vs))
+            return join_flat(self._run(self.choice[key], names, vs))
 
-    def _run(self, candidate: str, names: Sequence[str], vs: list[torch.Tensor]) -> list:
+    def _run(self, candidate: str, names: Sequence[str], vs: list[Tensor]) -> list[Tensor]:
+        if candidate == "fd":
+            return self._sum(lambda i, b, w: products.hvp_fd(
+                self.loss_of(i, b, w), self.model.params, names, vs, order=self.fd_order), vs)
         if candidate == "forward":
-            return self._forward(names, vs)
-        return self._reverse(names, vs, batched=candidate == "reverse-batched")
+            return self._sum(lambda i, b, w: self._check_batch(i, b) or products.hvp_forward(
+                self.loss_of(i, b, w), self.model.params, names, vs,
+                chunk_size=self.chunk_size, randomness=self._randomness), vs)
+        batched = candidate == "reverse-batched"
+        out = [torch.zeros_like(v) for v in vs]
+        for graph in self._graph_batches("hessian", self._build_hessian_graph):
+            for o, p in zip(out, products.hvp_reverse(graph, names, vs, batched=batched,
+                                                       chunk_size=self.chunk_size)):
+                o += p
+        out = self.reduce(out)
+        _check_finite(out)
+        return out
 
     def _candidates(self, k: int) -> list[str]:
+        if self.path == "fd":
+            return ["fd"]
         if self.path == "forward":
             return ["forward"]
         if self.path == "reverse":  # pinned: no timing, so products are bitwise repeatable
             return ["reverse-loop"]
         reverse = ["reverse-loop", "reverse-batched"] if k > 1 else ["reverse-loop"]
-        if k == 1 and self.model.device.type == "cpu" and self.reuse_graph:
+        if k == 1 and self.model.device.type == "cpu" and self.graph_cache_bytes > 0:
             # Measured on CPU: a single double backward on a kept graph beats a single
             # forward-over-reverse product on every model tried (MLP 6 ms vs 16, CNN-1D,
             # ResNet-20 0.7 s vs 1.3 s), so do not spend a product finding that out again.
             return reverse
         return [*reverse, "forward"]
 
-    def _choose(self, key: str, names, vs) -> list:
-        """Time every candidate path on the first few vectors of this batch, keep the fastest
-        for the rest and for later calls, and return the products (the discarded candidates'
-        products are counted in ``calibration_products``)."""
+    def _choose(self, key: str, names: Sequence[str], vs: list[Tensor]) -> list[Tensor]:
+        """Time every candidate path on the first few vectors, keep the fastest for the rest
+        and for later calls, and return the products (the discarded candidates' products are
+        counted in ``calibration_products``)."""
         k = vs[0].shape[0]
         candidates = self._candidates(k)
         if len(candidates) == 1:
             self.choice[key] = candidates[0]
             return self._run(candidates[0], names, vs)
-        if self.reuse_graph:
+        if self.graph_cache_bytes > 0:
             # Build the cached graphs first, so that their one-off cost is charged to no path.
-            for _ in self._graphs_iter():
+            for _ in self._graph_batches("hessian", self._build_hessian_graph):
                 pass
         m = min(k, 4)
         head = [v[:m] for v in vs]
         timings, results = {}, {}
         failures: list[BaseException] = []
         for candidate in candidates:
+            _synchronize(self.model.device)
             start = time.perf_counter()
             try:
                 results[candidate] = self._run(candidate, names, head)
@@ -270,6 +252,7 @@ class ProductEngine:
                 # is simply not a candidate for this model and loss.
                 failures.append(err)
                 continue
+            _synchronize(self.model.device)
             timings[candidate] = time.perf_counter() - start
         if not timings:
             raise failures[0]
@@ -282,125 +265,171 @@ class ProductEngine:
         rest = self._run(best, names, [v[m:] for v in vs])
         return [torch.cat([a, b]) for a, b in zip(results[best], rest)]
 
-    def gauss_newton_products(self, names: Sequence[str], V: torch.Tensor) -> torch.Tensor:
-        """``G V = J^T (d2 loss / d out2) J V`` for a (k, n) batch of flat vectors.
+    # ----------------------------------------------------------------- Gauss-Newton products
+    def gauss_newton_products(self, names: Sequence[str], V: Tensor) -> Tensor:
+        """``G V = J^T (d2 loss / dz2) J V`` for a (k, n) batch of flat vectors.
 
         A single vector goes through cached graphs (three backward passes, no forward); a
         batch is vmapped through ``jvp`` / ``vjp``, which is cheaper per vector."""
         vs = split_flat(V, [self.model.params[n].shape for n in names])
-        if V.shape[0] == 1 and self.reuse_graph:
-            return join_flat(self._gauss_newton_reverse(names, vs))
-        out = [torch.zeros_like(v) for v in vs]
-        k = V.shape[0]
-        for batch, weight in self._checked_batches():
-            inputs, targets = batch
-            args = as_args(inputs)
-            primals = tuple(self.model.params[n] for n in names)
+        with _named_derivative_errors():
+            if V.shape[0] == 1 and self.graph_cache_bytes > 0:
+                out = [torch.zeros_like(v) for v in vs]
+                for graph in self._graph_batches("gauss_newton", self._build_ggn_graph):
+                    for o, p in zip(out, products.ggn_reverse(graph, names, vs)):
+                        o += p
+                out = self.reduce(out)
+                _check_finite(out)
+                return join_flat(out)
+            return join_flat(self._sum(self._ggn_batched(names, vs), vs))
 
-            def forward(*p, args=args):
-                return self.model(dict(zip(names, p)), args)
+    def _ggn_loss(self, i: int, batch: Batch, weight: float) -> Callable[[Tensor], Tensor]:
+        def loss_of_outputs(z: Tensor) -> Tensor:
+            loss = self.loss.loss_of_outputs(z, batch)
+            return loss * weight
 
-            outputs, vjp_fn = torch.func.vjp(forward, *primals)
-            outputs = outputs.detach()
+        return loss_of_outputs
 
-            def loss_grad(o, targets=targets):
-                return torch.func.grad(lambda z: self.loss_fn(z, targets))(o)
+    def _build_ggn_graph(self, i: int, batch: Batch, weight: float
+                         ) -> products.GaussNewtonGraph:
+        self._check_batch(i, batch)
+        return products.build_ggn_graph(self.outputs_of(batch), self._ggn_loss(i, batch, weight),
+                                        self.model.params, self.model.trainable)
 
-            # H_out w as a vector-Jacobian product of the loss gradient (H_out is symmetric):
-            # reverse over reverse works for every loss, while forward-mode AD is missing for
-            # some (mse_loss, huber_loss).
-            _, hess_out = torch.func.vjp(loss_grad, outputs)
+    def _ggn_batched(self, names: Sequence[str], vs: list[Tensor]) -> Callable:
+        def per_batch(i: int, batch: Batch, weight: float) -> list[Tensor]:
+            self._check_batch(i, batch)
+            return products.ggn_vmapped(self.outputs_of(batch), self._ggn_loss(i, batch, weight),
+                                        self.model.params, names, vs,
+                                        chunk_size=self.chunk_size,
+                                        randomness=self._randomness)
 
-            def ggn_one(*tangents, primals=primals, vjp_fn=vjp_fn, forward=forward,
-                        hess_out=hess_out):
-                _, jv = torch.func.jvp(forward, primals, tangents)
-                return vjp_fn(hess_out(jv)[0])
+        return per_batch
 
-            for start in range(0, k, self.chunk_size):
-                sl = slice(start, start + self.chunk_size)
-                gv = torch.func.vmap(ggn_one, randomness=self._randomness)(*(v[sl] for v in vs))
-                for o, g in zip(out, gv):
-                    o[sl] += weight * g
-        return join_flat(out)
+    def _check_batch(self, index: int, batch: Batch) -> None:
+        if index not in self._checked:
+            with torch.no_grad():
+                self.loss_of(index, batch, 1.0)({})
 
-    def _gn_graph_for(self, batch, weight: float):
-        """Graphs for reverse-mode Gauss-Newton products on one batch: the outputs, ``J^T u``
-        as a function of a dummy ``u`` (its derivative in ``u`` gives ``J v``), and the
-        gradient of the weighted loss in the outputs (its derivative gives ``H_out w``)."""
-        inputs, targets = batch
-        leaves = {
-            n: self.model.params[n].clone().requires_grad_(True) for n in self.model.trainable
-        }
-        with torch.enable_grad():
-            out = self.model(leaves, as_args(inputs))
-            u = torch.zeros_like(out, requires_grad=True)
-            jt_u = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True,
-                                       allow_unused=True)
-            z = out.detach().requires_grad_(True)
-            loss_grad = torch.autograd.grad(self.loss_fn(z, targets) * weight, z,
-                                            create_graph=True)[0]
-        return leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad
-
-    def _gauss_newton_reverse(self, names: Sequence[str], vs: list[torch.Tensor]) -> list:
-        if self._gn_graphs is None:
-            self._gn_graphs = [self._gn_graph_for(b, w) for b, w in self._batches()]
-        out = [torch.zeros_like(v) for v in vs]
-        for leaves, outputs, u, jt_u, z, loss_grad in self._gn_graphs:
-            pairs = [(jt_u[n], v[0]) for n, v in zip(names, vs) if jt_u[n] is not None]
-            if not pairs:
-                continue
-            jv = torch.autograd.grad([p for p, _ in pairs], u, [t for _, t in pairs],
-                                     retain_graph=True)[0]
-            hjv = torch.autograd.grad(loss_grad, z, jv, retain_graph=True)[0]
-            gv = torch.autograd.grad(outputs, [leaves[n] for n in names], hjv,
-                                     retain_graph=True, allow_unused=True)
-            for o, g in zip(out, gv):
-                if g is not None:
-                    o[0] += g
-        return out
-
-    def loss_and_gradient(self, names: Sequence[str]) -> tuple[float, torch.Tensor]:
+    # ----------------------------------------------------------------- first order
+    def loss_and_gradient(self, names: Sequence[str]) -> tuple[float, Tensor]:
         """The mean loss and its gradient (flat) with respect to ``names``."""
-        total = 0.0
+        total = [torch.zeros((), dtype=torch.float64, device=self.model.device)]
         grads = [torch.zeros_like(self.model.params[n]) for n in names]
-        for batch, weight in self._batches():
-            leaves = {n: self.model.params[n].clone().requires_grad_(True) for n in names}
-            with torch.enable_grad():
-                loss = self._loss(leaves, batch) * weight
-                g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            total += float(loss.detach())
+        for i, batch, weight in self.batches():
+            loss, g = products.gradient(self.loss_of(i, batch, weight), self.model.params, names)
+            total[0] += loss.double()
             for acc, gi in zip(grads, g):
-                if gi is not None:
-                    acc += gi
-        return total, join_flat([g.unsqueeze(0) for g in grads])[0]
+                acc += gi
+        reduced = self.reduce([*total, *grads])
+        return float(reduced[0]), join_flat([g.unsqueeze(0) for g in reduced[1:]])[0]
+
+    def first_batch_probe(self, wanted_modules: set[str]) -> dict[str, int]:
+        """Check the loss of a couple of samples of the first batch (a finite scalar, a mean
+        over its terms) and return the order in which ``wanted_modules`` run: one small
+        forward pass, plus two single-sample ones for the mean check."""
+        batch = next(self.batches())[1]
+        head = take_rows(batch, slice(0, 2))
+        holder: dict[str, Tensor] = {}
+
+        def run() -> None:
+            with torch.no_grad():
+                holder["loss"] = self.loss.loss(self.loss.call(self.model.bind({}), head), head)
+
+        with _named_derivative_errors():
+            order = self.model.call_order(run, wanted_modules)
+        check_loss(holder["loss"])
+        self._check_mean(head, holder["loss"])
+        return order
+
+    def _check_mean(self, head: Batch, loss: Tensor) -> None:
+        """Refuse a loss that adds its terms up instead of averaging them (the weighting of
+        several batches assumes a mean): compare the loss of two samples with the losses of
+        each. Skipped where single samples cannot be evaluated alone (batch statistics,
+        dropout) or carry no loss term."""
+        if self.model.batchnorm == "batch" or getattr(self.model, "random", False):
+            return
+        rows = _rows(head)
+        if rows < 2:
+            return
+        try:
+            parts = []
+            for r in range(2):
+                one = take_rows(head, slice(r, r + 1))
+                n = self.loss.terms(one)
+                with torch.no_grad():
+                    value = self.loss.loss(self.loss.call(self.model.bind({}), one), one)
+                parts.append((n, float(value)))
+        except Exception:  # e.g. a model that needs two samples: nothing to conclude
+            return
+        (na, la), (nb, lb) = parts
+        both = float(loss)
+        if na <= 0 or nb <= 0 or not all(math.isfinite(x) for x in (la, lb, both)):
+            return
+        mean = (na * la + nb * lb) / (na + nb)
+        total = la + lb
+        tol = 1e-3 * max(abs(mean), abs(total), 1e-12)
+        if abs(both - mean) > tol and abs(both - total) <= tol:
+            raise HesslensInputError(
+                "the loss of a batch is the sum of its terms, not their mean (two samples give "
+                f"{both:.6g} = {la:.6g} + {lb:.6g}): over several batches the curvature is that "
+                "of the mean loss. Use a mean reduction (e.g. reduction='mean')")
 
 
-def check_loss(loss: torch.Tensor) -> None:
-    """Raise a clear error unless ``loss`` is a finite scalar tensor."""
-    if not isinstance(loss, torch.Tensor):
-        raise HesslensInputError(
-            f"loss_fn returned a {type(loss).__name__}, not a tensor: it must return the mean "
-            "loss of the batch as a scalar tensor"
-        )
-    if loss.numel() != 1:
-        raise HesslensInputError(
-            f"loss_fn returned a tensor of shape {tuple(loss.shape)}, not a scalar: use a mean "
-            "reduction (e.g. reduction='mean')"
-        )
-    if not torch.isfinite(loss.detach()).all():
-        raise HesslensInputError(
-            f"the loss is not finite ({float(loss.detach()):g}): check the inputs, the targets "
-            "and the model's weights"
-        )
+def _rows(batch: Batch) -> int:
+    from hesslens.curvature.data import leading_size
+
+    return leading_size(batch)
 
 
-def split_flat(V: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+def _is_traced(t: Tensor) -> bool:
+    """Whether ``t`` is a functorch-wrapped tensor (inside vmap/grad/jvp), whose value cannot
+    be read."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_finite(parts: list[Tensor]) -> None:
+    for p in parts:
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteCurvatureError(
+                "a curvature product is not finite (NaN or Inf) although the loss is: the "
+                "second derivative of the loss overflows or is undefined at these weights "
+                "(check for exploding activations, log(0), sqrt at 0, or use float64 via "
+                "dtype=torch.float64)")
+
+
+class _named_derivative_errors:
+    """Turn PyTorch's 'derivative not implemented' errors into a named input error."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, (RuntimeError, NotImplementedError)):
+            return False
+        text = str(exc)
+        if ("derivative for" in text and "not implemented" in text) or (
+                "forward AD" in text and "not implemented" in text):
+            raise HesslensInputError(
+                "an operation of this model has no second derivative in PyTorch "
+                f"({text.splitlines()[0][:160]}): pass path='fd' (finite-difference products "
+                "that need gradients only), or use a kernel with double backward (e.g. "
+                "attn_implementation='sdpa' or 'eager' for a Hugging Face model)") from exc
+        return False
+
+
+def split_flat(V: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     """Split a (k, n) batch of flat vectors into per-parameter (k, *shape) views."""
     sizes = [math.prod(s) for s in shapes]
     parts = torch.split(V, sizes, dim=1)
     return [p.reshape(V.shape[0], *s) for p, s in zip(parts, shapes)]
 
 
-def join_flat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+def join_flat(parts: Sequence[Tensor]) -> Tensor:
     """Join per-parameter (k, *shape) tensors into a (k, n) batch of flat vectors."""
     return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)

@@ -7,7 +7,8 @@ parameter or buffer mutation. The operators therefore evaluate a deep copy of th
 BatchNorm: ``batchnorm="eval"`` (default) uses the running statistics, whatever mode the model is
 in; ``batchnorm="batch"`` normalises with each batch's own statistics (train-mode semantics)
 without writing them anywhere. Dropout that is active (module in train mode, ``p > 0``) would make
-every product random: it is an error unless ``allow_dropout=True``.
+every product random: the copy is put in eval mode (with a warning that says so) unless
+``allow_dropout=True`` asks for random products.
 
 Example:
     >>> import torch
@@ -20,7 +21,9 @@ Example:
 from __future__ import annotations
 
 import copy
-from typing import Literal
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -58,18 +61,23 @@ class FunctionalModel:
             )
         active_dropout = [name for name, m in model.named_modules() if _active_dropout(m)]
         self.random = bool(active_dropout)
-        if active_dropout and not allow_dropout:
-            raise HesslensInputError(
-                f"dropout is active in train mode in {active_dropout}: it makes every Hessian "
-                "product random. Call model.eval() first, or pass allow_dropout=True to accept "
-                "random products"
-            )
+        dropout_off = bool(active_dropout) and not allow_dropout
+        if dropout_off:
+            self.random = False
+            warnings.warn(
+                f"dropout is active in train mode in {active_dropout[:3]}"
+                f"{' ...' if len(active_dropout) > 3 else ''}: the curvature is measured with "
+                "dropout off (the private copy is in eval mode, BatchNorm as batchnorm= says). "
+                "Call model.eval() to silence this, or pass allow_dropout=True for random "
+                "products with dropout on", stacklevel=3)
         model_device = trainable[0].device
         self.device = torch.device(device) if device is not None else model_device
         self.device_requested = device is not None
         self.dtype = dtype if dtype is not None else trainable[0].dtype
         module = copy.deepcopy(model)
         module.to(device=self.device, dtype=self.dtype)
+        if dropout_off:
+            module.eval()
         for m in module.modules():
             if isinstance(m, _BatchNorm):
                 if batchnorm == "eval":
@@ -90,10 +98,34 @@ class FunctionalModel:
         for p in module.parameters():
             p.requires_grad_(False)
 
-    def __call__(self, params: dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
+    def __call__(self, params: dict[str, torch.Tensor], args: tuple = (),
+                 kwargs: dict | None = None) -> Any:
         """The model's output with ``params`` overriding the snapshot."""
         merged = {**self.params, **params}
-        return torch.func.functional_call(self.module, (merged, self.buffers), args)
+        return torch.func.functional_call(self.module, (merged, self.buffers), tuple(args),
+                                          kwargs or {})
+
+    def bind(self, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
+        """``forward(*args, **kwargs)`` of the model with ``params`` overriding the snapshot."""
+        return lambda *args, **kwargs: self(params, args, kwargs)
+
+    def call_order(self, run: Callable[[], object], wanted: set[str]) -> dict[str, int]:
+        """Run ``run()`` (a forward pass of this copy) and record when each wanted module is
+        first called; the copy's module names are the user's model's."""
+        order: dict[str, int] = {}
+        handles = []
+        for name, module in self.module.named_modules():
+            if name in wanted:
+                def record(_module, _inputs, key=name):
+                    order.setdefault(key, len(order))
+
+                handles.append(module.register_forward_pre_hook(record))
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return order
 
 
 def _active_dropout(m: nn.Module) -> bool:

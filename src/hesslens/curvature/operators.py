@@ -24,18 +24,27 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from hesslens.curvature.blocks import (
+    Blocks,
+    ParamSlice,
+    block_flat_indices,
+    block_parameters,
+    resolve_blocks,
+)
 from hesslens.curvature.data import BatchSource
-from hesslens.curvature.engine import LossFn, Path, ProductEngine
+from hesslens.curvature.engine import Path, ProductEngine
 from hesslens.curvature.functional_model import BatchNormMode, FunctionalModel
-from hesslens.curvature.layers import discover_layers, select_layers
+from hesslens.curvature.layers import ROOT_LAYER, owned_parameters, select_layers
+from hesslens.curvature.loss import BatchLoss, LossFn
 from hesslens.errors import HesslensInputError
 
 if TYPE_CHECKING:
@@ -51,24 +60,29 @@ from hesslens.linalg import (
     slq,
 )
 
-Kind = Literal["hessian", "gauss_newton", "residual"]
-
 
 class CurvatureOperator:
-    """A curvature matrix of ``loss_fn(model(inputs), targets)`` averaged over ``data``.
+    """A curvature matrix of a model's loss averaged over ``data``.
 
     Parameters
     ----------
     model : nn.Module
         The network. It is never changed: products run on a private copy of it and a snapshot
         of its parameters taken now.
-    loss_fn : callable
-        ``loss_fn(outputs, targets)`` returning the batch's mean loss (a scalar tensor).
-    data : (inputs, targets) or iterable of such pairs
-        Over several batches the operator is that of the mean loss over all samples.
-    layers : mapping of layer name to parameter names, optional
-        Your own grouping of parameters into layers. Default: one layer per module that owns
-        trainable parameters, in forward order.
+    loss_fn : callable or None
+        ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
+        ``loss_fn(outputs, batch)`` for mapping batches, returning the batch's mean loss (a
+        scalar tensor); ``None`` takes the model's own loss (``output.loss``, or a scalar
+        output), the batch passed whole (``model(**batch)`` for a mapping).
+    data : a batch or an iterable of batches
+        ``(inputs, targets)`` pairs, mappings of tensors (Hugging Face style) or pytrees of
+        tensors; over several batches the operator is that of the mean loss over all loss
+        terms (see :mod:`hesslens.curvature.loss` for how terms are counted).
+    layers : None, "modules", "transformer", "transformer_heads" or a mapping
+        How parameters are grouped into blocks (:func:`hesslens.curvature.blocks.resolve_blocks`):
+        one block per module (default), the transformer preset (q, k, v, o, mlp_in, mlp_out
+        per layer, slices of a fused QKV weight), or your own {name: parameter names, glob
+        patterns or ParamSlices}.
     dtype, device : optional
         Analyse a copy of the model in this dtype (``torch.float64`` for reference precision)
         and on this device.
@@ -76,79 +90,103 @@ class CurvatureOperator:
         BatchNorm uses its running statistics (default) or each batch's own statistics; running
         statistics are never updated either way.
     allow_dropout : bool
-        Accept random products from dropout that is active in train mode.
-    path, reuse_graph, chunk_size :
-        How products are computed: see :class:`hesslens.curvature.engine.ProductEngine`.
+        Random products with dropout on (default: dropout off in the private copy).
+    path : {"auto", "reverse", "forward", "fd"}
+        How Hessian products are computed (:mod:`hesslens.curvature.engine`); ``"fd"``:
+        finite differences of gradients, for models without second derivatives.
+    reuse_graph, graph_cache_bytes, chunk_size, fd_order :
+        Product settings: see :class:`hesslens.curvature.engine.ProductEngine`.
+    num_terms : callable, optional
+        ``num_terms(batch) -> int``: the number of loss terms of a batch (its weight).
     """
-
-    kind: Kind = "hessian"
 
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         data: object,
         *,
-        layers: Mapping[str, Sequence[str]] | None = None,
+        layers: str | Mapping[str, Any] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         batchnorm: BatchNormMode = "eval",
         allow_dropout: bool = False,
         path: Path = "auto",
         reuse_graph: bool | None = None,
+        graph_cache_bytes: int | None = None,
         chunk_size: int = 32,
+        fd_order: int = 4,
+        num_terms: Callable[[Any], int] | None = None,
     ) -> None:
+        model = unwrap_model(model)
         fmodel = FunctionalModel(model, dtype=dtype, device=device, batchnorm=batchnorm,
                                  allow_dropout=allow_dropout)
-        source = BatchSource(data)
-        engine = ProductEngine(fmodel, loss_fn, source, path=path, reuse_graph=reuse_graph,
-                               chunk_size=chunk_size)
-        if layers is None:
-            inputs = source.first()[0]
-            example = inputs[:1] if isinstance(inputs, torch.Tensor) else tuple(
-                t[:1] for t in inputs)
-            layer_map = discover_layers(model, _like_model(example, model))
-        else:
-            layer_map = _check_grouping(layers, fmodel.trainable)
-        self._setup(engine, layer_map, list(fmodel.trainable), label="full")
+        loss = BatchLoss(model, loss_fn, num_terms)
+        source = BatchSource(data, count_terms=loss.terms)
+        engine = ProductEngine(fmodel, loss, source, path=path, reuse_graph=reuse_graph,
+                               graph_cache_bytes=graph_cache_bytes, chunk_size=chunk_size,
+                               fd_order=fd_order)
+        blocks = resolve_blocks(fmodel.module, layers, fmodel.trainable)
+        owner = {p: m for m, ps in owned_parameters(fmodel.module, lambda _n, _p: True).items()
+                 for p in ps}
+        order = engine.first_batch_probe({owner[p.param] for b in blocks.values() for p in b
+                                          if owner.get(p.param, ROOT_LAYER) != ROOT_LAYER})
+        if layers is None or isinstance(layers, str):
+            def rank(name: str) -> int:
+                module = owner.get(blocks[name][0].param, ROOT_LAYER)
+                return -1 if module == ROOT_LAYER else order.get(module, len(order))
 
-    def _setup(self, engine: ProductEngine, layer_map, names: list[str], label: str) -> None:
+            blocks = {name: blocks[name] for name in sorted(blocks, key=rank)}
+        self._setup(engine, blocks, [ParamSlice(n) for n in fmodel.trainable], label="full")
+
+    def _setup(self, engine: ProductEngine, blocks: Blocks, pieces: list[ParamSlice],
+               label: str) -> None:
         self._engine = engine
-        self._layer_map = {k: list(v) for k, v in layer_map.items()}
-        self._names = names
-        shapes = [engine.model.params[n].shape for n in names]
-        self._sizes = [int(np.prod(s)) if len(s) else 1 for s in shapes]
-        self._offsets = dict(zip(names, np.cumsum([0, *self._sizes[:-1]]).tolist()))
+        self._layer_map: Blocks = {k: list(v) for k, v in blocks.items()}
+        self._pieces = pieces
+        params = engine.model.params
+        wanted = {p.param for p in pieces}
+        self._names = [n for n in engine.model.trainable if n in wanted]
+        self._shapes = {n: params[n].shape for n in self._names}
+        self._index = block_flat_indices(pieces, self._shapes).to(engine.model.device)
+        self._width = sum(math.prod(s) for s in self._shapes.values())
+        self._identity = len(self._index) == self._width and bool(
+            (self._index == torch.arange(self._width, device=self._index.device)).all())
         self.label = label
         self.n_products = 0
+        self._trace_cache: dict[tuple, tuple[TraceResult, dict[str, TraceResult]]] = {}
 
-    def _derived(self, kind: Kind, layer_map, names: list[str], label: str):
-        cls = {"hessian": Hessian, "gauss_newton": GaussNewton,
-               "residual": GaussNewtonResidual}[kind]
+    def _derived(self, cls: type[CurvatureOperator], blocks: Blocks,
+                 pieces: list[ParamSlice], label: str) -> CurvatureOperator:
         op = cls.__new__(cls)
-        op._setup(self._engine, layer_map, names, label)
+        op._setup(self._engine, blocks, pieces, label)
         return op
 
     # ------------------------------------------------------------------ structure
     @property
     def layers(self) -> list[str]:
-        """Names of the layers this operator covers, in forward order."""
+        """Names of the blocks (layers) this operator covers, in forward order."""
         return list(self._layer_map)
 
     @property
     def layer_parameters(self) -> dict[str, list[str]]:
-        """Each layer's parameter names."""
+        """Each layer's parameter names (a sliced block names the parameters it slices)."""
+        return block_parameters(self._layer_map)
+
+    @property
+    def layer_pieces(self) -> dict[str, list[ParamSlice]]:
+        """Each layer's pieces: whole parameters or slices of them."""
         return {k: list(v) for k, v in self._layer_map.items()}
 
     @property
     def parameter_names(self) -> list[str]:
-        """The parameters this operator covers, in the order of the flat vector."""
+        """The parameters this operator's products differentiate, in model order."""
         return list(self._names)
 
     @property
     def dim(self) -> int:
-        """Length of the flat parameter vector (the operator is ``dim x dim``)."""
-        return int(sum(self._sizes))
+        """Length of the flat vector (the operator is ``dim x dim``)."""
+        return len(self._index)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,70 +198,82 @@ class CurvatureOperator:
 
     @property
     def num_samples(self) -> int:
-        """How many samples the loss averages over."""
-        return self._engine.data.num_samples
+        """How many loss terms the loss averages over (samples, or label tokens)."""
+        return self._engine.data.num_terms
 
     @property
     def engine_choice(self) -> dict[str, str]:
         """The product path chosen for single and batched products (after the first products)."""
         return dict(self._engine.choice)
 
-    def layer_slices(self) -> dict[str, list[slice]]:
-        """Where each layer's parameters lie in this operator's flat vector."""
+    def layer_indices(self) -> dict[str, torch.Tensor]:
+        """Where each layer's elements lie in this operator's flat vector (int64 indices)."""
+        position = torch.full((self._width,), -1, dtype=torch.int64)
+        position[self._index.cpu()] = torch.arange(self.dim)
         out = {}
-        for layer, params in self._layer_map.items():
-            out[layer] = [
-                slice(self._offsets[p], self._offsets[p] + self._sizes[self._names.index(p)])
-                for p in params
-            ]
+        for layer, pieces in self._layer_map.items():
+            idx = position[block_flat_indices(pieces, self._shapes)]
+            out[layer] = idx[idx >= 0]
         return out
 
     def block(self, name: str | Sequence[str]) -> CurvatureOperator:
         """The diagonal block of one layer (or of several, given a list of names): the same
-        interface, restricted to those parameters; its products differentiate only with
-        respect to them."""
+        interface, restricted to those parameters (or slices); its products differentiate only
+        with respect to them."""
+        if not isinstance(name, str) and not (
+                isinstance(name, (list, tuple)) and all(isinstance(n, str) for n in name)):
+            raise HesslensInputError(
+                f"block() takes a layer name or a list of names, not {name!r}; the layers are "
+                f"{self.layers[:8]}{' ...' if len(self.layers) > 8 else ''}")
         chosen = select_layers(self._layer_map, name)
-        layer_map = {k: self._layer_map[k] for k in chosen}
-        names = [n for n in self._names if any(n in layer_map[k] for k in chosen)]
+        blocks = {k: self._layer_map[k] for k in chosen}
+        pieces = [p for k in chosen for p in blocks[k]]
         label = chosen[0] if len(chosen) == 1 else "+".join(chosen)
-        return self._derived(self.kind, layer_map, names, label)
+        return self._derived(type(self), blocks, pieces, label)
 
     def gauss_newton(self) -> GaussNewton:
         """The Gauss-Newton part ``G`` of this operator's Hessian, on the same parameters."""
-        return self._derived("gauss_newton", self._layer_map, self._names, self.label)
+        return self._derived(GaussNewton, self._layer_map, self._pieces, self.label)
 
     def residual(self) -> GaussNewtonResidual:
         """The residual ``Hess - G``, on the same parameters."""
-        return self._derived("residual", self._layer_map, self._names, self.label)
+        return self._derived(GaussNewtonResidual, self._layer_map, self._pieces, self.label)
 
     def hessian(self) -> Hessian:
         """The full Hessian on the same parameters."""
-        return self._derived("hessian", self._layer_map, self._names, self.label)
+        return self._derived(Hessian, self._layer_map, self._pieces, self.label)
 
     # ------------------------------------------------------------------ products
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
+        """The engine's products over ``self._names`` for a (k, width) batch."""
+        raise NotImplementedError
+
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """Products with a (k, dim) batch of row vectors: row i of the result is ``A V[i]``."""
-        if V.dim() != 2 or V.shape[1] != self.dim:
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != self.dim:
+            shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise HesslensInputError(
-                f"expected a (k, {self.dim}) batch of vectors, got shape {tuple(V.shape)}"
+                f"expected a (k, {self.dim}) batch of vectors, got shape {shape}"
             )
         if V.shape[0] == 0:
             return V.new_zeros(V.shape)
         V = V.to(device=self.device, dtype=self.dtype)
         self.n_products += V.shape[0]
-        engine = self._engine
-        if self.kind == "hessian":
-            return engine.hessian_products(self._names, V)
-        if self.kind == "gauss_newton":
-            return engine.gauss_newton_products(self._names, V)
-        return engine.hessian_products(self._names, V) - engine.gauss_newton_products(
-            self._names, V)
+        if self._identity:
+            return self._products(V)
+        W = V.new_zeros(V.shape[0], self._width)
+        W[:, self._index] = V
+        return self._products(W)[:, self._index]
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """The product with a flat vector ``v`` of length ``dim``, or with each row of a (k, dim)
         batch; the result has ``v``'s shape, dtype and device."""
         if not isinstance(v, torch.Tensor):
             raise HesslensInputError(f"v must be a torch tensor, not {type(v).__name__}")
+        if not (v.is_floating_point() or v.is_complex()) or v.is_complex():
+            raise HesslensInputError(
+                f"v must be a real floating-point tensor, not {v.dtype}: its product would be "
+                "rounded to that dtype (use v.double() or v.float())")
         if v.dim() == 1:
             return self.matmat(v.unsqueeze(0))[0].to(device=v.device, dtype=v.dtype)
         if v.dim() == 2:
@@ -259,8 +309,9 @@ class CurvatureOperator:
                               rmatvec=matmat, rmatmat=matmat, dtype=np.float64)
 
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
-        """The mean loss and its flat gradient with respect to this operator's parameters."""
-        return self._engine.loss_and_gradient(self._names)
+        """The mean loss and its flat gradient with respect to this operator's elements."""
+        loss, grad = self._engine.loss_and_gradient(self._names)
+        return loss, grad if self._identity else grad[self._index]
 
     # ------------------------------------------------------------------ estimators
     def eigenvalues(
@@ -294,9 +345,8 @@ class CurvatureOperator:
         ``"hutchinson"`` and ``"hutch++-fixed"`` spend exactly ``n_hvp`` products; ``"exact"``
         spends ``dim``."""
         if method == "hutch++":
-            full, _ = block_traces(self, None, rtol=rtol, max_hvp=n_hvp or max_hvp,
-                                   distribution=distribution, seed=seed)
-            return full
+            return self.traces(rtol=rtol, max_hvp=n_hvp or max_hvp, distribution=distribution,
+                               seed=seed)[0]
         if method == "hutchinson":
             return hutchinson(self, n_hvp=n_hvp or 100, distribution=distribution, seed=seed)
         if method == "hutch++-fixed":
@@ -320,22 +370,25 @@ class CurvatureOperator:
     ) -> tuple[TraceResult, dict[str, TraceResult]]:
         """The full trace and every layer's block trace from one shared set of probes: for
         Rademacher ``v``, ``E[v_l . (H v)_l] = tr(H_ll)``. The layer estimates add up to the full
-        one exactly."""
-        slices = self.layer_slices()
-        perm = torch.cat([torch.arange(s.start, s.stop) for ss in slices.values() for s in ss])
-        covered = len(perm)
-        if covered < self.dim:
+        one exactly. :meth:`trace` runs the same estimate, so calling both costs one run."""
+        key = (rtol, max_hvp, distribution, seed)
+        if key in self._trace_cache:
+            return self._trace_cache[key]
+        indices = self.layer_indices()
+        perm = torch.cat([*indices.values(), torch.zeros(0, dtype=torch.int64)])
+        if len(perm) < self.dim:
             rest = torch.ones(self.dim, dtype=torch.bool)
             rest[perm] = False
             perm = torch.cat([perm, torch.nonzero(rest).flatten()])
         view = _Permuted(self, perm)
         ranges, start = {}, 0
-        for layer, ss in slices.items():
-            size = sum(s.stop - s.start for s in ss)
-            ranges[layer] = slice(start, start + size)
-            start += size
-        return block_traces(view, ranges, rtol=rtol, max_hvp=max_hvp, distribution=distribution,
-                            seed=seed)
+        for layer, idx in indices.items():
+            ranges[layer] = slice(start, start + len(idx))
+            start += len(idx)
+        result = block_traces(view, ranges, rtol=rtol, max_hvp=max_hvp,
+                              distribution=distribution, seed=seed)
+        self._trace_cache[key] = result
+        return result
 
     def layer_traces(self, **kwargs: Any) -> dict[str, TraceResult]:
         """Every layer's block trace ``tr(H_ll)`` from shared full-network probes (see
@@ -376,20 +429,25 @@ class CurvatureOperator:
 class Hessian(CurvatureOperator):
     """The Hessian of the mean loss with respect to the trainable parameters."""
 
-    kind: Kind = "hessian"
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
+        return self._engine.hessian_products(self._names, V)
 
 
 class GaussNewton(CurvatureOperator):
     """The generalised Gauss-Newton matrix ``G = J^T (d2 loss / d outputs2) J``."""
 
-    kind: Kind = "gauss_newton"
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
+        return self._engine.gauss_newton_products(self._names, V)
 
 
 class GaussNewtonResidual(CurvatureOperator):
     """The residual ``Hess - G`` of the Gauss-Newton split (each product costs a Hessian product
     and a Gauss-Newton product)."""
 
-    kind: Kind = "residual"
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
+        engine = self._engine
+        return engine.hessian_products(self._names, V) - engine.gauss_newton_products(
+            self._names, V)
 
 
 class _Permuted:
@@ -415,41 +473,11 @@ def _check_k(k: int, dim: int) -> None:
         )
 
 
-def _check_grouping(layers: Mapping[str, Iterable[str]], trainable: list[str]):
-    known = set(trainable)
-    seen: dict[str, str] = {}
-    out = {}
-    for layer, params in layers.items():
-        params = list(params)
-        if not params:
-            raise HesslensInputError(f"layer {layer!r} has no parameters")
-        for p in params:
-            if p not in known:
-                raise HesslensInputError(
-                    f"layer {layer!r} names parameter {p!r}, which is not a trainable parameter "
-                    f"of the model; trainable parameters: {trainable}"
-                )
-            if p in seen:
-                raise HesslensInputError(
-                    f"parameter {p!r} is in both layer {seen[p]!r} and layer {layer!r}"
-                )
-            seen[p] = layer
-        out[str(layer)] = params
-    return out
+def unwrap_model(model: object) -> object:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (products run
+    on a private functional copy, so the wrapper's hooks have no part in them)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-
-def _like_model(example: object, model: nn.Module) -> object:
-    """``example`` on the model's own device, floating inputs in its dtype: the layer order is
-    found by one forward pass of (a copy of) the user's model, whatever ``dtype=`` and
-    ``device=`` the operator itself uses."""
-    ref = next(iter(model.parameters()), None)
-    if ref is None:
-        return example
-
-    def like(t: object) -> object:
-        if not isinstance(t, torch.Tensor):
-            return t
-        return t.to(device=ref.device, dtype=ref.dtype if t.is_floating_point() else t.dtype)
-
-    return like(example) if isinstance(example, torch.Tensor) else tuple(
-        like(t) for t in example)  # type: ignore[union-attr]
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
