@@ -2,12 +2,14 @@
 
 :func:`lanczos` runs ``m`` steps of the symmetric Lanczos process from one start vector,
 with full reorthogonalisation (classical Gram-Schmidt applied twice, "DGKS"), and returns the
-tridiagonal matrix ``T = Q A Q^T`` and the float64 basis ``Q``. :func:`eigsh` builds on it:
-the extreme eigenvalues of ``A`` as the Ritz values of a single growing Krylov space, stopped
-by an a-posteriori error bound per Ritz value (conventions of ``scipy.sparse.linalg.eigsh``).
+tridiagonal matrix ``T = Q A Q^T`` and the float64 basis ``Q`` (memory ``8 * m * dim``
+bytes: for small problems and tests). :func:`eigsh` gives the extreme eigenvalues of ``A`` as
+the Ritz values of a Krylov space in a bounded basis (thick restart beyond ``ncv`` vectors,
+memory ``(ncv + 3) * dim`` entries), stopped by an a-posteriori error bound per Ritz value
+(conventions of ``scipy.sparse.linalg.eigsh``).
 
-The basis and ``T`` are kept in float64 whatever the operator's dtype; vectors are cast to
-``op.dtype`` only to be multiplied. Memory: the basis takes ``8 * m * dim`` bytes.
+Vectors are cast to ``op.dtype`` only to be multiplied; the small projected problems are
+solved in float64.
 
 Example
 -------
@@ -24,16 +26,18 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.linalg import eigh as scipy_eigh
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from hesslens.errors import HesslensInputError
-from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64
+from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.probes import random_probes
 from hesslens.linalg.results import EigenResult
 
@@ -47,10 +51,54 @@ WHICH = ("LA", "SA", "LM")
 # accept it as converged even if tol * |theta| is smaller (eigenvalues at or near zero).
 _NOISE_FLOOR_EPS = 100.0
 
+# eigsh(ncv=None) keeps every Lanczos vector (no restart, the fewest products) while that basis
+# takes at most this many bytes; beyond, it restarts in a basis of max(2k + 8, 20) vectors.
+_AUTO_NCV_BYTES = 2**26
+
 
 def _tridiag_eig(alpha: np.ndarray, offdiag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal matrix."""
     return eigh_tridiagonal(np.asarray(alpha, dtype=np.float64), np.asarray(offdiag))
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the algorithms keep their vectors in: float64 for a float64 operator, else
+    float32 (a basis twice reorthogonalised in float32 is as accurate as float32 products)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Column chunk of the float64 reductions of lower-precision vectors (bounds their temporaries
+# to about 8 MiB per reduction).
+_REDUCE_ENTRIES = 2**20
+
+
+def _gram64(A: Tensor, B: Tensor) -> Tensor:
+    """``A @ B.T`` accumulated in float64 (CPU result), without a float64 copy of ``A``/``B``."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return (A @ B.T).cpu()
+    n = A.shape[1]
+    step = max(1, _REDUCE_ENTRIES // max(A.shape[0], B.shape[0], 1))
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, n, step):
+        out += A[:, c : c + step].to(torch.float64) @ B[:, c : c + step].to(torch.float64).T
+    return out.cpu()
+
+
+def _rowdot(A: Tensor, B: Tensor) -> Tensor:
+    """Row-wise dot products ``(A * B).sum(1)`` accumulated in float64 (CPU result)."""
+    if A.dtype == torch.float64 and B.dtype == torch.float64:
+        return (A * B).sum(dim=1).cpu()
+    n = A.shape[1]
+    step = max(1, _REDUCE_ENTRIES // max(A.shape[0], 1))
+    out = torch.zeros(A.shape[0], dtype=torch.float64, device=A.device)
+    for c in range(0, n, step):
+        out += (A[:, c : c + step].to(torch.float64) * B[:, c : c + step].to(torch.float64)).sum(1)
+    return out.cpu()
+
+
+def _norm64(W: Tensor) -> Tensor:
+    """Row norms accumulated in float64 (CPU result)."""
+    return torch.linalg.vector_norm(W, dim=1, dtype=torch.float64).cpu()
 
 
 class _BatchLanczos:
@@ -204,6 +252,189 @@ class _BatchLanczos:
         starts = self.block_starts[i]
         stops = [*starts[1:], self.m[i]]
         return list(zip(starts, stops))
+
+
+class _RestartedLanczos:
+    """One Lanczos run in a basis of at most ``ncv`` vectors, thick-restarted (Wu and Simon 2000).
+
+    The basis ``Q`` (rows, ``basis_dtype`` on ``basis_device``) holds, in order: *locked*
+    vectors (exact eigenvectors kept from invariant blocks, 1 x 1 blocks of ``T``), closed
+    blocks (invariant Krylov spaces, tridiagonal) and one open block. ``T = Q A Q^T`` is
+    block diagonal; the open block may start with an arrowhead: ``nkeep`` Ritz vectors kept at a
+    restart, ``T = diag(theta)`` coupled to the next Lanczos vector by ``beta * s_{m,i}``.
+    Every new vector is reorthogonalised twice against the whole basis (classical
+    Gram-Schmidt, "DGKS"). When the open block fills the basis, :meth:`compress` keeps the
+    wanted Ritz vectors and the residual direction and the process goes on; before that, the
+    run is exactly the unrestarted full-reorthogonalisation Lanczos of :class:`_BatchLanczos`.
+    Memory: ``(ncv + 1) * dim`` basis entries, plus one product's input and output.
+    """
+
+    def __init__(
+        self,
+        op: SymmetricOperator,
+        start: Tensor,
+        ncv: int,
+        max_steps: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.op = op
+        self.dim = op.dim
+        self.ncv = int(ncv)
+        self.max_steps = int(max_steps)
+        self.dtype = dtype
+        self.device = device
+        self.breakdown_tol = 10.0 * torch.finfo(op.dtype).eps
+        v = start.reshape(1, -1).to(dtype=torch.float64)
+        norm = float(v.norm())
+        if norm == 0:
+            raise HesslensInputError("a Lanczos start vector is zero")
+        self.Q = torch.zeros(self.ncv + 1, self.dim, dtype=dtype, device=device)
+        self.Q[0] = (v[0] / norm).to(dtype=dtype, device=device)
+        self.T = np.zeros((self.ncv + 1, self.ncv + 1))
+        self.m = 0  # basis rows in use; row m is the next Lanczos vector (when live)
+        self.block_starts = [0]
+        self.closed_resid: list[np.ndarray] = []  # residuals of each closed block at closing
+        self.arrow: int | None = None  # the open block's arrowhead column, if restarted
+        self.status = "live"
+        self.anorm = 0.0
+        self.beta = 0.0  # residual norm of the open block
+        self.n_hvp = 0
+        self.n_restarts = 0
+
+    def step(self) -> None:
+        """One Lanczos step (one product) of the open block."""
+        j, start = self.m, self.block_starts[-1]
+        Q = self.Q
+        q = Q[j : j + 1]
+        w = matmat_as(self.op, q, self.dtype, self.device)
+        self.n_hvp += 1
+        wnorm = float(_norm64(w)[0])
+        if self.dtype == torch.float64:  # the same operations as _BatchLanczos
+            alpha = float((q * w).sum())
+        else:
+            alpha = float(_rowdot(q, w)[0])
+        w = w - alpha * q
+        if self.arrow is not None and j == self.arrow:
+            coupling = torch.as_tensor(self.T[start:j, j], dtype=self.dtype, device=self.device)
+            w = w - coupling[None, :] @ Q[start:j]
+        elif j > start:
+            w = w - float(self.T[j - 1, j]) * Q[j - 1 : j]
+        Qj = Q[: j + 1]
+        for _ in range(2):  # "twice is enough"
+            w = w - (Qj @ w.T).T @ Qj
+        beta = float(_norm64(w)[0])
+        self.T[j, j] = alpha
+        self.m = j + 1
+        self.beta = beta
+        self.anorm = max(self.anorm, wnorm)
+        if self.m >= self.dim:
+            self.status = "exhausted"
+        elif beta <= self.breakdown_tol * self.anorm:
+            self.status = "breakdown"
+        elif self.n_hvp >= self.max_steps:
+            self.status = "budget"
+        else:
+            self.status = "live"
+            Q[self.m] = w[0] / beta
+            self.T[j, j + 1] = self.T[j + 1, j] = beta
+
+    def blocks(self) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+        """``(start, stop, theta, S, r)`` of every diagonal block of ``T``, the open one last."""
+        starts = self.block_starts
+        stops = [*starts[1:], self.m]
+        out = []
+        for i, (b0, b1) in enumerate(zip(starts, stops)):
+            last = i == len(starts) - 1
+            if last and self.arrow is not None:
+                theta, S = scipy_eigh(self.T[b0:b1, b0:b1])
+            else:
+                theta, S = _tridiag_eig(np.diag(self.T)[b0:b1], np.diag(self.T, 1)[b0 : b1 - 1])
+            r = np.abs(self.beta * S[-1, :]) if last else self.closed_resid[i]
+            out.append((b0, b1, theta, S, r))
+        return out
+
+    def _rewrite(self, C: np.ndarray) -> None:
+        """``Q[:p] <- C @ Q[:q]`` in place, ``C`` of shape ``(p, q)`` with ``p <= q``, a column
+        chunk at a time (no second basis)."""
+        p, q = C.shape
+        Ct = torch.as_tensor(C, dtype=self.dtype, device=self.device)
+        step = max(1, _REDUCE_ENTRIES // max(q, 1))
+        for c in range(0, self.dim, step):
+            self.Q[:p, c : c + step] = Ct @ self.Q[:q, c : c + step]
+
+    def compress(self, keep_closed: list[tuple[int, int]], keep_open: list[int]) -> None:
+        """Thick restart: keep some Ritz vectors and the residual direction, drop the rest.
+
+        ``keep_closed``: ``(block, local index)`` Ritz pairs of closed blocks, locked as exact
+        eigenvectors; ``keep_open``: local indices of Ritz values of the open block, which
+        (with the next Lanczos vector, when the block is not invariant) start the new open
+        block as an arrowhead.
+        """
+        blocks = self.blocks()
+        live = self.status == "live"
+        rows, diag, closed_r = [], [], []
+        for b, i in keep_closed:
+            b0, b1, theta, S, r = blocks[b]
+            c = np.zeros(self.m + 1)
+            c[b0:b1] = S[:, i]
+            rows.append(c)
+            diag.append(theta[i])
+            closed_r.append(np.array([r[i]]))
+        b0, b1, theta, S, r = blocks[-1]
+        arrow = []
+        for i in keep_open:
+            c = np.zeros(self.m + 1)
+            c[b0:b1] = S[:, i]
+            rows.append(c)
+            diag.append(theta[i])
+            arrow.append(self.beta * S[-1, i])
+        if live:
+            c = np.zeros(self.m + 1)
+            c[self.m] = 1.0
+            rows.append(c)
+        C = np.array(rows).reshape(len(rows), self.m + 1)
+        self._rewrite(C)
+        n_locked = len(keep_closed)
+        p = len(diag)
+        self.T[:] = 0.0
+        self.T[np.arange(p), np.arange(p)] = diag
+        self.block_starts = list(range(n_locked + 1))
+        self.closed_resid = closed_r
+        self.m = p
+        if live:
+            col = n_locked + len(keep_open)
+            self.T[n_locked:col, col] = self.T[col, n_locked:col] = arrow
+            self.arrow = col
+        else:  # the open block was invariant: keep its vectors as locked ones
+            resid = [*closed_r, *(np.array([r[i]]) for i in keep_open)]
+            self.block_starts = list(range(p))
+            self.closed_resid = resid[:-1]
+            self.beta = float(resid[-1][0])  # the last 1 x 1 block's residual is beta
+            self.arrow = None
+        self.n_restarts += 1
+
+    def restart(self, v: Tensor) -> bool:
+        """Start a new block from ``v`` made orthogonal to the basis (after an invariant
+        block). Returns False when no product or slot is left or ``v`` lies in the basis."""
+        if self.n_hvp >= self.max_steps or self.m >= self.ncv:
+            return False
+        m = self.m
+        v = v.reshape(1, -1).to(dtype=self.dtype, device=self.device)
+        norm0 = float(_norm64(v)[0])
+        Qm = self.Q[:m]
+        for _ in range(2):
+            v = v - (Qm @ v.T).T @ Qm
+        norm = float(_norm64(v)[0])
+        if norm <= 1e-8 * norm0 * (1.0 if self.dtype == torch.float64 else 1e4):
+            return False
+        self.closed_resid.append(self.blocks()[-1][4])
+        self.Q[m] = v[0] / norm
+        self.block_starts.append(m)
+        self.arrow = None
+        self.beta = 0.0
+        self.status = "live"
+        return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -388,8 +619,12 @@ def eigsh(
     seed: int = 0,
     return_vectors: bool = True,
     callback: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    *,
+    ncv: int | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> EigenResult:
-    """Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+    """Extreme eigenvalues of a symmetric operator by thick-restarted Lanczos.
 
     The ``k`` wanted eigenvalues are the Ritz values of one growing Krylov space (not power
     iteration with deflation). After every step, once there are ``k`` Ritz values, each Ritz
@@ -422,6 +657,16 @@ def eigsh(
     returned with their multiplicity. Repeated eigenvalues inside a space that is not
     invariant cannot be resolved by a single-vector method (nor by ARPACK's).
 
+    The basis holds at most ``ncv`` vectors. When it is full and the values have not
+    converged, the process restarts thick (Wu and Simon 2000; the symmetric Krylov-Schur
+    restart, as ARPACK's ``ncv``): it keeps the Ritz vectors of the ``k`` wanted values, the
+    guard and half of the remaining space (best first), and the residual direction, so that
+    ``T`` becomes an arrowhead and the Krylov space goes on growing from there. Exact values
+    of invariant blocks are locked. Until the basis is full the run is exactly the
+    unrestarted one (same products, same stopping step); after a restart convergence can be
+    slower, most for values inside a dense part of the spectrum (``which="SA"`` on a PSD-like
+    Hessian).
+
     Parameters
     ----------
     op : SymmetricOperator or Tensor
@@ -434,15 +679,26 @@ def eigsh(
     tol : float
         Relative tolerance on each eigenvalue (see above).
     max_steps : int, optional
-        Most Lanczos steps (= products); default ``min(dim, max(100, 30 * k))``. At least
-        ``k``; never more than ``dim`` are taken.
+        Most Lanczos steps (= products); default ``max(100, 30 * k)``. At least ``k``. Without
+        restarts (``ncv = dim``) never more than ``dim`` are taken.
     seed : int
         Seed of the random start vector (Gaussian, drawn on the CPU).
     return_vectors : bool
         Whether to return the Ritz vectors (``(k, dim)`` in ``op.dtype`` on ``op.device``).
     callback : callable, optional
         ``callback(step, theta, bounds)`` after each convergence check: the wanted Ritz
-        values (descending, float64 numpy) and their error bounds.
+        values (descending, float64 numpy) and their error bounds; ``step`` counts products.
+    ncv : int, optional
+        Most basis vectors, ``k + 2 <= ncv`` (capped at ``dim``). Default: ``dim`` (no
+        restart) while a basis of ``max_steps + 1`` vectors takes at most 64 MiB, else
+        ``max(2 * k + 8, 20)``.
+    basis_dtype : torch.dtype, optional
+        Dtype of the basis. Default: float64 for a float64 operator, else float32 (the basis is
+        reorthogonalised twice, so a float32 basis is as accurate as float32 products; the
+        coefficients of ``T`` are accumulated in float64 either way).
+    basis_device : torch.device or str, optional
+        Device of the basis (default: the operator's). ``basis_device="cpu"`` keeps it off a
+        GPU; every product then moves one vector there and back.
 
     Returns
     -------
@@ -450,11 +706,24 @@ def eigsh(
         ``values`` descending, ``residuals`` the ``r_i``, ``bounds`` the ``e_i``,
         ``converged`` per value, ``n_hvp`` every product used, ``n_steps`` the steps taken.
 
+    Notes
+    -----
+    Memory: ``(ncv + 3) * dim * itemsize(basis_dtype)`` bytes (the basis and the next vector,
+    the product's result and one update temporary), plus what one product itself needs.
+
     Raises
     ------
     ValueError
-        For ``k`` outside ``[1, dim]``, an unknown ``which``, ``tol <= 0`` or
-        ``max_steps < k``.
+        For ``k`` outside ``[1, dim]``, an unknown ``which``, ``tol <= 0``, ``max_steps < k``
+        or ``ncv < k + 2``.
+    NonFiniteCurvatureError
+        When a product has a NaN or infinite entry.
+
+    Warns
+    -----
+    BudgetWarning
+        When ``max_steps`` products are spent before every wanted value converged (the
+        result then has ``converged`` False for those values).
 
     Examples
     --------
@@ -463,6 +732,9 @@ def eigsh(
     >>> A = torch.diag(torch.linspace(-2.0, 1.0, 50, dtype=torch.float64))
     >>> res = eigsh(MatrixOperator(A), k=2, which="SA")
     >>> [round(v, 4) for v in res.values.tolist()]
+    [-1.9388, -2.0]
+    >>> small = eigsh(MatrixOperator(A), k=2, which="SA", ncv=8)  # restarted, 9 vectors
+    >>> [round(v, 4) for v in small.values.tolist()]
     [-1.9388, -2.0]
     """
     op = as_operator(op)
@@ -474,32 +746,49 @@ def eigsh(
         raise HesslensInputError(f"which must be one of {WHICH}, got {which!r}")
     if not tol > 0:
         raise HesslensInputError(f"tol must be positive, got {tol}")
+    basis_dtype = _work_dtype(op.dtype) if basis_dtype is None else basis_dtype
+    if not basis_dtype.is_floating_point:
+        raise HesslensInputError(f"basis_dtype must be a floating dtype, got {basis_dtype}")
+    basis_device = op.device if basis_device is None else torch.device(basis_device)
+    steps = min(n, max(100, 30 * k)) if max_steps is None else min(n, int(max_steps))
+    itemsize = torch.finfo(basis_dtype).bits // 8
+    if ncv is None and (steps + 1) * n * itemsize <= _AUTO_NCV_BYTES:
+        ncv = n  # a basis of every step is small: no restart
+    if ncv is None:
+        ncv = min(n, max(2 * k + 8, 20))
+    elif isinstance(ncv, bool) or int(ncv) != ncv or not min(n, k + 2) <= ncv:
+        raise HesslensInputError(
+            f"ncv={ncv} is too small: the basis needs at least k + 2 = {k + 2} vectors "
+            f"(or dim={n}); raise ncv"
+        )
+    ncv = min(int(ncv), n)
     if max_steps is None:
-        max_steps = min(n, max(100, 30 * k))
+        max_steps = max(100, 30 * k) if ncv < n else min(n, max(100, 30 * k))
     elif int(max_steps) < k:
         raise HesslensInputError(f"max_steps={max_steps} is smaller than k={k}")
-    max_steps = min(int(max_steps), n)
+    max_steps = int(max_steps) if ncv < n else min(int(max_steps), n)
 
     gen = torch.Generator().manual_seed(seed)
-    engine = _BatchLanczos(op, _start_vector(op, None, seed, gen), max_steps)
+    engine = _RestartedLanczos(
+        op, _start_vector(op, None, seed, gen), ncv, max_steps, basis_dtype, basis_device
+    )
     floor_eps = _NOISE_FLOOR_EPS * torch.finfo(op.dtype).eps
-    # closed blocks: (start, stop, theta, S, r); their Ritz values are exact
-    closed: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
+    # the values a restart keeps in the open block: the wanted ones, the guard, and half of
+    # the free space (Wu and Simon's choice)
+    n_guard = min(k + (k > 1), n)
 
     while True:
         engine.step()
-        status, m = engine.status[0], engine.m[0]
+        status, m = engine.status, engine.m
         if status == "live" and m < k:
             continue
-        start = engine.block_starts[0][-1]
-        alpha, beta = engine.alpha[0], engine.beta[0]
-        theta_c, S_c = _tridiag_eig(np.array(alpha[start:m]), np.array(beta[start : m - 1]))
-        r_c = np.abs(beta[m - 1] * S_c[-1, :])
+        blocks = engine.blocks()
+        n_closed = sum(b[2].shape[0] for b in blocks[:-1])
+        theta_c = blocks[-1][2]
         exact_c = status in ("breakdown", "exhausted")
 
-        theta = np.concatenate([*(c[2] for c in closed), theta_c])
-        resid = np.concatenate([*(c[4] for c in closed), r_c])
-        n_closed = theta.shape[0] - theta_c.shape[0]
+        theta = np.concatenate([b[2] for b in blocks])
+        resid = np.concatenate([b[4] for b in blocks])
         bounds = _error_bounds(theta, resid)
         bounds[:n_closed] = 0.0
         if exact_c:
@@ -520,19 +809,21 @@ def eigsh(
         wanted = _select(theta, k, which)
         if callback is not None:
             order = wanted[np.argsort(-theta[wanted], kind="stable")]
-            callback(m, theta[order].copy(), bounds[order].copy())
+            callback(engine.n_hvp, theta[order].copy(), bounds[order].copy())
 
         if status == "live":
-            extremes_ok = not closed or all(
+            extremes_ok = n_closed == 0 or all(
                 ok[n_closed + i] for i in _block_extremes(theta_c, which)
             )
             # For k > 1, one more Ritz value than asked must converge too: a value next to the
             # k-th one that is still moving may be a near-degenerate eigenvalue not yet
             # resolved. For k = 1 the guard cost 12 -> 20 products on ResNet-20 (its second
             # eigenvalue converges slowly) and is left out; ask k=2 for a guarded top value.
-            guarded = _select(theta, min(k + (k > 1), theta.shape[0], n), which)
+            guarded = _select(theta, min(n_guard, theta.shape[0]), which)
             if bool(ok[guarded].all()) and extremes_ok:
                 break
+            if m >= ncv:
+                _compress(engine, blocks, theta, which, n_guard)
             continue
         if status == "breakdown":
             # The block is invariant. Restart if it brought something better than the k-th
@@ -548,14 +839,20 @@ def eigsh(
                     _better(float(theta_c[i]), kth, which, margin)
                     for i in _block_extremes(theta_c, which)
                 )
-            if again:
+            if again and engine.n_hvp < max_steps:
+                if m >= ncv:
+                    _compress(engine, blocks, theta, which, n_guard)
                 v = random_probes(1, n, "gaussian", gen, torch.float64, op.device)
-                if engine.restart(0, v):
-                    closed.append((start, m, theta_c, S_c, r_c))
+                if engine.restart(v):
                     continue
+                blocks = engine.blocks()  # nothing more to find: report what is kept
+                theta = np.concatenate([b[2] for b in blocks])
+                resid = np.concatenate([b[4] for b in blocks])
+                bounds = np.zeros_like(theta)
+                ok = np.ones(theta.shape[0], dtype=bool)
+                wanted = _select(theta, k, which)
         break  # exhausted, budget, or an invariant block with nothing more to find
 
-    blocks = [*closed, (start, m, theta_c, S_c, r_c)]
     owner = np.concatenate([np.full(b[2].shape[0], j) for j, b in enumerate(blocks)])
     local = np.concatenate([np.arange(b[2].shape[0]) for b in blocks])
     order = wanted[np.argsort(-theta[wanted], kind="stable")]
@@ -565,18 +862,55 @@ def eigsh(
         rows = []
         for g in order:
             b0, b1, _, S, _ = blocks[owner[g]]
-            s = torch.as_tensor(S[:, local[g]], dtype=torch.float64, device=op.device)
-            y = s @ engine.Q[0, b0:b1]
+            s = torch.as_tensor(S[:, local[g]], dtype=basis_dtype, device=basis_device)
+            y = (s @ engine.Q[b0:b1]).to(dtype=op.dtype, device=op.device)
             rows.append(y / y.norm())
-        vectors = torch.stack(rows).to(op.dtype)
+        vectors = torch.stack(rows)
 
+    converged = ok[order]
+    if not bool(converged.all()):
+        worst = float(np.max(bounds[order][~converged] / np.maximum(np.abs(theta[order][
+            ~converged]), floor)))
+        warnings.warn(
+            f"eigsh stopped at max_steps={max_steps} products with {int((~converged).sum())} "
+            f"of {k} eigenvalues not converged (relative error bound up to {worst:.2g} > "
+            f"tol={tol:g}): raise max_steps or tol",
+            BudgetWarning,
+            stacklevel=2,
+        )
     return EigenResult(
         values=torch.as_tensor(theta[order], dtype=torch.float64),
         vectors=vectors,
         residuals=torch.as_tensor(resid[order], dtype=torch.float64),
-        converged=torch.as_tensor(ok[order], dtype=torch.bool),
+        converged=torch.as_tensor(converged, dtype=torch.bool),
         n_hvp=engine.n_hvp,
-        n_steps=m,
+        n_steps=engine.n_hvp,
         which=which,
         bounds=torch.as_tensor(bounds[order], dtype=torch.float64),
     )
+
+
+def _compress(
+    engine: _RestartedLanczos,
+    blocks: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]],
+    theta: np.ndarray,
+    which: str,
+    n_guard: int,
+) -> None:
+    """Thick restart of a full basis: lock the wanted exact values of closed blocks, keep the
+    wanted Ritz values of the open block and half of the free space (best first)."""
+    owner = np.concatenate([np.full(b[2].shape[0], j) for j, b in enumerate(blocks)])
+    local = np.concatenate([np.arange(b[2].shape[0]) for b in blocks])
+    last = len(blocks) - 1
+    top = _select(theta, min(n_guard, theta.shape[0]), which)
+    keep_closed = [(int(owner[g]), int(local[g])) for g in top if owner[g] != last]
+    n_open_wanted = sum(1 for g in top if owner[g] == last)
+    theta_o = blocks[-1][2]
+    space = engine.ncv - len(keep_closed)
+    n_keep = n_open_wanted + max(0, space - n_open_wanted) // 2
+    live = engine.status == "live"
+    n_keep = max(0, min(n_keep, theta_o.shape[0] - 1 if live else theta_o.shape[0], space - 2))
+    if not live:
+        n_keep = min(n_open_wanted, theta_o.shape[0])
+    keep_open = [int(i) for i in _select(theta_o, n_keep, which)]
+    engine.compress(keep_closed, keep_open)

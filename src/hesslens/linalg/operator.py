@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hesslens.errors import HesslensInputError
+from hesslens.errors import HesslensInputError, NonFiniteCurvatureError
 
 __all__ = [
     "CountingOperator",
@@ -35,6 +35,8 @@ __all__ = [
     "MatrixOperator",
     "SymmetricOperator",
     "as_operator",
+    "check_finite",
+    "matmat_as",
 ]
 
 
@@ -274,15 +276,68 @@ def as_operator(obj: Any) -> SymmetricOperator:
     )
 
 
-def matmat64(op: SymmetricOperator, V: Tensor) -> Tensor:
-    """Multiply a float64 batch through ``op`` and return float64 (internal helper).
+def check_finite(out: Tensor) -> Tensor:
+    """Return ``out`` if every entry is finite, else raise :class:`NonFiniteCurvatureError`.
 
-    The vectors are cast to ``op.dtype`` only for the product; the algorithms keep their own
-    arithmetic in float64.
+    Every estimator of :mod:`hesslens.linalg` multiplies through :func:`matmat64` or
+    :func:`matmat_as`, which call this on each product: a NaN or infinite product stops the
+    estimate with an error instead of a NaN result (or a ``converged=True`` on garbage).
+
+    Examples
+    --------
+    >>> import torch
+    >>> check_finite(torch.ones(2)).tolist()
+    [1.0, 1.0]
+    >>> check_finite(torch.tensor([1.0, float("nan")]))
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.NonFiniteCurvatureError: a curvature product is not finite (1 NaN ...
+    """
+    if bool(torch.isfinite(out).all()):
+        return out
+    n_nan = int(torch.isnan(out).sum())
+    n_inf = int(torch.isinf(out).sum())
+    raise NonFiniteCurvatureError(
+        f"a curvature product is not finite ({n_nan} NaN and {n_inf} infinite entries of "
+        f"{out.numel()}): the loss is finite but its second derivative is not; check the model "
+        "for operations whose second derivative blows up at these parameters (sqrt, log or a "
+        "division near 0, overflow in float16/bfloat16), or evaluate in float32/float64"
+    )
+
+
+def matmat_as(
+    op: SymmetricOperator,
+    V: Tensor,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Multiply the batch ``V`` through ``op`` and return the product as ``dtype`` on ``device``.
+
+    The vectors are cast to ``op.dtype`` (and moved to ``op.device``) only for the product; the
+    result is checked for NaN/Inf (:func:`check_finite`) and its shape. ``device=None`` keeps
+    the operator's device. This is the one place where the algorithms call ``op.matmat``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> op = MatrixOperator(torch.diag(torch.tensor([2.0, 3.0])))
+    >>> matmat_as(op, torch.ones(1, 2, dtype=torch.float64))
+    tensor([[2., 3.]], dtype=torch.float64)
     """
     out = op.matmat(V.to(dtype=op.dtype, device=op.device))
-    if out.shape != V.shape:
+    if not isinstance(out, Tensor) or out.shape != V.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise HesslensInputError(
-            f"operator returned shape {tuple(out.shape)} for a batch of shape {tuple(V.shape)}"
+            f"operator returned shape {shape} for a batch of shape {tuple(V.shape)}"
         )
-    return out.to(torch.float64)
+    check_finite(out)
+    return out.to(dtype=dtype, device=op.device if device is None else device)
+
+
+def matmat64(op: SymmetricOperator, V: Tensor) -> Tensor:
+    """Multiply a batch through ``op`` and return float64 on ``op.device`` (internal helper).
+
+    The vectors are cast to ``op.dtype`` only for the product; the algorithms keep their own
+    arithmetic in float64. Non-finite products raise :class:`NonFiniteCurvatureError`.
+    """
+    return matmat_as(op, V, torch.float64)

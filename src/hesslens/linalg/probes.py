@@ -1,7 +1,10 @@
 """Random probe vectors for stochastic estimators.
 
-Probes are always drawn on the CPU in float64 from the given generator, then cast and moved:
-the same seed gives the same probes on every device and in every dtype.
+Probes are always drawn on the CPU from the given generator, then cast and moved: the same seed
+gives the same probes on every device and in every dtype. Rademacher probes are drawn directly
+in the requested dtype (``k * dim`` entries of it, no larger temporary); Gaussian ones in float64
+and then cast. Drawing Rademacher probes a few rows at a time from one generator gives the same
+rows as drawing them all at once (the estimators rely on this to bound their memory).
 
 Example
 -------
@@ -78,10 +81,13 @@ def random_probes(
     if k < 0 or dim < 0:
         raise HesslensInputError(f"probe sizes must be nonnegative, got k={k}, dim={dim}")
     check_distribution(distribution)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     if distribution == "rademacher":
-        bits = torch.randint(0, 2, (k, dim), generator=generator, dtype=torch.int64)
-        out = bits.to(torch.float64).mul_(2.0).sub_(1.0)
+        # drawn straight in ``dtype`` (+-1 is exact in every float dtype, and torch's randint
+        # gives the same bits whatever the dtype): no float64 or int64 temporary of k * dim
+        draw_dtype = dtype if dtype.is_floating_point else torch.float64
+        out = torch.randint(0, 2, (k, dim), generator=generator, dtype=draw_dtype)
+        out = out.mul_(2.0).sub_(1.0)
     else:
         out = torch.randn(k, dim, generator=generator, dtype=torch.float64)
-    dtype = torch.get_default_dtype() if dtype is None else dtype
     return out.to(dtype=dtype, device=device)

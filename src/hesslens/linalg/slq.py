@@ -6,8 +6,12 @@ delta(x - theta_j)`` matches the first ``2m - 1`` moments of ``v^T delta(x - A) 
 average over random probes is the spectral measure ``(1/n) sum_i delta(x - lambda_i)``
 (Golub and Meurant; Ubaru, Chen and Saad 2017; Ghorbani, Krishnan and Xiao 2019).
 
-The probes' Lanczos runs go as one batch: each step is one ``op.matmat`` of shape
-``(n_probes, dim)``, and each run is fully reorthogonalised against its own float64 basis.
+The probes' Lanczos runs go in groups of ``probe_chunk``: each step is one ``op.matmat`` of
+shape ``(probe_chunk, dim)``. By default (``reorth="auto"``) large problems keep no basis: the
+three-term recurrence needs three vectors per probe. Without reorthogonalisation the runs lose
+orthogonality and repeat converged Ritz values ("ghosts"), but the quadrature stays accurate:
+the weights of a ghost and its original add up to what one node would carry (Paige; Greenbaum
+and Strakos; checked against dense spectra in ``tests/linalg/test_linalg_slq.py``).
 
 Example
 -------
@@ -25,15 +29,97 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from hesslens.errors import HesslensInputError
-from hesslens.linalg.lanczos import _BatchLanczos, _tridiag_eig
-from hesslens.linalg.operator import SymmetricOperator, as_operator
+from hesslens.linalg.lanczos import (
+    _BatchLanczos,
+    _gram64,
+    _rowdot,
+    _tridiag_eig,
+    _work_dtype,
+)
+from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat_as
 from hesslens.linalg.probes import check_distribution, random_probes
 from hesslens.linalg.results import EigenResult
 from hesslens.linalg.spectrum import Spectrum
 
-__all__ = ["slq"]
+__all__ = ["REORTH", "slq"]
+
+#: The reorthogonalisation modes of :func:`slq`.
+REORTH = ("auto", "full", "none")
+
+# reorth="auto" keeps full reorthogonalisation while one group's float64 bases take at most
+# this many bytes (then the old, exact-to-rounding path runs at no memory cost that matters).
+_AUTO_FULL_BYTES = 2**27
+
+# probe_chunk=None: as many probes per group as keep the three working vectors of the group
+# within this many bytes (at least one probe, at most all of them).
+_AUTO_CHUNK_BYTES = 2**30
+
+
+def _recurrence(
+    op: SymmetricOperator,
+    V: Tensor,
+    n_steps: int,
+    U: Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    on_step: Callable[[int], None],
+) -> list[tuple[list[float], list[float]]]:
+    """The Lanczos coefficients of every row of ``V`` by the plain three-term recurrence.
+
+    No basis is kept: ``q_prev``, ``q`` and ``w = A q`` per probe (plus the deflation basis
+    ``U``, against which ``w`` is projected after every product). A run stops after
+    ``n_steps`` steps or on breakdown (``beta <= 10 eps max ||A q||``: an invariant Krylov
+    space, whose quadrature is exact). ``on_step(k)`` is told the products of each step.
+    """
+    eps = torch.finfo(op.dtype).eps
+    n_runs = int(V.shape[0])
+    coeffs: list[tuple[list[float], list[float]]] = [([], []) for _ in range(n_runs)]
+    anorm = [0.0] * n_runs
+    live = list(range(n_runs))  # global indices of the rows of q
+
+    def deflate(W: Tensor) -> Tensor:
+        if U is not None:
+            W.addmm_(W @ U.T, U, alpha=-1.0)
+        return W
+
+    q = deflate(V.to(dtype=dtype, device=device))
+    q = deflate(q)
+    norms = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64)
+    if bool((norms == 0).any()):
+        raise HesslensInputError("an SLQ probe is zero after deflation")
+    q.div_(norms.to(dtype=dtype, device=device)[:, None])
+    q_prev: Tensor | None = None
+    beta_prev = torch.zeros(n_runs, dtype=torch.float64)
+    for _ in range(n_steps):
+        w = deflate(matmat_as(op, q, dtype, device))
+        on_step(len(live))
+        wnorm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).tolist()
+        alpha = _rowdot(q, w)
+        w.addcmul_(q, alpha.to(dtype=dtype, device=device)[:, None], value=-1.0)
+        if q_prev is not None:
+            w.addcmul_(q_prev, beta_prev.to(dtype=dtype, device=device)[:, None], value=-1.0)
+        w = deflate(w)
+        beta = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
+        alpha_l, beta_l = alpha.tolist(), beta.tolist()
+        keep = []
+        for row, i in enumerate(live):
+            coeffs[i][0].append(alpha_l[row])
+            coeffs[i][1].append(beta_l[row])
+            anorm[i] = max(anorm[i], wnorm[row])
+            if beta_l[row] > 10.0 * eps * anorm[i]:
+                keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(live):  # compact the group to the runs still going
+            sel = torch.tensor(keep, device=device)
+            q, w, beta = q[sel], w[sel], beta[sel]
+            live = [live[r] for r in keep]
+        w.div_(beta.to(dtype=dtype, device=device)[:, None])
+        q_prev, q, beta_prev = q, w, beta
+    return coeffs
 
 
 def slq(
@@ -45,6 +131,11 @@ def slq(
     deflate: EigenResult | None = None,
     progress: Callable[[int], None] | None = None,
     batch_size: int | None = None,
+    *,
+    reorth: str = "auto",
+    probe_chunk: int | None = None,
+    work_dtype: torch.dtype | None = None,
+    work_device: torch.device | str | None = None,
 ) -> tuple[Spectrum, int]:
     """Estimate the spectral measure of ``A`` by stochastic Lanczos quadrature.
 
@@ -55,10 +146,10 @@ def slq(
     n_probes : int
         Number of random probes (Lanczos runs).
     n_steps : int
-        Lanczos steps per probe. With ``n_steps >= n`` (minus the deflated rank) every run
-        reaches an invariant subspace: its nodes are exact eigenvalues and the measure
-        reproduces ``v^T A^p v`` for every power. Runs that reach an invariant subspace
-        earlier stop there (their quadrature is then exact).
+        Lanczos steps per probe. With ``n_steps >= n`` (minus the deflated rank) and full
+        reorthogonalisation every run reaches an invariant subspace: its nodes are exact
+        eigenvalues and the measure reproduces ``v^T A^p v`` for every power. Runs that reach
+        an invariant subspace earlier stop there (their quadrature is then exact).
     seed : int
         Seed of the probes.
     distribution : {"rademacher", "gaussian"}
@@ -74,8 +165,24 @@ def slq(
     progress : callable, optional
         ``progress(n_hvp_used)`` after every batched step.
     batch_size : int, optional
-        Probes run together (default: all ``n_probes``). The bases take
-        ``8 * batch_size * n_steps * n`` bytes: lower it for very large operators.
+        Former name of ``probe_chunk`` (kept working; ``probe_chunk`` wins if both are given).
+    reorth : {"auto", "full", "none"}
+        ``"none"``: the three-term recurrence, no basis kept (ghost Ritz values appear, the
+        quadrature stays accurate). ``"full"``: every run fully reorthogonalised against its
+        own float64 basis (exact to rounding; memory grows with ``n_steps``). ``"auto"``:
+        ``"full"`` while one group's bases take at most 128 MiB
+        (``probe_chunk * n_steps * n * 8`` bytes), else ``"none"``.
+    probe_chunk : int, optional
+        Probes run together (one ``matmat`` of this many rows per step). Default: all
+        ``n_probes`` if their working vectors fit in 1 GiB (``3 * n_probes * n * itemsize``),
+        else as many as fit (at least 1). The groups run one after the other; the result does
+        not depend on the grouping (Rademacher probes are drawn group by group from one
+        generator and come out the same; Gaussian ones too when the grouping is unchanged).
+    work_dtype, work_device : optional
+        Dtype and device of the ``"none"`` recurrence's vectors and of the deflation basis.
+        Default: float64 for a float64 operator, else float32 (as accurate as the products);
+        the operator's device. ``work_device="cpu"`` keeps them off a GPU (each product then
+        moves one group to the device and back).
 
     Returns
     -------
@@ -85,10 +192,20 @@ def slq(
     n_hvp : int
         Products used.
 
+    Notes
+    -----
+    Memory, besides what one product needs and ``O(n_probes * n_steps)`` coefficients:
+    with ``reorth="none"``, ``(3 * probe_chunk + r) * n * itemsize(work_dtype)`` bytes for the
+    working vectors (``q_prev``, ``q``, ``A q`` per probe) and the ``r`` deflation vectors, plus
+    the probes of one group (Gaussian probes: drawn in float64); with ``reorth="full"``,
+    ``probe_chunk * (n_steps + 2) * n * 8 + r * n * 8`` bytes.
+
     Raises
     ------
     ValueError
-        For nonpositive sizes or a ``deflate`` result without vectors.
+        For nonpositive sizes, an unknown ``reorth`` or a ``deflate`` result without vectors.
+    NonFiniteCurvatureError
+        When a product has a NaN or infinite entry.
 
     Examples
     --------
@@ -99,6 +216,9 @@ def slq(
     >>> spec, n_hvp = slq(A, n_probes=4, n_steps=30)
     >>> n_hvp, round(float(spec.weights.sum()), 12)
     (120, 1.0)
+    >>> spec2, _ = slq(A, n_probes=4, n_steps=30, reorth="none", probe_chunk=2)
+    >>> abs(spec2.moment(2) - spec.moment(2)) < 1e-8
+    True
     """
     op = as_operator(op)
     n = op.dim
@@ -106,38 +226,73 @@ def slq(
         if isinstance(value, bool) or int(value) != value or value < 1:
             raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
     check_distribution(distribution)
-    batch_size = n_probes if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise HesslensInputError(f"batch_size must be positive, got {batch_size}")
+    if reorth not in REORTH:
+        raise HesslensInputError(f"reorth must be one of {REORTH}, got {reorth!r}")
+    dtype = _work_dtype(op.dtype) if work_dtype is None else work_dtype
+    device = op.device if work_device is None else torch.device(work_device)
+    if probe_chunk is None:
+        probe_chunk = batch_size
+    if probe_chunk is None:
+        per_probe = 3 * n * torch.finfo(dtype).bits // 8
+        probe_chunk = int(max(1, min(n_probes, _AUTO_CHUNK_BYTES // max(per_probe, 1))))
+    elif isinstance(probe_chunk, bool) or int(probe_chunk) != probe_chunk or probe_chunk < 1:
+        raise HesslensInputError(f"probe_chunk must be a positive integer, got {probe_chunk!r}")
+    probe_chunk = int(probe_chunk)
 
     U = None
     defl_values = np.zeros(0)
     if deflate is not None:
         if deflate.vectors is None:
             raise HesslensInputError("deflate needs eigenvectors: call eigsh(return_vectors=True)")
-        V = deflate.vectors.to(dtype=torch.float64, device=op.device)
-        if V.ndim != 2 or V.shape[1] != n:
+        if deflate.vectors.ndim != 2 or deflate.vectors.shape[1] != n:
             raise HesslensInputError(f"deflate vectors must have shape (r, {n})")
-        U = torch.linalg.qr(V.T)[0].T.contiguous()
         defl_values = deflate.values.detach().cpu().numpy().astype(np.float64)
     rank = defl_values.shape[0]
+    steps = min(int(n_steps), n - rank)
+    if reorth == "auto":
+        reorth = "full" if probe_chunk * steps * n * 8 <= _AUTO_FULL_BYTES else "none"
+    if deflate is not None and rank < n:
+        # orthonormal rows by Cholesky QR in float64 (r x r Gram matrix), kept in the
+        # working dtype: (r, n) once, not an n x r float64 QR
+        if reorth == "full":
+            dtype = torch.float64
+        V = deflate.vectors.to(device=device, dtype=dtype)
+        eye = torch.eye(rank, dtype=torch.float64)
+        L = torch.linalg.cholesky(_gram64(V, V) + 1e-14 * eye)
+        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+        U = Linv.to(device=device, dtype=dtype) @ V
+        del V
 
     gen = torch.Generator().manual_seed(seed)
-    probes = random_probes(n_probes, n, distribution, gen, torch.float64, op.device)
     nodes, weights = [], []
-    n_hvp = 0
+    used = [0]
+
+    def on_step(k: int) -> None:
+        used[0] += k
+        if progress is not None:
+            progress(used[0])
+
     if rank < n:
-        for s in range(0, n_probes, batch_size):
-            engine = _BatchLanczos(op, probes[s : s + batch_size], n_steps, deflation=U)
-            while engine.active:
-                engine.step()
-                if progress is not None:
-                    progress(n_hvp + engine.n_hvp)
-            n_hvp += engine.n_hvp
-            for alpha, beta in zip(engine.alpha, engine.beta):
+        for s in range(0, n_probes, probe_chunk):
+            c = min(probe_chunk, n_probes - s)
+            pdtype = torch.float64 if reorth == "full" else dtype
+            probes = random_probes(c, n, distribution, gen, pdtype, device)
+            if reorth == "full":
+                engine = _BatchLanczos(op, probes, steps, deflation=U)
+                while engine.active:
+                    before = engine.n_hvp
+                    engine.step()
+                    on_step(engine.n_hvp - before)
+                runs = list(zip(engine.alpha, engine.beta))
+                del engine
+            else:
+                runs = _recurrence(op, probes, steps, U, dtype, device, on_step)
+            del probes
+            for alpha, beta in runs:
                 theta, S = _tridiag_eig(np.array(alpha), np.array(beta[:-1]))
                 nodes.append(theta)
                 weights.append(S[0] ** 2)
+    n_hvp = used[0]
     if not nodes:  # everything deflated
         return Spectrum.from_eigenvalues(defl_values), n_hvp
     slq_weights = np.concatenate(weights) / n_probes
