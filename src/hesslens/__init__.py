@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator",
+    "CurvatureTracker",
     "EigenResult",
     "GaussNewton",
     "GaussNewtonResidual",
@@ -43,4 +44,8 @@ def __getattr__(name: str):
         from hesslens.training.penalty import HessianTracePenalty
 
         return HessianTracePenalty
+    if name == "CurvatureTracker":
+        from hesslens.training.tracker import CurvatureTracker
+
+        return CurvatureTracker
     raise AttributeError(f"module 'hesslens' has no attribute {name!r}")

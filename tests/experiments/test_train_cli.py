@@ -30,7 +30,7 @@ def test_defaults_and_full_option_set(tmp_path):
     args = _parse(["--out", str(tmp_path)])
     cfg = config_from_args(args)
     assert (cfg.model, cfg.data, cfg.htr_gamma, cfg.sam_rho, cfg.track_every) == (
-        "cnn1d", "mnist1d", 0.0, 0.0, 0)
+        "cnn1d", "mnist1d", 0.0, 0.0, 1)  # curvature tracked every epoch by default
     args = _parse([
         "--model", "mlp", "--data", "digits", "--epochs", "4", "--batch-size", "32",
         "--lr", "0.1", "--momentum", "0.5", "--wd", "5e-4", "--schedule", "cosine",
@@ -76,11 +76,28 @@ def test_run_train_on_digits_then_resume(tmp_path, capsys):
     line = capsys.readouterr().out
     assert "test acc" in line and str(out) in line
     metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["epochs"]) == 2
+    # tracked by default: initialisation and every epoch, full and per layer
+    assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]
+    for e in metrics["epochs"]:
+        assert e["test_acc"] is not None and e["trace"] > 0 and e["top_eigenvalue"] > 0
+        assert set(e["layer_trace"]) == set(e["layer_top_eigenvalue"]) and e["layer_trace"]
+    cost = metrics["tracking"]
+    assert f"tracking {cost['seconds']:.2f} s ({cost['fraction']:.0%}" in line
     assert metrics["config"]["htr_layers"] == "middle"
     with pytest.raises(HesslensInputError, match="already holds"):
         run_train(_parse(argv))
     assert run_train(_parse([*argv, "--resume"])) == 0
+
+
+def test_track_every_0_switches_tracking_off(tmp_path, capsys):
+    pytest.importorskip("hesslens.zoo")
+    out = tmp_path / "run"
+    assert run_train(_parse(["--model", "mlp", "--data", "digits", "--epochs", "1",
+                             "--track-every", "0", "--out", str(out), "--no-progress"])) == 0
+    assert "tracking" not in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1]
+    assert "trace" not in metrics["epochs"][0] and "tracking" not in metrics
 
 
 def test_unknown_layer_and_model_are_input_errors(tmp_path):

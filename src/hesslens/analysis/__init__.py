@@ -6,9 +6,6 @@ are, and the Gauss-Newton split of each.
   common scale, Jensen-Shannon on a shared grid), the authors' number for comparison, ranking
   of layers by depth;
 * :mod:`hesslens.analysis.gauss_newton` -- ``Hess = G + (Hess - G)`` per entry.
-
-Importing this package also registers :func:`~hesslens.analysis.similarity.spectrum_similarity`
-as the training tracker's default similarity (when the training package is present).
 """
 
 from hesslens.analysis.gauss_newton import GaussNewtonSplit, gauss_newton_split, residual_trace
@@ -25,7 +22,13 @@ from hesslens.analysis.similarity import (
     summarize_similarity,
     wasserstein,
 )
-from hesslens.analysis.spectra import SpectrumEstimate, measure_spectrum, top_eigenpairs
+from hesslens.analysis.spectra import (
+    CurvatureMeasurement,
+    SpectrumEstimate,
+    measure_curvature,
+    measure_spectrum,
+    top_eigenpairs,
+)
 from hesslens.analysis.study import (
     SCHEMA,
     LayerEntry,
@@ -39,6 +42,7 @@ __all__ = [
     "DEFAULT_NORMALIZE",
     "NORMALIZATIONS",
     "SCHEMA",
+    "CurvatureMeasurement",
     "GaussNewtonSplit",
     "LayerEntry",
     "LayerStudy",
@@ -51,6 +55,7 @@ __all__ = [
     "interlacing",
     "js_divergence",
     "layer_study",
+    "measure_curvature",
     "measure_spectrum",
     "normalize_spectrum",
     "rank_layers",
@@ -61,13 +66,3 @@ __all__ = [
     "wasserstein",
 ]
 
-
-def _register_tracker_similarity() -> None:
-    try:
-        from hesslens.training.tracking import register_similarity
-    except ImportError:  # the training package is optional here
-        return
-    register_similarity(spectrum_similarity)
-
-
-_register_tracker_similarity()

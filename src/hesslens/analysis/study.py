@@ -48,7 +48,7 @@ from hesslens.analysis.similarity import (
     depths,
     summarize_similarity,
 )
-from hesslens.analysis.spectra import SpectrumEstimate, measure_spectrum, top_eigenpairs
+from hesslens.analysis.spectra import SpectrumEstimate, measure_curvature
 from hesslens.curvature import Hessian
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import Spectrum
@@ -346,18 +346,12 @@ def layer_study(
     spectra = dict(k=k, n_probes=density_probes, n_steps=density_steps, seed=seed)
     try:
         loss, grad = steps.run("loss and gradient", lambda: _loss_and_gradient(H))
-        full_top = steps.run("full: top eigenvalues",
-                             lambda: top_eigenpairs(H, k, tol=eig_tol, seed=seed))
-        full_trace, layer_traces = steps.run(
-            "traces (shared probes)",
-            lambda: H.traces(rtol=trace_rtol, max_hvp=trace_max_hvp, seed=seed))
-        full = steps.run("full: density", lambda: measure_spectrum(
-            H, tol=eig_tol, trace=full_trace, top=full_top, **spectra))
-        layer_est: dict[str, SpectrumEstimate] = {}
-        for name in names:
-            layer_est[name] = steps.run(f"{name}: eigenvalues + density", lambda name=name:
-                                        measure_spectrum(blocks[name], tol=eig_tol,
-                                                         trace=layer_traces[name], **spectra))
+        measured = measure_curvature(
+            H, layers=names, k=k, tol=eig_tol, trace=True, trace_rtol=trace_rtol,
+            trace_max_hvp=trace_max_hvp, density=True, n_probes=density_probes,
+            n_steps=density_steps, seed=seed, run=steps.run)
+        full, layer_est = measured.full, measured.layers
+        full_trace = full.trace
         splits: dict[str, GaussNewtonSplit | None] = {name: None for name in ["full", *names]}
         if gauss_newton:
             G = H.gauss_newton()

@@ -93,7 +93,8 @@ def _finished(run_dir: Path, epochs: int) -> bool:
         data = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
         return False
-    return len(data.get("epochs", [])) >= epochs
+    # count trained epochs: a tracked run also has an epoch-0 record (initialisation)
+    return sum(1 for e in data.get("epochs", []) if e.get("epoch", 1) >= 1) >= epochs
 
 
 def _run_jobs(jobs: list[tuple[dict[str, Any], Path]], workers: int, progress: bool,

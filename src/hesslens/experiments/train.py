@@ -10,9 +10,11 @@ Examples (shell)::
     hesslens train ... --out runs/htr --resume      # continue a killed run
 
 The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``checkpoint.pt`` into
-``--out`` (see :mod:`hesslens.training.trainer`). Bad input raises
-:class:`~hesslens.errors.HesslensInputError`, which the command line turns into one line on
-stderr and exit code 2.
+``--out`` (see :mod:`hesslens.training.trainer`). It tracks the full and per-layer top
+eigenvalue and trace on the analysis subset at initialisation and after every epoch unless
+``--track-every 0``; the summary line and ``metrics.json`` (``tracking``) give what that cost.
+Bad input raises :class:`~hesslens.errors.HesslensInputError`, which the command line turns
+into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -106,9 +108,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("SAM and curvature tracking")
     g.add_argument("--sam", dest="sam_rho", type=nonnegative_float, default=0.0, metavar="RHO",
                    help="sharpness-aware minimisation with radius RHO (default 0: off)")
-    g.add_argument("--track-every", type=nonnegative_int, default=0, metavar="N",
-                   help="record trace and top eigenvalue (full and per layer) every N epochs "
-                        "and after the last (default 0: off)")
+    g.add_argument("--track-every", type=nonnegative_int, default=1, metavar="N",
+                   help="record trace and top eigenvalue (full and per layer) on the analysis "
+                        "subset at initialisation, every N epochs and after the last "
+                        "(default 1: every epoch; 0: off)")
     g.add_argument("--track-per-class", type=positive_int, default=d.track_per_class,
                    metavar="K", help="analysis subset: K training examples per class "
                                      "(default 10)")
@@ -198,7 +201,12 @@ def run_train(args: argparse.Namespace) -> int:
         parts.append(f"trace {final['trace']:.4g}")
     if final.get("top_eigenvalue") is not None:
         parts.append(f"top eigenvalue {final['top_eigenvalue']:.4g}")
-    secs = [r["epoch_seconds"] for r in result["epochs"]]
-    parts.append(f"{sum(secs) / len(secs):.2f} s/epoch")
+    secs = [r["epoch_seconds"] for r in result["epochs"] if r.get("epoch_seconds") is not None]
+    if secs:
+        parts.append(f"{sum(secs) / len(secs):.2f} s/epoch")
+    cost = result.get("tracking")
+    if cost:
+        parts.append(f"tracking {cost['seconds']:.2f} s ({cost['fraction']:.0%} of the "
+                     "training time)")
     print(", ".join(parts) + f"; results in {args.out}")
     return 0

@@ -11,12 +11,14 @@ from hesslens.training.config import TrainConfig, arm_key, arm_label
 from hesslens.training.layers_select import discover_layers, middle_indices, select_layers
 from hesslens.training.penalty import HessianTracePenalty, default_fd_eps
 from hesslens.training.sam import SAM, bn_stats_frozen
-from hesslens.training.tracking import CurvatureTracker, register_similarity
+from hesslens.training.tracker import CurvatureTracker
+from hesslens.training.tracking import EpochTracking
 from hesslens.training.trainer import TensorData, evaluate, train
 
 __all__ = [
     "SAM",
     "CurvatureTracker",
+    "EpochTracking",
     "HessianTracePenalty",
     "TensorData",
     "TrainConfig",
@@ -27,7 +29,6 @@ __all__ = [
     "discover_layers",
     "evaluate",
     "middle_indices",
-    "register_similarity",
     "select_layers",
     "train",
 ]

@@ -1,76 +1,60 @@
-"""Curvature tracking during training: trace and top eigenvalue, full and per layer, every N epochs.
+"""Curvature tracking in the trainer of ``hesslens train``: the trace and top eigenvalue, full and
+per layer, after every N epochs (and at initialisation), as keys of the epoch's metrics record.
 
-:class:`CurvatureTracker` is a trainer callback. On a fixed analysis subset (the paper: 10
-training examples per class, seed 0) it measures, with :class:`hesslens.Hessian` (BatchNorm in
-eval mode, running statistics untouched):
+:class:`EpochTracking` is the trainer's callback. It measures with
+:class:`~hesslens.training.tracker.CurvatureTracker` (the same measurement as in any other
+training loop) on the fixed analysis subset (the paper: 10 training examples per class, seed 0)
+and writes into the record:
 
 * ``top_eigenvalue``: the largest eigenvalue of the full Hessian (Lanczos);
 * ``trace`` / ``trace_stderr``: its trace (Hutch++ to a relative standard error ``trace_rtol``);
 * ``layer_trace`` / ``layer_trace_stderr``: ``{layer: tr(H_ll)}`` from the same probes;
 * ``layer_top_eigenvalue``: ``{layer: top eigenvalue of H_ll}``;
 * optionally (``densities=True``) the eigenvalue densities ``density`` and ``layer_density``
-  (``{"nodes": [...], "weights": [...]}``) and, when a similarity function is given or
-  registered with :func:`register_similarity`, ``layer_similarity`` ``{layer: value}`` between
-  each layer's spectrum and the full one;
+  (``{"nodes": [...], "weights": [...]}``) and ``layer_similarity`` ``{layer: value}`` between
+  each layer's spectrum and the full one
+  (default :func:`hesslens.analysis.similarity.spectrum_similarity`);
 * ``tracking_seconds``: the wall time all of that took.
 
-The keys go into the epoch's metrics record.
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> cb = EpochTracking(x, y, every=2, last_epoch=3)
+    >>> [e for e in range(4) if cb.due(e)]
+    [0, 2, 3]
+    >>> sorted(cb.measure(model))[:4]
+    ['layer_top_eigenvalue', 'layer_trace', 'layer_trace_stderr', 'top_eigenvalue']
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from torch import Tensor, nn
 
-__all__ = ["CurvatureTracker", "register_similarity"]
+from hesslens.training.tracker import CurvatureTracker
+
+__all__ = ["EpochTracking"]
 
 SimilarityFn = Callable[[Any, Any], Any]
-_DEFAULT_SIMILARITY: SimilarityFn | None = None
 
 
-def register_similarity(fn: SimilarityFn | None) -> None:
-    """Set the default ``similarity(full_spectrum, layer_spectrum) -> float`` used when a tracker
-    records densities and was given none (the analysis package registers its own)."""
-    global _DEFAULT_SIMILARITY
-    _DEFAULT_SIMILARITY = fn
-
-
-def _as_list(x: Any) -> list[float]:
-    if isinstance(x, Tensor):
-        return [float(v) for v in x.detach().cpu().flatten().tolist()]
-    return [float(v) for v in np.asarray(x).ravel().tolist()]
-
-
-def _spectrum_dict(spec: Any) -> dict[str, list[float]]:
-    return {"nodes": _as_list(spec.nodes), "weights": _as_list(spec.weights)}
-
-
-def _hessian_class() -> Any:
-    try:
-        from hesslens import Hessian
-    except ImportError:
-        from hesslens.curvature.operators import Hessian
-    return Hessian
-
-
-def _scalar(x: Any) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-class CurvatureTracker:
-    """Measure curvature on ``(inputs, targets)`` every ``every`` epochs (and at ``last_epoch``).
+class EpochTracking:
+    """Measure curvature on ``(inputs, targets)`` at initialisation (epoch 0), every ``every``
+    epochs and at ``last_epoch``.
 
     Args:
         inputs, targets: the fixed analysis subset.
         every: track after epochs ``every, 2 every, ...`` (1-based epoch numbers).
         loss_fn: defaults to mean cross-entropy.
         last_epoch: also track after this epoch (the trainer passes the final one).
+        initial: also track at epoch 0, before training.
         per_layer: record per-layer traces and top eigenvalues.
-        densities: record densities (and similarities, if a similarity function is known).
+        densities: record densities and each layer's similarity to the full spectrum.
         similarity: ``similarity(full_spectrum, layer_spectrum)`` (a float or a dict of floats).
         seed: seed of every estimator (same probes each time: differences between epochs are
             the model's, not the probes').
@@ -85,6 +69,7 @@ class CurvatureTracker:
         every: int = 1,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         last_epoch: int | None = None,
+        initial: bool = True,
         per_layer: bool = True,
         densities: bool = False,
         similarity: SimilarityFn | None = None,
@@ -97,6 +82,7 @@ class CurvatureTracker:
         self.every = int(every)
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.last_epoch = last_epoch
+        self.initial = initial
         self.per_layer = per_layer
         self.densities = densities
         self.similarity = similarity
@@ -105,9 +91,11 @@ class CurvatureTracker:
         self.trace_rtol = trace_rtol
 
     def due(self, epoch: int) -> bool:
-        """Whether to track after the 1-based ``epoch``."""
+        """Whether to track after the 1-based ``epoch`` (0: at initialisation)."""
         if self.every <= 0:
             return False
+        if epoch == 0:
+            return self.initial
         return epoch % self.every == 0 or (self.last_epoch is not None
                                            and epoch == self.last_epoch)
 
@@ -116,54 +104,38 @@ class CurvatureTracker:
         if self.due(epoch):
             record.update(self.measure(model))
 
+    def tracker(self, model: nn.Module) -> CurvatureTracker:
+        """The :class:`CurvatureTracker` this callback measures with."""
+        similarity: Any = False
+        if self.densities:
+            if self.similarity is not None:
+                similarity = self.similarity
+            else:
+                from hesslens.analysis.similarity import spectrum_similarity
+
+                similarity = spectrum_similarity
+        return CurvatureTracker(
+            model, self.loss_fn, (self.inputs, self.targets), layers=self.per_layer, k=1,
+            trace=True, density=self.densities, similarity=similarity, seed=self.seed,
+            eig_tol=self.eig_tol, trace_rtol=self.trace_rtol)
+
     def measure(self, model: nn.Module) -> dict[str, Any]:
         """All the measurements now, as a flat dict of floats and {layer: float} dicts."""
-        Hessian = _hessian_class()  # lazy: the trainer works without the curvature package
-
-        t0 = time.perf_counter()
-        was_training = model.training
-        model.eval()
-        try:
-            # path="reverse": products chosen by timing could differ in the last bits between
-            # an uninterrupted and a resumed run; pinned, the tracked values repeat exactly.
-            H = Hessian(model, self.loss_fn, (self.inputs, self.targets), path="reverse")
-            out: dict[str, Any] = {}
-            top = H.eigenvalues(k=1, tol=self.eig_tol, seed=self.seed, return_vectors=False)
-            out["top_eigenvalue"] = _scalar(top.values[0])
-            if hasattr(H, "traces"):
-                full, layers = H.traces(rtol=self.trace_rtol, seed=self.seed)
-            else:  # pragma: no cover - older operator interface
-                full = H.trace(seed=self.seed)
-                layers = H.layer_traces(seed=self.seed) if self.per_layer else {}
-            out["trace"] = _scalar(full.value)
-            out["trace_stderr"] = _scalar(full.stderr)
+        rec = self.tracker(model).measure()
+        full, layers = rec["full"], rec["layers"]
+        out: dict[str, Any] = {
+            "top_eigenvalue": full["top_eigenvalues"][0],
+            "trace": full["trace"],
+            "trace_stderr": full["trace_stderr"],
+        }
+        if self.per_layer:
+            out["layer_trace"] = {k: e["trace"] for k, e in layers.items()}
+            out["layer_trace_stderr"] = {k: e["trace_stderr"] for k, e in layers.items()}
+            out["layer_top_eigenvalue"] = {k: e["top_eigenvalues"][0] for k, e in layers.items()}
+        if self.densities:
+            out["density"] = full["density"]
             if self.per_layer:
-                out["layer_trace"] = {k: _scalar(r.value) for k, r in layers.items()}
-                out["layer_trace_stderr"] = {k: _scalar(r.stderr) for k, r in layers.items()}
-                lt = {}
-                for name in H.layers:
-                    r = H.block(name).eigenvalues(k=1, tol=self.eig_tol, seed=self.seed,
-                                                  return_vectors=False)
-                    lt[name] = _scalar(r.values[0])
-                out["layer_top_eigenvalue"] = lt
-            if self.densities:
-                full_spec = H.density(seed=self.seed)
-                out["density"] = _spectrum_dict(full_spec)
-                sim = self.similarity or _DEFAULT_SIMILARITY
-                layer_dens, layer_sim = {}, {}
-                for name in H.layers:
-                    spec = H.block(name).density(seed=self.seed)
-                    layer_dens[name] = _spectrum_dict(spec)
-                    if sim is not None:
-                        s = sim(full_spec, spec)
-                        layer_sim[name] = (
-                            {k: _scalar(v) for k, v in s.items()} if isinstance(s, dict)
-                            else _scalar(s)
-                        )
-                out["layer_density"] = layer_dens
-                if sim is not None:
-                    out["layer_similarity"] = layer_sim
-        finally:
-            model.train(was_training)
-        out["tracking_seconds"] = time.perf_counter() - t0
+                out["layer_density"] = {k: e["density"] for k, e in layers.items()}
+                out["layer_similarity"] = {k: e["similarity"] for k, e in layers.items()}
+        out["tracking_seconds"] = rec["seconds"]
         return out

@@ -9,7 +9,10 @@
   the epoch), ``htr_penalty`` (mean penalty value ``tr`` estimate over the steps it was applied,
   before multiplying by gamma) and ``htr_steps``, ``epoch_seconds`` (the training loop's wall
   time), ``eval_seconds`` and, when tracking, the curvature keys of
-  :mod:`hesslens.training.tracking`;
+  :mod:`hesslens.training.tracking`. With tracking on, a first record ``epoch`` 0 holds the
+  curvature and the validation and test numbers at initialisation (no training keys), and
+  ``metrics.json`` has ``tracking``: ``{"seconds", "training_seconds", "fraction"}``, what the
+  tracking cost in all against the training loop's time;
 * ``checkpoint.pt``: model, optimizer, scheduler, penalty-probe generator, global RNG states,
   epoch, step and the metrics so far, after every epoch, atomically; read with
   ``torch.load(weights_only=True)``.
@@ -72,9 +75,10 @@ from hesslens.training.checkpoint import (
 from hesslens.training.config import TrainConfig, arm_label
 from hesslens.training.penalty import HessianTracePenalty
 from hesslens.training.sam import SAM, bn_stats_frozen
-from hesslens.training.tracking import CurvatureTracker
+from hesslens.training.tracking import EpochTracking
 
-__all__ = ["TensorData", "build_optimizer", "build_scheduler", "epoch_seed", "evaluate", "train"]
+__all__ = ["TensorData", "build_optimizer", "build_scheduler", "epoch_seed", "evaluate",
+           "tracking_cost", "train"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
@@ -275,14 +279,31 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def tracking_cost(records: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """What curvature tracking cost over ``records``: ``{"seconds", "training_seconds",
+    "fraction"}`` (tracking time over the training loops' time), or ``None`` without
+    tracking."""
+    tracked = [float(r["tracking_seconds"]) for r in records
+               if r.get("tracking_seconds") is not None]
+    if not tracked:
+        return None
+    training = sum(float(r["epoch_seconds"]) for r in records
+                   if r.get("epoch_seconds") is not None)
+    return {"seconds": sum(tracked), "training_seconds": training,
+            "fraction": sum(tracked) / training if training > 0 else float("inf")}
+
+
 def write_metrics(out_dir: Path, config: TrainConfig, records: Sequence[dict[str, Any]],
                   provenance: dict[str, Any] | None = None) -> None:
-    """``metrics.json`` (config, arm label, records) and ``metrics.csv`` (flat), atomically."""
-    write_json(
-        out_dir / METRICS_JSON,
-        {"config": config.to_dict(), "arm": arm_label(config), "epochs": list(records),
-         **(provenance or {})},  # data fingerprint and versions
-    )
+    """``metrics.json`` (config, arm label, records, tracking cost) and ``metrics.csv`` (flat),
+    atomically."""
+    doc: dict[str, Any] = {"config": config.to_dict(), "arm": arm_label(config),
+                           "epochs": list(records)}
+    cost = tracking_cost(records)
+    if cost is not None and math.isfinite(cost["fraction"]):
+        doc["tracking"] = cost
+    doc.update(provenance or {})  # data fingerprint and versions
+    write_json(out_dir / METRICS_JSON, doc)
     flat = [_flatten(r) for r in records]
     write_csv(out_dir / METRICS_CSV, flat, _csv_columns(flat))
 
@@ -300,7 +321,7 @@ def train(
     similarity: Callable[[Any, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Train one run; return ``{"config", "arm", "epochs": [records], "final": record,
-    "out_dir"}``.
+    "tracking": cost or None, "out_dir"}``.
 
     Args:
         config: what to train (validated here).
@@ -371,6 +392,7 @@ def train(
             fd_eps=config.htr_fd_eps, seed=config.seed, loss_fn=loss_fn,
         )
     all_callbacks: list[Callback] = []
+    tracking: EpochTracking | None = None
     if config.track_every > 0:
         try:
             from hesslens.zoo import analysis_subset
@@ -378,11 +400,12 @@ def train(
             xa, ya = analysis_subset(x_all, y_all, per_class=config.track_per_class, seed=0)
         except ImportError:  # pragma: no cover
             xa, ya = x_all[: 10 * config.track_per_class], y_all[: 10 * config.track_per_class]
-        all_callbacks.append(CurvatureTracker(
+        tracking = EpochTracking(
             xa.to(device), ya.to(device), every=config.track_every, loss_fn=loss_fn,
             last_epoch=config.epochs, densities=config.track_densities,
             similarity=similarity, seed=0,
-        ))
+        )
+        all_callbacks.append(tracking)
     all_callbacks.extend(callbacks)
 
     records: list[dict[str, Any]] = []
@@ -400,6 +423,20 @@ def train(
         records = list(ckpt["metrics"])
         restore_rng_state(ckpt["rng"])
     write_json(out / CONFIG_JSON, config.to_dict())
+    if tracking is not None and start_epoch == 0 and not records:
+        # Epoch 0: the curvature (and the held-out numbers) at initialisation. It is kept with
+        # the first checkpoint; a run killed before that starts again from here.
+        t1 = time.perf_counter()
+        val_loss, val_acc = evaluate(model, x_val, y_val)
+        test_loss, test_acc = evaluate(model, x_te, y_te)
+        initial: dict[str, Any] = {
+            "epoch": 0, "lr": float(scheduler.get_last_lr()[0]), "val_loss": val_loss,
+            "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "eval_seconds": time.perf_counter() - t1,
+        }
+        tracking(0, initial, model)
+        model.train()
+        records.append(initial)
 
     n = len(y_tr)
     n_batches = math.ceil(n / config.batch_size)
@@ -516,6 +553,7 @@ def train(
         "arm": arm_label(config),
         "epochs": records,
         "final": records[-1] if records else {},
+        "tracking": tracking_cost(records),
         "out_dir": str(out),
     }
 

@@ -1,0 +1,562 @@
+"""Curvature in any training loop: :class:`CurvatureTracker` records, at the model's current
+weights, the top eigenvalues and traces of the full Hessian and of every layer's block on a
+fixed analysis set, as often as asked, and draws them over training.
+
+The measurement is the layer study's (:func:`hesslens.analysis.spectra.measure_curvature`), on a
+fresh :class:`hesslens.Hessian` of the model as it is now. Recording never changes training: the
+operator works on a private copy of the model, and the global random states (torch CPU and
+CUDA, numpy, ``random``) and the model's train/eval mode are put back as they were, so a loop
+with the tracker ends bit-identical to the same loop without it
+(``tests/training/test_tracker.py`` checks exactly that).
+
+It lives in the training layer because the trainer of ``hesslens train`` uses it too (nothing
+imports upward); the analysis and report packages beside it provide the measurement and the
+figures.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from hesslens.training.tracker import CurvatureTracker
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> tracker = CurvatureTracker(model, nn.functional.cross_entropy, (x, y), every=2)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> for step in range(4):
+    ...     opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    ...     _ = tracker.update(step)
+    >>> [r["step"] for r in tracker.history], sorted(tracker.history[-1]["layers"])
+    ([0, 2], ['0', '2'])
+    >>> sorted(tracker.history[-1]["full"])
+    ['dim', 'top_eigenvalues', 'trace', 'trace_stderr']
+    >>> tracker.write_report(tempfile.mkdtemp()).name
+    'report.html'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hesslens.errors import HesslensInputError
+
+__all__ = ["HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureTracker", "untouched_state"]
+
+#: Identifier of the layout of ``curvature.json``.
+SCHEMA = "hesslens.curvature_history/1"
+HISTORY_JSON = "curvature.json"
+HISTORY_CSV = "curvature.csv"
+
+SimilarityFn = Callable[[Any, Any], Any]
+
+
+@contextlib.contextmanager
+def untouched_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (when ``eval_mode``) and put back, afterwards,
+    every module's train/eval flag and the global random states of torch (CPU and every
+    initialised CUDA device), numpy and ``random``."""
+    modes = [(m, m.training) for m in model.modules()]
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            if eval_mode:
+                model.eval()
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _floats(x: Any) -> list[float]:
+    if isinstance(x, torch.Tensor):
+        return [float(v) for v in x.detach().cpu().flatten().tolist()]
+    return [float(v) for v in np.asarray(x, dtype=float).ravel().tolist()]
+
+
+def _entry(est: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"dim": int(est.dim), "top_eigenvalues": _floats(est.top.values)}
+    if est.trace is not None:
+        out["trace"] = float(est.trace.value)
+        out["trace_stderr"] = float(est.trace.stderr)
+    if est.density is not None:
+        out["density"] = {"nodes": _floats(est.density.nodes),
+                          "weights": _floats(est.density.weights)}
+    return out
+
+
+def _similarity_numbers(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): float(v) for k, v in value.items()
+                if (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool))
+                or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+    return float(value)
+
+
+def _default_similarity(full: Any, layer: Any) -> dict[str, float]:
+    from hesslens.analysis.similarity import compare_spectra
+
+    return compare_spectra(layer, full)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class CurvatureTracker:
+    """Record curvature during training: call :meth:`update` in the loop.
+
+    Args:
+        model: the network being trained (read, never changed).
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch, passed to
+            :class:`hesslens.Hessian` as it is (so anything it accepts works here, e.g.
+            ``None`` for a model that computes its own loss, where the operator supports it).
+        data: the fixed analysis data: ``(inputs, targets)`` or an iterable of batches,
+            passed to :class:`hesslens.Hessian` as it is. Keep it fixed (no shuffling, no
+            augmentation): the records then differ only by the weights.
+        out: a folder; each record is appended to ``out/curvature.json`` and
+            ``out/curvature.csv`` (both rewritten atomically) as it is made. A tracker on a
+            folder that already holds a history continues it; a record whose step is not
+            after the last one replaces the records from that step on (a run resumed from a
+            checkpoint measures those steps again).
+        every: record on calls ``1, every + 1, 2 every + 1, ...`` of :meth:`update`.
+        layers: ``True`` (every layer block, the operator's default grouping), ``False``
+            (full network only), a list of layer names, or a grouping for
+            :class:`hesslens.Hessian`'s ``layers=`` (a mapping, or a preset name where the
+            operator has presets), every group of which is measured.
+        k: top eigenvalues per entry.
+        trace: also record traces (all layers from the full network's probes).
+        density: also record SLQ eigenvalue densities (deflated with the top-``k`` pairs).
+        similarity: also record each layer's similarity to the full spectrum (needs the
+            densities, which are then measured): ``True`` for
+            :func:`hesslens.analysis.similarity.compare_spectra`'s numbers, or your own
+            ``similarity(full_spectrum, layer_spectrum) -> float or {name: float}``.
+        seed: seed of every estimator: the same start vectors and probes at every record, so
+            that differences between records are the model's, not the probes'.
+        eig_tol: relative a-posteriori tolerance of the eigenvalues.
+        trace_rtol, trace_max_hvp: the traces stop at this relative standard error, or after
+            this many products.
+        density_probes, density_steps: SLQ probes and Lanczos steps per probe.
+        eval_mode: measure with the model in eval mode (dropout off, BatchNorm on its running
+            statistics); the mode is restored afterwards.
+        hessian_options: more keyword arguments for :class:`hesslens.Hessian` (``path``
+            defaults to ``"reverse"``, pinned so that reruns repeat bit for bit).
+
+    Attributes:
+        history: the records, oldest first: ``{"step", "full": {"top_eigenvalues": [...],
+            "trace", "trace_stderr", "dim"[, "density"]}, "layers": {name: {... the same
+            [, "similarity"]}}, "seconds", "n_hvp"}``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        out: str | Path | None = None,
+        every: int = 1,
+        layers: bool | Sequence[str] | Mapping[str, Any] | str = True,
+        k: int = 1,
+        trace: bool = True,
+        density: bool = False,
+        similarity: bool | SimilarityFn = False,
+        seed: int = 0,
+        *,
+        eig_tol: float = 1e-6,
+        trace_rtol: float = 0.01,
+        trace_max_hvp: int = 1000,
+        density_probes: int = 2,
+        density_steps: int = 80,
+        eval_mode: bool = True,
+        hessian_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise HesslensInputError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.every = _positive_int("every", every)
+        self.k = _positive_int("k", k)
+        self.trace = bool(trace)
+        self.similarity: SimilarityFn | None = (
+            similarity if callable(similarity) else _default_similarity if similarity else None)
+        self.density = bool(density) or self.similarity is not None
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise HesslensInputError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        if not (isinstance(eig_tol, (int, float)) and eig_tol > 0):
+            raise HesslensInputError(f"eig_tol must be positive, got {eig_tol!r}")
+        if not (isinstance(trace_rtol, (int, float)) and trace_rtol > 0):
+            raise HesslensInputError(f"trace_rtol must be positive, got {trace_rtol!r}")
+        self.eig_tol = float(eig_tol)
+        self.trace_rtol = float(trace_rtol)
+        self.trace_max_hvp = _positive_int("trace_max_hvp", trace_max_hvp)
+        self.density_probes = _positive_int("density_probes", density_probes)
+        self.density_steps = _positive_int("density_steps", density_steps)
+        self.eval_mode = bool(eval_mode)
+        self.hessian_options = {"path": "reverse", **dict(hessian_options or {})}
+        if "layers" in self.hessian_options:
+            raise HesslensInputError("pass the grouping as layers=, not in hessian_options")
+        self._grouping: Any = None
+        self._names: bool | list[str] = bool(layers)
+        if isinstance(layers, (Mapping, str)):
+            self._grouping, self._names = layers, True
+        elif not isinstance(layers, bool):
+            if not isinstance(layers, Sequence) or not all(isinstance(n, str) for n in layers):
+                raise HesslensInputError(
+                    "layers must be True, False, a list of layer names or a grouping "
+                    f"(mapping), got {type(layers).__name__}")
+            self._names = list(layers)
+        self.calls = 0
+        self.history: list[dict[str, Any]] = []
+        self.out = None if out is None else Path(out)
+        if self.out is not None:
+            if self.out.exists() and not self.out.is_dir():
+                raise HesslensInputError(
+                    f"out={str(self.out)!r} is a file; give a folder for curvature.json")
+            self.history = self._read_history(self.out / HISTORY_JSON)
+
+    # ------------------------------------------------------------------ recording
+    def settings(self) -> dict[str, Any]:
+        """What each record measured, as stored in ``curvature.json``."""
+        return {
+            "every": self.every, "k": self.k, "trace": self.trace, "density": self.density,
+            "similarity": self.similarity is not None, "seed": self.seed,
+            "eig_tol": self.eig_tol, "trace_rtol": self.trace_rtol,
+            "trace_max_hvp": self.trace_max_hvp, "density_probes": self.density_probes,
+            "density_steps": self.density_steps, "eval_mode": self.eval_mode,
+            "layers": (self._names if isinstance(self._names, list) else
+                       "all" if self._names else "none"),
+            "grouping": (self._grouping if isinstance(self._grouping, (str, type(None)))
+                         else {k: list(v) for k, v in self._grouping.items()}),
+            "hessian_options": {k: str(v) for k, v in self.hessian_options.items()},
+        }
+
+    def due(self) -> bool:
+        """Whether the next :meth:`update` call records."""
+        return self.calls % self.every == 0
+
+    def update(self, step: int | float | None = None) -> dict[str, Any] | None:
+        """Record now if this call is due (see ``every``); return the record, or ``None``.
+
+        Args:
+            step: the training step (or epoch) to file the record under; default one after
+                the last recorded step (0 for the first).
+        """
+        due = self.due()
+        self.calls += 1
+        if not due:
+            return None
+        return self.record(step)
+
+    def record(self, step: int | float | None = None) -> dict[str, Any]:
+        """Record now, whatever ``every`` says; append to the history (and the files)."""
+        if step is None:
+            step = int(self.history[-1]["step"]) + 1 if self.history else 0
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(
+                step):
+            raise HesslensInputError(f"step must be a number, got {step!r}")
+        rec = self.measure()
+        rec = {"step": step, **rec}
+        while self.history and self.history[-1]["step"] >= step:
+            self.history.pop()
+        self.history.append(rec)
+        if self.out is not None:
+            self._write()
+        return rec
+
+    def measure(self) -> dict[str, Any]:
+        """The measurement at the model's current weights, without filing it: ``{"full",
+        "layers", "seconds", "n_hvp"}``."""
+        from hesslens.analysis.spectra import measure_curvature
+        from hesslens.curvature.operators import Hessian
+
+        t0 = time.perf_counter()
+        with untouched_state(self.model, self.eval_mode):
+            H = Hessian(self.model, self.loss_fn, self.data, layers=self._grouping,
+                        **self.hessian_options)
+            m = measure_curvature(
+                H, layers=self._names, k=self.k, tol=self.eig_tol, trace=self.trace,
+                trace_rtol=self.trace_rtol, trace_max_hvp=self.trace_max_hvp,
+                density=self.density, n_probes=self.density_probes,
+                n_steps=self.density_steps, seed=self.seed)
+            layers = {name: _entry(est) for name, est in m.layers.items()}
+            if self.similarity is not None:
+                for name, est in m.layers.items():
+                    layers[name]["similarity"] = _similarity_numbers(
+                        self.similarity(m.full.density, est.density))
+        return {"full": _entry(m.full), "layers": layers,
+                "seconds": time.perf_counter() - t0, "n_hvp": int(m.n_hvp)}
+
+    # ------------------------------------------------------------------ files
+    def _read_history(self, path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise HesslensInputError(
+                f"{path} exists but cannot be read as a curvature history ({err}); move it "
+                "away or choose another out folder") from None
+        if not isinstance(saved, dict) or saved.get("schema") != SCHEMA or not isinstance(
+                saved.get("records"), list):
+            raise HesslensInputError(
+                f"{path} is not a hesslens curvature history (schema {SCHEMA}); move it away "
+                "or choose another out folder")
+        return list(saved["records"])
+
+    def _write(self, folder: Path | None = None) -> None:
+        from hesslens.files import write_csv, write_json
+
+        folder = self.out if folder is None else folder
+        assert folder is not None
+        write_json(folder / HISTORY_JSON,
+                   {"schema": SCHEMA, "settings": self.settings(), "records": self.history})
+        rows = [flat_record(r) for r in self.history]
+        write_csv(folder / HISTORY_CSV, rows)
+
+    # ------------------------------------------------------------------ report
+    def write_report(self, folder: str | Path, title: str = "Curvature over training") -> Path:
+        """Write the figures over training (``curvature_full.png``, ``curvature_layers.png``,
+        and the similarity and last densities where recorded), the history
+        (``curvature.json``, ``curvature.csv``) and a self-contained ``report.html`` (figures
+        embedded) into ``folder``; return the report's path."""
+        if not self.history:
+            raise HesslensInputError("nothing recorded yet: call update() before write_report()")
+        return write_history_report(self.history, folder, title=title,
+                                    settings=self.settings(), writer=self._write)
+
+
+# ---------------------------------------------------------------------- flat rows, figures
+def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row of a record: ``step``, ``seconds``, ``full.top_eigenvalue``,
+    ``full.trace``, ``full.trace_stderr``, ``layers.<name>.<same>`` and
+    ``layers.<name>.similarity[.<metric>]`` (densities stay in the JSON)."""
+    row: dict[str, Any] = {"step": rec["step"], "seconds": rec.get("seconds"),
+                           "n_hvp": rec.get("n_hvp")}
+
+    def add(prefix: str, entry: Mapping[str, Any]) -> None:
+        tops = entry.get("top_eigenvalues") or []
+        row[f"{prefix}.top_eigenvalue"] = tops[0] if tops else None
+        if len(tops) > 1:
+            row[f"{prefix}.top_eigenvalues"] = tops
+        for key in ("trace", "trace_stderr"):
+            if key in entry:
+                row[f"{prefix}.{key}"] = entry[key]
+        sim = entry.get("similarity")
+        if isinstance(sim, Mapping):
+            for k, v in sim.items():
+                row[f"{prefix}.similarity.{k}"] = v
+        elif sim is not None:
+            row[f"{prefix}.similarity"] = sim
+
+    add("full", rec["full"])
+    for name, entry in rec.get("layers", {}).items():
+        add(f"layers.{name}", entry)
+    return row
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hesslens.report.figures import DPI
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any, path: Path) -> Path:
+    import io
+
+    from hesslens.files import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return write_bytes(path, buf.getvalue())
+
+
+def _log_if_wide(ax: Any, series: Sequence[Sequence[float | None]]) -> None:
+    """A log scale when every value is positive and they span more than 50x."""
+    v = np.array([x for s in series for x in s if x is not None], dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and (v > 0).all() and v.max() / v.min() > 50:
+        ax.set_yscale("log")
+
+
+def _series(history: Sequence[Mapping[str, Any]], layer: str | None, key: str,
+            sub: str | None = None) -> list[Any]:
+    out = []
+    for r in history:
+        entry = r["full"] if layer is None else r.get("layers", {}).get(layer, {})
+        if key == "top":
+            value = (entry.get("top_eigenvalues") or [None])[0]
+        else:
+            value = entry.get(key)
+            if isinstance(value, Mapping):
+                value = value.get(sub) if sub else None
+        out.append(value)
+    return out
+
+
+def _plot_full(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    steps = [r["step"] for r in history]
+    fig = _figure(9.0, 3.4)
+    ax1, ax2 = fig.subplots(1, 2)
+    k = max(len(r["full"].get("top_eigenvalues", [])) for r in history)
+    tops = [[(r["full"]["top_eigenvalues"][i] if i < len(r["full"]["top_eigenvalues"])
+              else None) for r in history] for i in range(k)]
+    for i, s in enumerate(tops):
+        ax1.plot(steps, [np.nan if v is None else v for v in s], marker="o", ms=3,
+                 label=fr"$\lambda_{i + 1}$")
+    _log_if_wide(ax1, tops)
+    ax1.set_title("Top eigenvalues, full network", fontsize=10)
+    ax1.legend(fontsize=8, frameon=False)
+    tr = _series(history, None, "trace")
+    if any(v is not None for v in tr):
+        err = [e or 0.0 for e in _series(history, None, "trace_stderr")]
+        t = np.array([np.nan if v is None else v for v in tr], dtype=float)
+        ax2.plot(steps, t, marker="o", ms=3, color="#ff7f0e")
+        ax2.fill_between(steps, t - np.array(err), t + np.array(err), color="#ff7f0e",
+                         alpha=0.25, lw=0)
+        _log_if_wide(ax2, [tr])
+    ax2.set_title("Trace, full network (± standard error)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step", fontsize=9)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.tick_params(labelsize=8)
+    return _png(fig, path)
+
+
+def _plot_layers(history: Sequence[Mapping[str, Any]], names: Sequence[str], key: str,
+                 path: Path, title: str, sub: str | None = None) -> Path:
+    steps = [r["step"] for r in history]
+    fig = _figure(9.0, 3.8)
+    ax1, ax2 = fig.subplots(1, 2)
+    drawn = []
+    for ax, what, label in ((ax1, "top", "top eigenvalue"), (ax2, key, title)):
+        all_series = []
+        for name in names:
+            s = _series(history, name, what, sub)
+            all_series.append(s)
+            ax.plot(steps, [np.nan if v is None else v for v in s], marker="o", ms=2.5,
+                    lw=1.2, label=name)
+        if what != "similarity":
+            full = _series(history, None, what)
+            if any(v is not None for v in full):
+                all_series.append(full)
+                ax.plot(steps, [np.nan if v is None else v for v in full], color="#444444",
+                        ls="--", lw=1.2, label="full network")
+        _log_if_wide(ax, all_series)
+        ax.set_title(f"{label.capitalize()} per layer", fontsize=10)
+        ax.set_xlabel("step", fontsize=9)
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.tick_params(labelsize=8)
+        drawn.append(ax)
+    drawn[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _png(fig, path)
+
+
+def _similarity_key(history: Sequence[Mapping[str, Any]]) -> str | None:
+    for r in history:
+        for entry in r.get("layers", {}).values():
+            sim = entry.get("similarity")
+            if isinstance(sim, Mapping):
+                return "wasserstein" if "wasserstein" in sim else next(iter(sim), None)
+            if sim is not None:
+                return ""
+    return None
+
+
+def write_history_report(
+    history: Sequence[Mapping[str, Any]],
+    folder: str | Path,
+    *,
+    title: str = "Curvature over training",
+    settings: Mapping[str, Any] | None = None,
+    writer: Callable[[Path], None] | None = None,
+) -> Path:
+    """Figures and ``report.html`` for a list of tracker records (see
+    :meth:`CurvatureTracker.write_report`)."""
+    from hesslens.files import write_csv, write_json
+    from hesslens.report.figures import plot_layer_densities
+    from hesslens.report.html import Code, Figure, Paragraph, Report, Table
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HesslensInputError(f"{str(folder)!r} is a file; give a folder for the report")
+    if writer is not None:
+        writer(folder)
+    else:
+        write_json(folder / HISTORY_JSON, {"schema": SCHEMA, "settings": dict(settings or {}),
+                                           "records": list(history)})
+        write_csv(folder / HISTORY_CSV, [flat_record(r) for r in history])
+    names = list(dict.fromkeys(n for r in history for n in r.get("layers", {})))
+    report = Report(title, subtitle=f"{len(history)} records, steps {history[0]['step']} to "
+                                    f"{history[-1]['step']}")
+    full_png = _plot_full(history, folder / "curvature_full.png")
+    first, last = history[0], history[-1]
+
+    def row(label: str, entry_first: Mapping[str, Any], entry_last: Mapping[str, Any]) -> list:
+        def top(e: Mapping[str, Any]) -> Any:
+            return (e.get("top_eigenvalues") or [None])[0]
+        return [label, top(entry_first), top(entry_last), entry_first.get("trace"),
+                entry_last.get("trace"), entry_last.get("trace_stderr")]
+
+    cols = ["", f"top eigenvalue (step {first['step']})", f"top eigenvalue (step {last['step']})",
+            f"trace (step {first['step']})", f"trace (step {last['step']})", "± (last)"]
+    rows = [row("full network", first["full"], last["full"])]
+    rows += [row(n, first.get("layers", {}).get(n, {}), last.get("layers", {}).get(n, {}))
+             for n in names]
+    report.section(
+        "Full network",
+        Figure.from_file(full_png, caption="Top eigenvalues and trace of the full Hessian on the "
+                                           "analysis data, at each recorded step."),
+        Table(cols, rows, caption="First and last record"))
+    if names:
+        layer_png = _plot_layers(history, names, "trace", folder / "curvature_layers.png",
+                                 "trace")
+        blocks: list[Any] = [Figure.from_file(
+            layer_png, caption="Each layer block's top eigenvalue and trace (dashed: the full "
+                               "network).")]
+        sim_key = _similarity_key(history)
+        if sim_key is not None:
+            sim_png = _plot_layers(history, names, "similarity",
+                                   folder / "similarity_layers.png",
+                                   f"distance to the full spectrum ({sim_key or 'similarity'})",
+                                   sub=sim_key)
+            blocks.append(Figure.from_file(sim_png, caption="Each layer's spectrum against the "
+                                                            "full one, over training."))
+        dens = {n: e["density"] for n, e in last.get("layers", {}).items() if "density" in e}
+        if dens and "density" in last["full"]:
+            dens_png = plot_layer_densities(last["full"]["density"], dens,
+                                            folder / "densities_last.png",
+                                            title=f"Densities at step {last['step']}")
+            blocks.append(Figure.from_file(dens_png, caption="Eigenvalue densities at the last "
+                                                             "record, each layer against the "
+                                                             "full network."))
+        report.section("Per layer", *blocks)
+    secs = [float(r.get("seconds") or 0.0) for r in history]
+    report.section("Cost", Paragraph(
+        f"{sum(secs):.3g} s in all for {len(history)} records ({sum(secs) / len(secs):.3g} s "
+        "each)."), *([Code(json.dumps(dict(settings), indent=1, default=str),
+                           summary="settings")] if settings else []))
+    return report.write(folder / "report.html")
