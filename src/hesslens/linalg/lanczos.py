@@ -96,6 +96,40 @@ def _rowdot(A: Tensor, B: Tensor) -> Tensor:
     return out.cpu()
 
 
+def _combine_rows_(X: Tensor, C: np.ndarray | Tensor) -> Tensor:
+    """``X[:p] <- C @ X[:q]`` in place for ``C`` of shape ``(p, q)``, ``p <= q``: a column chunk
+    at a time, so no second copy of ``X`` is made. Returns ``X[:p]``."""
+    Ct = torch.as_tensor(C).to(dtype=X.dtype, device=X.device)
+    p, q = Ct.shape
+    step = max(1, _REDUCE_ENTRIES // max(q, 1))
+    for c in range(0, X.shape[1], step):
+        X[:p, c : c + step] = Ct @ X[:q, c : c + step]
+    return X[:p]
+
+
+def _orthonormalize_rows_(Y: Tensor) -> Tensor:
+    """Orthonormal rows spanning the rows of ``Y``, computed in place (``Y`` is overwritten).
+
+    Two passes of Cholesky-free "eigen-QR": ``G = Y Y^T = V diag(d) V^T`` (float64), rows
+    ``diag(d)^-1/2 V^T Y``. The first pass drops directions with ``d_i <= eps * max(d)``
+    (``eps`` of ``Y.dtype``: rows that are dependent up to rounding), so the result may have
+    fewer rows than ``Y``; the second makes the rows orthonormal to rounding.
+    """
+    eps = torch.finfo(Y.dtype).eps
+    for first in (True, False):
+        if Y.shape[0] == 0:
+            return Y
+        d, V = torch.linalg.eigh(_gram64(Y, Y))
+        dmax = float(d.max())
+        if dmax <= 0:
+            return Y[:0]
+        keep = d > eps * dmax if first else d > 0
+        d, V = d[keep], V[:, keep]
+        C = (V / d.sqrt()).T.flip(0)  # largest directions first
+        Y = _combine_rows_(Y, C)
+    return Y
+
+
 def _norm64(W: Tensor) -> Tensor:
     """Row norms accumulated in float64 (CPU result)."""
     return torch.linalg.vector_norm(W, dim=1, dtype=torch.float64).cpu()
@@ -355,13 +389,8 @@ class _RestartedLanczos:
         return out
 
     def _rewrite(self, C: np.ndarray) -> None:
-        """``Q[:p] <- C @ Q[:q]`` in place, ``C`` of shape ``(p, q)`` with ``p <= q``, a column
-        chunk at a time (no second basis)."""
-        p, q = C.shape
-        Ct = torch.as_tensor(C, dtype=self.dtype, device=self.device)
-        step = max(1, _REDUCE_ENTRIES // max(q, 1))
-        for c in range(0, self.dim, step):
-            self.Q[:p, c : c + step] = Ct @ self.Q[:q, c : c + step]
+        """``Q[:p] <- C @ Q[:q]`` in place (see :func:`_combine_rows_`)."""
+        _combine_rows_(self.Q, C)
 
     def compress(self, keep_closed: list[tuple[int, int]], keep_open: list[int]) -> None:
         """Thick restart: keep some Ritz vectors and the residual direction, drop the rest.

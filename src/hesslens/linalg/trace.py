@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from hesslens.errors import HesslensInputError
-from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64
+from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, _work_dtype
+from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.probes import check_distribution, random_probes
 from hesslens.linalg.results import TraceResult
 
@@ -98,10 +100,85 @@ def _mean_stderr(x: Tensor) -> tuple[float, float]:
     return mean, float(x.std(correction=1)) / math.sqrt(n)
 
 
-def _orthonormal_rows(Y: Tensor) -> Tensor:
-    """Orthonormal rows spanning the rows of ``Y`` (reduced QR in float64)."""
-    Q, _ = torch.linalg.qr(Y.T)
-    return Q.T.contiguous()
+# The probe loops multiply at most this many bytes of vectors at once: batch_size is lowered
+# for huge operators so that a batch and its products (2 * batch * dim entries) fit.
+_BATCH_BYTES = 2**29
+
+
+def _batch(batch_size: int, op: SymmetricOperator, dtype: torch.dtype) -> int:
+    per_vector = 2 * op.dim * (torch.finfo(dtype).bits // 8)
+    return int(max(1, min(batch_size, _BATCH_BYTES // max(per_vector, 1))))
+
+
+def _sketch(
+    op: SymmetricOperator,
+    n_sketch: int,
+    distribution: str,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    batch_size: int,
+    used: list[int],
+    progress: ProgressFn | None,
+) -> Tensor:
+    """``U``: orthonormal rows spanning ``A S`` for ``n_sketch`` random probes ``S`` (the
+    products written straight into one ``(n_sketch, dim)`` buffer, orthonormalised in place;
+    fewer rows when ``A S`` has a lower rank)."""
+    Y = torch.empty(n_sketch, op.dim, dtype=dtype, device=op.device)
+    for s in range(0, n_sketch, batch_size):
+        c = min(batch_size, n_sketch - s)
+        S = random_probes(c, op.dim, distribution, gen, dtype, op.device)
+        Y[s : s + c] = matmat_as(op, S, dtype)
+        del S
+        used[0] += c
+        if progress is not None:
+            progress(used[0])
+    return _orthonormalize_rows_(Y)
+
+
+def _low_rank_parts(
+    op: SymmetricOperator,
+    U: Tensor,
+    segs: list[tuple[int, int]],
+    batch_size: int,
+    used: list[int],
+    progress: ProgressFn | None,
+) -> list[float]:
+    """:func:`_low_rank_traces` with ``Z = U A`` taken a batch of rows at a time (never
+    stored): ``<U_l, Z_l>`` and ``M = Z U^T`` are accumulated per batch."""
+    r = U.shape[0]
+    M = torch.zeros(r, r, dtype=torch.float64)
+    uz = [0.0] * len(segs)
+    for s in range(0, r, batch_size):
+        Ub = U[s : s + batch_size]
+        Zb = matmat_as(op, Ub, U.dtype)
+        used[0] += Ub.shape[0]
+        if progress is not None:
+            progress(used[0])
+        M[s : s + Ub.shape[0]] = _gram64(Zb, U)
+        for i, (a, b) in enumerate(segs):
+            uz[i] += float(_rowdot(Ub[:, a:b], Zb[:, a:b]).sum())
+        del Zb
+    M = (M + M.T) / 2
+    return [2.0 * uz[i] - float((M * _gram64(U[:, a:b], U[:, a:b])).sum())
+            for i, (a, b) in enumerate(segs)]
+
+
+def _residual_samples(
+    op: SymmetricOperator, G: Tensor, U: Tensor | None, segs: list[tuple[int, int]]
+) -> Tensor:
+    """Samples ``<g_l, ((I - P) A (I - P) g)_l>`` per segment ``l`` (float64 CPU,
+    ``(batch, n_segments)``), ``P = U^T U`` (none when ``U`` is None).
+
+    ``(I - P) g`` is formed in ``G``'s own storage and undone after the product, so a batch
+    costs two buffers (``G`` and ``A (I - P) G``)."""
+    if U is not None:
+        C = _gram64(G, U).to(dtype=G.dtype, device=G.device)
+        G.addmm_(C, U, alpha=-1.0)
+    W = matmat_as(op, G, G.dtype)
+    if U is not None:
+        W.addmm_(_gram64(W, U).to(dtype=W.dtype, device=W.device), U, alpha=-1.0)
+        G.addmm_(C, U)
+    return torch.stack([_rowdot(G[:, a:b], W[:, a:b]) for a, b in segs], dim=1)
 
 
 def hutchinson(
@@ -125,13 +202,25 @@ def hutchinson(
     seed : int
         Seed of the probes.
     batch_size : int
-        Probes multiplied per ``matmat`` call.
+        Probes multiplied per ``matmat`` call (lowered for huge operators so that a batch and
+        its products take at most 512 MiB).
 
     Returns
     -------
     TraceResult
         ``value`` the sample mean of ``g^T A g``, ``stderr`` its sample standard deviation
         over ``sqrt(n_hvp)`` (``inf`` for a single probe).
+
+    Notes
+    -----
+    Memory: ``2 * batch_size * dim * itemsize`` bytes (a batch of probes and its products),
+    plus one product; vectors are kept in float64 for a float64 operator, else float32, and
+    every dot product is accumulated in float64.
+
+    Raises
+    ------
+    NonFiniteCurvatureError
+        When a product has a NaN or infinite entry.
 
     Examples
     --------
@@ -147,13 +236,14 @@ def hutchinson(
     check_distribution(distribution)
     if op.dim <= n_hvp:
         return _exact(op, batch_size)
+    dtype = _work_dtype(op.dtype)
+    batch_size = _batch(batch_size, op, dtype)
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for s in range(0, n_hvp, batch_size):
-        G = random_probes(
-            min(batch_size, n_hvp - s), op.dim, distribution, gen, torch.float64, op.device
-        )
-        samples.append((G * matmat64(op, G)).sum(dim=1))
+        G = random_probes(min(batch_size, n_hvp - s), op.dim, distribution, gen, dtype, op.device)
+        samples.append(_residual_samples(op, G, None, [(0, op.dim)])[:, 0])
+        del G
     value, stderr = _mean_stderr(torch.cat(samples))
     return TraceResult(
         value=value, stderr=stderr, n_hvp=n_hvp, method="hutchinson", n_samples=n_hvp
@@ -187,12 +277,21 @@ def hutchpp(
     seed : int
         Seed of the probes.
     batch_size : int
-        Vectors multiplied per ``matmat`` call.
+        Vectors multiplied per ``matmat`` call (lowered for huge operators, as in
+        :func:`hutchinson`).
 
     Returns
     -------
     TraceResult
         ``method="hutch++"``, ``n_samples`` the Hutchinson probes.
+
+    Notes
+    -----
+    Memory: ``(n_hvp // 3 + 2 * batch_size) * dim * itemsize`` bytes: the sketch basis
+    ``U`` (orthonormalised in place in the buffer that received ``A S``), and one batch of
+    probes with its products; ``U A`` is never stored. Float64 for a float64 operator, else
+    float32. A sketch of lower rank than ``n_hvp // 3`` keeps only its rank's directions (and
+    spends that many products on ``U A``).
 
     Examples
     --------
@@ -214,15 +313,21 @@ def hutchpp(
     if n_sketch == 0:
         return hutchinson(op, n_hvp, distribution, seed, batch_size)
     n_probe = n_hvp - 2 * n_sketch
+    dtype = _work_dtype(op.dtype)
+    batch_size = _batch(batch_size, op, dtype)
     gen = torch.Generator().manual_seed(seed)
     used = [0]
-    S = random_probes(n_sketch, op.dim, distribution, gen, torch.float64, op.device)
-    U = _orthonormal_rows(_apply(op, S, batch_size, used, None))
-    low_rank = float((U * _apply(op, U, batch_size, used, None)).sum())
-    G = random_probes(n_probe, op.dim, distribution, gen, torch.float64, op.device)
-    H = G - (G @ U.T) @ U
-    W = _apply(op, H, batch_size, used, None)
-    mean, stderr = _mean_stderr((H * W).sum(dim=1))
+    U = _sketch(op, n_sketch, distribution, gen, dtype, batch_size, used, None)
+    low_rank = _low_rank_parts(op, U, [(0, op.dim)], batch_size, used, None)[0]
+    samples = []
+    for s in range(0, n_probe, batch_size):
+        G = random_probes(min(batch_size, n_probe - s), op.dim, distribution, gen, dtype,
+                          op.device)
+        # tr((I-P) A (I-P)) by probes g: <g, (I-P) A (I-P) g> = <(I-P) g, A (I-P) g>
+        samples.append(_residual_samples(op, G, U, [(0, op.dim)])[:, 0])
+        used[0] += G.shape[0]
+        del G
+    mean, stderr = _mean_stderr(torch.cat(samples))
     return TraceResult(
         value=low_rank + mean, stderr=stderr, n_hvp=used[0], method="hutch++", n_samples=n_probe
     )
@@ -347,6 +452,25 @@ def block_traces(
     block_floor : float
         See the stopping rule above.
 
+    Notes
+    -----
+    Memory: ``(sketch_rank + 2 * batch_size) * dim * itemsize`` bytes (the sketch basis, one
+    batch of probes and its products; ``Z = U A`` is accumulated a batch at a time, never
+    stored), in float64 for a float64 operator, else float32; ``batch_size`` is lowered for
+    huge operators so that a batch and its products take at most 512 MiB. On a 10M-parameter
+    float32 network at the defaults that is 16 + 2 * 6 = 28 copies of the parameters.
+
+    Raises
+    ------
+    NonFiniteCurvatureError
+        When a product has a NaN or infinite entry.
+
+    Warns
+    -----
+    BudgetWarning
+        When ``max_hvp`` stops the loop with a standard error still above its target (not for
+        ``rtol=0``, which asks for exactly ``max_hvp`` products).
+
     Returns
     -------
     full : TraceResult
@@ -399,25 +523,25 @@ def block_traces(
     if n <= 2 * sketch_rank + min_probes:
         return exact_traces(0)
 
+    dtype = _work_dtype(op.dtype)
+    batch_size = _batch(batch_size, op, dtype)
     gen = torch.Generator().manual_seed(seed)
     used = [0]
     low = [0.0] * len(segs)
     U: Tensor | None = None
     if sketch_rank > 0:
-        S = random_probes(sketch_rank, n, distribution, gen, torch.float64, op.device)
-        U = _orthonormal_rows(_apply(op, S, batch_size, used, progress))
-        low = _low_rank_traces(U, _apply(op, U, batch_size, used, progress), segs)
+        U = _sketch(op, sketch_rank, distribution, gen, dtype, batch_size, used, progress)
+        low = _low_rank_parts(op, U, segs, batch_size, used, progress)
 
     chunks: list[Tensor] = []  # (batch, n_segments) samples
     while used[0] < max_hvp:
         nb = min(batch_size, max_hvp - used[0])
-        G = random_probes(nb, n, distribution, gen, torch.float64, op.device)
-        H = G if U is None else G - (G @ U.T) @ U
-        W = _apply(op, H, batch_size, used, progress)
-        if U is not None:
-            W = W - (W @ U.T) @ U
-        GW = G * W
-        chunks.append(torch.stack([GW[:, a:b].sum(dim=1) for a, b in segs], dim=1).cpu())
+        G = random_probes(nb, n, distribution, gen, dtype, op.device)
+        chunks.append(_residual_samples(op, G, U, segs))
+        del G
+        used[0] += nb
+        if progress is not None:
+            progress(used[0])
         X = torch.cat(chunks)
         if X.shape[0] < min_probes:
             continue
@@ -453,5 +577,16 @@ def block_traces(
     full_value = sum(values)
     floor = block_floor * abs(full_value)
     full = result(full_value, _mean_stderr(X.sum(dim=1))[1], rtol * abs(full_value))
-    return full, {nm: result(values[i], stats[i][1], rtol * max(abs(values[i]), floor))
-                  for i, nm in enumerate(names)}
+    parts = {nm: result(values[i], stats[i][1], rtol * max(abs(values[i]), floor))
+             for i, nm in enumerate(names)}
+    open_blocks = [nm for nm, r in parts.items() if not r.converged]
+    if rtol > 0 and (not full.converged or open_blocks):
+        rel = full.stderr / abs(full.value) if full.value else math.inf
+        which = f"; {len(open_blocks)} of {len(parts)} blocks above it too" if open_blocks else ""
+        warnings.warn(
+            f"trace stopped at max_hvp={max_hvp} products with relative standard error "
+            f"{rel:.2%} (rtol={rtol:.2%}{which}): raise max_hvp or rtol",
+            BudgetWarning,
+            stacklevel=2,
+        )
+    return full, parts
