@@ -434,12 +434,13 @@ def _check_disjoint(blocks: Blocks, universe: _Universe) -> None:
         for piece in pieces:
             for other_block, other in claimed.get(piece.param, []):
                 if _overlap(piece, other):
+                    what = (f"parameter {piece.param!r}" if other == piece else
+                            f"pieces {other} and {piece} overlap:")
                     where = (f"twice in block {block!r}" if other_block == block else
                              f"in both block {other_block!r} and block {block!r}")
                     raise HesslensInputError(
-                        f"{other} and {piece} overlap: parameter elements {where}; each "
-                        "element may belong to one block only (narrow a pattern or split the "
-                        "ranges)"
+                        f"{what} elements {where}; each element may belong to one block only "
+                        "(narrow a pattern, or split the ranges)"
                     )
             claimed.setdefault(piece.param, []).append((block, piece))
 
