@@ -59,7 +59,36 @@ def _encoder() -> nn.Module:
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
 
 
+def _neox() -> nn.Module:
+    torch.manual_seed(7)
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+        vocab_size=31, max_position_embeddings=16)).eval()
+
+
+def _bloom() -> nn.Module:
+    torch.manual_seed(8)
+    return transformers.BloomForCausalLM(transformers.BloomConfig(
+        n_layer=2, hidden_size=16, n_head=2, vocab_size=31)).eval()
+
+
+def _phi3() -> nn.Module:
+    torch.manual_seed(9)
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=24, vocab_size=31, max_position_embeddings=16, pad_token_id=0)).eval()
+
+
+def _decoder() -> nn.Module:
+    torch.manual_seed(10)
+    return nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2).eval()
+
+
 MODELS = {"gpt2": _gpt2, "bert": _bert, "vit": _vit, "llama": _llama, "encoder": _encoder}
+# also recognised: interleaved (GPT-NeoX, BLOOM) and GQA-fused (Phi-3) QKV, cross-attention
+MORE_MODELS = {"neox": _neox, "bloom": _bloom, "phi3": _phi3, "decoder": _decoder,
+               "gpt2_cross": lambda: _gpt2(add_cross_attention=True)}
 LAYER_PATHS = {
     "gpt2": ["transformer.h.0", "transformer.h.1"],
     "bert": ["encoder.layer.0", "encoder.layer.1"],
@@ -71,7 +100,7 @@ LAYER_PATHS = {
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: build() for name, build in MODELS.items()}
+    return {name: build() for name, build in {**MODELS, **MORE_MODELS}.items()}
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -94,7 +123,7 @@ def _counts(blocks, shapes) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the preset
 @pytest.mark.parametrize("preset", ["transformer", "transformer_heads"])
-@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("arch", [*MODELS, *MORE_MODELS])
 def test_preset_covers_every_trainable_element_exactly_once(models, arch, preset):
     model = models[arch]
     blocks = resolve_blocks(model, preset, _names(model))
@@ -230,6 +259,80 @@ def test_multihead_attention_in_proj_pieces_are_what_it_computes(models):
         out = sum(heads[h] @ blocks[f"{prefix}.o.head{h}"][0].take(w_out).T for h in range(2))
         out = out + blocks[f"{prefix}.o.bias"][0].take(p["layers.0.self_attn.out_proj.bias"])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def _hooked_output(model: nn.Module, module: nn.Module, ids: torch.Tensor):
+    """The input and output of ``module`` in one forward pass of ``model`` on ``ids``."""
+    seen = {}
+    handle = module.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return seen["x"], seen["out"]
+
+
+def _linear(pieces, p, x):
+    """``x`` through the rows of a Linear that the (weight, bias) pieces select."""
+    w, b = pieces
+    return x @ w.take(p[w.param]).T + b.take(p[b.param])
+
+
+@pytest.mark.parametrize("arch", ["neox", "bloom"])
+def test_interleaved_qkv_pieces_are_the_rows_each_head_uses(models, arch):
+    """GPT-NeoX and BLOOM lay query_key_value out per head as (heads, 3, head_dim)."""
+    model = models[arch]
+    blocks = resolve_blocks(model, "transformer_heads", _names(model))
+    whole = resolve_blocks(model, "transformer", _names(model))
+    layer, attn = (("gpt_neox.layers.1", model.gpt_neox.layers[1].attention) if arch == "neox"
+                   else ("transformer.h.1", model.transformer.h[1].self_attention))
+    ids = torch.randint(0, 31, (2, 5), generator=torch.Generator().manual_seed(2))
+    x, fused = _hooked_output(model, attn.query_key_value, ids)
+    per_head = fused.view(2, 5, 2, 3, 8)  # the models' own view of the fused output
+    p = dict(model.named_parameters())
+    with torch.no_grad():
+        for h in range(2):
+            for r, role in enumerate("qkv"):
+                got = _linear(blocks[f"{layer}.attn.{role}.head{h}"], p, x)
+                torch.testing.assert_close(got, per_head[:, :, h, r])
+        q = whole[f"{layer}.attn.q"]  # two weight rows ranges, then the two bias ranges
+        w_rows = torch.cat([piece.take(p[piece.param]) for piece in q[:2]])
+        b_rows = torch.cat([piece.take(p[piece.param]) for piece in q[2:]])
+        torch.testing.assert_close(x @ w_rows.T + b_rows, per_head[:, :, :, 0].reshape(2, 5, 16))
+
+
+def test_phi3_fused_qkv_and_gate_up_are_split_as_the_model_splits_them(models):
+    model = models["phi3"]
+    blocks = resolve_blocks(model, "transformer_heads", _names(model))
+    whole = resolve_blocks(model, "transformer", _names(model))
+    layer = model.model.layers[0]
+    ids = torch.randint(0, 31, (2, 5), generator=torch.Generator().manual_seed(3))
+    p = dict(model.named_parameters())
+    x, qkv = _hooked_output(model, layer.self_attn.qkv_proj, ids)
+    with torch.no_grad():
+        # 4 query heads then 2 key and 2 value heads of 4: columns 0:16, 16:24, 24:32
+        for role, heads, offset in (("q", 4, 0), ("k", 2, 16), ("v", 2, 24)):
+            assert sum(n.startswith(f"model.layers.0.attn.{role}.head") for n in blocks) == heads
+            for h in range(heads):
+                (w,) = blocks[f"model.layers.0.attn.{role}.head{h}"]
+                torch.testing.assert_close(x @ w.take(p[w.param]).T,
+                                           qkv[..., offset + 4 * h:offset + 4 * h + 4])
+        y, gate_up = _hooked_output(model, layer.mlp.gate_up_proj, ids)
+        gate, up = gate_up.chunk(2, dim=-1)  # as Phi3MLP splits it
+        for role, part in (("mlp_gate", gate), ("mlp_in", up)):
+            (w,) = whole[f"model.layers.0.{role}"]
+            torch.testing.assert_close(y @ w.take(p[w.param]).T, part)
+
+
+def test_a_second_attention_in_a_layer_is_named_by_its_path(models):
+    blocks = resolve_blocks(models["decoder"], "transformer", _names(models["decoder"]))
+    assert {"layers.0.attn.q", "layers.0.multihead_attn.q", "layers.1.multihead_attn.o",
+            "layers.0.mlp_in", "layers.1.norm3"} <= set(blocks)
+    cross = resolve_blocks(models["gpt2_cross"], "transformer", _names(models["gpt2_cross"]))
+    assert cross["transformer.h.0.crossattention.q"] == [
+        ParamSlice("transformer.h.0.crossattention.q_attn.weight"),
+        ParamSlice("transformer.h.0.crossattention.q_attn.bias")]
+    assert cross["transformer.h.0.crossattention.v"][0] == ParamSlice(
+        "transformer.h.0.crossattention.c_attn.weight", 1, 16, 32)  # k | v beside q_attn
 
 
 # --------------------------------------------------------------------------- ParamSlice

@@ -480,6 +480,10 @@ def _sorted_blocks(
 # module (MLP); the error for a model with none of these lists them.
 _SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 _FUSED_LINEAR_QKV = ("qkv_proj", "qkv", "Wqkv")
+# query_key_value laid out per head as (heads, 3, head_dim): GPT-NeoX (Pythia) and BLOOM. Falcon's
+# layout differs by version, so the name alone is not enough.
+_INTERLEAVED_QKV = {"GPTNeoXAttention": "query_key_value", "BloomAttention": "query_key_value"}
+_FUSED_MLP = {"mlp.gate_up_proj": ("mlp_gate", "mlp_in")}  # Phi-3: gate rows, then up rows
 _OUT_PROJ = ("o_proj", "out_proj", "c_proj", "dense", "proj", "o")
 _OUT_PROJ_OF_PARENT = ("output.dense",)
 _MLP = {
@@ -492,7 +496,7 @@ _MLP = {
 _LOOKED_FOR = (
     "nn.MultiheadAttention; a module with children c_attn (GPT-2 Conv1D, optional q_attn), "
     f"{' / '.join('+'.join(t) for t in _SEPARATE_QKV)} or a fused Linear "
-    f"{' / '.join(_FUSED_LINEAR_QKV)}"
+    f"{' / '.join(_FUSED_LINEAR_QKV)}; query_key_value in {' / '.join(_INTERLEAVED_QKV)}"
 )
 
 
@@ -503,6 +507,7 @@ class _Span:
 
     piece: ParamSlice
     head: int | None = None
+    first: int = 0  # the head number of its first chunk
 
 
 @dataclass
@@ -548,7 +553,7 @@ def _head_sizes(model: nn.Module, module: nn.Module, q_size: int) -> tuple[int |
 
 
 def _projection(universe: _Universe, path: str, module: nn.Module, span: tuple[int, int] | None,
-                head: int | None, dim: int | None = None) -> list[_Span]:
+                head: int | None, dim: int | None = None, first: int = 0) -> list[_Span]:
     """The weight and bias of the projection at ``path``: whole, or the output-feature range
     ``span`` (the bias sliced the same way), splittable per head of size ``head``."""
     out_dim = _dims(module)[0] if dim is None else dim
@@ -565,7 +570,7 @@ def _projection(universe: _Universe, path: str, module: nn.Module, span: tuple[i
             piece = ParamSlice(name, d, 0, size)
         else:
             piece = ParamSlice(name, d, *span)
-        spans.append(_Span(piece, head))
+        spans.append(_Span(piece, head, first))
     return spans
 
 
@@ -621,6 +626,18 @@ def _recognise(model: nn.Module, modules: Mapping[str, nn.Module], universe: _Un
                 roles[role] = _projection(universe, join(n), children[n], None, hd)
                 whole[role] = join(n)
             return _finish(universe, path, roles, whole, *_out_proj(modules, path), hd)
+    fused_name = _INTERLEAVED_QKV.get(type(module).__name__)
+    if fused_name is not None and isinstance(children.get(fused_name), nn.Linear):
+        fused = children[fused_name]
+        hd, _ = _head_sizes(model, module, fused.out_features // 3)
+        if hd is None or fused.out_features % (3 * hd):
+            return None
+        for r, role in enumerate("qkv"):  # head h's q, k, v rows: (3h + r) * hd, + hd
+            spans = [s for h in range(fused.out_features // (3 * hd))
+                     for s in _projection(universe, join(fused_name), fused,
+                                          ((3 * h + r) * hd, (3 * h + r + 1) * hd), hd, first=h)]
+            roles[role] = sorted(spans, key=lambda s: s.piece.param.endswith(".bias"))
+        return _finish(universe, path, roles, whole, *_out_proj(modules, path), hd)
     for n in _FUSED_LINEAR_QKV:
         fused = children.get(n)
         if isinstance(fused, nn.Linear):
@@ -726,7 +743,19 @@ def _transformer_blocks(model: nn.Module, universe: _Universe, *, heads: bool) -
             if role == "o":
                 add(f"{prefix}.o.bias", att.out_bias)
     for layer in per_layer:
+        done = set()
+        for rel, roles in _FUSED_MLP.items():
+            found = _child(modules, layer, rel)
+            if found is not None and isinstance(modules[found], nn.Linear):
+                half = modules[found].out_features // 2
+                for i, role in enumerate(roles):
+                    add(f"{layer}.{role}" if layer else role,
+                        [s.piece for s in _projection(universe, found, modules[found],
+                                                      (i * half, (i + 1) * half), None)])
+                done.update(roles)
         for role, candidates in _MLP.items():
+            if role in done:
+                continue
             for rel in candidates:
                 found = _child(modules, layer, rel)
                 if found is not None and found not in {a.whole.get("o") for a in attentions}:
@@ -761,7 +790,7 @@ def _subtree_extras(modules: Mapping[str, nn.Module], universe: _Universe, path:
 def _per_head(spans: list[_Span], role: str) -> list[list[ParamSlice]]:
     """Split each span along its dim into chunks of its head size: block h gets chunk h of
     every span (the weight's and the bias's share of head h)."""
-    per_head: list[list[ParamSlice]] = []
+    per_head: dict[int, list[ParamSlice]] = {}
     for span in spans:
         piece = span.piece
         if span.head is None:
@@ -774,12 +803,10 @@ def _per_head(spans: list[_Span], role: str) -> list[list[ParamSlice]]:
         if width % span.head:
             raise HesslensInputError(
                 f"{role}: {piece} is {width} wide, not a multiple of the head size {span.head}")
-        n = width // span.head
-        if per_head and len(per_head) != n:
-            raise HesslensInputError(f"{role}: its pieces split into different head counts")
-        if not per_head:
-            per_head = [[] for _ in range(n)]
-        for h in range(n):
+        for h in range(width // span.head):
             start = piece.start + h * span.head
-            per_head[h].append(ParamSlice(piece.param, piece.dim, start, start + span.head))
-    return per_head
+            per_head.setdefault(span.first + h, []).append(
+                ParamSlice(piece.param, piece.dim, start, start + span.head))
+    if sorted(per_head) != list(range(len(per_head))):
+        raise HesslensInputError(f"{role}: its pieces do not number the heads 0, 1, ...")
+    return [per_head[h] for h in range(len(per_head))]
