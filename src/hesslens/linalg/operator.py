@@ -293,7 +293,10 @@ def check_finite(out: Tensor) -> Tensor:
     ...
     hesslens.errors.NonFiniteCurvatureError: a curvature product is not finite (1 NaN ...
     """
-    if bool(torch.isfinite(out).all()):
+    if out.numel() == 0:
+        return out
+    lo, hi = torch.aminmax(out)  # one pass, no temporary; NaN and +-Inf propagate
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
         return out
     n_nan = int(torch.isnan(out).sum())
     n_inf = int(torch.isinf(out).sum())
