@@ -493,6 +493,7 @@ class _Reversed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(6)
+        self.unused = nn.Linear(2, 2)
         self.last = nn.Linear(4, 2)
         self.first = nn.Linear(3, 4)
 
@@ -502,11 +503,26 @@ class _Reversed(nn.Module):
 
 def test_blocks_in_forward_order_with_example_inputs_else_parameter_order():
     model = _Reversed()
-    spec = {"b_first": "first.*", "a_last": "last.weight", "c_last_bias": "last.bias"}
+    spec = {"b_first": "first.*", "a_last": "last.weight", "c_last_bias": "last.bias",
+            "d_unused": "unused.*"}
     assert list(resolve_blocks(model, spec, _names(model))) == [
-        "a_last", "c_last_bias", "b_first"]
+        "d_unused", "a_last", "c_last_bias", "b_first"]
     assert list(resolve_blocks(model, spec, _names(model), torch.randn(1, 3))) == [
-        "b_first", "a_last", "c_last_bias"]
+        "b_first", "a_last", "c_last_bias", "d_unused"]  # modules never called go last
+
+
+def test_preset_blocks_in_forward_order_where_a_submodule_is_not_called(models):
+    """nn.MultiheadAttention reads out_proj's weight without calling out_proj: its block sorts
+    by the attention's call, not after everything the pass called."""
+    model = models["encoder"]
+    blocks = list(resolve_blocks(model, "transformer", _names(model), torch.randn(1, 3, 16)))
+    assert blocks[:8] == ["layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v",
+                          "layers.0.attn.o", "layers.0.norm1", "layers.0.mlp_in",
+                          "layers.0.mlp_out", "layers.0.norm2"]  # post-norm layer order
+    assert list(resolve_blocks(model, "transformer", _names(model)))[4:6] == [
+        "layers.0.mlp_in", "layers.0.mlp_out"]  # parameter order without example inputs
+    assert max(blocks.index(b) for b in blocks if b.startswith("layers.0.")) < min(
+        blocks.index(b) for b in blocks if b.startswith("layers.1."))
 
 
 def test_llama_blocks_in_forward_order_with_mapping_inputs(models):

@@ -109,13 +109,14 @@ class ParamSlice:
         if self.dim is None:
             return None
         ndim = len(shape)
+        if ndim == 0:
+            raise HesslensInputError(
+                f"{self}: parameter {self.param!r} is a scalar, it has no dim to slice: use "
+                f"ParamSlice({self.param!r})")
         if not -ndim <= self.dim < ndim:
             raise HesslensInputError(
                 f"{self}: dim {self.dim} is out of range for parameter {self.param!r} of shape "
-                f"{tuple(shape)}: use a dim in 0..{ndim - 1}" if ndim else
-                f"{self}: parameter {self.param!r} is a scalar, it has no dim to slice: use "
-                f"ParamSlice({self.param!r})"
-            )
+                f"{tuple(shape)}: use a dim in 0..{ndim - 1}")
         dim = self.dim % ndim
         size = int(shape[dim])
         stop = size if self.stop is None else self.stop
@@ -196,9 +197,13 @@ def resolve_blocks(
       ``<layer>`` is the layer module's path (GPT-2: ``transformer.h.0``); a fused QKV weight
       and its bias are sliced; every other trainable parameter (embeddings, norms, the head)
       is a block named by the module that owns it, so the blocks cover every trainable
-      parameter once. Recognised: Hugging Face GPT-2, BERT, ViT, Llama-style models (q_proj,
-      k_proj, v_proj, o_proj; grouped-query attention included) and ``nn.MultiheadAttention``
-      (e.g. inside ``nn.TransformerEncoderLayer``);
+      parameter once. Recognised by module structure: Hugging Face GPT-2 (fused Conv1D
+      ``c_attn``, column thirds), BERT and ViT (query/key/value), Llama-style models (q_proj,
+      k_proj, v_proj, o_proj; grouped-query attention included), GPT-NeoX and BLOOM
+      (``query_key_value`` interleaved per head), Phi-3 (fused ``qkv_proj``, ``gate_up_proj``)
+      and ``nn.MultiheadAttention`` (``in_proj_weight`` row thirds, e.g. inside
+      ``nn.TransformerEncoderLayer``). A second attention in one layer (cross-attention) is
+      named by its path, e.g. ``layers.0.multihead_attn.q``;
     - ``"transformer_heads"``: the same with q, k, v split per attention head
       (``<layer>.attn.q.head0``, ...) and the output projection's input dimension split per head
       (``<layer>.attn.o.head0``, ...; its bias is ``<layer>.attn.o.bias``);
@@ -330,7 +335,7 @@ class _Universe:
             for name in names:
                 self.owner[name] = "" if module == ROOT_LAYER else module
 
-    def exact(self, name: str, block: str) -> str:
+    def exact(self, name: str, block: str) -> str | None:
         """The canonical trainable name of ``name`` (a tied weight's alias maps to the name
         ``named_parameters`` gives it); an error if it is a parameter but not trainable."""
         canonical = self.alias.get(name)
@@ -340,7 +345,7 @@ class _Universe:
                 "left out of the trainable parameters): make it trainable or drop it from the "
                 "block"
             )
-        return canonical  # type: ignore[return-value]
+        return canonical
 
 
 def _some(names: Sequence[str], k: int = 8) -> str:
@@ -458,16 +463,19 @@ def _sorted_blocks(
     """Blocks in forward order: by the first call of the module owning each piece's parameter
     (or of its nearest called ancestor: ``nn.MultiheadAttention`` reads ``out_proj.weight``
     without calling ``out_proj``), then by parameter order; parameter order alone when there
-    are no example inputs. Ties keep the given order."""
+    are no example inputs; modules the pass does not call go last, as in ``discover_layers``.
+    Ties keep the given order."""
     ranks = {} if example_inputs is None else module_call_ranks(model, example_inputs)
 
     def rank(param: str) -> int:
         module = universe.owner.get(param, "")
+        if not module or not ranks:
+            return -1  # the model's own parameters, or no forward pass
         while module:
             if module in ranks:
                 return ranks[module]
             module = module.rpartition(".")[0]
-        return -1
+        return len(ranks)
 
     def key(name: str) -> tuple[int, int]:
         return min((rank(p.param), universe.order[p.param]) for p in blocks[name])
@@ -508,6 +516,7 @@ class _Span:
     piece: ParamSlice
     head: int | None = None
     first: int = 0  # the head number of its first chunk
+    is_bias: bool = False
 
 
 @dataclass
@@ -570,7 +579,7 @@ def _projection(universe: _Universe, path: str, module: nn.Module, span: tuple[i
             piece = ParamSlice(name, d, 0, size)
         else:
             piece = ParamSlice(name, d, *span)
-        spans.append(_Span(piece, head, first))
+        spans.append(_Span(piece, head, first, is_bias=pname == "bias"))
     return spans
 
 
@@ -636,7 +645,7 @@ def _recognise(model: nn.Module, modules: Mapping[str, nn.Module], universe: _Un
             spans = [s for h in range(fused.out_features // (3 * hd))
                      for s in _projection(universe, join(fused_name), fused,
                                           ((3 * h + r) * hd, (3 * h + r + 1) * hd), hd, first=h)]
-            roles[role] = sorted(spans, key=lambda s: s.piece.param.endswith(".bias"))
+            roles[role] = sorted(spans, key=lambda s: s.is_bias)  # weight rows, then bias
         return _finish(universe, path, roles, whole, *_out_proj(modules, path), hd)
     for n in _FUSED_LINEAR_QKV:
         fused = children.get(n)
@@ -679,8 +688,8 @@ def _finish(universe: _Universe, path: str, roles: dict[str, list[_Span]], whole
     if o_path is not None and o_module is not None:
         in_dim = _dims(o_module)[1]
         spans = _projection(universe, o_path, o_module, None, head, dim=in_dim)
-        roles["o"] = [s for s in spans if not s.piece.param.endswith(".bias")]
-        out_bias = [s.piece for s in spans if s.piece.param.endswith(".bias")]
+        roles["o"] = [s for s in spans if not s.is_bias]
+        out_bias = [s.piece for s in spans if s.is_bias]
         whole["o"] = o_path
     return _Attention(path, roles, whole, out_bias)
 
@@ -770,6 +779,15 @@ def _transformer_blocks(model: nn.Module, universe: _Universe, *, heads: bool) -
             leftover.setdefault(owner, []).append(ParamSlice(name))
     for owner, pieces in leftover.items():
         add(owner, pieces)
+    covered: dict[str, int] = {}
+    for pieces in blocks.values():
+        for p in pieces:
+            covered[p.param] = covered.get(p.param, 0) + p.numel(universe.shapes[p.param])
+    partial = [n for n in universe.names if covered[n] != math.prod(universe.shapes[n])]
+    if partial:  # a fused weight whose slices do not add up: the blocks would miss elements
+        raise HesslensInputError(
+            f"layers='transformer' could not split {partial[:3]} of {type(model).__name__} "
+            "into whole blocks: name the blocks yourself with a mapping of ParamSlices")
     return blocks
 
 
@@ -788,8 +806,8 @@ def _subtree_extras(modules: Mapping[str, nn.Module], universe: _Universe, path:
 
 
 def _per_head(spans: list[_Span], role: str) -> list[list[ParamSlice]]:
-    """Split each span along its dim into chunks of its head size: block h gets chunk h of
-    every span (the weight's and the bias's share of head h)."""
+    """Split each span along its dim into chunks of its head size, numbered from the span's
+    ``first``: block h gets every span's chunk h (the weight's and the bias's share of head h)."""
     per_head: dict[int, list[ParamSlice]] = {}
     for span in spans:
         piece = span.piece
