@@ -94,6 +94,7 @@ class ProductEngine:
         self.data = data
         self.path = path
         self.fd_order = fd_order
+        self.fd_scale = products.StepScale()
         self.chunk_size = max(1, int(chunk_size))
         if graph_cache_bytes is None:
             graph_cache_bytes = GRAPH_CACHE_BYTES
@@ -195,7 +196,8 @@ class ProductEngine:
     def _run(self, candidate: str, names: Sequence[str], vs: list[Tensor]) -> list[Tensor]:
         if candidate == "fd":
             return self._sum(lambda i, b, w: products.hvp_fd(
-                self.loss_of(i, b, w), self.model.params, names, vs, order=self.fd_order), vs)
+                self.loss_of(i, b, w), self.model.params, names, vs, order=self.fd_order,
+                scale=self.fd_scale), vs)
         if candidate == "forward":
             return self._sum(lambda i, b, w: self._check_batch(i, b) or products.hvp_forward(
                 self.loss_of(i, b, w), self.model.params, names, vs,

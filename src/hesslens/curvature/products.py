@@ -157,9 +157,10 @@ def gradient(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
 
 def fd_step(params: dict[str, Tensor], names: Sequence[str], v: Sequence[Tensor],
             order: int) -> float:
-    """The step ``h`` of a finite-difference product along ``v``: the perturbation ``h v`` has
-    norm ``eps^(1/(order+1)) * max(|θ|, 1)``, which balances the truncation error
-    (``O(h^order)``) against the rounding error of the gradients (``O(eps / h)``)."""
+    """The starting step ``h`` of a finite-difference product along ``v``: the perturbation
+    ``h v`` has norm ``eps^(1/(order+1)) * max(|θ|, 1)``, which balances the truncation error
+    (``O(h^order)``) against the rounding error of the gradients (``O(eps / h)``) when the loss
+    varies on the scale of the weights."""
     dtype = v[0].dtype
     eps = torch.finfo(dtype).eps
     theta = math.sqrt(sum(float(params[n].detach().double().pow(2).sum()) for n in names))
@@ -169,35 +170,68 @@ def fd_step(params: dict[str, Tensor], names: Sequence[str], v: Sequence[Tensor]
     return eps ** (1.0 / (order + 1)) * max(theta, 1.0) / vnorm
 
 
+class StepScale:
+    """The factor applied to :func:`fd_step`, learned across products: a loss that curves on a
+    finer scale than its weights (attention, normalisation) needs smaller steps, found once by
+    halving and then kept. ``tol``: the relative change between ``D(h)`` and ``D(h/2)`` below
+    which a step is accepted (default ``sqrt(eps)``); ``max_halvings`` bounds the search."""
+
+    def __init__(self, tol: float | None = None, max_halvings: int = 6) -> None:
+        self.factor = 1.0
+        self.tol = tol
+        self.max_halvings = max_halvings
+
+
 def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
-           vs: list[Tensor], *, order: int = 4) -> list[Tensor]:
-    """``H_b V`` by central differences of the gradient, ``(g(θ+hv) - g(θ-hv)) / 2h``
+           vs: list[Tensor], *, order: int = 4, scale: StepScale | None = None) -> list[Tensor]:
+    """``H_b V`` by central differences of the gradient, ``D(h) = (g(θ+hv) - g(θ-hv)) / 2h``
     (``order=2``: two gradients a vector), or with one Richardson extrapolation step
     ``(4 D(h/2) - D(h)) / 3`` (``order=4``, the default: four gradients, error ``O(h^4)``),
-    differences accumulated in float64. Exact for a quadratic loss; needs only gradients, so it
-    runs with any kernel, compiled models and sharded parameters. On a network that is not
-    smooth (ReLU) it measures the curvature of the loss smoothed over the step."""
+    differences accumulated in float64. With ``order=4`` the change between ``D(h)`` and
+    ``D(h/2)`` measures the truncation error for free: while it exceeds ``scale.tol`` the step
+    is halved (two more gradients each time) and the smaller factor kept for later products.
+    Exact for a quadratic loss; needs only gradients, so it runs with any kernel, compiled
+    models and sharded parameters. On a network that is not smooth (ReLU) it measures the
+    curvature of the loss smoothed over the step."""
     if order not in (2, 4):
         raise ValueError(f"order must be 2 or 4, not {order}")
+    scale = scale if scale is not None else StepScale()
     out = [torch.zeros_like(v) for v in vs]
     k = vs[0].shape[0]
     base = {n: params[n].detach() for n in names}
+    tol = scale.tol if scale.tol is not None else math.sqrt(torch.finfo(vs[0].dtype).eps)
 
     def central(v: list[Tensor], h: float) -> list[Tensor]:
         plus = gradient(loss_of, {n: base[n] + h * t for n, t in zip(names, v)}, names)[1]
         minus = gradient(loss_of, {n: base[n] - h * t for n, t in zip(names, v)}, names)[1]
         return [(p.double() - m.double()) / (2.0 * h) for p, m in zip(plus, minus)]
 
+    def norm(parts: list[Tensor]) -> float:
+        return math.sqrt(sum(float(p.pow(2).sum()) for p in parts))
+
     for j in range(k):
         v = [t[j] for t in vs]
-        h = fd_step(base, names, v, order)
+        h = fd_step(base, names, v, order) * scale.factor
         if h == 0.0:
             continue
         if order == 2:
             parts = central(v, h)
         else:
-            coarse, fine = central(v, h), central(v, h / 2)
-            parts = [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
+            coarse = central(v, h)
+            best, best_change = None, math.inf
+            for halving in range(scale.max_halvings + 1):
+                fine = central(v, h / 2)
+                change = norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
+                if change < best_change:
+                    best = [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
+                    best_change = change
+                    scale.factor = h / fd_step(base, names, v, order)
+                elif halving > 0:
+                    break  # rounding has taken over from truncation: keep the best step
+                if change <= tol:
+                    break
+                h, coarse = h / 2, fine
+            parts = best
         for o, p in zip(out, parts):
             o[j] += p.to(o.dtype)
     return out
