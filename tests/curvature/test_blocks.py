@@ -16,7 +16,9 @@ from hesslens.curvature.blocks import (
     block_flat_indices,
     block_numel,
     block_parameters,
+    gather_block,
     resolve_blocks,
+    scatter_block,
 )
 from hesslens.curvature.layers import discover_layers, select_layers
 from hesslens.errors import HesslensInputError
@@ -364,6 +366,34 @@ def test_take_is_a_view():
 def test_param_slice_refuses_bad_fields(kwargs, message):
     with pytest.raises(HesslensInputError, match=message):
         ParamSlice("w", **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "encoder"])
+def test_gather_and_scatter_agree_with_flat_indices_and_cover_the_vector(models, arch):
+    model = models[arch]
+    blocks = resolve_blocks(model, "transformer_heads", _names(model))
+    shapes = _shapes(model)
+    gen = torch.Generator().manual_seed(4)
+    stack = {n: torch.randn(3, *s, generator=gen, dtype=torch.float64) for n, s in shapes.items()}
+    flat = torch.cat([t.reshape(3, -1) for t in stack.values()], 1)  # (3, dim), row-major
+    total = {n: torch.zeros_like(t) for n, t in stack.items()}
+    for block in blocks.values():
+        segment = gather_block(block, stack, batch_dims=1)
+        torch.testing.assert_close(segment, flat[:, block_flat_indices(block, shapes)],
+                                   rtol=0, atol=0)
+        back = scatter_block(block, segment, {n: t[0] for n, t in stack.items()}, batch_dims=1)
+        total = {n: total[n] + back[n] for n in total}
+    for name in stack:  # each element written by exactly one block
+        torch.testing.assert_close(total[name], stack[name], rtol=0, atol=0)
+    block = blocks[next(iter(blocks))]  # scatter is functional: it runs under vmap
+    like = {n: t[0] for n, t in stack.items()}
+    segment = gather_block(block, stack, batch_dims=1)
+    vmapped = torch.func.vmap(lambda v: scatter_block(block, v, like))(segment)
+    batched = scatter_block(block, segment, like, batch_dims=1)
+    for name in stack:
+        torch.testing.assert_close(vmapped[name], batched[name], rtol=0, atol=0)
+    torch.testing.assert_close(gather_block(block, {n: t[1] for n, t in stack.items()}),
+                               segment[1], rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- mapping form

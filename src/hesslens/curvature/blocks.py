@@ -50,7 +50,9 @@ __all__ = [
     "block_flat_indices",
     "block_numel",
     "block_parameters",
+    "gather_block",
     "resolve_blocks",
+    "scatter_block",
 ]
 
 PRESETS = ("modules", "transformer", "transformer_heads")
@@ -304,6 +306,54 @@ def block_flat_indices(
     if not block:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat([p.flat_indices(shapes[p.param]) + offsets[p.param] for p in block])
+
+
+def gather_block(
+    block: Sequence[ParamSlice], tensors: Mapping[str, torch.Tensor], *, batch_dims: int = 0
+) -> torch.Tensor:
+    """A block's flat vector from per-parameter tensors (gradients, products, parameters):
+    the pieces' elements in :func:`block_flat_indices` order, after ``batch_dims`` leading
+    dimensions that are kept (a ``(k, *shape)`` stack gives ``(k, n)``).
+
+    Example:
+        >>> g = {"w": torch.arange(6.).reshape(2, 3), "b": torch.tensor([6., 7., 8.])}
+        >>> gather_block([ParamSlice("w", 1, 2), ParamSlice("b", 0, 0, 2)], g)
+        tensor([2., 5., 6., 7.])
+    """
+    parts = []
+    for piece in block:
+        t = piece.take(tensors[piece.param], batch_dims=batch_dims)
+        parts.append(t.reshape(*t.shape[:batch_dims], -1))
+    return torch.cat(parts, dim=batch_dims)
+
+
+def scatter_block(
+    block: Sequence[ParamSlice], vector: torch.Tensor, like: Mapping[str, torch.Tensor],
+    *, batch_dims: int = 0
+) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`gather_block`: per-parameter tensors shaped like ``like`` (its
+    parameters, in its order) that hold ``vector``'s entries at the block's elements and zero
+    elsewhere; functional (no in-place writes), so it works under ``torch.func`` transforms.
+
+    Example:
+        >>> like = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+        >>> out = scatter_block([ParamSlice("w", 1, 2), ParamSlice("b", 0, 0, 2)],
+        ...                     torch.tensor([1., 2., 3., 4.]), like)
+        >>> out["w"], out["b"]
+        (tensor([[0., 0., 1.],
+                [0., 0., 2.]]), tensor([3., 4., 0.]))
+    """
+    lead = tuple(vector.shape[:batch_dims])
+    sizes = [p.numel(like[p.param].shape) for p in block]
+    if sum(sizes) != vector.shape[batch_dims]:
+        raise HesslensInputError(
+            f"the vector has {vector.shape[batch_dims]} entries, the block {sum(sizes)}")
+    flat = {name: t.new_zeros(*lead, t.numel()) for name, t in like.items()}
+    for piece, chunk in zip(block, torch.split(vector, sizes, dim=batch_dims)):
+        idx = piece.flat_indices(like[piece.param].shape).to(vector.device)
+        flat[piece.param] = flat[piece.param].index_copy(batch_dims, idx, chunk.to(
+            flat[piece.param].dtype))
+    return {name: flat[name].reshape(*lead, *t.shape) for name, t in like.items()}
 
 
 # --------------------------------------------------------------------------- the model's names
