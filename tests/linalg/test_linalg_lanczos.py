@@ -3,6 +3,7 @@ import pytest
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from hesslens.errors import BudgetWarning
 from hesslens.linalg import CountingOperator, MatrixOperator, eigsh, lanczos
 
 
@@ -211,7 +212,8 @@ def test_eigsh_float32_operator(make_nn_like):
 
 def test_eigsh_max_steps_budget(make_nn_like):
     A, _ = make_nn_like(300)
-    res = eigsh(A, k=5, max_steps=6, tol=1e-12)
+    with pytest.warns(BudgetWarning, match="max_steps=6"):
+        res = eigsh(A, k=5, max_steps=6, tol=1e-12)
     assert res.n_hvp == 6 and not bool(res.converged.all())
     assert res.values.shape == (5,)
 
@@ -245,3 +247,83 @@ def test_eigsh_float32_smallest_below_a_large_outlier():
     res = eigsh(MatrixOperator(A), k=1, which="SA")
     assert bool(res.converged.all())
     assert abs(float(res.values[0]) - ev.min()) <= 1e-3 * abs(ev.min())
+
+
+# ---------------------------------------------------------------- eigsh, restarted
+
+
+@pytest.mark.parametrize(("which", "k"), [("LA", 1), ("LA", 5), ("LM", 3), ("SA", 1), ("SA", 3)])
+def test_restarted_eigsh_matches_eigh(make_nn_like, which, k):
+    """A basis of 12 vectors (thick restarts) finds what the unrestarted run finds."""
+    A, _ = make_nn_like(1000, seed=1)
+    ev = np.linalg.eigvalsh(A.numpy())
+    op = CountingOperator(MatrixOperator(A))
+    res = eigsh(op, k=k, which=which, ncv=12, max_steps=600)
+    ref = reference(ev, k, which)
+    np.testing.assert_allclose(res.values.numpy(), ref, rtol=1e-5)
+    assert bool(res.converged.all()) and res.n_hvp == op.n_products
+    assert np.all(np.abs(res.values.numpy() - ref) <= res.bounds.numpy() + 1e-12)
+    Y = res.vectors
+    torch.testing.assert_close(Y.norm(dim=1), torch.ones(k, dtype=torch.float64))
+    true_resid = (Y @ A - res.values[:, None] * Y).norm(dim=1)
+    assert float((true_resid - res.residuals).abs().max()) < 1e-8
+    if which == "SA":
+        assert res.n_hvp > 12  # it did restart
+
+
+def test_restart_keeps_an_orthonormal_basis_and_the_projection():
+    """After a thick restart Q stays orthonormal and Q A Q^T is the arrowhead-tridiagonal T the
+    engine keeps (the identity the Ritz values and residuals rest on)."""
+    from hesslens.linalg.lanczos import _compress, _RestartedLanczos
+
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(200, 200, generator=g, dtype=torch.float64)
+    A = (B + B.T) / 2
+    start = torch.randn(1, 200, generator=g, dtype=torch.float64)
+    eng = _RestartedLanczos(MatrixOperator(A), start, 10, 100, torch.float64, A.device)
+    for _ in range(3):  # three restarts
+        while eng.m < 10:
+            eng.step()
+        blocks = eng.blocks()
+        _compress(eng, blocks, np.concatenate([b[2] for b in blocks]), "LA", 4)
+        assert eng.Q.shape == (11, 200)
+        eng.step()
+        eng.step()
+        m = eng.m
+        Q = eng.Q[:m]
+        torch.testing.assert_close(Q @ Q.T, torch.eye(m, dtype=torch.float64), atol=1e-12,
+                                   rtol=0)
+        T = (Q @ A @ Q.T).numpy()
+        np.testing.assert_allclose(T, eng.T[:m, :m], atol=1e-10)
+
+
+def test_restarted_eigsh_counts_equal_unrestarted_while_the_basis_suffices(make_nn_like):
+    A, _ = make_nn_like(2000, seed=2)
+    a = eigsh(A, k=5, ncv=2000)
+    b = eigsh(A, k=5, ncv=a.n_hvp)  # the basis fills exactly when it converges
+    c = eigsh(A, k=5)  # default: a 2000 x 151 float64 basis is under 64 MiB: no restart
+    assert a.n_hvp == b.n_hvp == c.n_hvp
+    np.testing.assert_allclose(a.values.numpy(), b.values.numpy(), rtol=1e-12)
+
+
+def test_restarted_eigsh_repeated_eigenvalues_and_float32_basis(make_nn_like):
+    d = torch.tensor([5.0, 5.0, 5.0, 1.0] + [0.0] * 40, dtype=torch.float64)
+    res = eigsh(torch.diag(d), k=3, ncv=5)
+    np.testing.assert_allclose(res.values.numpy(), [5.0, 5.0, 5.0], rtol=1e-12)
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.vectors @ res.vectors.T, torch.eye(3, dtype=torch.float64))
+    A, ev = make_nn_like(500, seed=4)
+    op = MatrixOperator(A.float())
+    f32 = eigsh(op, k=5, ncv=12)  # default basis: float32 for a float32 operator
+    f64 = eigsh(op, k=5, ncv=12, basis_dtype=torch.float64, basis_device="cpu")
+    np.testing.assert_allclose(f32.values.numpy(), ev[::-1][:5], rtol=1e-5)
+    np.testing.assert_allclose(f64.values.numpy(), ev[::-1][:5], rtol=1e-5)
+    assert f32.vectors.dtype == torch.float32 and bool(f32.converged.all())
+
+
+def test_eigsh_ncv_errors():
+    A = torch.eye(30, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ncv"):
+        eigsh(A, k=5, ncv=6)
+    with pytest.raises(ValueError, match="basis_dtype"):
+        eigsh(A, k=1, basis_dtype=torch.int64)

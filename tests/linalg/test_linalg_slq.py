@@ -122,3 +122,103 @@ def test_progress_and_reproducibility(make_nn_like):
     np.testing.assert_array_equal(s1.nodes, s2.nodes)
     s3, _ = slq(A, n_probes=3, n_steps=10, seed=1)
     assert not np.array_equal(s1.nodes, s3.nodes)
+
+
+# ------------------------------------------------------- no basis: the three-term recurrence
+
+
+def probe_moments(A, n_probes, seed, p_max, distribution="rademacher"):
+    """The average of v^T A^p v over the unit probes slq draws (dense reference)."""
+    n = A.shape[0]
+    V = random_probes(n_probes, n, distribution, torch.Generator().manual_seed(seed),
+                      torch.float64)
+    V = V / V.norm(dim=1, keepdim=True)
+    W, out = V.clone(), []
+    for _ in range(p_max):
+        W = W @ A
+        out.append(float((V * W).sum(dim=1).mean()))
+    return out
+
+
+def test_no_reorth_has_ghosts_but_exact_moments(make_nn_like):
+    """Without reorthogonalisation the runs repeat converged Ritz values (ghosts), yet the
+    quadrature's moments are those of the probes' measures to rounding (against dense
+    powers), and the distance to the exact spectrum is as small as with full
+    reorthogonalisation."""
+    A, ev = make_nn_like(1000, seed=1)
+    exact = Spectrum.from_eigenvalues(ev)
+    full, n_full = slq(A, reorth="full")
+    none, n_none = slq(A, reorth="none")
+    assert n_full == n_none == 8 * 80
+    near_top = [int(np.sum(np.abs(s.nodes - ev[-1]) < 1e-8)) for s in (full, none)]
+    assert near_top[0] == 8 and near_top[1] > 16  # one per run vs ghosts
+    scale = np.abs(ev).max()
+    for p, want in enumerate(probe_moments(A, 8, 0, 10), start=1):
+        assert abs(none.moment(p) - want) <= 1e-12 * scale**p, p
+        assert abs(full.moment(p) - want) <= 1e-12 * scale**p, p
+    assert none.wasserstein(exact) <= 1.25 * full.wasserstein(exact)
+    assert none.wasserstein(exact) < 0.1 * exact.wasserstein(Spectrum([0.0], [1.0]))
+
+
+def test_no_reorth_deflation_keeps_the_outliers_out(make_nn_like):
+    A, ev = make_nn_like(1000, seed=1)
+    exact = Spectrum.from_eigenvalues(ev)
+    top = eigsh(A, k=10)
+    deflated, n_hvp = slq(A, deflate=top, reorth="none")
+    plain, _ = slq(A, reorth="none")
+    assert n_hvp == 640
+    # the ten deflated values are the only nodes above the 11th eigenvalue, weight 1/n each
+    above = deflated.nodes > ev[-11] * (1 + 1e-6)
+    assert above.sum() == 10
+    np.testing.assert_allclose(deflated.weights[above], 1e-3, rtol=1e-9)
+    assert deflated.mean == pytest.approx(ev.mean(), rel=0.05)
+    assert deflated.wasserstein(exact) < plain.wasserstein(exact)
+
+
+def test_probe_chunks_do_not_change_the_result(make_nn_like):
+    A, _ = make_nn_like(300)
+    calls = []
+
+    class Recorder(MatrixOperator):
+        def matmat(self, V):
+            calls.append(V.shape[0])
+            return super().matmat(V)
+
+    a, n_a = slq(Recorder(A), n_probes=7, n_steps=20, reorth="none", probe_chunk=3)
+    assert calls == [3] * 20 + [3] * 20 + [1] * 20 and n_a == 140
+    b, n_b = slq(A, n_probes=7, n_steps=20, reorth="none")
+    c, _ = slq(A, n_probes=7, n_steps=20, reorth="full", probe_chunk=2)
+    assert n_b == 140
+    for p in range(1, 8):
+        assert a.moment(p) == pytest.approx(b.moment(p), rel=1e-10)
+        assert a.moment(p) == pytest.approx(c.moment(p), rel=1e-9)
+    # the nodes themselves may differ: without reorthogonalisation the rounding of the batched
+    # product decides where ghosts appear; the measures stay close
+    assert a.wasserstein(b) < 0.05 * b.wasserstein(Spectrum([0.0], [1.0]))
+
+
+def test_no_reorth_float32_operator_and_early_stop():
+    n = 400
+    A = random_sym(n, 4)
+    ev = np.linalg.eigvalsh(A.numpy())
+    spec, _ = slq(MatrixOperator(A.float()), n_probes=6, n_steps=60, reorth="none")
+    want = probe_moments(A, 6, 0, 4)
+    scale = np.abs(ev).max()
+    for p in range(1, 5):  # float32 products and vectors: rounding of float32
+        assert abs(spec.moment(p) - want[p - 1]) <= 1e-5 * scale**p
+    # a run on an operator with 3 distinct eigenvalues stops at its invariant space
+    d = torch.tensor([1.0, 2.0, 4.0] * 20, dtype=torch.float64)
+    spec, n_hvp = slq(torch.diag(d), n_probes=4, n_steps=30, reorth="none")
+    assert n_hvp == 4 * 3
+    assert np.unique(np.round(spec.nodes, 10)).tolist() == [1.0, 2.0, 4.0]
+
+
+def test_auto_is_full_for_small_problems_and_bad_arguments():
+    A = random_sym(50, 5)
+    auto, _ = slq(A, n_probes=3, n_steps=50)
+    full, _ = slq(A, n_probes=3, n_steps=50, reorth="full")
+    np.testing.assert_array_equal(auto.nodes, full.nodes)
+    with pytest.raises(ValueError, match="reorth"):
+        slq(A, reorth="partial")
+    with pytest.raises(ValueError, match="probe_chunk"):
+        slq(A, probe_chunk=0)

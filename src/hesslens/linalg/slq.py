@@ -175,9 +175,10 @@ def slq(
     probe_chunk : int, optional
         Probes run together (one ``matmat`` of this many rows per step). Default: all
         ``n_probes`` if their working vectors fit in 1 GiB (``3 * n_probes * n * itemsize``),
-        else as many as fit (at least 1). The groups run one after the other; the result does
-        not depend on the grouping (Rademacher probes are drawn group by group from one
-        generator and come out the same; Gaussian ones too when the grouping is unchanged).
+        else as many as fit (at least 1). The groups run one after the other. Rademacher
+        probes come out the same whatever the grouping (drawn group by group from one
+        generator); the moments of the result then agree to rounding, while without
+        reorthogonalisation single nodes may move (rounding decides where ghosts appear).
     work_dtype, work_device : optional
         Dtype and device of the ``"none"`` recurrence's vectors and of the deflation basis.
         Default: float64 for a float64 operator, else float32 (as accurate as the products);
