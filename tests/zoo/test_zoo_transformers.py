@@ -15,6 +15,7 @@ import transformers
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hesslens.errors import HesslensInputError
 from hesslens.zoo import (
@@ -146,6 +147,28 @@ def test_gpt_nano_own_loss_weights_tokens_not_sequences():
     per_sequence = torch.stack([_answer_token_loss(out.logits[i : i + 1], y[i : i + 1])
                                 for i in range(8)])
     assert abs(float(per_sequence.mean() - token_mean)) > 1e-4  # the two weightings differ here
+
+
+def test_gpt_nano_own_loss_is_hugging_face_s_and_keeps_float64():
+    ds = _modadd()
+    model = build_model("gpt-nano", ds.input_shape, ds.num_classes, seed=0)
+    x, y = ds.x_train[:30], ds.y_train[:30]
+    with torch.no_grad():
+        out = model(input_ids=x, labels=y)
+        hf = ForCausalLMLoss(out.logits, y, vocab_size=24)
+        torch.testing.assert_close(out.loss, hf, rtol=1e-6, atol=0)
+        items = torch.tensor(7)  # transformers.Trainer's gradient-accumulation form
+        torch.testing.assert_close(
+            model(input_ids=x, labels=y, num_items_in_batch=items).loss,
+            ForCausalLMLoss(out.logits, y, vocab_size=24, num_items_in_batch=items),
+            rtol=1e-6, atol=0,
+        )
+        model64 = model.to(torch.float64)
+        out64 = model64(input_ids=x, labels=y)
+    assert out64.loss.dtype == torch.float64  # Hugging Face's own would be float32
+    ref = nn.functional.cross_entropy(out64.logits[:, 2], y[:, 3])
+    torch.testing.assert_close(out64.loss, ref, rtol=1e-13, atol=0)
+    assert abs(float(out64.loss) - float(out.loss)) < 1e-5
 
 
 def test_vit_tiny_takes_digits_images_and_its_loss_is_the_batch_cross_entropy():

@@ -6,7 +6,7 @@ a ``GPT2LMHeadModel`` for the token tasks of :mod:`hesslens.zoo.tasks`, and ``vi
 Both are built with every dropout probability 0, so they may stay in train mode (the curvature
 operators refuse dropout only when it is active) and their forward is deterministic. Attention
 is the library's default (``sdpa``). Both compute their own loss from ``labels``, a batch mean
-(the language model's over the label tokens that are not ``-100``); see
+(the language model's over the label tokens that are not ``-100``, in the model's dtype); see
 :func:`hesslens.zoo.inputs.model_batches` for the batches they take.
 
 Example:
@@ -23,10 +23,13 @@ import numbers
 from collections.abc import Sequence
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from hesslens.errors import HesslensInputError
 from hesslens.zoo._checks import check_input_shape, check_positive_int
+
+IGNORE_INDEX = -100  # the label of a token that is not predicted (as in hesslens.zoo.tasks)
 
 
 def import_transformers(what: str) -> ModuleType:
@@ -53,6 +56,43 @@ def _heads(width: int, heads: int, what: str) -> None:
         )
 
 
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs: object,
+) -> torch.Tensor:
+    """Hugging Face's causal language-model loss (``ForCausalLMLoss``: labels shifted by one,
+    mean cross-entropy over the tokens whose label is not ``ignore_index``, or their sum over
+    ``num_items_in_batch``), computed in the logits' own dtype.
+
+    Hugging Face casts the logits to float32, so a float64 model's loss (and every curvature
+    product of it) would be only float32-accurate; here float32 and float64 stay as they are
+    and only half precision is raised to float32. gpt-nano uses it as its ``loss_function``.
+
+    >>> logits, labels = torch.zeros(1, 3, 5, dtype=torch.float64), torch.tensor([[-100, 1, 2]])
+    >>> loss = causal_lm_loss(logits, labels, vocab_size=5)
+    >>> loss.dtype, round(float(loss), 6) == round(float(torch.log(torch.tensor(5.0))), 6)
+    (torch.float64, True)
+    """
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device)
+                       if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+    return loss
+
+
 def gpt_nano(
     input_shape: Sequence[int],
     num_classes: int,
@@ -69,7 +109,8 @@ def gpt_nano(
             the MLP is ``4 * n_embd`` wide, the output layer is tied to the token embedding as
             in GPT-2. The defaults give 26,368 parameters for ``"modadd"`` (vocabulary 24).
 
-    Dropout (embedding, attention, residual) is 0 and ``use_cache`` is off.
+    Dropout (embedding, attention, residual) is 0 and ``use_cache`` is off. Its own loss is
+    :func:`causal_lm_loss` (Hugging Face's, kept in float64 when the model is).
 
     >>> model = gpt_nano((4,), 24)
     >>> sum(p.numel() for p in model.parameters()), model.config.n_positions
@@ -88,7 +129,7 @@ def gpt_nano(
         bos_token_id=None, eos_token_id=None,
     )
     model = tf.GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"  # its loss, named (transformers warns when it must guess)
+    model.loss_function = causal_lm_loss
     return model
 
 
