@@ -179,8 +179,8 @@ class CurvatureTracker:
         seed: int = 0,
         *,
         eig_tol: float = 1e-6,
-        trace_rtol: float = 0.01,
-        trace_max_hvp: int = 1000,
+        trace_rtol: float = 0.02,
+        trace_max_hvp: int = 500,
         density_probes: int = 2,
         density_steps: int = 80,
         eval_mode: bool = True,
@@ -266,15 +266,25 @@ class CurvatureTracker:
             return None
         return self.record(step)
 
-    def record(self, step: int | float | None = None) -> dict[str, Any]:
-        """Record now, whatever ``every`` says; append to the history (and the files)."""
+    def record(self, step: int | float | None = None,
+               info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Record now, whatever ``every`` says; append to the history (and the files).
+
+        Args:
+            step: as for :meth:`update`.
+            info: more keys for the record (e.g. ``{"epoch": 2}``); they cannot replace the
+                measured ones.
+        """
         if step is None:
             step = int(self.history[-1]["step"]) + 1 if self.history else 0
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(
                 step):
             raise HesslensInputError(f"step must be a number, got {step!r}")
-        rec = self.measure()
-        rec = {"step": step, **rec}
+        extra = dict(info or {})
+        clash = sorted(set(extra) & {"step", "full", "layers", "seconds", "n_hvp"})
+        if clash:
+            raise HesslensInputError(f"info may not set the measured keys {clash}")
+        rec = {"step": step, **extra, **self.measure()}
         while self.history and self.history[-1]["step"] >= step:
             self.history.pop()
         self.history.append(rec)
