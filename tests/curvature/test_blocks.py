@@ -555,6 +555,19 @@ def test_preset_blocks_in_forward_order_where_a_submodule_is_not_called(models):
         blocks.index(b) for b in blocks if b.startswith("layers.1."))
 
 
+def test_forward_order_probe_leaves_modes_and_batchnorm_statistics_alone():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    model.train()
+    model[2].eval()  # a mixed state, restored as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = resolve_blocks(model, None, _names(model), torch.randn(8, 3))
+    assert list(blocks) == ["0", "1", "3"]
+    assert [m.training for m in model.modules()] == [True, True, True, False, True]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_llama_blocks_in_forward_order_with_mapping_inputs(models):
     model = models["llama"]
     batch = {"input_ids": torch.tensor([[1, 2, 3]])}
