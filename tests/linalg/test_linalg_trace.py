@@ -221,3 +221,45 @@ def test_block_traces_rejects_small_budget(layered):
         block_traces(layered, max_hvp=50)
     with pytest.raises(ValueError, match="min_probes"):
         block_traces(layered, min_probes=1)
+
+
+# ------------------------------------------------------------------ precision and memory
+
+
+def test_float32_operator_agrees_with_float64_to_rounding(layered):
+    """A float32 operator's estimates (float32 probes and sketch: half the memory, float64
+    sums) agree with the float64 ones from the same probes to float32 rounding."""
+    A = layered
+    f32, b32 = block_traces(MatrixOperator(A.float()), SLICES, rtol=0.0, max_hvp=200)
+    f64, b64 = block_traces(A, SLICES, rtol=0.0, max_hvp=200)
+    assert f32.value == pytest.approx(f64.value, rel=1e-5)
+    assert f32.stderr == pytest.approx(f64.stderr, rel=1e-3)
+    for name in SLICES:
+        assert b32[name].value == pytest.approx(b64[name].value, rel=1e-4, abs=1e-4)
+    for fn, n_hvp in ((hutchinson, 50), (hutchpp, 60)):
+        r32, r64 = fn(MatrixOperator(A.float()), n_hvp=n_hvp), fn(A, n_hvp=n_hvp)
+        assert r32.value == pytest.approx(r64.value, rel=1e-5)
+
+
+def test_batches_change_calls_not_the_estimate(layered):
+    A = layered
+    for fn, n_hvp in ((hutchinson, 37), (hutchpp, 61)):
+        a, b = fn(A, n_hvp=n_hvp, batch_size=16), fn(A, n_hvp=n_hvp, batch_size=5)
+        assert a.n_hvp == b.n_hvp == n_hvp
+        assert a.value == pytest.approx(b.value, rel=1e-12)
+        assert a.stderr == pytest.approx(b.stderr, rel=1e-10)
+
+
+def test_sketch_basis_is_orthonormal_and_spans_the_range():
+    from hesslens.linalg.lanczos import _orthonormalize_rows_
+
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(5, 300, generator=g, dtype=torch.float64)
+    Y = torch.cat([B, B[:2] * 3.0 - B[2:4]])  # 7 rows of rank 5
+    P_ref = torch.linalg.qr(B.T)[0]
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        U = _orthonormalize_rows_(Y.to(dtype).clone())
+        assert U.shape == (5, 300)
+        U = U.double()
+        torch.testing.assert_close(U @ U.T, torch.eye(5, dtype=torch.float64), atol=tol, rtol=0)
+        torch.testing.assert_close(U.T @ U, P_ref @ P_ref.T, atol=tol, rtol=0)

@@ -55,19 +55,20 @@ _AUTO_FULL_BYTES = 2**27
 
 # probe_chunk=None: as many probes per group as keep the three working vectors of the group
 # within this many bytes (at least one probe, at most all of them).
-_AUTO_CHUNK_BYTES = 2**30
+_AUTO_CHUNK_BYTES = 2**29
 
 
 def _recurrence(
     op: SymmetricOperator,
-    V: Tensor,
+    make_probes: Callable[[], Tensor],
     n_steps: int,
     U: Tensor | None,
     dtype: torch.dtype,
     device: torch.device,
     on_step: Callable[[int], None],
 ) -> list[tuple[list[float], list[float]]]:
-    """The Lanczos coefficients of every row of ``V`` by the plain three-term recurrence.
+    """The Lanczos coefficients from every probe ``make_probes()`` draws (the rows of one
+    group; their storage becomes the first Lanczos vectors) by the three-term recurrence.
 
     No basis is kept: ``q_prev``, ``q`` and ``w = A q`` per probe (plus the deflation basis
     ``U``, against which ``w`` is projected after every product). A run stops after
@@ -75,7 +76,8 @@ def _recurrence(
     space, whose quadrature is exact). ``on_step(k)`` is told the products of each step.
     """
     eps = torch.finfo(op.dtype).eps
-    n_runs = int(V.shape[0])
+    q = make_probes().to(dtype=dtype, device=device)
+    n_runs = int(q.shape[0])
     coeffs: list[tuple[list[float], list[float]]] = [([], []) for _ in range(n_runs)]
     anorm = [0.0] * n_runs
     live = list(range(n_runs))  # global indices of the rows of q
@@ -85,8 +87,7 @@ def _recurrence(
             W.addmm_(W @ U.T, U, alpha=-1.0)
         return W
 
-    q = deflate(V.to(dtype=dtype, device=device))
-    q = deflate(q)
+    q = deflate(deflate(q))
     norms = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64)
     if bool((norms == 0).any()):
         raise HesslensInputError("an SLQ probe is zero after deflation")
@@ -174,7 +175,7 @@ def slq(
         (``probe_chunk * n_steps * n * 8`` bytes), else ``"none"``.
     probe_chunk : int, optional
         Probes run together (one ``matmat`` of this many rows per step). Default: all
-        ``n_probes`` if their working vectors fit in 1 GiB (``3 * n_probes * n * itemsize``),
+        ``n_probes`` if their working vectors fit in 512 MiB (``3 * n_probes * n * itemsize``),
         else as many as fit (at least 1). The groups run one after the other. Rademacher
         probes come out the same whatever the grouping (drawn group by group from one
         generator); the moments of the result then agree to rounding, while without
@@ -196,10 +197,13 @@ def slq(
     Notes
     -----
     Memory, besides what one product needs and ``O(n_probes * n_steps)`` coefficients:
-    with ``reorth="none"``, ``(3 * probe_chunk + r) * n * itemsize(work_dtype)`` bytes for the
-    working vectors (``q_prev``, ``q``, ``A q`` per probe) and the ``r`` deflation vectors, plus
-    the probes of one group (Gaussian probes: drawn in float64); with ``reorth="full"``,
-    ``probe_chunk * (n_steps + 2) * n * 8 + r * n * 8`` bytes.
+    with ``reorth="none"``, ``3 * probe_chunk * n * itemsize(work_dtype)`` bytes for the
+    working vectors (``q_prev``, ``q``, ``A q`` per probe; the probes become the first ``q``),
+    plus ``r * n * itemsize`` for the deflation basis when the ``deflate`` vectors are not
+    orthonormal to rounding in ``work_dtype`` already (eigsh's are, and are used as they are);
+    Gaussian probes are drawn in float64 first. With ``reorth="full"``,
+    ``probe_chunk * (n_steps + 2) * n * 8 + r * n * 8`` bytes. On a 10M-parameter float32
+    network the default group is 4 probes: 12 copies of the parameters.
 
     Raises
     ------
@@ -259,9 +263,13 @@ def slq(
             dtype = torch.float64
         V = deflate.vectors.to(device=device, dtype=dtype)
         eye = torch.eye(rank, dtype=torch.float64)
-        L = torch.linalg.cholesky(_gram64(V, V) + 1e-14 * eye)
-        Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-        U = Linv.to(device=device, dtype=dtype) @ V
+        gram = _gram64(V, V)
+        if float((gram - eye).abs().max()) <= 10.0 * rank * torch.finfo(dtype).eps:
+            U = V  # orthonormal to rounding already (eigsh's vectors): no copy
+        else:
+            L = torch.linalg.cholesky(gram + 1e-14 * eye)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            U = Linv.to(device=device, dtype=dtype) @ V
         del V
 
     gen = torch.Generator().manual_seed(seed)
@@ -276,10 +284,10 @@ def slq(
     if rank < n:
         for s in range(0, n_probes, probe_chunk):
             c = min(probe_chunk, n_probes - s)
-            pdtype = torch.float64 if reorth == "full" else dtype
-            probes = random_probes(c, n, distribution, gen, pdtype, device)
             if reorth == "full":
+                probes = random_probes(c, n, distribution, gen, torch.float64, device)
                 engine = _BatchLanczos(op, probes, steps, deflation=U)
+                del probes
                 while engine.active:
                     before = engine.n_hvp
                     engine.step()
@@ -287,8 +295,10 @@ def slq(
                 runs = list(zip(engine.alpha, engine.beta))
                 del engine
             else:
-                runs = _recurrence(op, probes, steps, U, dtype, device, on_step)
-            del probes
+                def draw(c: int = c) -> Tensor:
+                    return random_probes(c, n, distribution, gen, dtype, device)
+
+                runs = _recurrence(op, draw, steps, U, dtype, device, on_step)
             for alpha, beta in runs:
                 theta, S = _tridiag_eig(np.array(alpha), np.array(beta[:-1]))
                 nodes.append(theta)
