@@ -133,11 +133,16 @@ def main() -> None:
         r = rows[label]
         print(f"{label:48s} peak {r['peak_bytes'] / 2**20:9.1f} MiB = {r['copies']:5.1f} "
               f"float32 copies   n_hvp {r['n_hvp']:5d}   {r['seconds']:7.1f} s")
+    out_path = Path(args.out)
+    if args.only and out_path.exists():  # a partial rerun updates its rows of the same setup
+        old = json.loads(out_path.read_text())
+        if (old.get("dim"), old.get("device")) == (args.dim, args.device):
+            rows = {**old.get("estimators", {}), **rows}
     result = {"dim": args.dim, "device": args.device, "dtype": "float32",
               "python": platform.python_version(), "machine": platform.machine(),
               "estimators": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -131,8 +131,10 @@ def _orthonormalize_rows_(Y: Tensor) -> Tensor:
 
 
 def _norm64(W: Tensor) -> Tensor:
-    """Row norms accumulated in float64 (CPU result)."""
-    return torch.linalg.vector_norm(W, dim=1, dtype=torch.float64).cpu()
+    """Row norms accumulated in float64 (CPU result), without a float64 copy of ``W``."""
+    if W.dtype == torch.float64:
+        return torch.linalg.vector_norm(W, dim=1).cpu()
+    return _rowdot(W, W).sqrt()
 
 
 class _BatchLanczos:
@@ -888,13 +890,12 @@ def eigsh(
 
     vectors = None
     if return_vectors:
-        rows = []
-        for g in order:
+        vectors = torch.empty(len(order), n, dtype=op.dtype, device=op.device)
+        for row, g in enumerate(order):
             b0, b1, _, S, _ = blocks[owner[g]]
             s = torch.as_tensor(S[:, local[g]], dtype=basis_dtype, device=basis_device)
-            y = (s @ engine.Q[b0:b1]).to(dtype=op.dtype, device=op.device)
-            rows.append(y / y.norm())
-        vectors = torch.stack(rows)
+            vectors[row] = s @ engine.Q[b0:b1]
+            vectors[row] /= vectors[row].norm()
 
     converged = ok[order]
     if not bool(converged.all()):

@@ -35,6 +35,7 @@ from hesslens.errors import HesslensInputError
 from hesslens.linalg.lanczos import (
     _BatchLanczos,
     _gram64,
+    _norm64,
     _rowdot,
     _tridiag_eig,
     _work_dtype,
@@ -88,7 +89,7 @@ def _recurrence(
         return W
 
     q = deflate(deflate(q))
-    norms = torch.linalg.vector_norm(q, dim=1, dtype=torch.float64)
+    norms = _norm64(q)
     if bool((norms == 0).any()):
         raise HesslensInputError("an SLQ probe is zero after deflation")
     q.div_(norms.to(dtype=dtype, device=device)[:, None])
@@ -97,13 +98,13 @@ def _recurrence(
     for _ in range(n_steps):
         w = deflate(matmat_as(op, q, dtype, device))
         on_step(len(live))
-        wnorm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64).tolist()
+        wnorm = _norm64(w).tolist()
         alpha = _rowdot(q, w)
         w.addcmul_(q, alpha.to(dtype=dtype, device=device)[:, None], value=-1.0)
         if q_prev is not None:
             w.addcmul_(q_prev, beta_prev.to(dtype=dtype, device=device)[:, None], value=-1.0)
         w = deflate(w)
-        beta = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
+        beta = _norm64(w)
         alpha_l, beta_l = alpha.tolist(), beta.tolist()
         keep = []
         for row, i in enumerate(live):
@@ -116,7 +117,7 @@ def _recurrence(
             break
         if len(keep) < len(live):  # compact the group to the runs still going
             sel = torch.tensor(keep, device=device)
-            q, w, beta = q[sel], w[sel], beta[sel]
+            q, w, beta = q[sel], w[sel], beta[torch.tensor(keep)]
             live = [live[r] for r in keep]
         w.div_(beta.to(dtype=dtype, device=device)[:, None])
         q_prev, q, beta_prev = q, w, beta
