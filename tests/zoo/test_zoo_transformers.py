@@ -65,6 +65,7 @@ def test_gpt_nano_builds_offline_from_config_with_default_attention(monkeypatch)
     assert model.config.vocab_size == 24 and model.config.n_positions == 4
     assert model.config._attn_implementation == "sdpa"
     assert model.lm_head.weight is model.transformer.wte.weight  # tied, as in GPT-2
+    assert model.config.activation_function == "gelu"
     assert sum(p.numel() for p in model.parameters()) == 26368
     bigger = build_model("gpt-nano", (4,), 24, n_layer=3, n_embd=48, n_head=4)
     assert len(bigger.transformer.h) == 3 and bigger.config.n_embd == 48

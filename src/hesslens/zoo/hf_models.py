@@ -106,8 +106,9 @@ def gpt_nano(
         input_shape: ``(T,)``, the sequence length; it becomes ``n_positions``.
         num_classes: the vocabulary size (``vocab_size``; the number of output logits).
         n_layer, n_embd, n_head: depth, width and attention heads (``n_embd % n_head == 0``);
-            the MLP is ``4 * n_embd`` wide, the output layer is tied to the token embedding as
-            in GPT-2. The defaults give 26,368 parameters for ``"modadd"`` (vocabulary 24).
+            the MLP is ``4 * n_embd`` wide with the exact GELU, the output layer is tied to the
+            token embedding as in GPT-2. The defaults give 26,368 parameters for ``"modadd"``
+            (vocabulary 24).
 
     Dropout (embedding, attention, residual) is 0 and ``use_cache`` is off. Its own loss is
     :func:`causal_lm_loss` (Hugging Face's, kept in float64 when the model is).
@@ -125,6 +126,7 @@ def gpt_nano(
     tf = import_transformers("gpt-nano")
     config = tf.GPT2Config(
         vocab_size=vocab, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        activation_function="gelu",  # exact GELU, one op; GPT-2's tanh form is five (slower)
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
         bos_token_id=None, eos_token_id=None,
     )
