@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,7 +275,7 @@ def _check_positive(name: str, value: Any) -> int:
 
 def layer_study(
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
     data: Any,
     *,
     k: int = 5,
@@ -290,7 +290,7 @@ def layer_study(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    layers: dict[str, list[str]] | None = None,
+    layers: str | Mapping[str, Any] | None = None,
     path: str = "reverse",
     progress: bool | Callable[[str], None] = True,
 ) -> LayerStudy:
@@ -298,8 +298,10 @@ def layer_study(
 
     Args:
         model: the network (never modified).
-        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch.
-        data: ``(inputs, targets)`` or an iterable of such batches (e.g. the analysis subset).
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss of a batch (``loss_fn(outputs,
+            batch)`` for mapping batches), or ``None`` for the model's own loss.
+        data: a batch or an iterable of batches (e.g. the analysis subset): ``(inputs,
+            targets)`` pairs or mappings (see :class:`hesslens.Hessian`).
         k: top eigenvalues per entry (the density deflates exactly these).
         density_probes, density_steps: SLQ probes and Lanczos steps per probe.
         trace_rtol: relative standard error at which the trace estimate stops (full network
@@ -312,8 +314,9 @@ def layer_study(
             common scale before comparing them (see :mod:`hesslens.analysis.similarity`).
         seed: seeds every random start vector and probe.
         dtype, device: analyse a copy of the model in this dtype / on this device.
-        layers: your own grouping ``{layer: [parameter names]}`` (default: one layer per module
-            owning parameters, forward order).
+        layers: the blocks: ``None`` (one per module owning parameters, forward order),
+            ``"transformer"`` / ``"transformer_heads"`` (q, k, v, o, mlp_in, mlp_out per layer),
+            or your own ``{block: parameter names, glob patterns or ParamSlices}``.
         path: how Hessian products are computed (see :class:`hesslens.Hessian`). Pinned to
             ``"reverse"`` (double backward with the first-order graph reused) by default so
             that reruns give bitwise-identical numbers; ``"auto"`` times the candidates and may

@@ -20,7 +20,11 @@ seeded analysis subset of the training set (``--per-class`` examples of each cla
                     num_samples, split_seed, subset_seed, model_seed, dtype, device, command
         settings    estimator settings (k, density_probes, density_steps, trace_rtol,
                     trace_max_hvp, eig_tol, gn_tol, gauss_newton, similarity_normalize, ...)
-        versions    hesslens, python, torch, numpy, scipy, matplotlib, platform
+        data        the data set's fingerprint: name, sizes {array: shape}, sha256 of the
+                    arrays used (x_train, y_train, x_test, y_test after normalisation), and
+                    analysis_subset {name, sizes, sha256} of the examples analysed
+        versions    hesslens, python, torch, numpy, scipy, matplotlib, platform, device,
+                    device_name
         num_samples, point {loss, grad_norm}, layer_names [forward order]
         full        entry (below) of the full Hessian; its "similarity" is the ranking
         layers      {layer name: entry} in forward order
@@ -70,6 +74,7 @@ from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import (
     add_common_arguments,
     apply_threads,
+    check_out_dir,
     load_state_dict,
     positive_float,
     positive_int,
@@ -79,6 +84,7 @@ from hesslens.experiments.common import (
     show_progress,
     versions,
 )
+from hesslens.provenance import data_fingerprint, dataset_fingerprint
 
 __all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "add_analyze_arguments", "run_analyze"]
 
@@ -93,17 +99,23 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
                      "report.html into --out.")
     g = parser.add_argument_group("what to analyse")
     g.add_argument("--model", default=None,
-                   help="zoo model: mlp, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20 "
+                   help="zoo model: mlp, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20, "
+                        "gpt-nano, vit-tiny "
                         f"(default: the checkpoint's, else {DEFAULT_MODEL})")
     g.add_argument("--data", default=None,
-                   help="zoo data set: mnist1d, digits (built in), mnist, fashionmnist, svhn, "
-                        "cifar10, cifar100 (local files, see --data-root) (default: the "
-                        f"checkpoint's, else {DEFAULT_DATA})")
+                   help="zoo data set: mnist1d, digits, modadd, seqcopy (built in), mnist, "
+                        "fashionmnist, svhn, cifar10, cifar100 (local files, see --data-root) "
+                        f"(default: the checkpoint's, else {DEFAULT_DATA})")
     g.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder holding the local files of the file-based data sets")
     g.add_argument("--checkpoint", default=None, metavar="FILE",
                    help="weights to analyse: a state_dict or a file written by hesslens train "
                         "(default: the model at its seeded initialisation)")
+    g.add_argument("--layers", choices=["auto", "modules", "transformer", "transformer_heads"],
+                   default="auto",
+                   help="blocks of the study: one per module, or per transformer layer q, k, v "
+                        "(slices of a fused QKV weight), o, mlp_in, mlp_out (+ per head); "
+                        "auto (default): transformer for gpt-nano and vit-tiny, else modules")
     g.add_argument("--per-class", type=positive_int, default=10, metavar="N",
                    help="analysis subset: N training examples of each class (default 10, as "
                         "the paper)")
@@ -129,6 +141,18 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, default_out=DEFAULT_OUT)
 
 
+def _least_trace_hvp() -> int:
+    """The fewest products the layer study's trace estimator accepts as its budget
+    (``2 * sketch_rank + min_probes`` at :func:`hesslens.linalg.trace.block_traces`'s
+    defaults, which the study uses)."""
+    import inspect
+
+    from hesslens.linalg.trace import block_traces
+
+    params = inspect.signature(block_traces).parameters
+    return 2 * int(params["sketch_rank"].default) + int(params["min_probes"].default)
+
+
 def _names(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, str]:
     model = args.model or config.get("model") or DEFAULT_MODEL
     data = args.data or config.get("data") or DEFAULT_DATA
@@ -152,7 +176,8 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
     from hesslens.report.layer_report import layer_rows
 
     rows = layer_rows(results)
-    head = (f"{'layer':<14} {'depth':>5} {'params':>8} {'lambda1':>10} {'/full':>6} "
+    width = max(14, min(24, max(len(r["name"]) for r in rows)))
+    head = (f"{'layer':<{width}} {'depth':>5} {'params':>8} {'lambda1':>10} {'/full':>6} "
             f"{'trace':>10} {'/full':>6} {'W1':>7} {'rank':>4} {'G lambda1':>10}")
     print(head)
     print("-" * len(head))
@@ -164,8 +189,9 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
         return format(x, spec)
 
     for r in rows:
-        name = r["name"] if len(r["name"]) <= 14 else r["name"][:13] + "~"
-        print(f"{name:<14} {f(r['depth'], '5.2f')} {f(r['n_params'], '8d')} "
+        # the end of a long name says the most ("...h.1.attn.q")
+        name = r["name"] if len(r["name"]) <= width else "~" + r["name"][-(width - 1):]
+        print(f"{name:<{width}} {f(r['depth'], '5.2f')} {f(r['n_params'], '8d')} "
               f"{f(r['top_eigenvalue'], '10.4g')} {f(r['top_ratio'], '6.3f')} "
               f"{f(r['trace'], '10.4g')} {f(r['trace_ratio'], '6.3f')} "
               f"{f(r['wasserstein'], '7.4f')} {f(r['similarity_rank'], '4d')} "
@@ -182,7 +208,6 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``hesslens analyze``; print a short table; return the exit code (0)."""
-    import torch
 
     from hesslens import zoo
     from hesslens.analysis import layer_study
@@ -191,6 +216,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype)
+    least = _least_trace_hvp()
+    if args.trace_max_hvp < least:
+        raise HesslensInputError(
+            f"--trace-max-hvp {args.trace_max_hvp} is below the {least} products the trace "
+            f"estimator needs at least (its sketch and first probes): give --trace-max-hvp "
+            f"{least} or more")
 
     state, rest = (None, {})
     if args.checkpoint:
@@ -211,6 +242,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         _fit_checkpoint(model, state, args.checkpoint, model_name, data_name)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.k > n_params:  # as the operators refuse it, before any data is loaded
+        raise HesslensInputError(
+            f"--k {args.k} is larger than the dimension of {model_name}'s Hessian on "
+            f"{data_name} ({n_params} parameters): ask for at most --k {n_params}")
     threads = apply_threads(args.threads, n_params if device.type == "cpu" else None)
 
     data_root = args.data_root if args.data_root is not None else (
@@ -223,14 +258,24 @@ def run_analyze(args: argparse.Namespace) -> int:
     # the train/test split of "digits" depends on the seed the model was trained with
     split_seed = int(config["seed"]) if config.get("data") == data_name and isinstance(
         config.get("seed"), int) else args.seed
+    check_out_dir(args.out)  # an unusable --out fails before the data is read
     dataset = zoo.load_dataset(data_name, root=data_root, seed=split_seed)
     out = prepare_out_dir(args.out)
-    x, y = zoo.analysis_subset(*dataset.train, per_class=args.per_class, seed=args.seed)
+    token_task = dataset.train[1].dim() == 2
+    subset = zoo.token_subset if token_task else zoo.analysis_subset
+    x, y = subset(*dataset.train, per_class=args.per_class, seed=args.seed)
     x, y = x.to(device), y.to(device)
+    # what the model takes: (x, y) pairs and cross-entropy, or mappings and the model's own
+    # loss for the Hugging Face models of the zoo
+    loss_fn = zoo.model_loss(model_name)
+    batches = zoo.model_batches(model_name, x, y)
+    hf_model = zoo.model_input(model_name) is not None
+    layers = args.layers if args.layers != "auto" else (
+        "transformer" if hf_model else "modules")
 
     progress = show_progress(args)
     study = layer_study(
-        model, torch.nn.functional.cross_entropy, (x, y),
+        model, loss_fn, batches, layers=layers,
         k=args.k, density_probes=args.density_probes, density_steps=args.density_steps,
         trace_rtol=args.trace_rtol, trace_max_hvp=args.trace_max_hvp, eig_tol=args.eig_tol,
         gauss_newton=not args.no_gauss_newton, similarity_normalize=args.similarity_normalize,
@@ -251,12 +296,17 @@ def run_analyze(args: argparse.Namespace) -> int:
         "split_seed": split_seed,
         "subset_seed": args.seed,
         "model_seed": None if state is not None else args.seed,
-        "loss": "cross-entropy (mean)",
+        "loss": "the model's own loss (mean over label tokens)" if loss_fn is None
+        else "cross-entropy (mean)",
+        "layers": layers,
         "threads": threads,
         "device": str(device),
         "dtype": results["settings"]["dtype"],
     }
-    results["versions"] = versions()
+    results["data"] = {**dataset_fingerprint(dataset, data_name),
+                       "analysis_subset": data_fingerprint(
+                           f"{data_name} analysis subset", {"x": x, "y": y})}
+    results["versions"] = versions(device)
     results["timings"]["study_total"] = time.perf_counter() - t0
     write_layer_study(results, out)
     _print_table(results, out, time.perf_counter() - t0)
