@@ -5,11 +5,18 @@ An operator is anything with ``dim``, ``dtype``, ``device`` and ``matmat(V)`` fo
 too. On top of it:
 
 * :func:`lanczos`, :func:`eigsh` -- Lanczos with full reorthogonalisation; extreme eigenvalues
-  with a-posteriori error bounds.
+  with a-posteriori error bounds, thick-restarted in a basis of at most ``ncv`` vectors.
 * :func:`hutchinson`, :func:`hutchpp`, :func:`block_traces` -- trace estimators; the trace of
   every diagonal block from one shared set of probes.
-* :func:`slq`, :class:`Spectrum` -- stochastic Lanczos quadrature and spectral measures
-  (densities, moments, Wasserstein and Jensen-Shannon distances).
+* :func:`slq`, :class:`Spectrum` -- stochastic Lanczos quadrature (no stored basis for large
+  problems) and spectral measures (densities, moments, Wasserstein and Jensen-Shannon
+  distances).
+
+Memory does not grow with the number of steps: each estimator's docstring gives it as a
+formula in copies of ``dim`` (float32 vectors for a float32 operator, float64 for float64).
+Every product is checked: a NaN or infinite one raises
+:class:`~hesslens.errors.NonFiniteCurvatureError`; an estimator that runs out of its product
+budget before its tolerance warns with :class:`~hesslens.errors.BudgetWarning`.
 
 Example
 -------

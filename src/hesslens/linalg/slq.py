@@ -182,7 +182,8 @@ def slq(
         generator); the moments of the result then agree to rounding, while without
         reorthogonalisation single nodes may move (rounding decides where ghosts appear).
     work_dtype, work_device : optional
-        Dtype and device of the ``"none"`` recurrence's vectors and of the deflation basis.
+        Dtype and device of the ``"none"`` recurrence's vectors and of its deflation basis
+        (the ``"full"`` path works in float64 on the operator's device).
         Default: float64 for a float64 operator, else float32 (as accurate as the products);
         the operator's device. ``work_device="cpu"`` keeps them off a GPU (each product then
         moves one group to the device and back).
@@ -257,11 +258,11 @@ def slq(
     steps = min(int(n_steps), n - rank)
     if reorth == "auto":
         reorth = "full" if probe_chunk * steps * n * 8 <= _AUTO_FULL_BYTES else "none"
+    if reorth == "full":  # the bases of the full path are float64 on the operator's device
+        dtype, device = torch.float64, op.device
     if deflate is not None and rank < n:
         # orthonormal rows by Cholesky QR in float64 (r x r Gram matrix), kept in the
         # working dtype: (r, n) once, not an n x r float64 QR
-        if reorth == "full":
-            dtype = torch.float64
         V = deflate.vectors.to(device=device, dtype=dtype)
         eye = torch.eye(rank, dtype=torch.float64)
         gram = _gram64(V, V)
