@@ -36,7 +36,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line and exit code 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"hesslens: error: {message} (see --help)\n")
+        self.exit(2, f"hesslens: error: {' '.join(message.split())} (see --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    out = getattr(args, "out", None)
+    if out is not None and not str(out).strip():  # before any work: '' would mean "here"
+        parser.error(f"{args.command}: --out is empty: give the folder the results go to")
     module_name, _, run_name, _ = COMMANDS[args.command]
     run = getattr(importlib.import_module(module_name), run_name)
     try:
         return int(run(args) or 0)
     except HesslensError as error:
-        print(f"hesslens {args.command}: error: {error}", file=sys.stderr)
+        print(f"hesslens {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path given cannot be read or written (permissions, disk)
+        where = f"{error.filename}: " if getattr(error, "filename", None) else ""
+        print(f"hesslens {args.command}: error: {where}{error.strerror or error}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hesslens {args.command}: interrupted", file=sys.stderr)

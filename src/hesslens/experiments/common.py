@@ -4,8 +4,9 @@
   ``--threads``, ``--quiet``;
 * :func:`resolve_device`, :func:`resolve_dtype`, :func:`apply_threads` -- turn them into torch
   objects, with one clear error for what cannot work here (CUDA asked for but absent, ...);
-* :func:`prepare_out_dir`, :func:`versions`, :func:`load_state_dict` -- output folder,
-  versions for the records, and checkpoint loading (``weights_only=True``).
+* :func:`check_out_dir`, :func:`prepare_out_dir`, :func:`versions`, :func:`load_state_dict` --
+  output folder, versions for the records (from :mod:`hesslens.provenance`), and checkpoint
+  loading (``weights_only=True``).
 
 Example:
     >>> import argparse
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +37,7 @@ __all__ = [
     "SMALL_MODEL",
     "add_common_arguments",
     "apply_threads",
+    "check_out_dir",
     "load_state_dict",
     "nonnegative_float",
     "nonnegative_int",
@@ -179,9 +180,25 @@ def show_progress(args: argparse.Namespace) -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
-    """Create the output folder (and its parents); a clear error if it cannot be."""
+def check_out_dir(path: str | os.PathLike[str] | None, option: str = "--out") -> Path:
+    """``path`` as a ``Path``, refusing an empty one (``--out ''`` would write into the current
+    folder) and one that exists as a file; creates nothing."""
+    if path is None or not str(os.fspath(path)).strip():
+        raise HesslensInputError(
+            f"{option} is empty: give the folder the results go to, e.g. {option} runs/x")
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise HesslensInputError(f"{option} {out} is a file, not a folder")
+    return out
+
+
+def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder (and its parents); a clear error if it cannot be (empty, a
+    file, not creatable, not writable). Removes the temporary files that a run killed during
+    a write left there (:func:`hesslens.files.remove_stale_temporaries`)."""
+    from hesslens.files import remove_stale_temporaries
+
+    out = check_out_dir(path)
     if out.exists() and not out.is_dir():
         raise HesslensInputError(f"--out {out} is a file, not a folder")
     try:
@@ -189,33 +206,18 @@ def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
     except OSError as err:
         raise HesslensInputError(f"cannot create the output folder {out}: {err.strerror}") \
             from None
-    if not os.access(out, os.W_OK):
+    if not os.access(out, os.W_OK | os.X_OK):
         raise HesslensInputError(f"the output folder {out} is not writable")
+    remove_stale_temporaries(out)
     return out
 
 
-def versions() -> dict[str, str]:
-    """Versions of hesslens, Python, torch, numpy, scipy and matplotlib, and the platform."""
-    import numpy
-    import scipy
+def versions(device: Any = None) -> dict[str, Any]:
+    """Versions of hesslens, Python, torch, numpy, scipy and matplotlib, the platform and the
+    device: :func:`hesslens.provenance.versions` (the one place that knows them)."""
+    from hesslens.provenance import versions as _versions
 
-    from hesslens import __version__
-
-    out = {
-        "hesslens": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        import matplotlib
-
-        out["matplotlib"] = matplotlib.__version__
-    except ImportError:  # pragma: no cover - a dependency
-        pass
-    return out
+    return _versions(device)
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:

@@ -10,7 +10,8 @@ arm the command prints and writes
   (``--track-every``), mean +- std;
 * the wall time per training epoch and its ratio to the plain-SGD arm, if there is one;
 
-to ``compare.json`` and ``compare.csv``, and draws the test accuracy, trace and top eigenvalue
+to ``compare.json`` (with ``data``: the runs' data fingerprints, and ``versions``) and
+``compare.csv``, and draws the test accuracy, trace and top eigenvalue
 against the epoch, one line per arm with a band of +- one standard deviation over seeds
 (``test_accuracy.png``, ``trace.png``, ``top_eigenvalue.png``). A folder that holds no
 ``metrics.json`` but whose sub-folders do stands for those sub-folders. Arms that differ in epochs,
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
+from hesslens.experiments.common import nonnegative_int
 
 __all__ = ["add_compare_arguments", "compare_runs", "load_run", "run_compare"]
 
@@ -55,7 +57,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where compare.json, compare.csv and the figures go "
                              "(default ./compare)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="accepted for uniformity with the other commands; unused")
     parser.add_argument("--device", default="cpu",
                         help="accepted for uniformity with the other commands; unused")
@@ -97,14 +99,65 @@ def load_run(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise HesslensInputError(f"no metrics.json in {str(p)!r}: not a 'hesslens train' run")
     try:
-        data = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise HesslensInputError(f"{str(f)!r} is not readable JSON ({e})") from None
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        detail = " ".join(str(e).split())
+        raise HesslensInputError(f"{str(f)!r} is not readable JSON ({detail})") from None
     if not isinstance(data, dict) or "config" not in data or "epochs" not in data:
         raise HesslensInputError(f"{str(f)!r} lacks 'config' or 'epochs': not a training run")
+    _check_run(data, str(f))
     if not data["epochs"]:
         raise HesslensInputError(f"{str(f)!r} has no completed epoch yet")
-    return {"path": str(p), "config": data["config"], "epochs": data["epochs"]}
+    return {"path": str(p), "config": data["config"], "epochs": data["epochs"],
+            "data": data.get("data") if isinstance(data.get("data"), dict) else None}
+
+
+# config fields compare formats or counts with, and the type each must have
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "sam_rho": (int, float), "weight_decay": (int, float), "htr_gamma": (int, float),
+    "htr_every": (int,), "htr_start": (int,), "epochs": (int,), "batch_size": (int,),
+    "seed": (int,), "model": (str,), "data": (str,), "htr_method": (str,),
+    "htr_layers": (str, list),
+}
+_RECORD_NUMBERS = ("test_acc", "trace", "top_eigenvalue", "epoch_seconds")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_run(data: dict[str, Any], where: str) -> None:
+    """Refuse a ``metrics.json`` whose fields have other types than ``hesslens train`` writes,
+    naming the field (compare would otherwise fail deep inside with a TypeError)."""
+    config, epochs = data["config"], data["epochs"]
+    if not isinstance(config, dict):
+        raise HesslensInputError(
+            f"{where!r}: 'config' must be an object (the run's settings), found {_kind(config)}")
+    for key, types in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            wanted = " or ".join("number" if t is float else t.__name__ for t in types
+                                 if t is not int or float not in types)
+            raise HesslensInputError(
+                f"{where!r}: config {key!r} must be a {wanted}, found {_kind(value)} {value!r}")
+    if not isinstance(epochs, list):
+        raise HesslensInputError(
+            f"{where!r}: 'epochs' must be a list of per-epoch records, found {_kind(epochs)}")
+    for i, record in enumerate(epochs):
+        if not isinstance(record, dict):
+            raise HesslensInputError(
+                f"{where!r}: epochs[{i}] must be an object, found {_kind(record)}")
+        epoch = record.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise HesslensInputError(
+                f"{where!r}: epochs[{i}] lacks an integer 'epoch' (found {epoch!r})")
+        for key in _RECORD_NUMBERS:
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise HesslensInputError(
+                    f"{where!r}: epochs[{i}] {key!r} must be a number or null, found "
+                    f"{_kind(value)} {value!r}")
 
 
 # ---------------------------------------------------------------------- statistics
@@ -206,7 +259,27 @@ def compare_runs(paths: list[str]) -> dict[str, Any]:
         notes.append("some runs stopped before their last epoch (killed? resume them)")
     if any(a["n_seeds"] < 2 for a in arms):
         notes.append("arms with one seed have no standard deviation")
-    return {"arms": arms, "notes": notes, "n_runs": len(runs)}
+    data = _data_fingerprints(runs)
+    if len({d["sha256"] for d in data if d.get("sha256")}) > 1:
+        notes.append("the runs were trained on different data (their data fingerprints "
+                     "differ): see 'data'")
+    if any(d.get("sha256") is None for d in data):
+        notes.append("some runs record no data fingerprint (written by an older hesslens)")
+    from hesslens.provenance import versions
+
+    return {"arms": arms, "notes": notes, "n_runs": len(runs), "data": data,
+            "versions": versions()}
+
+
+def _data_fingerprints(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The distinct data fingerprints of the runs, each with the runs that used it."""
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        fp = run.get("data") or {}
+        key = json.dumps(fp, sort_keys=True, default=str)
+        entry = out.setdefault(key, {**fp, "sha256": fp.get("sha256"), "runs": []})
+        entry["runs"].append(run["path"])
+    return list(out.values())
 
 
 def _short(v: Any) -> str:
@@ -310,11 +383,10 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
 def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) -> list[str]:
     """Write ``compare.json``, ``compare.csv`` and (optionally) the figures into ``out``;
     returns the figure file names."""
+    from hesslens.experiments.common import prepare_out_dir
     from hesslens.files import write_bytes, write_csv, write_json
 
-    if out.exists() and not out.is_dir():
-        raise HesslensInputError(f"--out {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out)
     rows = _table_rows(result)
     write_json(out / "compare.json", result)
     write_csv(out / "compare.csv", rows, list(rows[0]) if rows else ["arm"])
@@ -330,8 +402,10 @@ def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) ->
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run ``hesslens compare``; print the table; write files; return 0."""
+    from hesslens.experiments.common import check_out_dir
+
+    out = check_out_dir(args.out)
     result = compare_runs(list(args.runs))
-    out = Path(args.out)
     figures = write_comparison(result, out, figures=not getattr(args, "no_figures", False))
     print(format_table(result))
     print(f"wrote compare.json, compare.csv{''.join(', ' + f for f in figures)} to {out}")

@@ -37,6 +37,8 @@ from hesslens.experiments.common import (
     add_common_arguments,
     apply_threads,
     positive_int,
+    prepare_out_dir,
+    resolve_device,
     resolve_dtype,
     show_progress,
 )
@@ -59,6 +61,8 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Run the study from parsed arguments; prints the summary, returns the exit code."""
+    device = str(resolve_device(args.device))  # before any work: workers would each fail
+    dtype = resolve_dtype(args.dtype)
     plan = quick_plan() if args.quick else full_plan()
     workers = args.workers or max(1, min(2, os.cpu_count() or 1))
     plan = dataclasses.replace(
@@ -66,8 +70,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         tune_seed=plan.tune_seed + args.seed)
     # The study's models are small: one thread per process beats two fighting for 2 cores.
     apply_threads(args.threads, n_params=0)
-    result = reproduce(plan, args.out, device=args.device, progress=show_progress(args),
-                       dtype=resolve_dtype(args.dtype))
+    result = reproduce(plan, args.out, device=device, progress=show_progress(args),
+                       dtype=dtype)
     print(result["summary_text"])
     print(f"\nwrote {Path(args.out) / 'report.html'}")
     return 0
@@ -256,9 +260,7 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     from hesslens.experiments.compare import compare_runs
     from hesslens.experiments.reproduce_report import write_reproduce_report
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise HesslensInputError(f"--out {out} exists and is not a folder")
+    out = prepare_out_dir(out_dir)  # refuses '' and files; removes stale temporary files
     _check_plan(out, plan)
     t0 = time.perf_counter()
     chosen = _tune(plan, out, device, progress)
@@ -270,4 +272,14 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     studies = _study(plan, out, runs, device, progress, dtype)
     timings = _add_seconds(out, "study_seconds", time.perf_counter() - t2)
     comparison = compare_runs([str(d) for dirs in runs.values() for d in dirs])
-    return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings)
+    return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings,
+                                  provenance=_provenance(plan, device))
+
+
+def _provenance(plan: Plan, device: str) -> dict[str, Any]:
+    """The study's data fingerprint (the data set every run and study used) and versions."""
+    from hesslens.provenance import dataset_fingerprint, versions
+    from hesslens.zoo import load_dataset
+
+    return {"data": dataset_fingerprint(load_dataset(plan.data), plan.data),
+            "versions": versions(device)}

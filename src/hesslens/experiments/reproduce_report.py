@@ -96,8 +96,11 @@ def _layer_curvature_figure(runs: list[dict[str, Any]], key: str, title: str) ->
 
 def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
                            runs: dict[str, list[Path]], comparison: dict[str, Any],
-                           studies: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
-    """Write everything; return the content of ``results.json`` plus ``summary_text``."""
+                           studies: dict[str, Any], timings: dict[str, float],
+                           provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write everything; return the content of ``results.json`` plus ``summary_text``.
+    ``provenance`` (``{"data": fingerprint, "versions": ...}``) goes into ``results.json``;
+    without it the versions of this process are recorded."""
     from hesslens.experiments.common import versions
     from hesslens.experiments.compare import load_run, write_comparison
     from hesslens.files import write_bytes, write_json
@@ -136,7 +139,9 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
         "studies": {name: str(out / "study" / slug(name) / "results.json") for name in studies},
         "notes": comparison.get("notes", []),
         "timings": timings,
-        "versions": versions(),
+        "data": (provenance or {}).get("data"),
+        "training_data": comparison.get("data"),
+        "versions": (provenance or {}).get("versions") or versions(),
     }
     write_json(out / "results.json", results)
 
