@@ -52,6 +52,16 @@ def test_analyze_writes_all_files(tmp_path, capsys):
     assert r["run"]["model"] == "mlp" and r["run"]["data"] == "digits"
     assert r["run"]["num_samples"] == 50 and r["seed"] == 0
     assert {"torch", "numpy", "hesslens", "python"} <= set(r["versions"])
+    assert r["versions"]["device"] == "cpu"
+    from hesslens.provenance import data_fingerprint, dataset_fingerprint
+    from hesslens.zoo import analysis_subset, load_dataset
+
+    digits = load_dataset("digits", seed=0)
+    x, y = analysis_subset(*digits.train, per_class=5, seed=0)
+    assert r["data"] == {**dataset_fingerprint(digits, "digits"),
+                         "analysis_subset": data_fingerprint("digits analysis subset",
+                                                             {"x": x, "y": y})}
+    assert r["data"]["sizes"]["x_train"] == [1437, 1, 8, 8]
     assert list(r["layers"]) == ["features.1", "features.3", "classifier"]
     full = r["full"]["top_eigenvalues"]
     for e in r["layers"].values():

@@ -157,3 +157,27 @@ def test_unfinished_runs_are_marked_incomplete(tmp_path):
     (arm,) = res["arms"]
     assert arm["complete"] is False
     assert compare_runs([str(done)])["arms"][0]["complete"] is True
+
+
+def _with_data(path, sha):
+    doc = json.loads((path / "metrics.json").read_text())
+    doc["data"] = {"name": "mnist1d", "sizes": {"x_train": [4000, 1, 40]}, "sha256": sha}
+    (path / "metrics.json").write_text(json.dumps(doc))
+    return path
+
+
+def test_records_the_runs_data_and_flags_runs_on_other_data(tmp_path):
+    from hesslens.experiments.compare import compare_runs
+
+    a = _with_data(_write_run(tmp_path / "a", 0, 0.8), "1" * 64)
+    b = _with_data(_write_run(tmp_path / "b", 1, 0.8), "1" * 64)
+    same = compare_runs([str(a), str(b)])
+    assert [(d["sha256"], len(d["runs"])) for d in same["data"]] == [("1" * 64, 2)]
+    assert not any("data" in n for n in same["notes"])
+    assert same["versions"]["torch"] == torch.__version__
+    c = _with_data(_write_run(tmp_path / "c", 2, 0.8), "2" * 64)
+    mixed = compare_runs([str(a), str(b), str(c)])
+    assert sorted(len(d["runs"]) for d in mixed["data"]) == [1, 2]
+    assert any("different data" in n for n in mixed["notes"])
+    old = _write_run(tmp_path / "old", 3, 0.8)  # written before runs recorded their data
+    assert any("no data fingerprint" in n for n in compare_runs([str(a), str(old)])["notes"])

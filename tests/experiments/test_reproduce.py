@@ -120,3 +120,25 @@ def test_htr_verdict_counts_only_differences_beyond_seed_noise(htr_all, htr_mid,
     arms = {"SGD": _arm(0.9150, 0.0045, 12.1, 3.4), "SGD+L2": _arm(0.9156, 0.0052, 12.0, 3.0),
             "HTR all layers": _arm(*htr_all), "HTR middle layers": _arm(*htr_mid)}
     assert htr_helps(arms).verdict == verdict
+
+
+def test_results_record_the_data_fingerprint_and_versions(study):
+    import torch
+
+    from hesslens.provenance import dataset_fingerprint
+    from hesslens.zoo import load_dataset
+
+    out, _ = study
+    saved = json.loads((out / "results.json").read_text())
+    expected = dataset_fingerprint(load_dataset("mnist1d"), "mnist1d")
+    assert saved["data"] == expected
+    assert expected["sizes"]["x_train"] == [4000, 1, 40] and expected["sizes"]["y_test"] == [1000]
+    (used,) = saved["training_data"]  # every final run trained on these very arrays
+    assert used["sha256"] == expected["sha256"] and len(used["runs"]) == 3 * 2
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["versions"]["device"] == "cpu"
+    layer_study = json.loads((out / "study" / "sgd" / "results.json").read_text())
+    assert layer_study["data"]["sha256"] == expected["sha256"]
+    assert layer_study["data"]["analysis_subset"]["sizes"]["y"] == [100]
+    run = json.loads((out / "runs" / "sgd" / "seed0" / "metrics.json").read_text())
+    assert run["data"] == expected and run["versions"]["numpy"] == saved["versions"]["numpy"]

@@ -141,3 +141,17 @@ def test_only_stale_temporaries_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted([own, live_other, "notes.tmp", "keep.json"])
     write_bytes(tmp_path / "r.json", b"{}")  # an ordinary write leaves no temporary behind
     assert sorted(_temporaries(tmp_path)) == sorted([own, live_other, "notes.tmp"])
+
+
+def test_metrics_record_the_data_fingerprint_and_versions(tmp_path):
+    import json
+
+    from hesslens.provenance import dataset_fingerprint
+
+    data = _data()
+    train(CFG, tmp_path, progress=False, model=_model(), dataset=data)
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["data"] == dataset_fingerprint(data, "tensors")
+    assert doc["data"]["sizes"] == {"x_train": [36, 5], "y_train": [36], "x_test": [12, 5],
+                                    "y_test": [12]}
+    assert doc["versions"]["torch"] == torch.__version__ and doc["versions"]["device"] == "cpu"

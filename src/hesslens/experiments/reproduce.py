@@ -190,6 +190,7 @@ def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
 
     from hesslens.analysis import layer_study
     from hesslens.experiments.common import load_state_dict
+    from hesslens.provenance import data_fingerprint, dataset_fingerprint, versions
     from hesslens.report.layer_report import write_layer_study
     from hesslens.zoo import analysis_subset, build_model, load_dataset
 
@@ -218,6 +219,10 @@ def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
         results["settings"] = {**results.get("settings", {}), "model": plan.model,
                                "data": plan.data, "checkpoint": str(run_dir / "checkpoint.pt"),
                                "arm": name}
+        results["data"] = {**dataset_fingerprint(data, plan.data),
+                           "analysis_subset": data_fingerprint(
+                               f"{plan.data} analysis subset", {"x": x, "y": y})}
+        results["versions"] = versions(device)
         write_layer_study(results, study_dir)
         studies[name] = results
     return studies
