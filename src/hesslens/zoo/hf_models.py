@@ -28,8 +28,7 @@ from torch import nn
 
 from hesslens.errors import HesslensInputError
 from hesslens.zoo._checks import check_input_shape, check_positive_int
-
-IGNORE_INDEX = -100  # the label of a token that is not predicted (as in hesslens.zoo.tasks)
+from hesslens.zoo.tasks import IGNORE_INDEX
 
 
 def import_transformers(what: str) -> ModuleType:
