@@ -82,7 +82,7 @@ def test_run_train_on_digits_then_resume(tmp_path, capsys):
         assert e["test_acc"] is not None and e["trace"] > 0 and e["top_eigenvalue"] > 0
         assert set(e["layer_trace"]) == set(e["layer_top_eigenvalue"]) and e["layer_trace"]
     cost = metrics["tracking"]
-    assert f"tracking {cost['seconds']:.2f} s ({cost['fraction']:.0%}" in line
+    assert f"curvature tracking {cost['seconds']:.2f} s (" in line and "training time" in line
     assert metrics["config"]["htr_layers"] == "middle"
     with pytest.raises(HesslensInputError, match="already holds"):
         run_train(_parse(argv))

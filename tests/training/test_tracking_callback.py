@@ -92,7 +92,7 @@ def _dropout_setup():
     return model, TensorData(x, y, x[:8], y[:8], num_classes=3)
 
 
-CURVATURE_KEYS = {"top_eigenvalue", "trace", "trace_stderr", "layer_trace",
+CURVATURE_KEYS = {"top_eigenvalue", "trace", "trace_stderr", "trace_converged", "layer_trace",
                   "layer_trace_stderr", "layer_top_eigenvalue", *TIMING_KEYS}
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hesslens.linalg import EigenResult, Spectrum, TraceResult, slq
+from hesslens.linalg import EigenResult, Spectrum, TraceResult, block_traces, slq
 
 __all__ = [
     "CurvatureMeasurement",
@@ -209,9 +209,9 @@ def measure_curvature(
     if trace and names:
         full_trace, layer_traces = run("traces (shared probes)", lambda: op.traces(
             rtol=trace_rtol, max_hvp=trace_max_hvp, seed=seed))
-    elif trace:
-        full_trace = run("trace", lambda: op.trace(rtol=trace_rtol, max_hvp=trace_max_hvp,
-                                                   seed=seed))
+    elif trace:  # the full trace alone stops on its own error, not on every block's
+        full_trace = run("trace", lambda: block_traces(op, None, rtol=trace_rtol,
+                                                       max_hvp=trace_max_hvp, seed=seed)[0])
     if full_trace is not None:
         n_hvp += int(full_trace.n_hvp)
     spectra = dict(k=k, n_probes=n_probes, n_steps=n_steps, seed=seed, tol=tol, density=density)

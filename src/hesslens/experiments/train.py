@@ -206,7 +206,8 @@ def run_train(args: argparse.Namespace) -> int:
         parts.append(f"{sum(secs) / len(secs):.2f} s/epoch")
     cost = result.get("tracking")
     if cost:
-        parts.append(f"tracking {cost['seconds']:.2f} s ({cost['fraction']:.0%} of the "
-                     "training time)")
+        share = (f"{cost['fraction']:.1f}x" if cost["fraction"] >= 1
+                 else f"{cost['fraction']:.0%} of")
+        parts.append(f"curvature tracking {cost['seconds']:.2f} s ({share} the training time)")
     print(", ".join(parts) + f"; results in {args.out}")
     return 0

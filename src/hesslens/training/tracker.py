@@ -28,7 +28,7 @@ Example:
     >>> [r["step"] for r in tracker.history], sorted(tracker.history[-1]["layers"])
     ([0, 2], ['0', '2'])
     >>> sorted(tracker.history[-1]["full"])
-    ['dim', 'top_eigenvalues', 'trace', 'trace_stderr']
+    ['dim', 'top_eigenvalues', 'trace', 'trace_converged', 'trace_stderr']
     >>> tracker.write_report(tempfile.mkdtemp()).name
     'report.html'
 """
@@ -93,6 +93,7 @@ def _entry(est: Any) -> dict[str, Any]:
     if est.trace is not None:
         out["trace"] = float(est.trace.value)
         out["trace_stderr"] = float(est.trace.stderr)
+        out["trace_converged"] = bool(getattr(est.trace, "converged", True))
     if est.density is not None:
         out["density"] = {"nodes": _floats(est.density.nodes),
                           "weights": _floats(est.density.weights)}
@@ -160,8 +161,9 @@ class CurvatureTracker:
 
     Attributes:
         history: the records, oldest first: ``{"step", "full": {"top_eigenvalues": [...],
-            "trace", "trace_stderr", "dim"[, "density"]}, "layers": {name: {... the same
-            [, "similarity"]}}, "seconds", "n_hvp"}``.
+            "trace", "trace_stderr", "trace_converged", "dim"[, "density"]}, "layers": {name:
+            {... the same [, "similarity"]}}, "seconds", "n_hvp"}`` (``trace_converged``:
+            whether the trace reached ``trace_rtol`` within ``trace_max_hvp`` products).
     """
 
     def __init__(
@@ -180,7 +182,7 @@ class CurvatureTracker:
         *,
         eig_tol: float = 1e-6,
         trace_rtol: float = 0.02,
-        trace_max_hvp: int = 500,
+        trace_max_hvp: int = 1000,
         density_probes: int = 2,
         density_steps: int = 80,
         eval_mode: bool = True,
