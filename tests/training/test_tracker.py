@@ -99,6 +99,38 @@ def test_records_match_dense_float64_hessians_and_a_fresh_operator():
     assert last["seconds"] > 0 and last["n_hvp"] > 0
 
 
+def test_estimated_traces_repeat_a_fresh_operator_on_the_same_weights():
+    # large enough (1,290 parameters) for the trace to be a stochastic estimate, not exact
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 10))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 20, generator=g), torch.randint(0, 10, (64,), generator=g)
+    tracker = CurvatureTracker(model, LOSS, (x, y), trace_rtol=0.05)
+    _train(model, x, y, steps=2, tracker=tracker)
+    last = tracker.history[-1]
+    H = hl.Hessian(model, LOSS, (x, y))
+    _, layers = H.traces(rtol=0.05)
+    assert last["full"]["trace_stderr"] > 0 and last["full"]["trace_converged"]
+    # same probes, same stop: equal up to float32 rounding of the products (the fresh operator
+    # may choose another product path than the tracker's pinned "reverse")
+    assert last["full"]["trace"] == pytest.approx(H.trace(rtol=0.05).value, rel=1e-6)
+    for name, result in layers.items():
+        assert last["layers"][name]["trace"] == pytest.approx(result.value, rel=1e-6), name
+    assert last["full"]["top_eigenvalues"][0] == pytest.approx(
+        float(H.eigenvalues(k=1).values[0]), rel=1e-6)
+
+
+def test_default_settings_are_the_operators():
+    import inspect
+
+    tracker = CurvatureTracker(_model(), LOSS, _data())
+    for method, arg, value in (("trace", "rtol", tracker.trace_rtol),
+                               ("trace", "max_hvp", tracker.trace_max_hvp),
+                               ("eigenvalues", "tol", tracker.eig_tol)):
+        default = inspect.signature(getattr(hl.Hessian, method)).parameters[arg].default
+        assert value == default, (method, arg)
+
+
 def test_a_loop_with_the_tracker_ends_bit_identical_to_one_without():
     x, y = _data()
     plain = _train(_model(dropout=True), x, y, steps=4)

@@ -152,7 +152,9 @@ class CurvatureTracker:
             that differences between records are the model's, not the probes'.
         eig_tol: relative a-posteriori tolerance of the eigenvalues.
         trace_rtol, trace_max_hvp: the traces stop at this relative standard error, or after
-            this many products.
+            this many products. These defaults are :class:`hesslens.Hessian`'s, so a record
+            repeats what ``H.eigenvalues()``, ``H.trace()`` and ``H.traces()`` give on the same
+            weights.
         density_probes, density_steps: SLQ probes and Lanczos steps per probe.
         eval_mode: measure with the model in eval mode (dropout off, BatchNorm on its running
             statistics); the mode is restored afterwards.
@@ -181,7 +183,7 @@ class CurvatureTracker:
         seed: int = 0,
         *,
         eig_tol: float = 1e-6,
-        trace_rtol: float = 0.02,
+        trace_rtol: float = 0.01,
         trace_max_hvp: int = 1000,
         density_probes: int = 2,
         density_steps: int = 80,
@@ -247,7 +249,8 @@ class CurvatureTracker:
             "layers": (self._names if isinstance(self._names, list) else
                        "all" if self._names else "none"),
             "grouping": (self._grouping if isinstance(self._grouping, (str, type(None)))
-                         else {k: list(v) for k, v in self._grouping.items()}),
+                         else {str(k): [str(p) for p in ([v] if isinstance(v, str) else v)]
+                               for k, v in self._grouping.items()}),
             "hessian_options": {k: str(v) for k, v in self.hessian_options.items()},
         }
 
