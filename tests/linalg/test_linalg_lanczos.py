@@ -327,3 +327,26 @@ def test_eigsh_ncv_errors():
         eigsh(A, k=5, ncv=6)
     with pytest.raises(ValueError, match="basis_dtype"):
         eigsh(A, k=1, basis_dtype=torch.int64)
+
+
+def test_float32_basis_is_accurate_on_a_long_operator():
+    """A float32 basis over 2e5 entries: the Gram-Schmidt coefficients accumulate in float64.
+    With float32 dot products the Ritz values came out 1.3e-5 off (49.99937 for 50) while
+    their vectors were right."""
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    top = torch.tensor([50.0, 31.0, 22.0, 15.0, 11.0, 8.5])
+    d = torch.cat([top, torch.rand(n - 6, generator=g) * 0.5 - 0.05])[torch.randperm(n,
+                                                                                   generator=g)]
+
+    class Diagonal:
+        dim, dtype, device = n, torch.float32, torch.device("cpu")
+
+        def matmat(self, V):
+            return V * d
+
+    res = eigsh(Diagonal(), k=5, ncv=20)
+    assert res.vectors.dtype == torch.float32 and bool(res.converged.all())
+    np.testing.assert_allclose(res.values.numpy(), top[:5].numpy(), rtol=2e-7)
+    rayleigh = ((res.vectors.double() ** 2) * d.double()).sum(dim=1)
+    np.testing.assert_allclose(rayleigh.numpy(), top[:5].numpy(), rtol=2e-7)

@@ -34,6 +34,7 @@ from torch import Tensor
 from hesslens.errors import HesslensInputError
 from hesslens.linalg.lanczos import (
     _BatchLanczos,
+    _coef,
     _gram64,
     _norm64,
     _rowdot,
@@ -85,7 +86,7 @@ def _recurrence(
 
     def deflate(W: Tensor) -> Tensor:
         if U is not None:
-            W.addmm_(W @ U.T, U, alpha=-1.0)
+            W.addmm_(_coef(W, U), U, alpha=-1.0)
         return W
 
     q = deflate(deflate(q))
