@@ -67,8 +67,9 @@ class TrainConfig:
         htr_distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         htr_fd_eps: relative finite-difference step (``None``: the default for the dtype).
         sam_rho: SAM's radius; 0 switches SAM off.
-        track_every: record curvature (trace, top eigenvalue, per layer) every N epochs and
-            after the last one; 0 switches tracking off.
+        track_every: record curvature (trace, top eigenvalue, per layer) at initialisation
+            (epoch 0), every N epochs and after the last one; 0 switches tracking off (the
+            default here; ``hesslens train`` tracks every epoch unless ``--track-every 0``).
         track_per_class: examples per class in the fixed analysis subset (the paper: 10).
         track_densities: also record eigenvalue densities (slower).
         val_fraction: share of the training set held out for validation (0: none).
