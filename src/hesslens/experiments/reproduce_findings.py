@@ -91,7 +91,9 @@ def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
     fell, total, details = 0, 0, []
     layer_fell, layer_total = 0, 0
     for run in runs:
-        tracked = [e for e in run["epochs"] if e.get("trace") is not None]
+        # trained epochs only: the epoch-0 record (initialisation) is not "as training goes on"
+        tracked = [e for e in run["epochs"]
+                   if e.get("trace") is not None and e.get("epoch", 1) >= 1]
         if len(tracked) < 2:
             continue
         first, last = tracked[0], tracked[-1]
