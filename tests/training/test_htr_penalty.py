@@ -448,3 +448,51 @@ def test_state_from_another_kind_of_device_continues_the_stream(setup):
     again = HessianTracePenalty(model, seed=7)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(again.sample_probes()[0], nxt[0]))
+
+
+def test_penalty_on_a_sliced_transformer_block_is_the_quadratic_form_of_that_block():
+    """layers=[q] of the transformer grouping: q is a slice of the fused in_proj weight; the
+    probe is zero outside it and the penalty is v^T H_qq v of the dense float64 Hessian."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import cross_entropy
+
+    from hesslens.curvature.blocks import block_flat_indices
+    from tests.reference import dense_hessian
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(3 * 8, 4)).double()
+    x, y = torch.randn(6, 3, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    pen = HessianTracePenalty(model, layers=["0.layers.0.attn.q"], grouping="transformer",
+                              seed=3, loss_fn=cross_entropy)
+    assert pen.param_names == ["0.layers.0.self_attn.in_proj_weight",
+                               "0.layers.0.self_attn.in_proj_bias"]
+    probes = pen.sample_probes(2)
+    names = [n for n, p in model.named_parameters()]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    idx = block_flat_indices(pen.blocks["0.layers.0.attn.q"], shapes)
+    with sdpa_kernel([SDPBackend.MATH]):
+        H = dense_hessian(model, cross_entropy, [(x, y)], names)
+    offsets = dict(zip(names, torch.cumsum(torch.tensor([0] + [p.numel() for p in
+                                                              model.parameters()]), 0)))
+    for probe in probes:
+        flat = torch.zeros(H.shape[0], dtype=torch.float64)
+        for name, v in zip(pen.param_names, probe):
+            flat[int(offsets[name]): int(offsets[name]) + v.numel()] = v.flatten()
+        outside = torch.ones(H.shape[0], dtype=torch.bool)
+        outside[idx] = False
+        assert flat[outside].abs().max() == 0 and flat[idx].abs().min() == 1
+        # LayerNorm: the penalty re-evaluates the loss (written-out norms, and attention on a
+        # kernel with double backward), so the default attention of the training pass is fine
+        value = pen(cross_entropy(model(x), y), x, y, probes=[probe])
+        assert torch.allclose(value, flat @ H @ flat, rtol=1e-10)
+    # Without a re-evaluation (a model without LayerNorm), the default attention kernel has no
+    # double backward: a named error says what to do.
+    attn = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    head = nn.Linear(8, 4).double()
+    bare = nn.ModuleDict({"attn": attn, "head": head})
+    pen = HessianTracePenalty(bare, layers="all", seed=0)
+    h = attn(x, x, x, need_weights=False)[0]
+    with pytest.raises(HesslensInputError, match="sdpa_kernel"):
+        pen(cross_entropy(head(h.mean(1)), y))

@@ -188,7 +188,7 @@ class ProductEngine:
         """``H V`` for a (k, n) batch of flat vectors over the parameters ``names``."""
         vs = split_flat(V, [self.model.params[n].shape for n in names])
         key = "batched" if V.shape[0] > 1 else "single"
-        with _named_derivative_errors():
+        with products.named_derivative_errors():
             if key not in self.choice:
                 return join_flat(self._choose(key, names, vs))
             return join_flat(self._run(self.choice[key], names, vs))
@@ -274,7 +274,7 @@ class ProductEngine:
         A single vector goes through cached graphs (three backward passes, no forward); a
         batch is vmapped through ``jvp`` / ``vjp``, which is cheaper per vector."""
         vs = split_flat(V, [self.model.params[n].shape for n in names])
-        with _named_derivative_errors():
+        with products.named_derivative_errors():
             if V.shape[0] == 1 and self.graph_cache_bytes > 0:
                 out = [torch.zeros_like(v) for v in vs]
                 for graph in self._graph_batches("gauss_newton", self._build_ggn_graph):
@@ -338,7 +338,7 @@ class ProductEngine:
             with torch.no_grad():
                 holder["loss"] = self.loss.loss(self.loss.call(self.model.bind({}), head), head)
 
-        with _named_derivative_errors():
+        with products.named_derivative_errors():
             order = self.model.call_order(run, wanted_modules)
         check_loss(holder["loss"])
         self._check_mean(head, holder["loss"])
@@ -403,26 +403,6 @@ def _check_finite(parts: list[Tensor]) -> None:
                 "second derivative of the loss overflows or is undefined at these weights "
                 "(check for exploding activations, log(0), sqrt at 0, or use float64 via "
                 "dtype=torch.float64)")
-
-
-class _named_derivative_errors:
-    """Turn PyTorch's 'derivative not implemented' errors into a named input error."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or not isinstance(exc, (RuntimeError, NotImplementedError)):
-            return False
-        text = str(exc)
-        if ("derivative for" in text and "not implemented" in text) or (
-                "forward AD" in text and "not implemented" in text):
-            raise HesslensInputError(
-                "an operation of this model has no second derivative in PyTorch "
-                f"({text.splitlines()[0][:160]}): pass path='fd' (finite-difference products "
-                "that need gradients only), or use a kernel with double backward (e.g. "
-                "attn_implementation='sdpa' or 'eager' for a Hugging Face model)") from exc
-        return False
 
 
 def split_flat(V: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hesslens.errors import HesslensInputError
+
 LossOf = Callable[[dict[str, Tensor]], Tensor]
 
 
@@ -51,6 +53,32 @@ def second_order_kernels() -> Iterator[None]:
         return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+class named_derivative_errors:
+    """Turn PyTorch's 'derivative not implemented' errors (an operation without double
+    backward or forward mode, e.g. a fused attention kernel) into a named input error that says
+    what to do (``hint``, default: the operators' options)."""
+
+    def __init__(self, hint: str | None = None) -> None:
+        self.hint = hint or (
+            "pass path='fd' (finite-difference products that need gradients only), or use a "
+            "kernel with double backward (e.g. attn_implementation='sdpa' or 'eager' for a "
+            "Hugging Face model)")
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, (RuntimeError, NotImplementedError)):
+            return False
+        text = str(exc)
+        if ("derivative for" in text and "not implemented" in text) or (
+                "forward AD" in text and "not implemented" in text):
+            raise HesslensInputError(
+                "an operation of this model has no second derivative in PyTorch "
+                f"({text.splitlines()[0][:160]}): {self.hint}") from exc
+        return False
 
 
 @dataclass

@@ -24,14 +24,58 @@ layer's weight and bias together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
+from hesslens.curvature.blocks import PRESETS, Blocks, ParamSlice, resolve_blocks
 from hesslens.curvature.layers import discover_layers, middle_indices
 from hesslens.errors import HesslensInputError
 
-__all__ = ["discover_layers", "middle_indices", "select_layers"]
+__all__ = ["discover_layers", "middle_indices", "select_blocks", "select_layers"]
+
+
+def select_blocks(
+    model: nn.Module,
+    layers: str | Sequence[str] | Mapping[str, Any] = "all",
+    grouping: str | Mapping[str, Any] | None = None,
+) -> Blocks:
+    """The pieces a penalty looks at, as {block: [ParamSlice]}: ``layers`` selects blocks of
+    ``grouping`` (default: one block per module, as :func:`select_layers`; or a preset such as
+    ``"transformer"``, or a mapping of glob patterns / ParamSlices, as the curvature operators
+    take ``layers=``). ``layers`` may itself be a preset or a mapping: all of its blocks.
+
+    Example:
+        >>> model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2)
+        >>> blocks = select_blocks(model, ["layers.1.attn.q"], grouping="transformer")
+        >>> [str(p) for p in blocks["layers.1.attn.q"]]
+        ['layers.1.self_attn.in_proj_weight[0:8]', 'layers.1.self_attn.in_proj_bias[0:8]']
+    """
+    if isinstance(layers, Mapping) or (isinstance(layers, str) and layers in PRESETS
+                                       and layers != "modules"):
+        grouping, layers = layers, "all"
+    if grouping is None or grouping == "modules":
+        return {name: [ParamSlice(p) for p in params]
+                for name, params in select_layers(model, layers).items()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    blocks = resolve_blocks(model, grouping, trainable)
+    names = list(blocks)
+    if isinstance(layers, str):
+        key = layers.strip()
+        if key == "all":
+            return blocks
+        if key == "middle":
+            return {names[i]: blocks[names[i]] for i in middle_indices(len(names))}
+        layers = [s.strip() for s in key.split(",") if s.strip()]
+    chosen = list(layers)
+    unknown = [c for c in chosen if c not in blocks]
+    if not chosen or unknown:
+        raise HesslensInputError(
+            f"unknown or no block name(s) {unknown}; the blocks of this grouping are "
+            f"{names[:12]}{' ...' if len(names) > 12 else ''}, or use 'all' or 'middle'")
+    wanted = set(chosen)
+    return {n: blocks[n] for n in names if n in wanted}
 
 
 def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict[str, list[str]]:

@@ -143,19 +143,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from hesslens.curvature.blocks import block_parameters
+from hesslens.curvature.products import named_derivative_errors, second_order_kernels
 from hesslens.errors import HesslensInputError
-from hesslens.training.layers_select import select_layers
+from hesslens.training.layers_select import select_blocks
 from hesslens.training.norms import DecomposedNorms, fused_norms_in_graph
 
 __all__ = ["HessianTracePenalty", "default_fd_eps"]
 
 _DISTRIBUTIONS = ("rademacher", "gaussian")
+_NO_DOUBLE_BACKWARD = (
+    "the penalty differentiates the training loss twice; compute that loss under "
+    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) (PyTorch's fused attention kernels have "
+    "no double backward), or use method='fd'")
 _METHODS = ("hvp", "fd")
 
 
@@ -198,6 +204,27 @@ def _derived_seed(seed: int, draws: int) -> int:
     """A seed for the probe stream after ``draws`` probes, for a generator that cannot take
     the old one's state (another kind of device)."""
     return (seed * 6364136223846793005 + (draws + 1) * 1442695040888963407) % (2**63)
+
+
+def _slice_masks(model: nn.Module, blocks: Mapping[str, Sequence[Any]],
+                 names: Sequence[str]) -> list[Tensor | None] | None:
+    """Per chosen parameter, a 0/1 mask of the elements the blocks cover (``None``: all of
+    them); ``None`` when every block takes whole parameters."""
+    params = dict(model.named_parameters())
+    covered: dict[str, list[Any]] = {n: [] for n in names}
+    for pieces in blocks.values():
+        for piece in pieces:
+            covered[piece.param].append(piece)
+    masks: list[Tensor | None] = []
+    for n in names:
+        if any(piece.dim is None for piece in covered[n]):
+            masks.append(None)
+            continue
+        mask = torch.zeros(params[n].numel())
+        for piece in covered[n]:
+            mask[piece.flat_indices(params[n].shape)] = 1.0
+        masks.append(mask.view(params[n].shape))
+    return None if all(m is None for m in masks) else masks
 
 
 def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -248,7 +275,9 @@ class HessianTracePenalty:
             end excluded, of the ``n`` layers in forward order; see
             :func:`hesslens.curvature.layers.middle_indices`), or a
             list of layer names (a comma-separated string works too). A layer is a module that
-            owns trainable parameters directly.
+            owns trainable parameters directly, or a block of ``grouping``; ``layers`` may also
+            be a grouping itself (a preset such as ``"transformer"``, or a mapping of glob
+            patterns / ParamSlices): all its blocks.
         n_probes: number of probes averaged per call.
         distribution: ``"rademacher"`` (entries +-1: lowest variance) or ``"gaussian"``.
         method: ``"hvp"`` (double back-propagation, exact quadratic forms) or ``"fd"``
@@ -258,6 +287,10 @@ class HessianTracePenalty:
         seed: seed of the probe generator; ``None`` draws one from the global torch generator
             once, at construction (so ``torch.manual_seed`` still makes runs reproducible).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; required for ``"fd"``.
+        grouping: the blocks ``layers`` chooses among, as the curvature operators'
+            ``layers=`` (:func:`hesslens.curvature.blocks.resolve_blocks`): ``None`` (modules),
+            ``"transformer"`` (q, k, v, o, mlp_in, mlp_out per layer: q of a fused QKV weight
+            is a slice, and the probe is zero outside it), or a mapping.
 
     Call ``pen(loss)`` (``"hvp"``) or ``pen(loss, inputs=x, targets=y)`` (``"fd"``; ``loss`` must
     be ``loss_fn(model(x), y)``) to get the penalty, a scalar tensor to be added to the loss.
@@ -273,6 +306,7 @@ class HessianTracePenalty:
         fd_eps: float | None = None,
         seed: int | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        grouping: str | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise HesslensInputError(
@@ -294,9 +328,14 @@ class HessianTracePenalty:
         if loss_fn is not None and not callable(loss_fn):
             raise HesslensInputError("loss_fn must be callable: loss_fn(outputs, targets)")
         self.model = model
-        self.layer_params: dict[str, list[str]] = select_layers(model, layers)
-        self.layers: list[str] = list(self.layer_params)
-        self.param_names: list[str] = [n for ns in self.layer_params.values() for n in ns]
+        self.blocks = select_blocks(model, layers, grouping)
+        self.layer_params: dict[str, list[str]] = block_parameters(self.blocks)
+        self.layers: list[str] = list(self.blocks)
+        self.param_names: list[str] = list(dict.fromkeys(
+            n for ns in self.layer_params.values() for n in ns))
+        # Blocks that are slices of a parameter (q of a fused QKV weight): the probe is zero
+        # outside the slice, so v^T H v estimates the trace of the slice's block alone.
+        self._masks = _slice_masks(model, self.blocks, self.param_names)
         # (module, attribute) of each chosen parameter: a lookup per call that stays right after
         # model.to(), without walking named_parameters() on every training step.
         self._param_slots = [_slot(model, n) for n in self.param_names]
@@ -368,10 +407,11 @@ class HessianTracePenalty:
                 flat.mul_(2).sub_(1)
             else:
                 flat = torch.randn(total, generator=g, device=device, dtype=dtype)
-            probes.append([
-                chunk.view(p.shape).to(p.dtype)
-                for chunk, p in zip(flat.split(sizes), params)
-            ])
+            probe = [chunk.view(p.shape).to(p.dtype) for chunk, p in zip(flat.split(sizes), params)]
+            if self._masks is not None:
+                probe = [v if m is None else v * m.to(v.device, v.dtype)
+                         for v, m in zip(probe, self._masks)]
+            probes.append(probe)
         return probes
 
     def state_dict(self) -> dict[str, Any]:
@@ -418,7 +458,8 @@ class HessianTracePenalty:
         elif len(probes) == 0:
             raise HesslensInputError("probes is empty; pass at least one probe or None")
         if self.method == "hvp":
-            out = self._hvp(self._loss_for_third_derivatives(loss, inputs, targets), probes)
+            with named_derivative_errors(_NO_DOUBLE_BACKWARD):
+                out = self._hvp(self._loss_for_third_derivatives(loss, inputs, targets), probes)
         else:
             out = self._fd(loss, inputs, targets, probes, probes_drawn=drawn)
         return out.reshape(())
@@ -441,7 +482,8 @@ class HessianTracePenalty:
         # Batch statistics as in the training pass, on copies of the running statistics; the
         # global random-number stream is left where the training pass left it.
         buffers, devices = self._side_pass_state(self.parameters())
-        with torch.random.fork_rng(devices=devices), DecomposedNorms():
+        # re-evaluated on attention kernels that have double backward, too
+        with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
             out = torch.func.functional_call(self.model, buffers, (inputs,), tie_weights=False)
             return self.loss_fn(out, targets)
 
