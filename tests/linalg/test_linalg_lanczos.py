@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -350,3 +352,24 @@ def test_float32_basis_is_accurate_on_a_long_operator():
     np.testing.assert_allclose(res.values.numpy(), top[:5].numpy(), rtol=2e-7)
     rayleigh = ((res.vectors.double() ** 2) * d.double()).sum(dim=1)
     np.testing.assert_allclose(rayleigh.numpy(), top[:5].numpy(), rtol=2e-7)
+
+
+def test_basis_rows_never_exceed_the_steps(monkeypatch):
+    """ncv=dim (no restart) on a long operator allocates max_steps + 1 rows, not dim + 1."""
+    lz = importlib.import_module("hesslens.linalg.lanczos")
+    shapes = []
+    init = lz._RestartedLanczos.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        shapes.append(tuple(self.Q.shape))
+
+    monkeypatch.setattr(lz._RestartedLanczos, "__init__", spy)
+    n = 50_000
+    d = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    A = type("Diagonal", (), {"dim": n, "dtype": torch.float64, "device": torch.device("cpu"),
+                              "matmat": lambda self, V: V * d})()
+    with pytest.warns(BudgetWarning):
+        eigsh(A, k=1, ncv=n, max_steps=10, tol=1e-3)
+    eigsh(A, k=1, tol=1e-3)  # default: 101 x 5e4 float64 = 40 MB, no restart
+    assert shapes == [(11, n), (101, n)]

@@ -808,6 +808,7 @@ def eigsh(
     elif int(max_steps) < k:
         raise HesslensInputError(f"max_steps={max_steps} is smaller than k={k}")
     max_steps = int(max_steps) if ncv < n else min(int(max_steps), n)
+    ncv = min(ncv, max_steps)  # never more rows than steps: the basis is allocated at once
 
     gen = torch.Generator().manual_seed(seed)
     engine = _RestartedLanczos(
