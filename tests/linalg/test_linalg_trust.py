@@ -129,3 +129,28 @@ def test_trace_budget_stop_warns_with_the_reached_error():
     assert f"{rel:.2%}" in msg and "max_hvp=100" in msg and "rtol=0.01%" in msg
     assert "raise max_hvp or rtol" in msg and "1 of 1 blocks" in msg
     assert not full.converged and full.n_hvp == 100
+
+
+def test_an_operator_that_returns_its_input_is_not_corrupted():
+    """Estimators update products in place: a product that is its own input (the identity,
+    returned as is) must still give the identity's numbers."""
+
+    class Identity:
+        dim, dtype, device = 300, torch.float64, torch.device("cpu")
+
+        def matmat(self, V):
+            return V
+
+    op, dense = Identity(), MatrixOperator(torch.eye(300, dtype=torch.float64))
+    assert hutchinson(op, n_hvp=20).value == pytest.approx(300.0, rel=1e-12)
+    kw = {"slices": {"a": slice(0, 100)}, "rtol": 0.0, "max_hvp": 80, "sketch_rank": 4}
+    full, blocks = block_traces(op, **kw)
+    full_ref, blocks_ref = block_traces(dense, **kw)  # same probes
+    assert full.value == pytest.approx(full_ref.value, rel=1e-12)
+    assert blocks["a"].value == pytest.approx(blocks_ref["a"].value, rel=1e-12)
+    assert abs(full.value - 300.0) < 4 * full.stderr
+    assert hutchpp(op, n_hvp=60).value == pytest.approx(hutchpp(dense, n_hvp=60).value, rel=1e-12)
+    spec, _ = slq(op, n_probes=2, n_steps=5, reorth="none")
+    np.testing.assert_allclose(spec.nodes, 1.0, rtol=1e-12)
+    res = eigsh(op, k=2, ncv=6)
+    np.testing.assert_allclose(res.values.numpy(), [1.0, 1.0], rtol=1e-12)

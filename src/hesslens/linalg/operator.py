@@ -317,8 +317,9 @@ def matmat_as(
     """Multiply the batch ``V`` through ``op`` and return the product as ``dtype`` on ``device``.
 
     The vectors are cast to ``op.dtype`` (and moved to ``op.device``) only for the product; the
-    result is checked for NaN/Inf (:func:`check_finite`) and its shape. ``device=None`` keeps
-    the operator's device. This is the one place where the algorithms call ``op.matmat``.
+    result is checked for NaN/Inf (:func:`check_finite`) and its shape, and never shares
+    memory with ``V`` (the algorithms update products in place). ``device=None`` keeps the
+    operator's device. This is the one place where the algorithms call ``op.matmat``.
 
     Examples
     --------
@@ -327,14 +328,21 @@ def matmat_as(
     >>> matmat_as(op, torch.ones(1, 2, dtype=torch.float64))
     tensor([[2., 3.]], dtype=torch.float64)
     """
-    out = op.matmat(V.to(dtype=op.dtype, device=op.device))
+    Vc = V.to(dtype=op.dtype, device=op.device)
+    out = op.matmat(Vc)
     if not isinstance(out, Tensor) or out.shape != V.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise HesslensInputError(
             f"operator returned shape {shape} for a batch of shape {tuple(V.shape)}"
         )
     check_finite(out)
-    return out.to(dtype=dtype, device=op.device if device is None else device)
+    out = out.to(dtype=dtype, device=op.device if device is None else device)
+    if out.untyped_storage().data_ptr() in (
+        Vc.untyped_storage().data_ptr(),
+        V.untyped_storage().data_ptr(),
+    ):  # the product is its input (an identity-like operator): the callers update it in place
+        out = out.clone()
+    return out
 
 
 def matmat64(op: SymmetricOperator, V: Tensor) -> Tensor:
