@@ -181,8 +181,13 @@ def test_bad_arguments():
         layer_study(model, cross_entropy, data, k=0, progress=False)
 
 
-def test_tracker_similarity_is_registered():
-    import hesslens.analysis
-    from hesslens.training import tracking
+def test_importing_analysis_sets_no_training_global():
+    # the trainer's tracking takes spectrum_similarity itself (tests/training/
+    # test_tracking_callback.py); analysis no longer registers it at import
+    import subprocess
+    import sys
 
-    assert tracking._DEFAULT_SIMILARITY is hesslens.analysis.spectrum_similarity
+    code = "import sys, hesslens.analysis; print('hesslens.training' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -61,6 +61,8 @@ def test_densities_and_similarity_hook():
     assert abs(sum(out["density"]["weights"]) - 1) < 1e-6
     assert set(out["layer_density"]) == set(out["layer_similarity"]) == {"0", "1", "3"}
     assert set(out["layer_similarity"].values()) == {0.25}
+    default = EpochTracking(x, y, densities=True).measure(model)["layer_similarity"]
+    assert all(set(v) == {"wasserstein", "js_divergence"} for v in default.values())
 
 
 def test_trainer_tracks_every_n_epochs_and_the_last(tmp_path):
