@@ -278,3 +278,17 @@ def test_import_hesslens_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_data_is_passed_to_the_operator_as_it_is():
+    x, y = _data(dtype=torch.float64)
+    model = _model().double()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    by_batches = CurvatureTracker(model, LOSS, loader, trace=False).update(0)
+    whole = CurvatureTracker(model, LOSS, (x, y), trace=False).update(0)
+    # batches of 16, 16 and 8 are weighted by size: the same mean loss, the same Hessian
+    assert by_batches["full"]["top_eigenvalues"][0] == pytest.approx(
+        whole["full"]["top_eigenvalues"][0], rel=1e-8)
+    for name, entry in whole["layers"].items():
+        assert by_batches["layers"][name]["top_eigenvalues"][0] == pytest.approx(
+            entry["top_eigenvalues"][0], rel=1e-8, abs=1e-12), name
