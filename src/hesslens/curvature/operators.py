@@ -345,8 +345,14 @@ class CurvatureOperator:
         ``"hutchinson"`` and ``"hutch++-fixed"`` spend exactly ``n_hvp`` products; ``"exact"``
         spends ``dim``."""
         if method == "hutch++":
-            return self.traces(rtol=rtol, max_hvp=n_hvp or max_hvp, distribution=distribution,
-                               seed=seed)[0]
+            key = (rtol, n_hvp or max_hvp, distribution, seed)
+            if ("blocks", *key) in self._trace_cache:  # traces() ran: its full is as good
+                return self._trace_cache[("blocks", *key)][0]
+            if ("full", *key) not in self._trace_cache:
+                # the layers' shares come from the same probes, for a later traces()
+                self._trace_cache[("full", *key)] = self._block_traces(
+                    *key, block_floor=_NO_BLOCK_RULE)
+            return self._trace_cache[("full", *key)][0]
         if method == "hutchinson":
             return hutchinson(self, n_hvp=n_hvp or 100, distribution=distribution, seed=seed)
         if method == "hutch++-fixed":
@@ -370,10 +376,24 @@ class CurvatureOperator:
     ) -> tuple[TraceResult, dict[str, TraceResult]]:
         """The full trace and every layer's block trace from one shared set of probes: for
         Rademacher ``v``, ``E[v_l . (H v)_l] = tr(H_ll)``. The layer estimates add up to the full
-        one exactly. :meth:`trace` runs the same estimate, so calling both costs one run."""
+        one exactly. The estimate runs until the full trace and every layer's reach ``rtol``
+        (layers below 1 % of the full trace: ``rtol`` of 1 % of it), so it may take more
+        products than :meth:`trace`, which stops on the full trace alone; after a
+        :meth:`trace` with the same arguments whose layer estimates already meet that rule,
+        its products are reused."""
         key = (rtol, max_hvp, distribution, seed)
-        if key in self._trace_cache:
-            return self._trace_cache[key]
+        if ("blocks", *key) in self._trace_cache:
+            return self._trace_cache[("blocks", *key)]
+        earlier = self._trace_cache.get(("full", *key))
+        if earlier is not None and _blocks_converged(earlier, rtol):
+            self._trace_cache[("blocks", *key)] = earlier
+            return earlier
+        result = self._block_traces(*key)
+        self._trace_cache[("blocks", *key)] = result
+        return result
+
+    def _block_traces(self, rtol: float, max_hvp: int, distribution: str, seed: int,
+                      block_floor: float = 0.01) -> tuple[TraceResult, dict[str, TraceResult]]:
         indices = self.layer_indices()
         perm = torch.cat([*indices.values(), torch.zeros(0, dtype=torch.int64)])
         if len(perm) < self.dim:
@@ -385,10 +405,8 @@ class CurvatureOperator:
         for layer, idx in indices.items():
             ranges[layer] = slice(start, start + len(idx))
             start += len(idx)
-        result = block_traces(view, ranges, rtol=rtol, max_hvp=max_hvp,
-                              distribution=distribution, seed=seed)
-        self._trace_cache[key] = result
-        return result
+        return block_traces(view, ranges, rtol=rtol, max_hvp=max_hvp,
+                            distribution=distribution, seed=seed, block_floor=block_floor)
 
     def layer_traces(self, **kwargs: Any) -> dict[str, TraceResult]:
         """Every layer's block trace ``tr(H_ll)`` from shared full-network probes (see
@@ -471,6 +489,18 @@ def _check_k(k: int, dim: int) -> None:
         raise HesslensInputError(
             f"k={k} is larger than the operator's dimension {dim}: ask for at most {dim}"
         )
+
+
+# block_traces' per-block stopping rule switched off (the full trace alone decides).
+_NO_BLOCK_RULE = 1e300
+
+
+def _blocks_converged(result: tuple[TraceResult, dict[str, TraceResult]], rtol: float,
+                      floor: float = 0.01) -> bool:
+    """Whether every layer estimate of ``result`` meets block_traces' per-block rule."""
+    full, layers = result
+    return all(r.stderr <= rtol * max(abs(r.value), floor * abs(full.value))
+               for r in layers.values())
 
 
 def unwrap_model(model: object) -> object:
