@@ -49,6 +49,8 @@ from hesslens.errors import HesslensInputError
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
+import itertools
+
 from hesslens.linalg import (
     EigenResult,
     Spectrum,
@@ -148,10 +150,17 @@ class CurvatureOperator:
         wanted = {p.param for p in pieces}
         self._names = [n for n in engine.model.trainable if n in wanted]
         self._shapes = {n: params[n].shape for n in self._names}
-        self._index = block_flat_indices(pieces, self._shapes).to(engine.model.device)
         self._width = sum(math.prod(s) for s in self._shapes.values())
-        self._identity = len(self._index) == self._width and bool(
-            (self._index == torch.arange(self._width, device=self._index.device)).all())
+        canonical = [p.canonical(self._shapes[p.param]) for p in pieces]
+        # Whole parameters in model order: the operator's vector is the parameters' own, and no
+        # index tensor (8 bytes an element) is ever built.
+        self._identity = (all(p.dim is None for p in canonical)
+                          and [p.param for p in canonical] == self._names)
+        self._dim = sum(p.numel(self._shapes[p.param]) for p in canonical)
+        self._index = None if self._identity else block_flat_indices(
+            pieces, self._shapes).to(engine.model.device)
+        starts = np.cumsum([0] + [p.numel(self._shapes[p.param]) for p in canonical]).tolist()
+        self._piece_ranges = {p: (a, b) for p, a, b in zip(canonical, starts, starts[1:])}
         self.label = label
         self.n_products = 0
         self._trace_cache: dict[tuple, tuple[TraceResult, dict[str, TraceResult]]] = {}
@@ -186,7 +195,7 @@ class CurvatureOperator:
     @property
     def dim(self) -> int:
         """Length of the flat vector (the operator is ``dim x dim``)."""
-        return len(self._index)
+        return self._dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -206,10 +215,27 @@ class CurvatureOperator:
         """The product path chosen for single and batched products (after the first products)."""
         return dict(self._engine.choice)
 
+    def layer_ranges(self) -> dict[str, slice] | None:
+        """Each layer's contiguous range in this operator's flat vector, or ``None`` when some
+        layer is not one range (a slice of a fused weight, layers out of order)."""
+        out = {}
+        for layer, pieces in self._layer_map.items():
+            spans = [self._piece_ranges.get(p.canonical(self._shapes[p.param]))
+                     if p.param in self._shapes else None for p in pieces]
+            if any(span is None for span in spans):
+                return None
+            if any(a[1] != b[0] for a, b in itertools.pairwise(spans)):
+                return None
+            out[layer] = slice(spans[0][0], spans[-1][1])
+        return out
+
     def layer_indices(self) -> dict[str, torch.Tensor]:
         """Where each layer's elements lie in this operator's flat vector (int64 indices)."""
         position = torch.full((self._width,), -1, dtype=torch.int64)
-        position[self._index.cpu()] = torch.arange(self.dim)
+        if self._index is None:
+            position = torch.arange(self._width)
+        else:
+            position[self._index.cpu()] = torch.arange(self.dim)
         out = {}
         for layer, pieces in self._layer_map.items():
             idx = position[block_flat_indices(pieces, self._shapes)]
@@ -394,6 +420,10 @@ class CurvatureOperator:
 
     def _block_traces(self, rtol: float, max_hvp: int, distribution: str, seed: int,
                       block_floor: float = 0.01) -> tuple[TraceResult, dict[str, TraceResult]]:
+        ranges = self.layer_ranges()
+        if ranges is not None:  # layers are ranges of the vector already: no permutation
+            return block_traces(self, ranges, rtol=rtol, max_hvp=max_hvp,
+                                distribution=distribution, seed=seed, block_floor=block_floor)
         indices = self.layer_indices()
         perm = torch.cat([*indices.values(), torch.zeros(0, dtype=torch.int64)])
         if len(perm) < self.dim:
