@@ -110,7 +110,8 @@ class BatchSource:
     its batch size).
     """
 
-    def __init__(self, data: object, count_terms: TermCounter | None = None) -> None:
+    def __init__(self, data: object, count_terms: TermCounter | None = None,
+                 group: Any = None) -> None:
         if data is None:
             raise HesslensInputError(
                 "data is None: pass (inputs, targets), a mapping of tensors, or an iterable of "
@@ -137,7 +138,11 @@ class BatchSource:
                 self._prints.append(fingerprint(batch))
         if not self.terms:
             raise HesslensInputError("data is empty: it yielded no batch")
-        self.num_terms = sum(self.terms)
+        self.local_terms = sum(self.terms)
+        # Under torch.distributed (group given) this rank's data is a shard: the weights are
+        # shares of the loss terms of all shards together.
+        self.num_terms = self.local_terms if group is None else _all_reduce_int(
+            self.local_terms, group)
         if self.num_terms == 0:
             raise HesslensInputError(
                 "data is empty: no batch has a loss term (no samples, or every label is -100)")
@@ -217,6 +222,16 @@ class BatchSource:
               and not all(isinstance(t, torch.Tensor) or _is_tensor_tuple(t) for t in batch)):
             raise HesslensInputError(
                 f"batch {index}: inputs and targets must be torch tensors")
+
+
+def _all_reduce_int(value: int, group: Any) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return int(t.item())
 
 
 def _inputs_of(inputs: Any) -> list[torch.Tensor]:

@@ -71,6 +71,9 @@ class ProductEngine:
         The most vectors pushed through one vmapped product, to bound memory.
     fd_order : {2, 4}
         Order of the finite-difference products (``path="fd"``).
+    group : torch.distributed process group, optional
+        Sum products over this group's ranks (each holding a shard of the data) in
+        :meth:`reduce`.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ProductEngine:
         graph_cache_bytes: int | None = None,
         chunk_size: int = 32,
         fd_order: int = 4,
+        group: Any = None,
     ) -> None:
         if path not in PATHS:
             raise HesslensInputError(f"path must be one of {PATHS}, not {path!r}")
@@ -92,6 +96,12 @@ class ProductEngine:
         self.model = model
         self.loss = loss
         self.data = data
+        # torch.distributed process group whose ranks hold shards of the data (None: alone)
+        self.group = group
+        if group is not None and path == "auto":
+            # Timing would pick per rank, and the candidates' collectives must match: pin the
+            # double-backward path (bitwise-repeatable too).
+            path = "reverse"
         self.path = path
         self.fd_order = fd_order
         self.fd_scale = products.StepScale()
@@ -141,9 +151,20 @@ class ProductEngine:
             self.loss.call(self.model.bind(params), batch))
 
     def reduce(self, parts: list[Tensor]) -> list[Tensor]:
-        """The reduction step after the sum over this process's batches (the identity in one
-        process; the place where an all-reduce over processes belongs)."""
-        return parts
+        """The reduction step after the sum over this process's batches: the identity in one
+        process; under ``torch.distributed`` one all-reduce (a sum over the ranks' shards) of
+        all parts at once, so every rank holds the same products."""
+        if self.group is None:
+            return parts
+        import torch.distributed as dist
+
+        flat = torch.cat([p.reshape(-1) for p in parts])  # one dtype: the widest of the parts
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        out, start = [], 0
+        for p in parts:
+            out.append(flat[start:start + p.numel()].reshape(p.shape).to(p.dtype))
+            start += p.numel()
+        return out
 
     def _sum(self, per_batch: Callable[[int, Batch, float], list[Tensor]],
              vs: list[Tensor]) -> list[Tensor]:

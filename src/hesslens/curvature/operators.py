@@ -100,6 +100,12 @@ class CurvatureOperator:
         Product settings: see :class:`hesslens.curvature.engine.ProductEngine`.
     num_terms : callable, optional
         ``num_terms(batch) -> int``: the number of loss terms of a batch (its weight).
+    distributed, process_group :
+        With ``torch.distributed`` initialised (and ``distributed`` not False), ``data`` is this
+        rank's shard: the loss-term count is summed over the ranks once, every product is the
+        local weighted sum followed by one all-reduce, and every estimator (probes and start
+        vectors seeded alike on every rank) returns the same result on every rank.
+        ``distributed=False``: rank-local. ``process_group``: the group (default: the world).
     """
 
     def __init__(
@@ -119,15 +125,18 @@ class CurvatureOperator:
         chunk_size: int = 32,
         fd_order: int = 4,
         num_terms: Callable[[Any], int] | None = None,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         model = unwrap_model(model)
+        group = _process_group(distributed, process_group)
         fmodel = FunctionalModel(model, dtype=dtype, device=device, batchnorm=batchnorm,
                                  allow_dropout=allow_dropout)
         loss = BatchLoss(model, loss_fn, num_terms)
-        source = BatchSource(data, count_terms=loss.terms)
+        source = BatchSource(data, count_terms=loss.terms, group=group)
         engine = ProductEngine(fmodel, loss, source, path=path, reuse_graph=reuse_graph,
                                graph_cache_bytes=graph_cache_bytes, chunk_size=chunk_size,
-                               fd_order=fd_order)
+                               fd_order=fd_order, group=group)
         blocks = resolve_blocks(fmodel.module, layers, fmodel.trainable)
         owner = {p: m for m, ps in owned_parameters(fmodel.module, lambda _n, _p: True).items()
                  for p in ps}
@@ -519,6 +528,21 @@ def _check_k(k: int, dim: int) -> None:
         raise HesslensInputError(
             f"k={k} is larger than the operator's dimension {dim}: ask for at most {dim}"
         )
+
+
+def _process_group(distributed: bool | None, group: Any) -> Any:
+    """The process group products are summed over, or None for a rank-local operator."""
+    if distributed is False:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise HesslensInputError(
+                "distributed=True but torch.distributed is not initialised: call "
+                "torch.distributed.init_process_group (torchrun does the environment) first")
+        return None
+    return group if group is not None else dist.group.WORLD
 
 
 # block_traces' per-block stopping rule switched off (the full trace alone decides).
