@@ -358,12 +358,18 @@ class CurvatureOperator:
         max_steps: int | None = None,
         seed: int = 0,
         return_vectors: bool = True,
+        ncv: int | None = None,
+        basis_dtype: torch.dtype | None = None,
+        basis_device: torch.device | str | None = None,
     ) -> EigenResult:
-        """The top-``k`` eigenvalues (``which="LA"``; also ``"SA"``, ``"LM"``) by Lanczos with full
-        reorthogonalisation, stopped on the a-posteriori error bound of each Ritz value."""
+        """The top-``k`` eigenvalues (``which="LA"``; also ``"SA"``, ``"LM"``) by thick-restarted
+        Lanczos with full reorthogonalisation in a basis of at most ``ncv`` vectors (in
+        ``basis_dtype`` on ``basis_device``), stopped on the a-posteriori error bound of each
+        Ritz value: see :func:`hesslens.linalg.eigsh`."""
         _check_k(k, self.dim)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
-                     return_vectors=return_vectors)
+                     return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
+                     basis_device=basis_device)
 
     def trace(
         self,
@@ -460,11 +466,14 @@ class CurvatureOperator:
         deflate: int | EigenResult | None = 10,
         distribution: str = "rademacher",
         seed: int = 0,
+        reorth: str = "auto",
+        probe_chunk: int | None = None,
     ) -> Spectrum:
-        """The spectral density by stochastic Lanczos quadrature, probes run as one batch.
+        """The spectral density by stochastic Lanczos quadrature, probes run in batches.
         ``deflate`` (an int ``k`` or a result of :meth:`eigenvalues` with vectors) removes the
         top eigenpairs first and adds them back exactly, which sharpens the outliers and the
-        density's mean."""
+        density's mean. ``reorth`` and ``probe_chunk`` bound the memory (a stored basis only
+        for small problems; see :func:`hesslens.linalg.slq`)."""
         if isinstance(deflate, int) and not isinstance(deflate, bool):
             k = min(deflate, max(self.dim - 2, 0))
             deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None
@@ -475,7 +484,8 @@ class CurvatureOperator:
                     "density are approximate (pass deflate=0, or a converged eigenvalues() "
                     "result)", stacklevel=2)
         spectrum, _ = slq(self, n_probes=n_probes, n_steps=min(n_steps, self.dim), seed=seed,
-                          distribution=distribution, deflate=deflate)
+                          distribution=distribution, deflate=deflate, reorth=reorth,
+                          probe_chunk=probe_chunk)
         return spectrum
 
     def __repr__(self) -> str:
