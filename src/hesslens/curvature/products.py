@@ -94,7 +94,8 @@ class BatchGraph:
 def build_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]) -> BatchGraph:
     """The gradient of ``loss_of`` with respect to ``names`` with its graph kept for double
     backward; counts the bytes the graph saves."""
-    leaves = {n: params[n].clone().requires_grad_(True) for n in names}
+    # detached views of the snapshot, not copies: nothing writes to them
+    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), second_order_kernels(), _saved_bytes() as saved:
         loss = loss_of(leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
@@ -316,7 +317,8 @@ def build_ggn_graph(forward: Callable[[dict[str, Tensor]], Tensor],
                     loss_of_outputs: Callable[[Tensor], Tensor], params: dict[str, Tensor],
                     names: Sequence[str]) -> GaussNewtonGraph:
     """The graphs :func:`ggn_reverse` multiplies through."""
-    leaves = {n: params[n].clone().requires_grad_(True) for n in names}
+    # detached views of the snapshot, not copies: nothing writes to them
+    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), second_order_kernels(), _saved_bytes() as saved:
         out = forward(leaves)
         u = torch.zeros_like(out, requires_grad=True)
