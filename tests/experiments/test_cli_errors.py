@@ -92,6 +92,8 @@ CASES = [
     (["train", "--out", "{tmp}/t", "--batch-size", "0"], ["--batch-size"]),
     (["train", "--out", "{tmp}/t", "--momentum", "-1"], ["--momentum"]),
     (["train", "--out", "{tmp}/t", "--milestones", "x"], ["--milestones"]),
+    (["train", "--out", "{tmp}/t", "--epochs", "3", "--milestones", "100,200"],
+     ["milestones [100, 200]", "before the last epoch"]),
     (["train", "--out", "{tmp}/t", "--htr", "1e-3", "--htr-layers", "bogus"],
      ["unknown layer name", "bogus"]),
     (["train", "--out", "{tmp}/t", "--htr", "1e-3", "--htr-layers", ""], ["--htr-layers"]),

@@ -36,6 +36,8 @@ def _cfg(**kw):
     base = dict(epochs=3, batch_size=16, lr=0.05, val_fraction=0.25, schedule="multistep",
                 milestones=[2])
     base.update(kw)
+    if "milestones" not in kw and base["milestones"]:  # a decay before the last epoch only
+        base["milestones"] = [m for m in base["milestones"] if m < base["epochs"]] or None
     return TrainConfig(**base)
 
 

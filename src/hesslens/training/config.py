@@ -136,6 +136,10 @@ class TrainConfig:
                  and all(is_int(m) and m >= 1 for m in self.milestones),
                  f"milestones must be a list of positive epoch numbers, got {self.milestones!r}")
             self.milestones = sorted(int(m) for m in self.milestones)
+            late = [m for m in self.milestones if m >= self.epochs]
+            need(not late,
+                 f"milestones {late} are not before the last epoch ({self.epochs} epochs, "
+                 "0-based): the decay would never happen; give milestones below --epochs")
         need(is_num(self.lr_gamma) and 0 < self.lr_gamma <= 1,
              f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
         need(is_int(self.seed) and self.seed >= 0,
