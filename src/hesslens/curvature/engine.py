@@ -166,15 +166,24 @@ class ProductEngine:
             start += p.numel()
         return out
 
-    def _sum(self, per_batch: Callable[[int, Batch, float], list[Tensor]],
-             vs: list[Tensor]) -> list[Tensor]:
-        out = [torch.zeros_like(v) for v in vs]
+    def _result(self, vs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One flat (k, n) result and its per-parameter views: every batch adds into them."""
+        flat = vs[0].new_zeros(vs[0].shape[0], sum(v[0].numel() for v in vs))
+        return flat, split_flat(flat, [v.shape[1:] for v in vs])
+
+    def _finish(self, flat: Tensor) -> Tensor:
+        flat = self.reduce([flat])[0]
+        _check_finite([flat])
+        return flat
+
+    def _sum(self, per_batch: Callable[[int, Batch, float, list[Tensor]], object],
+             vs: list[Tensor]) -> Tensor:
+        """``per_batch(index, batch, weight, out)`` adds each batch's products into ``out``;
+        the flat sum, reduced over processes and checked finite."""
+        flat, views = self._result(vs)
         for i, batch, weight in self.batches():
-            for o, p in zip(out, per_batch(i, batch, weight)):
-                o += p
-        out = self.reduce(out)
-        _check_finite(out)
-        return out
+            per_batch(i, batch, weight, views)
+        return self._finish(flat)
 
     # ----------------------------------------------------------------- graph cache
     def _graph_batches(self, kind: str, build: Callable) -> Iterator[Any]:
@@ -211,27 +220,24 @@ class ProductEngine:
         key = "batched" if V.shape[0] > 1 else "single"
         with products.named_derivative_errors():
             if key not in self.choice:
-                return join_flat(self._choose(key, names, vs))
-            return join_flat(self._run(self.choice[key], names, vs))
+                return self._choose(key, names, vs)
+            return self._run(self.choice[key], names, vs)
 
-    def _run(self, candidate: str, names: Sequence[str], vs: list[Tensor]) -> list[Tensor]:
+    def _run(self, candidate: str, names: Sequence[str], vs: list[Tensor]) -> Tensor:
         if candidate == "fd":
-            return self._sum(lambda i, b, w: products.hvp_fd(
+            return self._sum(lambda i, b, w, out: products.hvp_fd(
                 self.loss_of(i, b, w), self.model.params, names, vs, order=self.fd_order,
-                scale=self.fd_scale), vs)
+                scale=self.fd_scale, out=out), vs)
         if candidate == "forward":
-            return self._sum(lambda i, b, w: self._check_batch(i, b) or products.hvp_forward(
+            return self._sum(lambda i, b, w, out: self._check_batch(i, b) or products.hvp_forward(
                 self.loss_of(i, b, w), self.model.params, names, vs,
-                chunk_size=self.chunk_size, randomness=self._randomness), vs)
+                chunk_size=self.chunk_size, randomness=self._randomness, out=out), vs)
         batched = candidate == "reverse-batched"
-        out = [torch.zeros_like(v) for v in vs]
+        flat, views = self._result(vs)
         for graph in self._graph_batches("hessian", self._build_hessian_graph):
-            for o, p in zip(out, products.hvp_reverse(graph, names, vs, batched=batched,
-                                                       chunk_size=self.chunk_size)):
-                o += p
-        out = self.reduce(out)
-        _check_finite(out)
-        return out
+            products.hvp_reverse(graph, names, vs, batched=batched, chunk_size=self.chunk_size,
+                                 out=views)
+        return self._finish(flat)
 
     def _candidates(self, k: int) -> list[str]:
         if self.path == "fd":
@@ -248,7 +254,7 @@ class ProductEngine:
             return reverse
         return [*reverse, "forward"]
 
-    def _choose(self, key: str, names: Sequence[str], vs: list[Tensor]) -> list[Tensor]:
+    def _choose(self, key: str, names: Sequence[str], vs: list[Tensor]) -> Tensor:
         """Time every candidate path on the first few vectors, keep the fastest for the rest
         and for later calls, and return the products (the discarded candidates' products are
         counted in ``calibration_products``)."""
@@ -286,7 +292,7 @@ class ProductEngine:
         if m == k:
             return results[best]
         rest = self._run(best, names, [v[m:] for v in vs])
-        return [torch.cat([a, b]) for a, b in zip(results[best], rest)]
+        return torch.cat([results[best], rest])
 
     # ----------------------------------------------------------------- Gauss-Newton products
     def gauss_newton_products(self, names: Sequence[str], V: Tensor) -> Tensor:
@@ -297,14 +303,11 @@ class ProductEngine:
         vs = split_flat(V, [self.model.params[n].shape for n in names])
         with products.named_derivative_errors():
             if V.shape[0] == 1 and self.graph_cache_bytes > 0:
-                out = [torch.zeros_like(v) for v in vs]
+                flat, views = self._result(vs)
                 for graph in self._graph_batches("gauss_newton", self._build_ggn_graph):
-                    for o, p in zip(out, products.ggn_reverse(graph, names, vs)):
-                        o += p
-                out = self.reduce(out)
-                _check_finite(out)
-                return join_flat(out)
-            return join_flat(self._sum(self._ggn_batched(names, vs), vs))
+                    products.ggn_reverse(graph, names, vs, out=views)
+                return self._finish(flat)
+            return self._sum(self._ggn_batched(names, vs), vs)
 
     def _ggn_loss(self, i: int, batch: Batch, weight: float) -> Callable[[Tensor], Tensor]:
         def loss_of_outputs(z: Tensor) -> Tensor:
@@ -320,12 +323,11 @@ class ProductEngine:
                                         self.model.params, self.model.trainable)
 
     def _ggn_batched(self, names: Sequence[str], vs: list[Tensor]) -> Callable:
-        def per_batch(i: int, batch: Batch, weight: float) -> list[Tensor]:
+        def per_batch(i: int, batch: Batch, weight: float, out: list[Tensor]) -> None:
             self._check_batch(i, batch)
-            return products.ggn_vmapped(self.outputs_of(batch), self._ggn_loss(i, batch, weight),
-                                        self.model.params, names, vs,
-                                        chunk_size=self.chunk_size,
-                                        randomness=self._randomness)
+            products.ggn_vmapped(self.outputs_of(batch), self._ggn_loss(i, batch, weight),
+                                 self.model.params, names, vs, chunk_size=self.chunk_size,
+                                 randomness=self._randomness, out=out)
 
         return per_batch
 
@@ -430,6 +432,8 @@ def split_flat(V: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     """Split a (k, n) batch of flat vectors into per-parameter (k, *shape) views."""
     sizes = [math.prod(s) for s in shapes]
     parts = torch.split(V, sizes, dim=1)
+    # views where V is contiguous (always for the engine's own results): products added
+    # into them land in V
     return [p.reshape(V.shape[0], *s) for p, s in zip(parts, shapes)]
 
 

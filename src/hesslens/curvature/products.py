@@ -11,6 +11,9 @@ cache and the sum over batches.
 * :func:`hvp_fd` -- ``Hv ≈ (g(θ + hv) - g(θ - hv)) / 2h``, first-order autograd only.
 * :func:`ggn_vmapped`, :func:`ggn_reverse` -- ``Gv = J^T (d2 loss / dz2) J v``.
 
+Each adds its products into ``out`` (per-parameter ``(k, *shape)`` tensors, e.g. views of one
+flat result) when given, so that a sum over batches holds one result, not one per batch.
+
 Example:
     >>> import torch
     >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64)
@@ -119,10 +122,11 @@ def _saved_bytes() -> Iterator[list[int]]:
 
 
 def hvp_reverse(graph: BatchGraph, names: Sequence[str], vs: list[Tensor], *,
-                batched: bool = False, chunk_size: int = 32) -> list[Tensor]:
+                batched: bool = False, chunk_size: int = 32,
+                out: list[Tensor] | None = None) -> list[Tensor]:
     """``H_b V`` by double backward on ``graph``: ``d/dθ (g · v)``, one vector at a time or
     ``is_grads_batched`` chunks of them."""
-    out = [torch.zeros_like(v) for v in vs]
+    out = out if out is not None else [torch.zeros_like(v) for v in vs]
     # A parameter the loss does not use has a constant (zero) gradient: its rows and columns
     # of H are zero, and autograd must not be asked to differentiate it.
     used = [i for i, n in enumerate(names) if graph.grads[n].requires_grad]
@@ -152,7 +156,7 @@ def hvp_reverse(graph: BatchGraph, names: Sequence[str], vs: list[Tensor], *,
 
 def hvp_forward(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
                 vs: list[Tensor], *, chunk_size: int = 32,
-                randomness: str = "error") -> list[Tensor]:
+                randomness: str = "error", out: list[Tensor] | None = None) -> list[Tensor]:
     """``H_b V`` as ``jvp(grad(loss), v)`` (forward over reverse), vmapped over chunks."""
     primals = tuple(params[n] for n in names)
 
@@ -162,7 +166,7 @@ def hvp_forward(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
     def hvp_one(*tangents: Tensor) -> tuple[Tensor, ...]:
         return torch.func.jvp(torch.func.grad(loss_of_tuple), (primals,), (tangents,))[1]
 
-    out = [torch.zeros_like(v) for v in vs]
+    out = out if out is not None else [torch.zeros_like(v) for v in vs]
     k = vs[0].shape[0]
     with second_order_kernels():
         for start in range(0, k, chunk_size):
@@ -212,7 +216,8 @@ class StepScale:
 
 
 def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
-           vs: list[Tensor], *, order: int = 4, scale: StepScale | None = None) -> list[Tensor]:
+           vs: list[Tensor], *, order: int = 4, scale: StepScale | None = None,
+           out: list[Tensor] | None = None) -> list[Tensor]:
     """``H_b V`` by central differences of the gradient, ``D(h) = (g(θ+hv) - g(θ-hv)) / 2h``
     (``order=2``: two gradients a vector), or with one Richardson extrapolation step
     ``(4 D(h/2) - D(h)) / 3`` (``order=4``, the default: four gradients, error ``O(h^4)``),
@@ -225,7 +230,7 @@ def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
     if order not in (2, 4):
         raise ValueError(f"order must be 2 or 4, not {order}")
     scale = scale if scale is not None else StepScale()
-    out = [torch.zeros_like(v) for v in vs]
+    out = out if out is not None else [torch.zeros_like(v) for v in vs]
     k = vs[0].shape[0]
     base = {n: params[n].detach() for n in names}
     tol = scale.tol if scale.tol is not None else math.sqrt(torch.finfo(vs[0].dtype).eps)
@@ -269,7 +274,7 @@ def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
 def ggn_vmapped(forward: Callable[[dict[str, Tensor]], Tensor],
                 loss_of_outputs: Callable[[Tensor], Tensor], params: dict[str, Tensor],
                 names: Sequence[str], vs: list[Tensor], *, chunk_size: int = 32,
-                randomness: str = "error") -> list[Tensor]:
+                randomness: str = "error", out: list[Tensor] | None = None) -> list[Tensor]:
     """``G_b V = J^T (d2 loss / dz2) J V`` with ``jvp`` / ``vjp``, vmapped over chunks;
     ``forward(params)`` is the output tensor ``z``, ``loss_of_outputs(z)`` the weighted loss."""
     primals = tuple(params[n] for n in names)
@@ -288,7 +293,7 @@ def ggn_vmapped(forward: Callable[[dict[str, Tensor]], Tensor],
             _, jv = torch.func.jvp(fwd, primals, tangents)
             return vjp_fn(hess_out(jv)[0])
 
-        out = [torch.zeros_like(v) for v in vs]
+        out = out if out is not None else [torch.zeros_like(v) for v in vs]
         k = vs[0].shape[0]
         for start in range(0, k, chunk_size):
             sl = slice(start, start + chunk_size)
@@ -329,11 +334,11 @@ def build_ggn_graph(forward: Callable[[dict[str, Tensor]], Tensor],
     return GaussNewtonGraph(leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad, saved[0])
 
 
-def ggn_reverse(graph: GaussNewtonGraph, names: Sequence[str], vs: list[Tensor]
-                ) -> list[Tensor]:
+def ggn_reverse(graph: GaussNewtonGraph, names: Sequence[str], vs: list[Tensor],
+                out: list[Tensor] | None = None) -> list[Tensor]:
     """``G_b v`` for each vector through the kept graphs: ``J v`` (a derivative of ``J^T u``
     in ``u``), ``H_out J v``, then ``J^T (H_out J v)``; no forward pass."""
-    out = [torch.zeros_like(v) for v in vs]
+    out = out if out is not None else [torch.zeros_like(v) for v in vs]
     with second_order_kernels():
         for j in range(vs[0].shape[0]):
             pairs = [(graph.jt_u[n], v[j]) for n, v in zip(names, vs)
