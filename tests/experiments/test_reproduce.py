@@ -108,7 +108,7 @@ def _arm(acc, acc_sd, tr, tr_sd):
 
 
 @pytest.mark.parametrize("htr_all, htr_mid, verdict", [
-    # the README's full run: every difference inside the seed noise
+    # an earlier README run (2026-11-27): every difference inside the seed noise
     ((0.9158, 0.0114, 11.4, 2.3), (0.9158, 0.0031, 11.9, 0.8), "not shown"),
     ((0.95, 0.002, 6.0, 0.5), (0.95, 0.002, 6.5, 0.5), "held"),
     ((0.95, 0.002, 6.0, 0.5), (0.9158, 0.003, 11.9, 0.8), "partly"),

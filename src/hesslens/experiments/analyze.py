@@ -178,7 +178,7 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
     rows = layer_rows(results)
     width = max(14, min(24, max(len(r["name"]) for r in rows)))
     head = (f"{'layer':<{width}} {'depth':>5} {'params':>8} {'lambda1':>10} {'/full':>6} "
-            f"{'trace':>10} {'/full':>6} {'W1':>7} {'rank':>4} {'G lambda1':>10}")
+            f"{'trace':>10} {'± se':>8} {'/full':>6} {'W1':>7} {'rank':>4} {'G lambda1':>10}")
     print(head)
     print("-" * len(head))
 
@@ -193,7 +193,8 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
         name = r["name"] if len(r["name"]) <= width else "~" + r["name"][-(width - 1):]
         print(f"{name:<{width}} {f(r['depth'], '5.2f')} {f(r['n_params'], '8d')} "
               f"{f(r['top_eigenvalue'], '10.4g')} {f(r['top_ratio'], '6.3f')} "
-              f"{f(r['trace'], '10.4g')} {f(r['trace_ratio'], '6.3f')} "
+              f"{f(r['trace'], '10.4g')} {f(r['trace_stderr'], '8.2g')} "
+              f"{f(r['trace_ratio'], '6.3f')} "
               f"{f(r['wasserstein'], '7.4f')} {f(r['similarity_rank'], '4d')} "
               f"{f(r['gn_top_eigenvalue'], '10.4g')}")
     sim = results.get("similarity") or {}
