@@ -277,3 +277,25 @@ def test_hvp_refuses_integer_vectors_and_block_refuses_non_names(gpt2_case):
         H.hvp(torch.ones(H.dim, dtype=torch.int64))
     with pytest.raises(HesslensInputError, match="layer name"):
         H.block(0)
+
+
+def test_finite_differences_on_a_relu_network_say_they_did_not_settle():
+    """Across ReLU kinks D(h) and D(h/2) keep disagreeing: the fd path says so by name instead of
+    returning products that can be far from the exact ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 3)).double()
+    data = (torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,)))
+    H = hl.Hessian(model, torch.nn.functional.cross_entropy, data, path="fd")
+    V = torch.randn(4, H.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="did not settle"):
+        H.hvp(V)
+    smooth = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.Tanh(),
+                                 torch.nn.Linear(64, 3)).double()
+    H = hl.Hessian(smooth, torch.nn.functional.cross_entropy, data, path="fd")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H.hvp(V[:, :H.dim])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -213,6 +214,8 @@ class StepScale:
         self.factor = 1.0
         self.tol = tol
         self.max_halvings = max_halvings
+        self.unsettled = 0.0  # the largest relative change D(h) vs D(h/2) accepted so far
+        self.warned = False
 
 
 def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
@@ -266,6 +269,15 @@ def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
                     break
                 h, coarse = h / 2, fine
             parts = best
+            scale.unsettled = max(scale.unsettled, best_change)
+            if best_change > max(1e-2, 100 * tol) and not scale.warned:
+                scale.warned = True
+                warnings.warn(
+                    f"finite-difference products did not settle: D(h) and D(h/2) still differ "
+                    f"by {best_change:.1%} at the best step, so the loss is not smooth on the "
+                    "scale of the step (ReLU or max-pooling kinks, or too little precision) and "
+                    "these products can be far from the Hessian's; use an exact path (path="
+                    "'reverse' or 'forward')", stacklevel=2)
         for o, p in zip(out, parts):
             o[j] += p.to(o.dtype)
     return out
