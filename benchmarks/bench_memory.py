@@ -21,20 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _measure import vm, write_results
+
 CASES = ("gradient", "hessian-construction", "eigenvalues(k=5)", "trace()", "density()")
-
-
-def _vm(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _child(case: str, width: int, depth: int, samples: int, device: str) -> dict:
@@ -58,9 +52,9 @@ def _child(case: str, width: int, depth: int, samples: int, device: str) -> dict
         if dev.type == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
-        return _vm("VmHWM")
+        return vm("VmHWM")
 
-    base = torch.cuda.memory_allocated() if dev.type == "cuda" else _vm("VmRSS")
+    base = torch.cuda.memory_allocated() if dev.type == "cuda" else vm("VmRSS")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -120,15 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         r["copies_above_gradient"] = copies
         print(f"{r['case']:<22} {r['bytes'] / 2**20:9.0f} {copies:24.1f} "
               f"{r.get('n_hvp', '-')!s:>9} {r['seconds']:8.1f}")
-    import torch
-
-    out = {"benchmark": "memory", "width": args.width, "depth": args.depth,
-           "samples": args.samples, "device": args.device, "torch": torch.__version__,
-           "machine": platform.processor() or platform.machine(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(args.out)
+    write_results(args.out, {"benchmark": "memory", "width": args.width, "depth": args.depth,
+                             "samples": args.samples, "device": args.device, "rows": rows})
     return 0
 
 

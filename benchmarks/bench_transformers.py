@@ -21,21 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _measure import vm, write_results
+
 MODELS = ("gpt-nano", "vit-tiny", "resnet18")
-
-
-def _vm(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _setup(name: str, dtype):
@@ -87,11 +81,11 @@ def _child(name: str, mode: str, repeats: int) -> dict:
     torch.set_num_threads(1)
     if mode.startswith("memory-"):
         model, loss_fn, batches = _setup(name, torch.float32)
-        base = _vm("VmRSS")
+        base = vm("VmRSS")
         path = mode.removeprefix("memory-")
         H = hl.Hessian(model, loss_fn, batches, path=path)
         H.hvp(torch.ones(H.dim))
-        return {"peak_rise_bytes": _vm("VmHWM") - base}
+        return {"peak_rise_bytes": vm("VmHWM") - base}
     out: dict = {}
     model, loss_fn, batches = _setup(name, torch.float32)
     out["n_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -156,14 +150,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['fd_rel_error_float32']:10.1e} {r['fd_rel_error_float64']:10.1e} "
               f"{r.get('memory-reverse_bytes', 0) / 2**20:9.0f} "
               f"{r.get('memory-fd_bytes', 0) / 2**20:7.0f}")
-    import torch
-
-    out = {"benchmark": "transformers", "torch": torch.__version__, "threads": 1,
-           "machine": platform.processor() or platform.machine(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(args.out)
+    write_results(args.out, {"benchmark": "transformers", "threads": 1, "rows": rows})
     return 0
 
 

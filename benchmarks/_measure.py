@@ -1,0 +1,29 @@
+"""Helpers the memory benchmarks share: the process's memory counters and an atomic JSON write."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def vm(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` (bytes) of this process, from ``/proc/self/status``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def write_results(path: str | Path, record: dict[str, Any]) -> None:
+    """``record`` with torch's version and the machine, written atomically as JSON."""
+    import torch
+
+    record = {**record, "torch": torch.__version__,
+              "machine": platform.processor() or platform.machine()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
