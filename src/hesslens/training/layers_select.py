@@ -60,22 +60,8 @@ def select_blocks(
                 for name, params in select_layers(model, layers).items()}
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     blocks = resolve_blocks(model, grouping, trainable)
-    names = list(blocks)
-    if isinstance(layers, str):
-        key = layers.strip()
-        if key == "all":
-            return blocks
-        if key == "middle":
-            return {names[i]: blocks[names[i]] for i in middle_indices(len(names))}
-        layers = [s.strip() for s in key.split(",") if s.strip()]
-    chosen = list(layers)
-    unknown = [c for c in chosen if c not in blocks]
-    if not chosen or unknown:
-        raise HesslensInputError(
-            f"unknown or no block name(s) {unknown}; the blocks of this grouping are "
-            f"{names[:12]}{' ...' if len(names) > 12 else ''}, or use 'all' or 'middle'")
-    wanted = set(chosen)
-    return {n: blocks[n] for n in names if n in wanted}
+    shown = f"{list(blocks)[:12]}{' ...' if len(blocks) > 12 else ''}"
+    return _choose(blocks, layers, "block", f"the blocks of this grouping are {shown}")
 
 
 def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict[str, list[str]]:
@@ -91,11 +77,20 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict
             "the model has no trainable parameters; a Hessian-trace penalty needs some "
             "(check requires_grad on the model's parameters)"
         )
+    return _choose(found, layers, "layer",
+                   f"valid layer names (modules owning trainable parameters, forward order) "
+                   f"are {list(found)}")
+
+
+def _choose(found: Mapping[str, Any], layers: str | Sequence[str], what: str,
+            valid: str) -> dict[str, Any]:
+    """``"all"``, ``"middle"``, a list of names or a comma-separated string of them, resolved
+    among ``found`` (in forward order): the one selection rule for layers and blocks."""
     names = list(found)
     if isinstance(layers, str):
         key = layers.strip()
         if key == "all":
-            return found
+            return dict(found)
         if key == "middle":
             return {names[i]: found[names[i]] for i in middle_indices(len(names))}
         # A comma-separated string of names, as the command line passes it.
@@ -103,14 +98,11 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict
     chosen = list(layers)
     if not chosen:
         raise HesslensInputError(
-            f"no layers selected; pass 'all', 'middle' or some of the layer names {names}"
-        )
+            f"no {what}s selected; pass 'all', 'middle' or some of the names: {valid}")
     unknown = [c for c in chosen if c not in found]
     if unknown:
         raise HesslensInputError(
-            f"unknown layer name(s) {unknown}; valid layer names (modules owning trainable "
-            f"parameters, forward order) are {names}, or use 'all' or 'middle'"
-        )
+            f"unknown {what} name(s) {unknown}; {valid}, or use 'all' or 'middle'")
     # Keep forward order and drop duplicates.
     wanted = set(chosen)
     return {n: found[n] for n in names if n in wanted}
