@@ -26,9 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +40,11 @@ from hesslens.experiments.common import (
     resolve_dtype,
     show_progress,
 )
+from hesslens.experiments.reproduce_jobs import run_jobs
 from hesslens.experiments.reproduce_plan import Arm, Plan, full_plan, quick_plan, slug
+from hesslens.experiments.reproduce_study import run_study
 
 __all__ = ["add_reproduce_arguments", "reproduce", "run_reproduce"]
-
-STUDY_ARMS = ("SGD", "HTR all layers")
-
 
 # ---------------------------------------------------------------------------------- CLI
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,56 +74,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------- jobs
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _train_job(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Train one run to the end (continuing it if it was interrupted)."""
-    from hesslens.training import TrainConfig, train
-
-    result = train(TrainConfig.from_dict(config), run_dir, progress=False, resume=True)
-    return {"run_dir": run_dir, "final": result["final"]}
-
-
-def _finished(run_dir: Path, epochs: int) -> bool:
-    try:
-        data = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return False
-    # count trained epochs: a tracked run also has an epoch-0 record (initialisation)
-    return sum(1 for e in data.get("epochs", []) if e.get("epoch", 1) >= 1) >= epochs
-
-
-def _run_jobs(jobs: list[tuple[dict[str, Any], Path]], workers: int, progress: bool,
-              desc: str) -> None:
-    from tqdm.auto import tqdm
-
-    todo = [(c, d) for c, d in jobs if not _finished(d, c["epochs"])]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
-               disable=not progress, file=sys.stderr)
-    try:
-        if workers <= 1 or len(todo) <= 1:
-            _init_worker()
-            for config, run_dir in todo:
-                _train_job(config, str(run_dir))
-                bar.update()
-            return
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-            futures = [pool.submit(_train_job, c, str(d)) for c, d in todo]
-            for future in as_completed(futures):
-                future.result()
-                bar.update()
-    finally:
-        bar.close()
-
-
 # ---------------------------------------------------------------------------------- stages
 def _config(plan: Plan, arm: Arm, value: float | None, seed: int, device: str,
             track: bool) -> dict[str, Any]:
@@ -153,7 +100,7 @@ def _tune(plan: Plan, out: Path, device: str, progress: bool) -> dict[str, Any]:
                          run_dir))
             where[(arm.name, value)] = run_dir
     if jobs:
-        _run_jobs(jobs, plan.workers, progress, "tune on validation")
+        run_jobs(jobs, plan.workers, progress, "tune on validation")
     chosen: dict[str, Any] = {}
     for arm in plan.arms:
         if arm.knob is None:
@@ -179,53 +126,8 @@ def _train_final(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
             run_dir = out / "runs" / slug(arm.name) / f"seed{seed}"
             jobs.append((_config(plan, arm, value, seed, device, track=True), run_dir))
             runs.setdefault(arm.name, []).append(run_dir)
-    _run_jobs(jobs, plan.workers, progress, "train arms x seeds")
+    run_jobs(jobs, plan.workers, progress, "train arms x seeds")
     return runs
-
-
-def _study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
-           progress: bool, dtype: Any = None) -> dict[str, Any]:
-    """Layer study of the first seed's final model of each arm in STUDY_ARMS."""
-    import torch
-
-    from hesslens.analysis import layer_study
-    from hesslens.experiments.common import load_state_dict
-    from hesslens.provenance import data_fingerprint, dataset_fingerprint, versions
-    from hesslens.report.layer_report import write_layer_study
-    from hesslens.zoo import analysis_subset, build_model, load_dataset
-
-    data = load_dataset(plan.data)
-    x, y = analysis_subset(data.x_train, data.y_train, per_class=10, seed=0)
-    studies = {}
-    for name in STUDY_ARMS:
-        if name not in runs:
-            continue
-        study_dir = out / "study" / slug(name)
-        results_file = study_dir / "results.json"
-        if results_file.is_file():
-            studies[name] = json.loads(results_file.read_text())
-            continue
-        run_dir = runs[name][0]
-        model = build_model(plan.model, data.input_shape, data.num_classes, seed=plan.seeds[0])
-        state, _ = load_state_dict(run_dir / "checkpoint.pt")
-        model.load_state_dict(state)
-        model.eval()
-        study = layer_study(
-            model, torch.nn.functional.cross_entropy, (x.to(device), y.to(device)),
-            k=plan.study_k, density_probes=plan.study_density_probes,
-            density_steps=plan.study_density_steps, seed=0, device=device, dtype=dtype,
-            progress=progress)
-        results = study.to_dict()
-        results["settings"] = {**results.get("settings", {}), "model": plan.model,
-                               "data": plan.data, "checkpoint": str(run_dir / "checkpoint.pt"),
-                               "arm": name}
-        results["data"] = {**dataset_fingerprint(data, plan.data),
-                           "analysis_subset": data_fingerprint(
-                               f"{plan.data} analysis subset", {"x": x, "y": y})}
-        results["versions"] = versions(device)
-        write_layer_study(results, study_dir)
-        studies[name] = results
-    return studies
 
 
 def _check_plan(out: Path, plan: Plan) -> None:
@@ -274,7 +176,7 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     runs = _train_final(plan, out, device, chosen, progress)
     _add_seconds(out, "train_seconds", time.perf_counter() - t1)
     t2 = time.perf_counter()
-    studies = _study(plan, out, runs, device, progress, dtype)
+    studies = run_study(plan, out, runs, device, progress, dtype)
     timings = _add_seconds(out, "study_seconds", time.perf_counter() - t2)
     comparison = compare_runs([str(d) for dirs in runs.values() for d in dirs])
     return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings,
