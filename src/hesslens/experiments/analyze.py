@@ -99,7 +99,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
                      "report.html into --out.")
     g = parser.add_argument_group("what to analyse")
     g.add_argument("--model", default=None,
-                   help="zoo model: mlp, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20, "
+                   help="zoo model: mlp, mlp5, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20, "
                         "gpt-nano, vit-tiny "
                         f"(default: the checkpoint's, else {DEFAULT_MODEL})")
     g.add_argument("--data", default=None,

@@ -54,7 +54,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = parser.add_argument_group("what to train")
     g.add_argument("--model", default=d.model,
-                   help="zoo model: mlp, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20 "
+                   help="zoo model: mlp, mlp5, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20 "
                         f"(default {d.model})")
     g.add_argument("--data", default=d.data,
                    help="zoo data set: mnist1d, digits (built in), mnist, fashionmnist, svhn, "

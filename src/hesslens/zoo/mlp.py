@@ -62,3 +62,14 @@ def mlp(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (6
     23
     """
     return MLP(input_shape, num_classes, hidden)
+
+
+def mlp5(input_shape: Sequence[int], num_classes: int, width: int = 64) -> MLP:
+    """A deeper :class:`MLP`: five hidden ``Linear -> ReLU`` layers of ``width`` and the
+    classifier (six weight layers, so that "the middle layers" are more than one).
+
+    >>> len([m for m in mlp5((1, 40), 10).modules() if isinstance(m, torch.nn.Linear)])
+    6
+    """
+    return MLP(input_shape, num_classes, (width,) * 5)
+

@@ -7,8 +7,8 @@ they are built (``build_model(..., seed=s)`` fixes it without touching the globa
 
 Example:
     >>> from hesslens.zoo.models import build_model, MODELS
-    >>> sorted(MODELS)
-    ['cnn1d', 'gpt-nano', 'lenet', 'mlp', 'resnet18', 'resnet20', 'vgg11', 'vgg11_bn', 'vit-tiny']
+    >>> sorted(MODELS)[:6]
+    ['cnn1d', 'gpt-nano', 'lenet', 'mlp', 'mlp5', 'resnet18']
     >>> model = build_model("lenet", (1, 8, 8), num_classes=10, seed=0)
     >>> type(model).__name__
     'LeNet5'
@@ -27,12 +27,13 @@ from hesslens.zoo._checks import check_int
 from hesslens.zoo.cnn1d import cnn1d
 from hesslens.zoo.hf_models import gpt_nano, vit_tiny
 from hesslens.zoo.lenet import lenet5
-from hesslens.zoo.mlp import mlp
+from hesslens.zoo.mlp import mlp, mlp5
 from hesslens.zoo.resnet import resnet18, resnet20
 from hesslens.zoo.vgg import vgg11, vgg11_bn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
+    "mlp5": mlp5,
     "cnn1d": cnn1d,
     "lenet": lenet5,
     "vgg11": vgg11,
