@@ -178,7 +178,7 @@ def test_cnn1d_takes_flat_and_channel_batches():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: build_model("alexnet", (3, 32, 32), 10), "lenet, mlp, resnet18"),
+        (lambda: build_model("alexnet", (3, 32, 32), 10), "lenet, mlp, mlp5, resnet18"),
         (lambda: build_model("lenet", (1, 40), 10), r"lenet: input_shape must be 3-D"),
         (lambda: build_model("resnet18", (40,), 10), "resnet18: input_shape"),
         (lambda: build_model("cnn1d", (1, 8, 8), 10), "cnn1d: input_shape must be 1-D or 2-D"),
