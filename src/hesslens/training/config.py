@@ -25,9 +25,12 @@ import torch
 
 from hesslens.errors import HesslensInputError
 
-__all__ = ["RUN_ONLY_FIELDS", "SCHEDULES", "TrainConfig", "arm_key", "arm_label"]
+__all__ = ["CURVATURES", "RUN_ONLY_FIELDS", "SCHEDULES", "TrainConfig", "arm_key", "arm_label"]
 
 SCHEDULES = ("none", "multistep", "cosine")
+
+#: The curvatures whose trace the penalty can take (``HessianTracePenalty(curvature=...)``).
+CURVATURES = ("hessian", "gauss_newton", "fisher")
 
 #: Fields that say how or where a run was made or what was measured along the way, not what was
 #: trained: not part of an arm.
@@ -66,6 +69,10 @@ class TrainConfig:
         htr_method: ``"hvp"`` (double backward) or ``"fd"`` (finite differences).
         htr_distribution: ``"rademacher"`` or ``"gaussian"`` probes.
         htr_fd_eps: relative finite-difference step (``None``: the default for the dtype).
+        htr_curvature: the matrix whose trace is penalised: ``"hessian"`` (the paper),
+            ``"gauss_newton"`` (positive semi-definite) or ``"fisher"`` (the empirical Fisher,
+            the mean squared per-sample gradient norm); see
+            :class:`hesslens.training.penalty.HessianTracePenalty`.
         sam_rho: SAM's radius; 0 switches SAM off.
         track_every: record curvature (trace, top eigenvalue, per layer) at initialisation
             (epoch 0), every N epochs and after the last one; 0 switches tracking off (the
@@ -96,6 +103,7 @@ class TrainConfig:
     htr_method: str = "hvp"
     htr_distribution: str = "rademacher"
     htr_fd_eps: float | None = None
+    htr_curvature: str = "hessian"
     sam_rho: float = 0.0
     track_every: int = 0
     track_per_class: int = 10
@@ -167,6 +175,11 @@ class TrainConfig:
              "'gaussian'")
         need(self.htr_fd_eps is None or (is_num(self.htr_fd_eps) and self.htr_fd_eps > 0),
              f"htr_fd_eps must be a positive number or None, got {self.htr_fd_eps!r}")
+        need(self.htr_curvature in CURVATURES,
+             f"unknown htr_curvature {self.htr_curvature!r}; use one of {list(CURVATURES)}")
+        need(self.htr_curvature == "hessian" or self.htr_method == "hvp",
+             f"htr_method='fd' is for the Hessian only; htr_curvature={self.htr_curvature!r} "
+             "needs htr_method='hvp'")
         need(is_num(self.sam_rho) and self.sam_rho >= 0,
              f"sam_rho must be >= 0 (0 switches SAM off), got {self.sam_rho!r}")
         need(is_int(self.track_every) and self.track_every >= 0,
@@ -211,12 +224,17 @@ def arm_key(config: TrainConfig | dict[str, Any]) -> str:
     d = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
     for k in RUN_ONLY_FIELDS:
         d.pop(k, None)
+    # runs saved before htr_curvature existed penalised the Hessian: the same arm
+    if d.get("htr_curvature", "hessian") == "hessian":
+        d.pop("htr_curvature", None)
     return json.dumps(d, sort_keys=True, default=str)
 
 
 def arm_label(config: TrainConfig | dict[str, Any]) -> str:
     """A short human name of the method of an arm: ``SGD``, ``SGD+L2(5e-04)``, ``SAM(0.05)``,
-    ``SGD+HTR(1e-03, middle, hvp, every 50)``; the parts are joined with ``+``."""
+    ``SGD+HTR(1e-03, middle, hvp, every 50)``; the parts are joined with ``+``. A penalty on
+    another curvature names it in place of the method: ``SGD+HTR(1e-03, all, gauss_newton,
+    every 1)``."""
     d = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
     parts = []
     if d.get("sam_rho", 0):
@@ -229,8 +247,10 @@ def arm_label(config: TrainConfig | dict[str, Any]) -> str:
         layers = d.get("htr_layers", "all")
         if isinstance(layers, (list, tuple)):
             layers = ",".join(layers)
+        curvature = d.get("htr_curvature", "hessian")
+        how = d.get("htr_method", "hvp") if curvature == "hessian" else curvature
         parts.append(
-            f"HTR({d['htr_gamma']:.0e}, {layers}, {d.get('htr_method', 'hvp')}, "
+            f"HTR({d['htr_gamma']:.0e}, {layers}, {how}, "
             f"every {d.get('htr_every', 1)}"
             + (f", from epoch {d['htr_start']}" if d.get("htr_start", 0) else "")
             + ")"

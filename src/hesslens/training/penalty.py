@@ -163,6 +163,7 @@ _NO_DOUBLE_BACKWARD = (
     "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) (PyTorch's fused attention kernels have "
     "no double backward), or use method='fd'")
 _METHODS = ("hvp", "fd")
+_CURVATURES = ("hessian", "gauss_newton", "fisher")
 
 
 def default_fd_eps(dtype: torch.dtype) -> float:
@@ -307,6 +308,8 @@ class HessianTracePenalty:
         seed: int | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         grouping: str | Mapping[str, Any] | None = None,
+        *,
+        curvature: str = "hessian",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise HesslensInputError(
@@ -323,6 +326,12 @@ class HessianTracePenalty:
                 f"unknown method {method!r}; use 'hvp' (double backward) or 'fd' (finite "
                 "differences)"
             )
+        if curvature not in _CURVATURES:
+            raise HesslensInputError(
+                f"unknown curvature {curvature!r}; use one of {list(_CURVATURES)}")
+        if curvature != "hessian":
+            raise HesslensInputError(
+                f"curvature={curvature!r} is not available yet; use curvature='hessian'")
         if fd_eps is not None and not (math.isfinite(fd_eps) and fd_eps > 0):
             raise HesslensInputError(f"fd_eps must be a positive finite number, got {fd_eps!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -345,6 +354,7 @@ class HessianTracePenalty:
         self._fd_slots = _perturbation_slots(model, self.param_names)
         self._dropouts = [m for m in model.modules()
                           if isinstance(m, nn.modules.dropout._DropoutNd)]
+        self.curvature = curvature
         self.n_probes = n_probes
         self.distribution = distribution
         self.method = method
@@ -364,7 +374,8 @@ class HessianTracePenalty:
     # ------------------------------------------------------------------ helpers
     def __repr__(self) -> str:
         return (
-            f"HessianTracePenalty(layers={self.layers}, n_probes={self.n_probes}, "
+            f"HessianTracePenalty(layers={self.layers}, curvature={self.curvature!r}, "
+            f"n_probes={self.n_probes}, "
             f"distribution={self.distribution!r}, method={self.method!r}, seed={self.seed})"
         )
 
