@@ -33,13 +33,14 @@ WEIGHT_LAYERS = {
     "mlp": 3,
     "mlp5": 6,
     "cnn1d": 3,
+    "cnn1d3": 4,
     "lenet": 5,
     "vgg11": 11,
     "vgg11_bn": 11,
     "resnet18": 21,
     "resnet20": 22,
 }
-SMALLEST_SHAPE = {"mlp": (1, 40), "mlp5": (1, 40), "cnn1d": (1, 40)}
+SMALLEST_SHAPE = {"mlp": (1, 40), "mlp5": (1, 40), "cnn1d": (1, 40), "cnn1d3": (1, 40)}
 
 
 def built(name: str, shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:

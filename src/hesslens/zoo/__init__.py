@@ -1,9 +1,10 @@
 """The zoo: the networks and data sets the paper's study uses, ready to build and load.
 
 Models (all deterministic given the torch seed; no dropout): :func:`mlp`, :func:`cnn1d`,
-:func:`lenet5`, :func:`vgg11`, :func:`vgg11_bn`, :func:`resnet20`, :func:`resnet18`, and two
-Hugging Face transformers built from configs, :func:`gpt_nano` and :func:`vit_tiny` (optional
-extra ``hesslens[hf]``), by name through :data:`MODELS` and :func:`build_model`.
+:func:`cnn1d3` (the MNIST-1D paper's CNN), :func:`lenet5`, :func:`vgg11`, :func:`vgg11_bn`,
+:func:`resnet20`, :func:`resnet18`, and two Hugging Face transformers built from configs,
+:func:`gpt_nano` and :func:`vit_tiny` (optional extra ``hesslens[hf]``), by name through
+:data:`MODELS` and :func:`build_model`.
 
 Data sets (never downloaded): ``"mnist1d"`` and ``"digits"`` built in; ``"mnist"``,
 ``"fashionmnist"``, ``"svhn"``, ``"cifar10"``, ``"cifar100"`` from local files; by name through
@@ -21,7 +22,7 @@ Example:
     torch.Size([100, 10])
 """
 
-from hesslens.zoo.cnn1d import CNN1D, cnn1d
+from hesslens.zoo.cnn1d import CNN1D, cnn1d, cnn1d3
 from hesslens.zoo.dataset import (
     Dataset,
     analysis_subset,
@@ -66,6 +67,7 @@ __all__ = [
     "batches",
     "build_model",
     "cnn1d",
+    "cnn1d3",
     "dataset_info",
     "gpt_nano",
     "lenet5",

@@ -8,7 +8,7 @@ they are built (``build_model(..., seed=s)`` fixes it without touching the globa
 Example:
     >>> from hesslens.zoo.models import build_model, MODELS
     >>> sorted(MODELS)[:6]
-    ['cnn1d', 'gpt-nano', 'lenet', 'mlp', 'mlp5', 'resnet18']
+    ['cnn1d', 'cnn1d3', 'gpt-nano', 'lenet', 'mlp', 'mlp5']
     >>> model = build_model("lenet", (1, 8, 8), num_classes=10, seed=0)
     >>> type(model).__name__
     'LeNet5'
@@ -24,7 +24,7 @@ from torch import nn
 
 from hesslens.errors import HesslensInputError
 from hesslens.zoo._checks import check_int
-from hesslens.zoo.cnn1d import cnn1d
+from hesslens.zoo.cnn1d import cnn1d, cnn1d3
 from hesslens.zoo.hf_models import gpt_nano, vit_tiny
 from hesslens.zoo.lenet import lenet5
 from hesslens.zoo.mlp import mlp, mlp5
@@ -35,6 +35,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "mlp5": mlp5,
     "cnn1d": cnn1d,
+    "cnn1d3": cnn1d3,  # the MNIST-1D paper's CNN (three convolutions of 25 channels)
     "lenet": lenet5,
     "vgg11": vgg11,
     "vgg11_bn": vgg11_bn,
