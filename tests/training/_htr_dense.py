@@ -63,3 +63,74 @@ class Dense:
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
             for _, p in self.model.named_parameters()
         ])
+
+
+def _without_running_stats(model: nn.Module) -> nn.Module:
+    """A copy whose batch-statistics BatchNorm layers keep no running statistics: the same
+    function of the parameters, with no buffer written during torch.func transforms."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for m in clone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return clone
+
+
+class DenseCurvature:
+    """Gauss-Newton and empirical-Fisher traces of a block of chosen parameters, as functions of
+    the model's flat parameter vector (float64, dense Jacobians; normalisation written out)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
+                 chosen: list[str]):
+        self.model, self.x, self.y, self.loss_fn = _without_running_stats(model), x, y, loss_fn
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+        offs = torch.cumsum(torch.tensor([0, *self.sizes]), 0).tolist()
+        self.idx = torch.cat([torch.arange(offs[self.names.index(n)], offs[self.names.index(n) + 1])
+                              for n in chosen])
+
+    def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.reshape(s) for n, t, s in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def outputs(self, flat: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        from hesslens.training.norms import DecomposedNorms
+
+        with DecomposedNorms():
+            return functional_call(self.model, self._params(flat), (self.x if x is None else x,))
+
+    def gauss_newton(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """The block ``J_S^T H_z J_S`` (``n_S x n_S``)."""
+        flat = self.theta if flat is None else flat
+        z = self.outputs(flat)
+        J = torch.func.jacrev(lambda s: self.outputs(flat.index_put((self.idx,), s)))(
+            flat[self.idx]).reshape(z.numel(), -1)
+        Hz = torch.func.hessian(lambda zz: self.loss_fn(zz.reshape(z.shape), self.y))(
+            z.reshape(-1))
+        return J.T @ Hz @ J
+
+    def gauss_newton_trace(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.trace(self.gauss_newton(flat))
+
+    def per_sample_gradients(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, n_S)``: row ``i`` is ``d l_i / d theta_S``, ``l_i`` the loss of sample ``i``
+        alone, one sample at a time (no vmap)."""
+        flat = self.theta if flat is None else flat
+        rows = []
+        for i in range(self.x.shape[0]):
+            def li(s, i=i):
+                out = self.outputs(flat.index_put((self.idx,), s), self.x[i:i + 1])
+                return self.loss_fn(out, self.y[i:i + 1])
+            rows.append(torch.func.grad(li)(flat[self.idx]))
+        return torch.stack(rows)
+
+    def fisher_trace(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.per_sample_gradients(flat)
+        return (g**2).sum() / g.shape[0]
+
+    def grad_of(self, fn) -> torch.Tensor:
+        return torch.func.grad(fn)(self.theta)

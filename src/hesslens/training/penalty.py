@@ -143,6 +143,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -154,8 +155,13 @@ from hesslens.curvature.products import named_derivative_errors, second_order_ke
 from hesslens.errors import HesslensInputError
 from hesslens.training.layers_select import select_blocks
 from hesslens.training.norms import DecomposedNorms, fused_norms_in_graph
+from hesslens.training.penalty_curvature import (
+    batch_statistics_modules,
+    empirical_fisher_trace,
+    gauss_newton_forms,
+)
 
-__all__ = ["HessianTracePenalty", "default_fd_eps"]
+__all__ = ["HessianTracePenalty", "NegativeCurvatureWarning", "default_fd_eps"]
 
 _DISTRIBUTIONS = ("rademacher", "gaussian")
 _NO_DOUBLE_BACKWARD = (
@@ -164,6 +170,16 @@ _NO_DOUBLE_BACKWARD = (
     "no double backward), or use method='fd'")
 _METHODS = ("hvp", "fd")
 _CURVATURES = ("hessian", "gauss_newton", "fisher")
+
+
+#: How many recent Hessian penalty values the negative-curvature check averages, and how many it
+#: needs before it judges.
+_RECENT, _RECENT_MIN = 50, 10
+
+
+class NegativeCurvatureWarning(UserWarning):
+    """The running mean of a Hessian-trace penalty is significantly below zero: the penalty then
+    rewards negative curvature (it lowers the loss by making it more concave)."""
 
 
 def default_fd_eps(dtype: torch.dtype) -> float:
@@ -292,6 +308,13 @@ class HessianTracePenalty:
             ``layers=`` (:func:`hesslens.curvature.blocks.resolve_blocks`): ``None`` (modules),
             ``"transformer"`` (q, k, v, o, mlp_in, mlp_out per layer: q of a fused QKV weight
             is a slice, and the probe is zero outside it), or a mapping.
+        curvature: the matrix whose chosen diagonal blocks' trace is penalised: ``"hessian"``
+            (the paper; warns with :class:`NegativeCurvatureWarning` once its running estimate
+            is significantly negative), ``"gauss_newton"`` (``J^T H_z J``, Hutchinson forms
+            ``(J v)^T H_z (J v)``, never negative for a loss convex in the outputs) or
+            ``"fisher"`` (the empirical Fisher ``(1/N) sum_i ||grad l_i||^2``, exact: no
+            probes). Both need ``loss_fn`` and ``pen(loss, inputs=x, targets=y)``; see
+            :mod:`hesslens.training.penalty_curvature`.
 
     Call ``pen(loss)`` (``"hvp"``) or ``pen(loss, inputs=x, targets=y)`` (``"fd"``; ``loss`` must
     be ``loss_fn(model(x), y)``) to get the penalty, a scalar tensor to be added to the loss.
@@ -329,9 +352,14 @@ class HessianTracePenalty:
         if curvature not in _CURVATURES:
             raise HesslensInputError(
                 f"unknown curvature {curvature!r}; use one of {list(_CURVATURES)}")
-        if curvature != "hessian":
+        if curvature != "hessian" and method != "hvp":
             raise HesslensInputError(
-                f"curvature={curvature!r} is not available yet; use curvature='hessian'")
+                f"method={method!r} is for curvature='hessian' only; curvature={curvature!r} "
+                "uses exact derivatives (leave method='hvp')")
+        if curvature != "hessian" and loss_fn is None:
+            raise HesslensInputError(
+                f"curvature={curvature!r} re-evaluates the model on the batch and needs "
+                "loss_fn(outputs, targets): pass loss_fn= to HessianTracePenalty")
         if fd_eps is not None and not (math.isfinite(fd_eps) and fd_eps > 0):
             raise HesslensInputError(f"fd_eps must be a positive finite number, got {fd_eps!r}")
         if loss_fn is not None and not callable(loss_fn):
@@ -369,6 +397,8 @@ class HessianTracePenalty:
         self._draws = 0  # probes drawn so far
         self._warned_dropout = False
         self._warned_kinks = False
+        self._warned_negative = False
+        self._recent: deque[float] = deque(maxlen=_RECENT)
         self.last_fd_steps: list[float] = []
 
     # ------------------------------------------------------------------ helpers
@@ -463,17 +493,100 @@ class HessianTracePenalty:
         tensors shaped like :meth:`parameters`.
         """
         _check_loss(loss)
+        if self.curvature == "fisher":
+            if probes is not None:
+                raise HesslensInputError(
+                    "curvature='fisher' is exact and takes no probes; call pen(loss, inputs=x, "
+                    "targets=y)")
+            with named_derivative_errors(_NO_DOUBLE_BACKWARD):
+                return self._fisher(loss, inputs, targets).reshape(())
         drawn = probes is None
         if probes is None:
             probes = self.sample_probes()
         elif len(probes) == 0:
             raise HesslensInputError("probes is empty; pass at least one probe or None")
+        if self.curvature == "gauss_newton":
+            with named_derivative_errors(_NO_DOUBLE_BACKWARD):
+                return self._gauss_newton(inputs, targets, probes).reshape(())
         if self.method == "hvp":
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
                 out = self._hvp(self._loss_for_third_derivatives(loss, inputs, targets), probes)
         else:
             out = self._fd(loss, inputs, targets, probes, probes_drawn=drawn)
+        self._watch_sign(out)
         return out.reshape(())
+
+    @property
+    def running_trace(self) -> float | None:
+        """Mean of the last (up to 50) Hessian penalty values; ``None`` before the first."""
+        return sum(self._recent) / len(self._recent) if self._recent else None
+
+    def _watch_sign(self, value: Tensor) -> None:
+        """Warn once when the last (10 to 50) Hessian penalties average below zero by more than
+        three standard errors: a negative trace, not Hutchinson noise around a small one."""
+        self._recent.append(float(value.detach().reshape(())))
+        n = len(self._recent)
+        if self._warned_negative or n < _RECENT_MIN:
+            return
+        mean = sum(self._recent) / n
+        var = sum((r - mean) ** 2 for r in self._recent) / (n - 1)
+        if mean + 3.0 * math.sqrt(var / n) < 0:
+            self._warned_negative = True
+            warnings.warn(
+                f"the Hessian-trace penalty's running estimate is negative ({mean:.4g}, mean of "
+                f"the last {n} calls): minimising it now rewards negative curvature (a more "
+                "concave loss), not flatness; use curvature='gauss_newton' or 'fisher', whose "
+                "traces are never negative",
+                NegativeCurvatureWarning, stacklevel=3)
+
+    def _batch_needed(self, inputs: Any, targets: Any) -> None:
+        if inputs is None or targets is None:
+            raise HesslensInputError(
+                f"curvature={self.curvature!r} re-evaluates the model on the batch: call "
+                "pen(loss, inputs=x, targets=y)")
+
+    def _gauss_newton(self, inputs: Any, targets: Any,
+                      probes: Sequence[Sequence[Tensor]]) -> Tensor:
+        """Mean over probes of ``(J_S v)^T H_z (J_S v)`` on a re-evaluation of the batch."""
+        self._batch_needed(inputs, targets)
+        params = self.parameters()
+        buffers, devices = self._side_pass_state(params)
+        with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
+            outputs = torch.func.functional_call(self.model, buffers, (inputs,),
+                                                 tie_weights=False)
+            if not isinstance(outputs, Tensor):
+                raise HesslensInputError(
+                    "curvature='gauss_newton' needs the model's output as one tensor, got "
+                    f"{type(outputs).__name__}; wrap the model so that it returns its logits")
+            loss = self.loss_fn(outputs, targets)
+        return gauss_newton_forms(outputs, loss, params, probes)
+
+    def _fisher(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
+        """``(1/N) sum_i ||d l_i / d theta_S||^2`` from per-sample gradients of the batch."""
+        self._batch_needed(inputs, targets)
+        coupled = batch_statistics_modules(self.model)
+        if coupled:
+            raise HesslensInputError(
+                f"curvature='fisher' needs per-sample gradients, but {coupled} normalise with "
+                "the batch's statistics (BatchNorm in training mode), which makes each sample's "
+                "loss depend on the others; put those layers in eval mode (module.eval()) or use "
+                "curvature='gauss_newton'")
+        params = self.parameters()
+        _, devices = self._side_pass_state(params)
+        with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
+            trace, mean_loss = empirical_fisher_trace(self.model, self._fd_slots, params,
+                                                      inputs, targets, self.loss_fn,
+                                                      self._masks)
+        dropout = self.model.training and any(m.training and m.p > 0 for m in self._dropouts)
+        batch_loss = float(loss.detach().reshape(()))
+        per_sample = float(mean_loss)
+        if not dropout and abs(per_sample - batch_loss) > 1e-3 * max(1.0, abs(batch_loss)):
+            raise HesslensInputError(
+                f"the loss ({batch_loss:.6g}) is not the mean of the per-sample losses "
+                f"loss_fn(model(x[i:i+1]), y[i:i+1]) ({per_sample:.6g}); curvature='fisher' "
+                "needs a batch-mean loss of independent samples (reduction='mean', no class "
+                "weights) and the loss of this batch")
+        return trace
 
     def _loss_for_third_derivatives(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
         """``loss``, or the same loss re-evaluated where fused normalisation kernels would make

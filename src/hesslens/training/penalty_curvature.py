@@ -1,0 +1,124 @@
+r"""The Gauss-Newton and empirical-Fisher traces as differentiable penalties.
+
+For a batch of ``N`` samples with outputs ``z = f(theta)``, batch-mean loss ``L = ell(z) =
+(1/N) sum_i l_i`` and ``theta_S`` the chosen layers' parameters:
+
+* Gauss-Newton: ``G_SS = J_S^T H_z J_S`` with ``J_S = dz / dtheta_S`` and ``H_z = d2 ell / dz2``
+  (positive semi-definite for a convex loss in the outputs). :func:`gauss_newton_forms` gives
+  the Hutchinson forms ``v^T G_SS v = (J_S v)^T H_z (J_S v)``, so ``E[v^T G_SS v] = tr(G_SS)``,
+  the sum of the chosen layers' diagonal-block traces of the Gauss-Newton matrix.
+* Empirical Fisher: ``tr(F_SS) = (1/N) sum_i ||d l_i / dtheta_S||^2`` with ``l_i`` the loss of
+  sample ``i`` on its true label. :func:`empirical_fisher_trace` computes it exactly (no
+  probes) from per-sample gradients.
+
+Both are ordinary differentiable scalars: their gradients reach every parameter.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    >>> z = net(x)
+    >>> loss = nn.functional.cross_entropy(z, y)
+    >>> w = list(net[2].parameters())
+    >>> # a probe along one coordinate: one diagonal entry of G, never negative
+    >>> e = [torch.zeros_like(p) for p in w]
+    >>> e[0][0, 0] = 1.0
+    >>> bool(gauss_newton_forms(z, loss, w, [e]) >= 0)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hesslens.errors import HesslensInputError
+
+__all__ = ["batch_statistics_modules", "empirical_fisher_trace", "gauss_newton_forms"]
+
+
+def gauss_newton_forms(outputs: Tensor, loss: Tensor, params: Sequence[Tensor],
+                       probes: Sequence[Sequence[Tensor]]) -> Tensor:
+    """Mean over ``probes`` of ``(J v)^T H_z (J v)``, differentiable in every parameter.
+
+    ``outputs`` is the tensor ``z`` the ``loss`` was computed from; ``params`` the chosen
+    parameters (``J = dz / d params``) and each probe a list shaped like ``params``. ``J v``
+    is the derivative in ``u`` of ``J^T u`` (two reverse passes, no forward mode) and ``H_z w``
+    a reverse pass through the loss's gradient in ``z``; every pass keeps its graph.
+    """
+    params = list(params)
+    u = torch.zeros_like(outputs, requires_grad=True)
+    jt_u = torch.autograd.grad(outputs, params, u, create_graph=True, allow_unused=True)
+    used = [i for i, g in enumerate(jt_u) if g is not None and g.requires_grad]
+    (dloss_dz,) = torch.autograd.grad(loss, outputs, create_graph=True)
+    if not used or not dloss_dz.requires_grad:
+        # the outputs do not depend on the chosen parameters, or the loss is linear in them
+        return loss * 0.0
+    total: Tensor | None = None
+    for v in probes:
+        (jv,) = torch.autograd.grad([jt_u[i] for i in used], u, [v[i] for i in used],
+                                    create_graph=True)
+        (hjv,) = torch.autograd.grad(dloss_dz, outputs, jv, create_graph=True,
+                                     allow_unused=True)
+        q = (jv * hjv).sum() if hjv is not None else loss * 0.0
+        total = q if total is None else total + q
+    assert total is not None
+    return total / len(probes)
+
+
+def batch_statistics_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers that normalise with the batch's statistics (training mode,
+    or no running statistics): there a sample's loss depends on the other samples."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.training or m.running_mean is None)]
+
+
+def empirical_fisher_trace(
+    model: nn.Module,
+    slots: Sequence[tuple[str, int]],
+    params: Sequence[Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[[Any, Any], Tensor],
+    masks: Sequence[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(1/N) sum_i ||d l_i / d params||^2`` and the mean per-sample loss ``(1/N) sum_i l_i``.
+
+    ``l_i = loss_fn(model(inputs[i:i+1]), targets[i:i+1])``; the per-sample gradients come from
+    ``torch.func.vmap(torch.func.grad(...))`` over ``functional_call``, with ``slots`` the
+    ``(name, index into params)`` pairs to replace (a shared parameter under all its names).
+    ``masks`` (per parameter, 0/1 or ``None``) restricts the sum to the entries of sliced
+    blocks. Differentiable in every parameter of the model (the outer autograd records the
+    vmapped passes).
+    """
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise HesslensInputError(
+            "curvature='fisher' takes per-sample gradients over the batch and needs inputs "
+            f"and targets as tensors with the samples first, got {type(inputs).__name__} and "
+            f"{type(targets).__name__}")
+    if inputs.shape[0] != targets.shape[0]:
+        raise HesslensInputError(
+            f"inputs and targets have {inputs.shape[0]} and {targets.shape[0]} samples; "
+            "curvature='fisher' needs one target per sample")
+
+    def sample_loss(p: tuple[Tensor, ...], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        moved = {name: p[i] for name, i in slots}
+        out = torch.func.functional_call(model, moved, (x.unsqueeze(0),), tie_weights=False)
+        li = loss_fn(out, y.unsqueeze(0))
+        return li, li.detach()
+
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True),
+                                 in_dims=(None, 0, 0), randomness="different")
+    grads, losses = per_sample(tuple(params), inputs, targets)
+    n = inputs.shape[0]
+    if masks is not None:
+        grads = [g if m is None else g * m.to(g.device, g.dtype) for g, m in zip(grads, masks)]
+    squares = [g.pow(2).sum() for g in grads]
+    return torch.stack(squares).sum() / n, losses.mean()

@@ -1,0 +1,335 @@
+"""HessianTracePenalty(curvature='gauss_newton' | 'fisher') against dense float64 references,
+and the warning when the Hessian penalty's running estimate turns negative."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from hesslens.curvature.blocks import ParamSlice
+from hesslens.errors import HesslensInputError
+from hesslens.training.config import TrainConfig, arm_key, arm_label
+from hesslens.training.layers_select import select_layers
+from hesslens.training.penalty import HessianTracePenalty, NegativeCurvatureWarning
+from tests.training._htr_dense import DenseCurvature, tanh_mlp
+
+CE = nn.functional.cross_entropy
+MSE = nn.functional.mse_loss
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _mlp(act=nn.Tanh, bias=True, seed=0, out=3):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4, bias=bias), act(), nn.Linear(4, 4, bias=bias), act(),
+                         nn.Linear(4, out, bias=bias)).double()
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Conv1d(2, 2, 3, bias=False),
+                         nn.GELU(), nn.Flatten(), nn.Linear(8, 3)).double()
+
+
+def _bn(train, seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():  # running statistics away from (0, 1), so eval mode is a real affine map
+        net[1].running_mean.uniform_(-0.5, 0.5, generator=_gen(7))
+        net[1].running_var.uniform_(0.5, 2.0, generator=_gen(8))
+        net[1].weight.uniform_(0.5, 1.5, generator=_gen(9))
+    return net.train(train)
+
+
+def _case(name):
+    """(model, x, y, loss_fn) of one small float64 problem."""
+    g = _gen(1)
+    if name == "cnn_relu_gelu":
+        model = _cnn()
+        x = torch.randn(6, 1, 8, generator=g, dtype=torch.float64)
+        return model, x, torch.randint(0, 3, (6,), generator=g), CE
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (6,), generator=g)
+    if name == "tanh_mlp":
+        model = tanh_mlp((3, 3, 3, 3, 3, 3))
+        return model.eval(), x, labels, CE
+    if name == "gelu_no_bias":
+        return _mlp(nn.GELU, bias=False), x, labels, CE
+    if name == "relu_mse":
+        return _mlp(nn.ReLU), x, torch.randn(6, 3, generator=g, dtype=torch.float64), MSE
+    if name == "soft_targets":
+        return _mlp(), x, torch.softmax(torch.randn(6, 3, generator=g, dtype=torch.float64), 1), CE
+    if name == "batchnorm_eval":
+        return _bn(train=False), x, labels, CE
+    if name == "batchnorm_train":
+        return _bn(train=True), x, labels, CE
+    raise KeyError(name)
+
+
+CASES = ["tanh_mlp", "cnn_relu_gelu", "gelu_no_bias", "relu_mse", "soft_targets",
+         "batchnorm_eval", "batchnorm_train"]
+
+
+def _chosen(model, layers):
+    return [n for ns in select_layers(model, layers).values() for n in ns]
+
+
+def _basis(pen):
+    """All unit vectors of the chosen block, as probes: their mean form is tr(G) / n exactly."""
+    params = pen.parameters()
+    sizes = [p.numel() for p in params]
+    eye = torch.eye(sum(sizes), dtype=params[0].dtype)
+    return [[t.view(p.shape) for t, p in zip(row.split(sizes), params)] for row in eye]
+
+
+def _model_grad(model):
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in model.parameters()])
+
+
+def _layers_of(model):
+    n = len(select_layers(model, "all"))
+    return ["all", "middle", [list(select_layers(model, "all"))[n - 1]]]
+
+
+# ---------------------------------------------------------------------------- Gauss-Newton
+@pytest.mark.parametrize("case", CASES)
+def test_gauss_newton_over_a_basis_is_the_block_trace_and_its_gradient(case):
+    model, x, y, loss_fn = _case(case)
+    for layers in _layers_of(model):
+        pen = HessianTracePenalty(model, layers=layers, curvature="gauss_newton", loss_fn=loss_fn)
+        dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, layers))
+        probes = _basis(pen)
+        model.zero_grad()
+        value = pen(loss_fn(model(x), y), inputs=x, targets=y, probes=probes) * len(probes)
+        value.backward()
+        exact = dense.gauss_newton_trace()
+        assert float(exact) > 1e-4  # a block with curvature: the comparison can fail
+        torch.testing.assert_close(value.detach(), exact, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_model_grad(model), dense.grad_of(dense.gauss_newton_trace),
+                                   rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["tanh_mlp", "relu_mse", "batchnorm_train"])
+def test_gauss_newton_mean_over_rademacher_draws_is_the_block_trace(case):
+    model, x, y, loss_fn = _case(case)
+    n = 1500
+    pen = HessianTracePenalty(model, layers="middle", curvature="gauss_newton", loss_fn=loss_fn,
+                              n_probes=n, seed=4)
+    G = DenseCurvature(model, x, y, loss_fn, _chosen(model, "middle")).gauss_newton()
+    off = G - torch.diag(torch.diagonal(G))
+    se = math.sqrt(2 * float((off**2).sum()) / n)
+    target = float(torch.trace(G))
+    assert 4 * se < 0.2 * target  # precise enough to catch a factor or a wrong block
+    value = float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach())
+    assert abs(value - target) < 4 * se, (value, target, se)
+
+
+def test_gauss_newton_forms_are_never_negative():
+    model, x, y, loss_fn = _case("cnn_relu_gelu")
+    pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=loss_fn, seed=0)
+    for _ in range(20):
+        assert float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach()) >= 0
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
+def test_a_sliced_block_takes_the_trace_of_its_slice_only(curvature):
+    model, x, y, loss_fn = _case("tanh_mlp")
+    grouping = {"top": [ParamSlice("4.weight", dim=0, start=1, stop=3)]}  # rows 1, 2 of 3
+    pen = HessianTracePenalty(model, layers=grouping, curvature=curvature, loss_fn=loss_fn)
+    dense = DenseCurvature(model, x, y, loss_fn, ["4.weight"])
+    inside = torch.arange(9) >= 3
+    loss = loss_fn(model(x), y)
+    if curvature == "gauss_newton":
+        diag = torch.diagonal(dense.gauss_newton())
+        probes = [[v[0] * pen._masks[0]] for v in _basis(pen)]
+        value = float(pen(loss, inputs=x, targets=y, probes=probes).detach()) * len(probes)
+    else:
+        diag = (dense.per_sample_gradients() ** 2).mean(0)
+        value = float(pen(loss, inputs=x, targets=y).detach())
+    assert value == pytest.approx(float(diag[inside].sum()), rel=1e-10)
+    assert float(diag[~inside].sum()) > 1e-3 * value  # the whole weight would differ
+
+
+# ---------------------------------------------------------------------------- Fisher
+@pytest.mark.parametrize("case", [c for c in CASES if c != "batchnorm_train"])
+def test_fisher_is_the_mean_squared_per_sample_gradient_and_its_gradient(case):
+    model, x, y, loss_fn = _case(case)
+    for layers in _layers_of(model):
+        pen = HessianTracePenalty(model, layers=layers, curvature="fisher", loss_fn=loss_fn)
+        dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, layers))
+        model.zero_grad()
+        value = pen(loss_fn(model(x), y), inputs=x, targets=y)
+        value.backward()
+        exact = dense.fisher_trace()
+        assert float(exact) > 1e-4
+        torch.testing.assert_close(value.detach(), exact, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_model_grad(model), dense.grad_of(dense.fisher_trace),
+                                   rtol=1e-8, atol=1e-10)
+
+
+def test_fisher_is_not_the_squared_norm_of_the_batch_gradient():
+    model, x, y, loss_fn = _case("tanh_mlp")
+    pen = HessianTracePenalty(model, curvature="fisher", loss_fn=loss_fn)
+    loss = loss_fn(model(x), y)
+    g = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    batch_grad_sq = float(sum((t**2).sum() for t in g))
+    value = float(pen(loss, inputs=x, targets=y).detach())
+    assert value > 1.5 * batch_grad_sq  # per-sample norms: the batch mean averages noise away
+
+
+def test_fisher_refuses_batch_statistics_by_name():
+    model, x, y, loss_fn = _case("batchnorm_train")
+    pen = HessianTracePenalty(model, curvature="fisher", loss_fn=loss_fn)
+    with pytest.raises(HesslensInputError, match=r"BatchNorm in training mode.*\['1'\]|\['1'\]"):
+        pen(loss_fn(model(x), y), inputs=x, targets=y)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda z, y: nn.functional.cross_entropy(z, y, reduction="sum"),
+    lambda z, y: nn.functional.cross_entropy(z, y, weight=torch.tensor([1.0, 5.0, 0.2],
+                                                                       dtype=torch.float64)),
+])
+def test_fisher_refuses_a_loss_that_is_not_a_mean_over_samples(bad):
+    model, x, y, _ = _case("tanh_mlp")
+    pen = HessianTracePenalty(model, curvature="fisher", loss_fn=bad)
+    with pytest.raises(HesslensInputError, match="not the mean of the per-sample losses"):
+        pen(bad(model(x), y), inputs=x, targets=y)
+
+
+def test_fisher_leaves_the_probe_stream_alone():
+    model, x, y, loss_fn = _case("tanh_mlp")
+    pen = HessianTracePenalty(model, curvature="fisher", loss_fn=loss_fn, seed=3)
+    before = pen.state_dict()
+    pen(loss_fn(model(x), y), inputs=x, targets=y)
+    assert pen.state_dict()["draws"] == before["draws"] == 0
+
+
+# ---------------------------------------------------------------------------- both
+@pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
+def test_penalty_trains_with_an_optimizer_and_keeps_batchnorm_statistics(curvature):
+    model, x, y, loss_fn = _case("batchnorm_eval")
+    model.train(curvature == "gauss_newton")
+    pen = HessianTracePenalty(model, layers="middle", curvature=curvature, loss_fn=loss_fn,
+                              seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    out = model(x)
+    after_training_pass = [b.clone() for b in model.buffers()]
+    loss = loss_fn(out, y)
+    (loss + 0.1 * pen(loss, inputs=x, targets=y)).backward()
+    # the penalty reaches the first layer, which it does not penalise (layers='middle')
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    assert not torch.equal(before[0], model[0].weight)  # (a bias before BatchNorm has no grad)
+    # the penalty's own passes leave the running statistics as the training pass left them
+    for b, e in zip(model.buffers(), after_training_pass):
+        assert torch.equal(b, e)
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
+def test_errors_name_the_problem(curvature):
+    model, x, y, loss_fn = _case("tanh_mlp")
+    with pytest.raises(HesslensInputError, match="needs loss_fn"):
+        HessianTracePenalty(model, curvature=curvature)
+    with pytest.raises(HesslensInputError, match="method='fd' is for curvature='hessian'"):
+        HessianTracePenalty(model, curvature=curvature, method="fd", loss_fn=loss_fn)
+    pen = HessianTracePenalty(model, curvature=curvature, loss_fn=loss_fn)
+    with pytest.raises(HesslensInputError, match=r"pen\(loss, inputs=x, targets=y\)"):
+        pen(loss_fn(model(x), y))
+
+
+def test_unknown_curvature_is_named():
+    with pytest.raises(HesslensInputError, match=r"unknown curvature 'ggn'.*gauss_newton"):
+        HessianTracePenalty(tanh_mlp(), curvature="ggn", loss_fn=CE)
+
+
+def test_repr_and_state_dict_of_a_gauss_newton_penalty():
+    model, x, y, loss_fn = _case("tanh_mlp")
+    pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=loss_fn, seed=11)
+    assert "curvature='gauss_newton'" in repr(pen)
+    pen(loss_fn(model(x), y), inputs=x, targets=y)
+    state = pen.state_dict()
+    a = pen(loss_fn(model(x), y), inputs=x, targets=y)
+    again = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=loss_fn, seed=0)
+    again.load_state_dict(state)
+    b = again(loss_fn(model(x), y), inputs=x, targets=y)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- negative trace
+class _Quadratic(nn.Module):
+    """loss = sign * ||w||^2 / 2: Hessian sign * I, every quadratic form of one sign."""
+
+    def __init__(self, sign):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        self.sign = sign
+
+    def loss(self):
+        return self.sign * 0.5 * (self.w**2).sum() + 0 * self.w.sum()
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_negative_running_hessian_trace_warns_once(distribution):
+    model = _Quadratic(-1.0)
+    pen = HessianTracePenalty(model, distribution=distribution, seed=0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(9):  # too few values to judge
+            pen(model.loss())
+        assert not [w for w in seen if issubclass(w.category, NegativeCurvatureWarning)]
+        for _ in range(30):
+            pen(model.loss())
+    hits = [w for w in seen if issubclass(w.category, NegativeCurvatureWarning)]
+    assert len(hits) == 1
+    assert "gauss_newton" in str(hits[0].message) and "fisher" in str(hits[0].message)
+    assert pen.running_trace < 0
+
+
+def test_positive_or_noisy_hessian_trace_does_not_warn():
+    model = _Quadratic(1.0)
+    pen = HessianTracePenalty(model, seed=0)
+    net, x, y, _ = _case("tanh_mlp")
+    pen_net = HessianTracePenalty(net, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NegativeCurvatureWarning)
+        for _ in range(60):
+            pen(model.loss())
+            pen_net(CE(net(x), y))  # trace 0.13, one probe's spread about 2
+    assert pen.running_trace == pytest.approx(4.0)
+
+
+def test_gauss_newton_and_fisher_never_warn_about_sign():
+    model, x, y, loss_fn = _case("tanh_mlp")
+    for curvature in ("gauss_newton", "fisher"):
+        pen = HessianTracePenalty(model, curvature=curvature, loss_fn=loss_fn, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NegativeCurvatureWarning)
+            for _ in range(6):
+                pen(loss_fn(model(x), y), inputs=x, targets=y)
+
+
+# ---------------------------------------------------------------------------- config
+def test_config_field_is_validated_and_round_trips():
+    cfg = TrainConfig(htr_gamma=1e-3, htr_curvature="gauss_newton").validate()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert arm_label(cfg) == "SGD+HTR(1e-03, all, gauss_newton, every 1)"
+    with pytest.raises(HesslensInputError, match="unknown htr_curvature 'ggn'"):
+        TrainConfig(htr_curvature="ggn").validate()
+    with pytest.raises(HesslensInputError, match="htr_method='fd' is for the Hessian only"):
+        TrainConfig(htr_curvature="fisher", htr_method="fd").validate()
+
+
+def test_arm_key_of_a_run_saved_before_the_field_is_unchanged():
+    old = TrainConfig(htr_gamma=1e-3).to_dict()
+    del old["htr_curvature"]
+    assert arm_key(old) == arm_key(TrainConfig(htr_gamma=1e-3))
+    assert arm_key(TrainConfig(htr_gamma=1e-3, htr_curvature="fisher")) != arm_key(old)
