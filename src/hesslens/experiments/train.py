@@ -8,6 +8,11 @@ Examples (shell)::
         --htr-every 50 --out runs/htr --seed 0 --track-every 5
     hesslens train --model cnn1d --data mnist1d --sam 0.05 --out runs/sam --seed 0
     hesslens train ... --out runs/htr --resume      # continue a killed run
+    torchrun --nproc-per-node 2 -m hesslens train ...  # data-parallel (DDP), any arm
+
+Under ``torchrun`` every process runs the command: each takes its piece of every global batch
+(the same batches as one process), gradients are summed over the processes, and rank 0 alone
+writes the files and prints (see :mod:`hesslens.training.distributed`).
 
 The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``checkpoint.pt`` into
 ``--out`` (see :mod:`hesslens.training.trainer`). It tracks the full and per-layer top
@@ -31,8 +36,9 @@ from hesslens.experiments.common import (
     positive_int,
     prepare_out_dir,
 )
+from hesslens.training.distributed import process_group_from_env
 
-__all__ = ["add_train_arguments", "config_from_args", "run_train"]
+__all__ = ["add_train_arguments", "config_from_args", "run_train", "summary_line"]
 
 
 def _milestones(s: str) -> list[int]:
@@ -183,15 +189,23 @@ def run_train(args: argparse.Namespace) -> int:
     model = _build_model(config, data)
     if config.htr_gamma > 0:
         select_layers(model, config.htr_layers)  # an unknown name fails before --out exists
-    prepare_out_dir(args.out)
     # Small models train several times faster on one thread than on contended cores.
     apply_threads(getattr(args, "threads", None), sum(p.numel() for p in model.parameters()))
-    result = train(config, args.out, progress=not getattr(args, "no_progress", False),
-                   resume=bool(getattr(args, "resume", False)), model=model, dataset=data)
+    with process_group_from_env(config.device) as ranks:  # under torchrun: data-parallel
+        if ranks.is_main:
+            prepare_out_dir(args.out)
+        result = train(config, args.out, progress=not getattr(args, "no_progress", False),
+                       resume=bool(getattr(args, "resume", False)), model=model, dataset=data)
+    if ranks.is_main:
+        print(summary_line(result, config, args.out))
+    return 0
+
+
+def summary_line(result: dict, config, out: str) -> str:
+    """The one line ``hesslens train`` prints at the end (rank 0 only under torchrun)."""
     final = result["final"]
     if not final:
-        print(f"{result['arm']}: nothing to do; results in {args.out}")
-        return 0
+        return f"{result['arm']}: nothing to do; results in {out}"
     parts = [f"{result['arm']} on {config.model}/{config.data}, seed {config.seed}: "
              f"epoch {final['epoch']}",
              f"test acc {final['test_acc']:.4f}"]
@@ -209,5 +223,7 @@ def run_train(args: argparse.Namespace) -> int:
         share = (f"{cost['fraction']:.1f}x" if cost["fraction"] >= 1
                  else f"{cost['fraction']:.0%} of")
         parts.append(f"curvature tracking {cost['seconds']:.2f} s ({share} the training time)")
-    print(", ".join(parts) + f"; results in {args.out}")
-    return 0
+    world = result.get("parallel", {}).get("world_size", 1)
+    if world > 1:
+        parts.append(f"{world} processes")
+    return ", ".join(parts) + f"; results in {out}"

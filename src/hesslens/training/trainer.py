@@ -47,12 +47,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,7 @@ from hesslens.errors import HesslensInputError
 from hesslens.files import remove_stale_temporaries, to_jsonable, write_csv, write_json
 from hesslens.provenance import dataset_fingerprint, versions
 from hesslens.training.checkpoint import (
+    ResumeDiffersWarning,
     capture_rng_state,
     check_bit_exactness,
     load_checkpoint,
@@ -73,6 +76,17 @@ from hesslens.training.checkpoint import (
     save_checkpoint,
 )
 from hesslens.training.config import TrainConfig, arm_label
+from hesslens.training.distributed import (
+    Ranks,
+    all_gather_objects,
+    barrier,
+    current,
+    local_device,
+    shard,
+    shard_range,
+    sum_across,
+    sync_gradients,
+)
 from hesslens.training.penalty import HessianTracePenalty
 from hesslens.training.sam import SAM, bn_stats_frozen
 from hesslens.training.tracking import EpochTracking
@@ -159,6 +173,23 @@ def evaluate(
     finally:
         model.train(was)
     return total_loss / len(y), correct / len(y)
+
+
+def _evaluate_shared(model: nn.Module, x: Tensor, y: Tensor,
+                     ranks: Ranks) -> tuple[float | None, float | None]:
+    """:func:`evaluate` alone; under torch.distributed each rank evaluates its piece and the
+    sums are all-reduced (the same numbers on every rank)."""
+    if not ranks.distributed:
+        return evaluate(model, x, y)
+    xs, ys = shard(x, ranks), shard(y, ranks)
+    loss, acc = evaluate(model, xs, ys)
+    n = len(ys)
+    total_loss, correct, count = sum_across(
+        [0.0 if loss is None else loss * n, 0.0 if acc is None else round(acc * n), n], ranks,
+        device=y.device)
+    if count == 0:
+        return None, None
+    return total_loss / count, correct / count
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -308,6 +339,92 @@ def write_metrics(out_dir: Path, config: TrainConfig, records: Sequence[dict[str
     write_csv(out_dir / METRICS_CSV, flat, _csv_columns(flat))
 
 
+def _data_parallel(model: nn.Module, device: torch.device, ranks: Ranks) -> nn.Module | None:
+    """``DistributedDataParallel(model)`` under torch.distributed (it broadcasts rank 0's
+    parameters and buffers), else ``None``."""
+    if not ranks.distributed:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=ranks.group)
+
+
+def _train_step(
+    model: nn.Module, ddp: nn.Module | None, optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., Tensor], xb: Tensor, yb: Tensor, n_global: int, ranks: Ranks,
+    penalty: HessianTracePenalty | None, gamma: float,
+) -> tuple[Tensor | None, Tensor | None]:
+    """One optimizer step (SAM: its two passes) on this rank's piece ``(xb, yb)`` of a global
+    batch of ``n_global`` examples; returns the detached outputs and penalty (``None`` on a
+    rank whose piece is empty).
+
+    Alone this is ``(loss + gamma * pen).backward(); step()``. Data-parallel, every rank's
+    gradient is scaled by its share ``n_local / n_global`` of the global mean and summed over
+    the ranks: by DDP's reducer (which averages, hence the factor ``world``) on plain steps, by
+    :func:`~hesslens.training.distributed.sync_gradients` on the unwrapped module where DDP
+    would go wrong: the penalty's double backward (pytorch/pytorch#47562) and a global batch
+    smaller than the world (some rank has nothing of it).
+    """
+    n_local = len(yb)
+    by_hand = ranks.distributed and (penalty is not None or n_global < ranks.world)
+    net = ddp if ddp is not None and not by_hand else model
+    scale = 1.0
+    if ranks.distributed:
+        scale = n_local / n_global * (ranks.world if net is ddp else 1)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def objective() -> tuple[Tensor | None, Tensor | None]:
+        if n_local == 0:
+            if penalty is not None:
+                penalty.sample_probes()  # the same probe stream on every rank
+            return None, None
+        out_b = net(xb)
+        loss = loss_fn(out_b, yb)
+        total, pen = loss, None
+        if penalty is not None:
+            pen = penalty(loss, inputs=xb, targets=yb)
+            total = loss + gamma * pen
+        (total * scale if scale != 1.0 else total).backward()
+        return out_b.detach(), None if pen is None else pen.detach()
+
+    def gradient() -> tuple[Tensor | None, Tensor | None]:
+        if not by_hand:
+            return objective()
+        with ddp.no_sync() if ddp is not None else contextlib.nullcontext():
+            got = objective()
+        sync_gradients(trainable, ranks)
+        return got
+
+    optimizer.zero_grad(set_to_none=True)
+    out_b, pen = gradient()
+    if isinstance(optimizer, SAM):
+        optimizer.first_step(zero_grad=True)
+        with bn_stats_frozen(model):
+            gradient()
+        optimizer.second_step(zero_grad=True)
+    else:
+        optimizer.step()
+    return out_b, pen
+
+
+def _rank_rng_state(ckpt: dict[str, Any], ranks: Ranks, path: Path) -> dict[str, Any]:
+    """This rank's saved random-number state; rank 0's (with a warning) when the checkpoint was
+    written by another number of processes."""
+    states = ckpt.get("rng_ranks")
+    saved_world = int(ckpt.get("world_size", 1))
+    if isinstance(states, list) and len(states) == ranks.world:
+        return states[ranks.rank]
+    if saved_world != ranks.world:
+        warnings.warn(
+            f"resuming {str(path)!r}, written by {saved_world} process(es), with "
+            f"{ranks.world}: the data order and probes are the same, but the sums over ranks "
+            "are taken in another order, so results may differ from an uninterrupted run in "
+            "the last bits", ResumeDiffersWarning, stacklevel=3)
+    return ckpt["rng"]
+
+
 # ---------------------------------------------------------------------- the loop
 def train(
     config: TrainConfig,
@@ -351,7 +468,8 @@ def train(
             f"{str(out)!r} already holds a training run; continue it with --resume "
             "(resume=True in Python), or choose another output folder"
         )
-    device = _resolve_device(config.device)
+    ranks = current()
+    device = _resolve_device(local_device(config.device, ranks))
 
     # Seed everything for a fresh run (a resumed run restores the states below).
     torch.manual_seed(config.seed)
@@ -377,10 +495,12 @@ def train(
             "nothing to train"
         )
     loss_fn = nn.functional.cross_entropy
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)  # left by a kill during an atomic write
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # left by a kill during an atomic write
     provenance = {"data": dataset_fingerprint(data, getattr(data, "name", config.data)),
-                  "versions": versions(device)}
+                  "versions": versions(device), "parallel": ranks.record()}
+    ddp = _data_parallel(model, device, ranks)
 
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
@@ -400,8 +520,14 @@ def train(
             xa, ya = analysis_subset(x_all, y_all, per_class=config.track_per_class, seed=0)
         except ImportError:  # pragma: no cover
             xa, ya = x_all[: 10 * config.track_per_class], y_all[: 10 * config.track_per_class]
+        if len(ya) < ranks.world:
+            raise HesslensInputError(
+                f"the analysis subset has {len(ya)} examples, fewer than the {ranks.world} "
+                "processes; raise --track-per-class or use fewer processes")
+        # Each rank its piece of the same subset: the tracker's operators sum over the ranks.
         tracking = EpochTracking(
-            xa.to(device), ya.to(device), every=config.track_every, loss_fn=loss_fn,
+            shard(xa, ranks).to(device), shard(ya, ranks).to(device),
+            every=config.track_every, loss_fn=loss_fn,
             last_epoch=config.epochs, densities=config.track_densities,
             similarity=similarity, seed=0,
         )
@@ -410,7 +536,9 @@ def train(
 
     records: list[dict[str, Any]] = []
     start_epoch, global_step = 0, 0
-    if resume and ckpt_path.exists():
+    resuming = resume and ckpt_path.exists()
+    barrier(ranks)  # every rank has looked at out_dir before rank 0 writes into it
+    if resuming:
         ckpt = load_checkpoint(ckpt_path)
         _check_resume(ckpt, config, ckpt_path)
         check_bit_exactness(ckpt, ckpt_path, device)  # threads, flags, torch, device
@@ -421,14 +549,15 @@ def train(
             penalty.load_state_dict(ckpt["penalty"])
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         records = list(ckpt["metrics"])
-        restore_rng_state(ckpt["rng"])
-    write_json(out / CONFIG_JSON, config.to_dict())
+        restore_rng_state(_rank_rng_state(ckpt, ranks, ckpt_path))
+    if ranks.is_main:
+        write_json(out / CONFIG_JSON, config.to_dict())
     if tracking is not None and start_epoch == 0 and not records:
         # Epoch 0: the curvature (and the held-out numbers) at initialisation. It is kept with
         # the first checkpoint; a run killed before that starts again from here.
         t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(model, x_val, y_val)
-        test_loss, test_acc = evaluate(model, x_te, y_te)
+        val_loss, val_acc = _evaluate_shared(model, x_val, y_val, ranks)
+        test_loss, test_acc = _evaluate_shared(model, x_te, y_te, ranks)
         initial: dict[str, Any] = {
             "epoch": 0, "lr": float(scheduler.get_last_lr()[0]), "val_loss": val_loss,
             "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
@@ -440,6 +569,7 @@ def train(
 
     n = len(y_tr)
     n_batches = math.ceil(n / config.batch_size)
+    progress = progress and ranks.is_main
     bar = _tqdm(progress, total=config.epochs, initial=start_epoch, desc=arm_label(config),
                 unit="epoch")
     try:
@@ -458,53 +588,40 @@ def train(
                           unit="batch")
             for b in range(n_batches):
                 idx = order[b * config.batch_size : (b + 1) * config.batch_size]
+                n_global = len(idx)
+                if ranks.distributed:  # this rank's piece of the global batch
+                    idx = idx[slice(*shard_range(n_global, ranks.rank, ranks.world))]
                 xb, yb = x_tr[idx], y_tr[idx]
                 use_pen = htr_on and global_step % config.htr_every == 0
-
-                def objective(xb: Tensor = xb, yb: Tensor = yb,
-                              use_pen: bool = use_pen) -> tuple[Tensor, Tensor, Tensor | None]:
-                    out_b = model(xb)
-                    loss = loss_fn(out_b, yb)
-                    pen = None
-                    total = loss
-                    if use_pen:
-                        assert penalty is not None
-                        pen = penalty(loss, inputs=xb, targets=yb)
-                        total = loss + config.htr_gamma * pen
-                    return total, out_b, pen if pen is None else pen.detach()
-
-                optimizer.zero_grad(set_to_none=True)
-                total, out_b, pen = objective()
-                total.backward()
-                if isinstance(optimizer, SAM):
-                    optimizer.first_step(zero_grad=True)
-                    with bn_stats_frozen(model):
-                        total2, _, _ = objective()
-                        total2.backward()
-                    optimizer.second_step(zero_grad=True)
-                else:
-                    optimizer.step()
+                out_b, pen = _train_step(
+                    model, ddp, optimizer, loss_fn, xb, yb, n_global, ranks,
+                    penalty if use_pen else None, config.htr_gamma)
                 global_step += 1
-                with torch.no_grad():
-                    plain = loss_fn(out_b.detach(), yb, reduction="sum")
-                    sum_loss += plain
-                    sum_correct += (out_b.detach().argmax(1) == yb).sum()
-                if pen is not None:
-                    pen_sum += float(pen)
+                if out_b is not None:
+                    with torch.no_grad():
+                        sum_loss += loss_fn(out_b, yb, reduction="sum")
+                        sum_correct += (out_b.argmax(1) == yb).sum()
+                if use_pen:
+                    pen_sum += 0.0 if pen is None else float(pen) * len(yb) / n_global
                     pen_steps += 1
                 inner.update(1)
             inner.close()
             scheduler.step()
             epoch_seconds = time.perf_counter() - t0
+            train_loss_sum, train_correct, pen_sum = float(sum_loss), int(sum_correct), pen_sum
+            if ranks.distributed:
+                train_loss_sum, correct_f, pen_sum = sum_across(
+                    [train_loss_sum, train_correct, pen_sum], ranks, device=device)
+                train_correct = round(correct_f)
 
             t1 = time.perf_counter()
-            val_loss, val_acc = evaluate(model, x_val, y_val)
-            test_loss, test_acc = evaluate(model, x_te, y_te)
+            val_loss, val_acc = _evaluate_shared(model, x_val, y_val, ranks)
+            test_loss, test_acc = _evaluate_shared(model, x_te, y_te, ranks)
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "lr": lr,
-                "train_loss": float(sum_loss) / n,
-                "train_acc": int(sum_correct) / n,
+                "train_loss": train_loss_sum / n,
+                "train_acc": train_correct / n,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
                 "test_loss": test_loss,
@@ -526,27 +643,31 @@ def train(
             # Checkpoint first: a kill between the two writes leaves metrics one epoch behind
             # a checkpoint (resume rewrites them), never a finished-looking run whose
             # checkpoint lags.
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT,
-                "config": to_jsonable(config.to_dict()),
-                "epoch": epoch + 1,
-                "global_step": global_step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "penalty": penalty.state_dict() if penalty is not None else None,
-                "rng": capture_rng_state(),
-                # Plain data only, so the checkpoint loads with weights_only=True even when a
-                # callback put numpy scalars or other objects in a record.
-                "metrics": to_jsonable(records),
-            })
-            write_metrics(out, config, records, provenance)
+            rng_states = all_gather_objects(capture_rng_state(), ranks)
+            if ranks.is_main:
+                save_checkpoint(ckpt_path, {
+                    "format": CHECKPOINT_FORMAT,
+                    "config": to_jsonable(config.to_dict()),
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "penalty": penalty.state_dict() if penalty is not None else None,
+                    "rng": rng_states[0],
+                    "rng_ranks": rng_states,
+                    "world_size": ranks.world,
+                    # Plain data only, so the checkpoint loads with weights_only=True even when a
+                    # callback put numpy scalars or other objects in a record.
+                    "metrics": to_jsonable(records),
+                })
+                write_metrics(out, config, records, provenance)
             bar.set_postfix(train_acc=f"{record['train_acc']:.3f}",
                             test_acc=f"{record['test_acc']:.3f}")
             bar.update(1)
     finally:
         bar.close()
-    if not records:
+    if not records and ranks.is_main:
         write_metrics(out, config, records, provenance)
     return {
         "config": config.to_dict(),
@@ -555,6 +676,7 @@ def train(
         "final": records[-1] if records else {},
         "tracking": tracking_cost(records),
         "out_dir": str(out),
+        "parallel": ranks.record(),
     }
 
 
