@@ -116,17 +116,94 @@ def test_gauss_newton_over_a_basis_is_the_block_trace_and_its_gradient(case):
                                    rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["tanh_mlp", "relu_mse", "batchnorm_train"])
-def test_gauss_newton_mean_over_rademacher_draws_is_the_block_trace(case):
+def _output_basis(like):
+    eye = torch.eye(like.numel(), dtype=like.dtype)
+    return [row.view(like.shape) for row in eye]
+
+
+def _general(loss_fn):
+    """The same loss behind a wrapper the penalty does not recognise: the general path."""
+    return lambda z, y: loss_fn(z, y)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gauss_newton_output_space_forms_over_a_basis_are_the_block_trace(case):
+    """Drawn probes for cross-entropy and MSE live in the output space: ||J^T S u||^2 with
+    S S^T = H_z; summed over the unit vectors u of that space it is tr(G) exactly."""
     model, x, y, loss_fn = _case(case)
-    n = 1500
+    for layers in _layers_of(model):
+        pen = HessianTracePenalty(model, layers=layers, curvature="gauss_newton", loss_fn=loss_fn)
+        used = []
+
+        def basis(like, n=None, used=used):
+            used.append(like.shape)
+            return _output_basis(like)
+
+        pen.sample_output_probes = basis
+        dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, layers))
+        model.zero_grad()
+        value = pen(loss_fn(model(x), y), inputs=x, targets=y) * y.shape[0] * 3
+        value.backward()
+        assert used == [torch.Size([y.shape[0], 3])]  # the closed-form path was taken
+        torch.testing.assert_close(value.detach(), dense.gauss_newton_trace(), rtol=1e-10,
+                                   atol=1e-12)
+        torch.testing.assert_close(_model_grad(model), dense.grad_of(dense.gauss_newton_trace),
+                                   rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("module", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.2),
+                                    nn.MSELoss()], ids=["ce", "ce_smooth", "mse"])
+def test_loss_modules_take_the_output_space_path(module):
+    model, x, y, _ = _case("relu_mse" if isinstance(module, nn.MSELoss) else "tanh_mlp")
+    pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=module)
+    pen.sample_output_probes = lambda like, n=None: _output_basis(like)
+    value = float(pen(module(model(x), y), inputs=x, targets=y).detach()) * y.shape[0] * 3
+    dense = DenseCurvature(model, x, y, module, _chosen(model, "all"))
+    assert value == pytest.approx(float(dense.gauss_newton_trace()), rel=1e-10)
+
+
+@pytest.mark.parametrize("loss_fn", [
+    nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)),
+    _general(CE),
+    lambda z, y: nn.functional.huber_loss(z, nn.functional.one_hot(y, 3).double()),
+], ids=["weighted_ce", "wrapped_ce", "huber"])
+def test_other_losses_take_the_parameter_space_path(loss_fn):
+    model, x, y, _ = _case("tanh_mlp")
+    pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=loss_fn, n_probes=2)
+
+    def refuse(like, n=None):
+        raise AssertionError("the output-space path has no closed form for this loss")
+
+    pen.sample_output_probes = refuse
+    pen(loss_fn(model(x), y), inputs=x, targets=y)  # parameter-space probes, no error
+    assert pen.state_dict()["draws"] == 2
+
+
+def test_ignored_labels_take_the_parameter_space_path():
+    model, x, y, loss_fn = _case("tanh_mlp")
+    y = y.clone()
+    y[0] = -100  # cross_entropy's ignore_index: that row has no weight
+    pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=loss_fn)
+    probes = _basis(pen)
+    value = float(pen(loss_fn(model(x), y), inputs=x, targets=y, probes=probes).detach())
+    dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, "all"))
+    assert value * len(probes) == pytest.approx(float(dense.gauss_newton_trace()), rel=1e-10)
+    pen.sample_output_probes = lambda like, n=None: pytest.fail("closed form with ignored rows")
+    pen(loss_fn(model(x), y), inputs=x, targets=y)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["output_space", "parameter_space"])
+@pytest.mark.parametrize("case", ["tanh_mlp", "relu_mse", "batchnorm_train"])
+def test_gauss_newton_mean_over_rademacher_draws_is_the_block_trace(case, wrap):
+    model, x, y, loss_fn = _case(case)
+    loss_fn = _general(loss_fn) if wrap else loss_fn
+    n = 2000
     pen = HessianTracePenalty(model, layers="middle", curvature="gauss_newton", loss_fn=loss_fn,
                               n_probes=n, seed=4)
-    G = DenseCurvature(model, x, y, loss_fn, _chosen(model, "middle")).gauss_newton()
-    off = G - torch.diag(torch.diagonal(G))
-    se = math.sqrt(2 * float((off**2).sum()) / n)
-    target = float(torch.trace(G))
-    assert 4 * se < 0.2 * target  # precise enough to catch a factor or a wrong block
+    target = float(DenseCurvature(model, x, y, loss_fn, _chosen(model, "middle"))
+                   .gauss_newton_trace())
+    # one Rademacher form u^T M u of a PSD M has variance 2 sum_{i!=j} M_ij^2 <= 2 tr(M)^2
+    se = target * math.sqrt(2 / n)
     value = float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach())
     assert abs(value - target) < 4 * se, (value, target, se)
 

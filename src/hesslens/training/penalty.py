@@ -159,6 +159,8 @@ from hesslens.training.penalty_curvature import (
     batch_statistics_modules,
     empirical_fisher_trace,
     gauss_newton_forms,
+    gauss_newton_output_forms,
+    output_sqrt_hessian,
 )
 
 __all__ = ["HessianTracePenalty", "NegativeCurvatureWarning", "default_fd_eps"]
@@ -500,14 +502,14 @@ class HessianTracePenalty:
                     "targets=y)")
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
                 return self._fisher(loss, inputs, targets).reshape(())
-        drawn = probes is None
-        if probes is None:
-            probes = self.sample_probes()
-        elif len(probes) == 0:
+        if probes is not None and len(probes) == 0:
             raise HesslensInputError("probes is empty; pass at least one probe or None")
         if self.curvature == "gauss_newton":
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
                 return self._gauss_newton(inputs, targets, probes).reshape(())
+        drawn = probes is None
+        if probes is None:
+            probes = self.sample_probes()
         if self.method == "hvp":
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
                 out = self._hvp(self._loss_for_third_derivatives(loss, inputs, targets), probes)
@@ -546,8 +548,10 @@ class HessianTracePenalty:
                 "pen(loss, inputs=x, targets=y)")
 
     def _gauss_newton(self, inputs: Any, targets: Any,
-                      probes: Sequence[Sequence[Tensor]]) -> Tensor:
-        """Mean over probes of ``(J_S v)^T H_z (J_S v)`` on a re-evaluation of the batch."""
+                      probes: Sequence[Sequence[Tensor]] | None) -> Tensor:
+        """The Gauss-Newton penalty on a re-evaluation of the batch: output-space forms
+        ``||J_S^T S u||^2`` where ``H_z = S S^T`` has a closed form (cross-entropy, MSE), else
+        (and for given parameter-space ``probes``) ``(J_S v)^T H_z (J_S v)``."""
         self._batch_needed(inputs, targets)
         params = self.parameters()
         buffers, devices = self._side_pass_state(params)
@@ -559,7 +563,24 @@ class HessianTracePenalty:
                     "curvature='gauss_newton' needs the model's output as one tensor, got "
                     f"{type(outputs).__name__}; wrap the model so that it returns its logits")
             loss = self.loss_fn(outputs, targets)
-        return gauss_newton_forms(outputs, loss, params, probes)
+        sqrt_h = output_sqrt_hessian(self.loss_fn, outputs, targets) if probes is None else None
+        if sqrt_h is not None:
+            return gauss_newton_output_forms(outputs, params, sqrt_h,
+                                             self.sample_output_probes(outputs), self._masks)
+        return gauss_newton_forms(outputs, loss, params,
+                                  self.sample_probes() if probes is None else probes)
+
+    def sample_output_probes(self, like: Tensor, n: int | None = None) -> list[Tensor]:
+        """``n`` (default ``n_probes``) probes shaped like the model's outputs ``like``, from the
+        same generator as :meth:`sample_probes` (Gauss-Newton's output-space forms)."""
+        n = self.n_probes if n is None else n
+        g = self._gen(like.device)
+        self._draws += n
+        if self.distribution == "rademacher":
+            return [torch.randint(0, 2, like.shape, generator=g, device=like.device,
+                                  dtype=like.dtype).mul_(2).sub_(1) for _ in range(n)]
+        return [torch.randn(like.shape, generator=g, device=like.device, dtype=like.dtype)
+                for _ in range(n)]
 
     def _fisher(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
         """``(1/N) sum_i ||d l_i / d theta_S||^2`` from per-sample gradients of the batch."""

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,7 +41,8 @@ from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
 
-__all__ = ["batch_statistics_modules", "empirical_fisher_trace", "gauss_newton_forms"]
+__all__ = ["batch_statistics_modules", "empirical_fisher_trace", "gauss_newton_forms",
+           "gauss_newton_output_forms", "output_sqrt_hessian"]
 
 
 def gauss_newton_forms(outputs: Tensor, loss: Tensor, params: Sequence[Tensor],
@@ -67,6 +69,68 @@ def gauss_newton_forms(outputs: Tensor, loss: Tensor, params: Sequence[Tensor],
         (hjv,) = torch.autograd.grad(dloss_dz, outputs, jv, create_graph=True,
                                      allow_unused=True)
         q = (jv * hjv).sum() if hjv is not None else loss * 0.0
+        total = q if total is None else total + q
+    assert total is not None
+    return total / len(probes)
+
+
+def output_sqrt_hessian(loss_fn: Any, outputs: Tensor,
+                        targets: Any) -> Callable[[Tensor], Tensor] | None:
+    """``u -> S u`` with ``S S^T = H_z`` for the losses whose ``H_z`` has a closed form, else
+    ``None``; ``S`` is a function of ``outputs`` (differentiable).
+
+    * softmax cross-entropy, batch mean over ``N`` rows of ``(N, C)`` logits, with class indices
+      or probability targets (rows summing to 1; label smoothing allowed), no class weights:
+      ``H_i = (diag p_i - p_i p_i^T) / N`` and ``S_i = (diag sqrt(p_i) - p_i sqrt(p_i)^T) /
+      sqrt(N)``, with ``sqrt(p) = exp(log_softmax(z) / 2)`` (finite derivatives where ``p``
+      underflows);
+    * mean squared error over ``M`` entries: ``H_z = 2 I / M``, ``S = sqrt(2 / M) I``.
+    """
+    F = nn.functional
+    if outputs.dim() != 2 or not isinstance(targets, Tensor):
+        return None
+    ce = loss_fn is F.cross_entropy or (
+        type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None
+        and loss_fn.reduction == "mean")
+    mse = loss_fn is F.mse_loss or (type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean")
+    if ce:
+        n, c = outputs.shape
+        if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+            if targets.shape != (n,) or not bool(((targets >= 0) & (targets < c)).all()):
+                return None  # ignored labels (ignore_index) weight the rows differently
+        elif targets.shape != outputs.shape or not torch.allclose(
+                targets.detach().sum(1), torch.ones((), dtype=targets.dtype), atol=1e-5):
+            return None
+        log_p = F.log_softmax(outputs, dim=1)
+        p, sqrt_p = log_p.exp(), (0.5 * log_p).exp()
+
+        def ce_sqrt(u: Tensor) -> Tensor:
+            return (sqrt_p * u - p * (sqrt_p * u).sum(1, keepdim=True)) / math.sqrt(n)
+
+        return ce_sqrt
+    if mse and isinstance(targets, Tensor) and targets.shape == outputs.shape:
+        scale = math.sqrt(2.0 / outputs.numel())
+        return lambda u: scale * u
+    return None
+
+
+def gauss_newton_output_forms(outputs: Tensor, params: Sequence[Tensor],
+                              sqrt_h: Callable[[Tensor], Tensor], probes: Sequence[Tensor],
+                              masks: Sequence[Tensor | None] | None = None) -> Tensor:
+    """Mean over output-space probes ``u`` (``E[u u^T] = I``, shaped like ``outputs``) of
+    ``||J^T S u||^2``, whose expectation is ``tr(J^T S S^T J) = tr(G)``: one reverse pass per
+    probe, with its graph kept for the penalty's gradient. ``masks`` restricts the norm to the
+    entries of sliced blocks."""
+    params = list(params)
+    total: Tensor | None = None
+    for u in probes:
+        w = torch.autograd.grad(outputs, params, sqrt_h(u), create_graph=True,
+                                allow_unused=True)
+        if masks is not None:
+            w = tuple(g if g is None or m is None else g * m.to(g.device, g.dtype)
+                      for g, m in zip(w, masks))
+        squares = [g.pow(2).sum() for g in w if g is not None]
+        q = torch.stack(squares).sum() if squares else outputs.sum() * 0.0
         total = q if total is None else total + q
     assert total is not None
     return total / len(probes)
