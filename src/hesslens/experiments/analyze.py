@@ -208,14 +208,27 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``hesslens analyze``; print a short table; return the exit code (0)."""
+    """Run ``hesslens analyze``; print a short table; return the exit code (0).
 
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes its piece of the analysis
+    subset and the operators sum their products over the processes, so the study is the
+    single-process one; rank 0 alone writes the files and prints."""
+    from hesslens.training.distributed import process_group_from_env, quiet_other_ranks
+
+    with process_group_from_env(args.device) as ranks:
+        quiet_other_ranks(ranks)
+        return _run_analyze(args, ranks)
+
+
+def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
     from hesslens import zoo
     from hesslens.analysis import layer_study
     from hesslens.report.layer_report import write_layer_study
 
     t0 = time.perf_counter()
-    device = resolve_device(args.device)
+    from hesslens.training.distributed import local_device, shard
+
+    device = resolve_device(local_device(args.device, ranks))
     dtype = resolve_dtype(args.dtype)
     least = _least_trace_hvp()
     if args.trace_max_hvp < least:
@@ -261,7 +274,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         config.get("seed"), int) else args.seed
     check_out_dir(args.out)  # an unusable --out fails before the data is read
     dataset = zoo.load_dataset(data_name, root=data_root, seed=split_seed)
-    out = prepare_out_dir(args.out)
+    out = prepare_out_dir(args.out) if ranks.is_main else check_out_dir(args.out)
     token_task = dataset.train[1].dim() == 2
     subset = zoo.token_subset if token_task else zoo.analysis_subset
     x, y = subset(*dataset.train, per_class=args.per_class, seed=args.seed)
@@ -269,12 +282,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     # what the model takes: (x, y) pairs and cross-entropy, or mappings and the model's own
     # loss for the Hugging Face models of the zoo
     loss_fn = zoo.model_loss(model_name)
-    batches = zoo.model_batches(model_name, x, y)
+    if len(y) < ranks.world:
+        raise HesslensInputError(
+            f"the analysis subset has {len(y)} examples, fewer than the {ranks.world} "
+            "processes; raise --per-class or use fewer processes")
+    # under torchrun each rank its piece of the subset; the operators sum over the ranks
+    batches = zoo.model_batches(model_name, shard(x, ranks), shard(y, ranks))
     hf_model = zoo.model_input(model_name) is not None
     layers = args.layers if args.layers != "auto" else (
         "transformer" if hf_model else "modules")
 
-    progress = show_progress(args)
+    progress = show_progress(args) and ranks.is_main
     study = layer_study(
         model, loss_fn, batches, layers=layers,
         k=args.k, density_probes=args.density_probes, density_steps=args.density_steps,
@@ -303,12 +321,14 @@ def run_analyze(args: argparse.Namespace) -> int:
         "threads": threads,
         "device": str(device),
         "dtype": results["settings"]["dtype"],
+        "parallel": ranks.record(),
     }
     results["data"] = {**dataset_fingerprint(dataset, data_name),
                        "analysis_subset": data_fingerprint(
                            f"{data_name} analysis subset", {"x": x, "y": y})}
     results["versions"] = versions(device)
     results["timings"]["study_total"] = time.perf_counter() - t0
-    write_layer_study(results, out)
-    _print_table(results, out, time.perf_counter() - t0)
+    if ranks.is_main:
+        write_layer_study(results, out)
+        _print_table(results, out, time.perf_counter() - t0)
     return 0

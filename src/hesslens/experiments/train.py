@@ -36,7 +36,7 @@ from hesslens.experiments.common import (
     positive_int,
     prepare_out_dir,
 )
-from hesslens.training.distributed import process_group_from_env
+from hesslens.training.distributed import process_group_from_env, quiet_other_ranks
 
 __all__ = ["add_train_arguments", "config_from_args", "run_train", "summary_line"]
 
@@ -192,6 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
     # Small models train several times faster on one thread than on contended cores.
     apply_threads(getattr(args, "threads", None), sum(p.numel() for p in model.parameters()))
     with process_group_from_env(config.device) as ranks:  # under torchrun: data-parallel
+        quiet_other_ranks(ranks)
         if ranks.is_main:
             prepare_out_dir(args.out)
         result = train(config, args.out, progress=not getattr(args, "no_progress", False),

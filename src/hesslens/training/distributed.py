@@ -50,6 +50,7 @@ __all__ = [
     "current",
     "local_device",
     "process_group_from_env",
+    "quiet_other_ranks",
     "shard",
     "shard_range",
     "sum_across",
@@ -129,6 +130,15 @@ def process_group_from_env(device: str | torch.device = "cpu") -> Iterator[Ranks
     finally:
         if made and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def quiet_other_ranks(ranks: Ranks) -> None:
+    """Silence warnings on every rank but 0: the ranks compute the same results, so their
+    warnings are rank 0's repeated (errors still stop the run and are shown)."""
+    if not ranks.is_main:
+        import warnings
+
+        warnings.simplefilter("ignore")
 
 
 def local_device(device: str | torch.device, ranks: Ranks | None = None) -> str:
