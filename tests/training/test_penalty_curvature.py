@@ -410,3 +410,18 @@ def test_arm_key_of_a_run_saved_before_the_field_is_unchanged():
     del old["htr_curvature"]
     assert arm_key(old) == arm_key(TrainConfig(htr_gamma=1e-3))
     assert arm_key(TrainConfig(htr_gamma=1e-3, htr_curvature="fisher")) != arm_key(old)
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
+def test_active_dropout_runs_and_leaves_the_random_stream_alone(curvature):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    x = torch.randn(6, 3, generator=_gen(2), dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=_gen(3))
+    pen = HessianTracePenalty(model, curvature=curvature, loss_fn=CE, seed=0)
+    loss = CE(model(x), y)
+    state = torch.get_rng_state()
+    value = pen(loss, inputs=x, targets=y)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.isfinite(value) and float(value.detach()) > 0
+    value.backward()

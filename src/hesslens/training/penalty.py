@@ -16,8 +16,42 @@ parameter of the model (the curvature of the middle layers depends on the first 
 it works unchanged with any optimizer, learning-rate schedule, gradient accumulation or
 mixed-precision scaler.
 
-Two ways to compute it
-----------------------
+Three curvatures
+----------------
+``curvature="hessian"`` (the default, the paper) is the above. The Hessian is indefinite: its
+trace can be negative (BatchNorm in training mode, saddle regions), and then minimising it
+rewards *more* negative curvature instead of flatness. The penalty keeps the last 50 values and
+warns once (:class:`NegativeCurvatureWarning`) when their mean is below zero by more than three
+standard errors (judged from 10 values on). Two positive semi-definite alternatives
+(:mod:`hesslens.training.penalty_curvature`), for outputs ``z``, batch-mean loss
+``L = ell(z) = (1/N) sum_i l_i`` and ``H_z = d2 ell / dz2``:
+
+* ``"gauss_newton"``: ``E[P] = tr(J_S^T H_z J_S)``, the chosen diagonal blocks of the
+  Gauss-Newton matrix ``G = J^T H_z J`` (``J = dz / dtheta``; ``H = G + sum_k (dell/dz_k)
+  d2 z_k / dtheta2``). For softmax cross-entropy (class indices or probability targets, no
+  class weights) and mean squared error, ``H_z = S S^T`` in closed form
+  (:func:`~hesslens.training.penalty_curvature.output_sqrt_hessian`) and the probes live in the
+  output space: ``P = mean_u ||J_S^T S u||^2`` (one reverse pass per probe, never negative).
+  Any other ``loss_fn`` takes parameter-space probes, ``P = mean_v (J_S v)^T H_z (J_S v)``
+  (``J v`` as the ``u``-derivative of ``J^T u``: two reverse passes and an output-sized one).
+  On the MNIST-1D CNN the spread of one probe is the same for both (26-27 % of the mean).
+* ``"fisher"``: ``P = (1/N) sum_i ||d l_i / dtheta_S||^2``, the trace of the chosen blocks of
+  the empirical Fisher ``(1/N) sum_i g_i g_i^T`` with the true labels, computed exactly (no
+  probes: ``n_probes`` and ``distribution`` are unused) from per-sample gradients
+  (``torch.func.vmap(grad)``; memory ``N`` times the chosen parameters). ``l_i`` is
+  ``loss_fn`` on the batch of sample ``i`` alone, so the loss must be a batch mean of
+  independent samples: a batch loss other than ``mean_i l_i`` (a sum, class weights) and
+  BatchNorm with batch statistics are refused by name. Jastrzebski et al. (ICML 2021) define
+  ``tr(F)`` with labels sampled from the model and regularise with a mini-batch estimate of it;
+  this is the true-label (empirical) variant, exact on the batch, not the squared norm of the
+  batch-mean gradient.
+
+Both re-evaluate the model on the batch (``loss_fn`` at construction, ``pen(loss, inputs=x,
+targets=y)``), with normalisation written out (:mod:`hesslens.training.norms`), running
+statistics and the random-number stream untouched; ``method="fd"`` is for the Hessian only.
+
+Two ways to compute the Hessian's
+---------------------------------
 ``method="hvp"`` (exact quadratic forms, double back-propagation)::
 
     g   = autograd.grad(loss, theta_S, create_graph=True)     # first-order graph kept
@@ -116,6 +150,12 @@ Both have floors that no implementation detail removes:
   Evaluating the penalty on half the batch saved little on the small models (per-operation
   overhead dominates them: MNIST-1D CNN 5.9x to 4.9x, MLP unchanged) while raising the relative
   spread of the estimate by 10-100 %, so the penalty always uses the whole batch.
+
+The other curvatures, in passes over the batch besides the SGD step's forward and backward:
+``"gauss_newton"`` (cross-entropy, MSE) one forward, one reverse pass kept for differentiation
+and its double backward; with parameter-space probes one more reverse pass and its backward;
+``"fisher"`` a vmapped forward and backward for the per-sample gradients and the double
+backward through them (``python benchmarks/bench_penalty_curvature.py`` measures all three).
 
 Use ``every`` (the trainer's ``htr_every``) to amortise: at the paper's schedule, one penalised
 step in 50, every arm costs 1.02-1.11x SGD.
