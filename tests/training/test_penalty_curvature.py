@@ -190,6 +190,14 @@ def test_ignored_labels_take_the_parameter_space_path():
     assert value * len(probes) == pytest.approx(float(dense.gauss_newton_trace()), rel=1e-10)
     pen.sample_output_probes = lambda like, n=None: pytest.fail("closed form with ignored rows")
     pen(loss_fn(model(x), y), inputs=x, targets=y)
+    y[0] = 1
+    module = nn.CrossEntropyLoss(ignore_index=1)  # a class index that the loss ignores
+    pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=module)
+    pen.sample_output_probes = lambda like, n=None: pytest.fail("closed form with ignored rows")
+    pen(module(model(x), y), inputs=x, targets=y)
+    fisher = HessianTracePenalty(model, curvature="fisher", loss_fn=module)
+    with pytest.raises(HesslensInputError, match="not the mean of the per-sample losses"):
+        fisher(module(model(x), y), inputs=x, targets=y)  # an ignored sample's loss is 0/0
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["output_space", "parameter_space"])
@@ -227,6 +235,9 @@ def test_a_sliced_block_takes_the_trace_of_its_slice_only(curvature):
         diag = torch.diagonal(dense.gauss_newton())
         probes = [[v[0] * pen._masks[0]] for v in _basis(pen)]
         value = float(pen(loss, inputs=x, targets=y, probes=probes).detach()) * len(probes)
+        pen.sample_output_probes = lambda like, n=None: _output_basis(like)
+        output_space = float(pen(loss, inputs=x, targets=y).detach()) * x.shape[0] * 3
+        assert output_space == pytest.approx(value, rel=1e-10)
     else:
         diag = (dense.per_sample_gradients() ** 2).mean(0)
         value = float(pen(loss, inputs=x, targets=y).detach())
@@ -425,3 +436,27 @@ def test_active_dropout_runs_and_leaves_the_random_stream_alone(curvature):
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.isfinite(value) and float(value.detach()) > 0
     value.backward()
+
+
+def _bce(z, y):
+    return nn.functional.binary_cross_entropy_with_logits(z, y)
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
+def test_binary_logits_with_bce_take_the_general_path(curvature):
+    model = _mlp(out=1)
+    x = torch.randn(6, 3, generator=_gen(5), dtype=torch.float64)
+    y = torch.randint(0, 2, (6, 1), generator=_gen(6)).double()
+    pen = HessianTracePenalty(model, layers="middle", curvature=curvature, loss_fn=_bce)
+    dense = DenseCurvature(model, x, y, _bce, _chosen(model, "middle"))
+    model.zero_grad()
+    if curvature == "gauss_newton":
+        probes = _basis(pen)
+        value = pen(_bce(model(x), y), inputs=x, targets=y, probes=probes) * len(probes)
+        exact, fn = dense.gauss_newton_trace(), dense.gauss_newton_trace
+    else:
+        value = pen(_bce(model(x), y), inputs=x, targets=y)
+        exact, fn = dense.fisher_trace(), dense.fisher_trace
+    value.backward()
+    torch.testing.assert_close(value.detach(), exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(_model_grad(model), dense.grad_of(fn), rtol=1e-8, atol=1e-10)

@@ -641,7 +641,7 @@ class HessianTracePenalty:
         dropout = self.model.training and any(m.training and m.p > 0 for m in self._dropouts)
         batch_loss = float(loss.detach().reshape(()))
         per_sample = float(mean_loss)
-        if not dropout and abs(per_sample - batch_loss) > 1e-3 * max(1.0, abs(batch_loss)):
+        if not dropout and not abs(per_sample - batch_loss) <= 1e-3 * max(1.0, abs(batch_loss)):
             raise HesslensInputError(
                 f"the loss ({batch_loss:.6g}) is not the mean of the per-sample losses "
                 f"loss_fn(model(x[i:i+1]), y[i:i+1]) ({per_sample:.6g}); curvature='fisher' "

@@ -96,7 +96,9 @@ def output_sqrt_hessian(loss_fn: Any, outputs: Tensor,
     if ce:
         n, c = outputs.shape
         if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-            if targets.shape != (n,) or not bool(((targets >= 0) & (targets < c)).all()):
+            ignored = getattr(loss_fn, "ignore_index", -100)
+            if targets.shape != (n,) or not bool(
+                    ((targets >= 0) & (targets < c) & (targets != ignored)).all()):
                 return None  # ignored labels (ignore_index) weight the rows differently
         elif targets.shape != outputs.shape or not torch.allclose(
                 targets.detach().sum(1), torch.ones((), dtype=targets.dtype), atol=1e-5):
