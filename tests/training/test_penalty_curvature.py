@@ -378,6 +378,12 @@ def test_negative_running_hessian_trace_warns_once(distribution):
             pen(model.loss())
     hits = [w for w in seen if issubclass(w.category, NegativeCurvatureWarning)]
     assert len(hits) == 1
+    resumed = HessianTracePenalty(model, distribution=distribution, seed=0)
+    resumed.load_state_dict(pen.state_dict())  # a resumed run neither forgets nor repeats
+    assert resumed.running_trace == pen.running_trace
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NegativeCurvatureWarning)
+        resumed(model.loss())
     assert "gauss_newton" in str(hits[0].message) and "fisher" in str(hits[0].message)
     assert pen.running_trace < 0
 

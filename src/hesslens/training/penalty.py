@@ -498,14 +498,16 @@ class HessianTracePenalty:
         return probes
 
     def state_dict(self) -> dict[str, Any]:
-        """The probe generator's state (a tensor and an int: ``torch.load(weights_only=True)``)."""
+        """The probe generator's state and the recent Hessian penalty values (tensors, ints,
+        floats: ``torch.load(weights_only=True)``)."""
         state, device = None, None
         if self._generator is not None:
             state, device = self._generator.get_state(), self._generator.device.type
         elif self._pending_state is not None:
             state, device = self._pending_state, self._pending_device
         return {"seed": self.seed, "generator": state, "device": device,
-                "draws": self._draws}
+                "draws": self._draws, "recent": list(self._recent),
+                "warned_negative": self._warned_negative}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator from :meth:`state_dict`: the next probes are as before (on the
@@ -516,6 +518,8 @@ class HessianTracePenalty:
         self._pending_state = None if gen is None else gen.clone()
         self._pending_device = state.get("device") or "cpu"
         self._draws = int(state.get("draws") or 0)
+        self._recent = deque((float(r) for r in state.get("recent") or ()), maxlen=_RECENT)
+        self._warned_negative = bool(state.get("warned_negative", False))
 
     # ------------------------------------------------------------------ the penalty
     def __call__(
@@ -525,14 +529,16 @@ class HessianTracePenalty:
         targets: Any = None,
         probes: Sequence[Sequence[Tensor]] | None = None,
     ) -> Tensor:
-        """The penalty for ``loss``: mean over probes of ``v^T H_SS v`` (differentiable).
+        """The penalty for ``loss``: mean over probes of ``v^T H_SS v`` (differentiable), or of
+        the Gauss-Newton forms, or the exact empirical-Fisher trace (``curvature``).
 
         ``inputs`` and ``targets`` (the batch ``loss`` was computed on) are needed by ``"fd"``,
-        and by ``"hvp"`` when the model normalises with batch statistics (see the module
-        docstring); the trainer always passes them.
+        by ``"gauss_newton"`` and ``"fisher"``, and by ``"hvp"`` when the model normalises with
+        batch statistics (see the module docstring); the trainer always passes them.
 
         ``probes`` (advanced) replaces the drawn probes: a list of probes, each a list of
-        tensors shaped like :meth:`parameters`.
+        tensors shaped like :meth:`parameters` (for ``"gauss_newton"``: parameter-space forms
+        ``(J_S v)^T H_z (J_S v)``; ``"fisher"`` takes none).
         """
         _check_loss(loss)
         if self.curvature == "fisher":
