@@ -1,106 +1,322 @@
-"""The paper's five findings, each checked against what ``hesslens reproduce`` measured.
+"""The paper's five findings, each checked against what ``hesslens reproduce`` measured, with
+a rule that could fail.
 
 Every check returns a :class:`Finding`: the claim, a verdict (``"held"``, ``"partly"``,
-``"did not hold"``), the numbers behind it and the rule that turned the numbers into the
-verdict, so that a reader can disagree with the rule and still use the numbers.
+``"did not hold"``, ``"not shown"``, ``"not measured"``), the numbers behind it, the rule
+that turned the numbers into the verdict (with its threshold and its interval or p-value),
+and the headline interval / p-value themselves, so that a reader can disagree with the rule
+and still use the numbers. Intervals are 95 %: over seeds x probes by a two-level bootstrap
+(:func:`hesslens.analysis.intervals.cluster_bootstrap`), over seeds by Student's t, between
+arms paired by seed.
 
 Example:
-    >>> f = Finding("claim", "held", "rule", "numbers")
-    >>> f.verdict
-    'held'
+    >>> f = Finding("claim", "held", "rule", "numbers", interval=(0.1, 0.3))
+    >>> f.verdict, f.to_dict()["interval"]
+    ('held', [0.1, 0.3])
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from hesslens.analysis.intervals import (
+    cluster_bootstrap,
+    difference_interval,
+    sign_test,
+    t_interval,
+)
+from hesslens.analysis.probe_spectra import (
+    BULK_WIDTH,
+    ProbeSpectra,
+    bulk_mass,
+    heterogeneity,
+    log_spread,
+)
 from hesslens.curvature.layers import middle_indices
 
-BULK_WIDTH = 0.05  # |eigenvalue| <= 5 % of the top one counts as "near zero"
+__all__ = ["VERDICTS", "Finding", "curvature_falls", "gauss_newton_close", "htr_helps",
+           "layer_spectra_like_full", "middle_layers_most_similar", "middle_minus_outer",
+           "transformer_blocks"]
+
+VERDICTS = ("held", "partly", "did not hold", "not shown", "not measured")
+LEVEL = 0.95
 
 
 @dataclass(frozen=True)
 class Finding:
+    """One checked claim: verdict, rule (threshold and interval / p-value it used), numbers;
+    ``interval`` and ``p_value`` are the headline statistic's, ``setting`` says on what."""
+
     claim: str
     verdict: str
     rule: str
     numbers: str
+    interval: tuple[float, float] | None = None
+    p_value: float | None = None
+    setting: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"claim": self.claim, "verdict": self.verdict, "rule": self.rule,
+                "numbers": self.numbers,
+                "interval": None if self.interval is None else [float(x) for x in self.interval],
+                "p_value": self.p_value, "setting": self.setting, "details": self.details}
 
 
-def _mass_near_zero(density: dict[str, list[float]], top: float) -> float:
-    nodes, weights = density["nodes"], density["weights"]
-    return float(sum(w for x, w in zip(nodes, weights) if abs(x) <= BULK_WIDTH * abs(top)))
+def _ci(m: float, lo: float, hi: float, fmt: str = ".3g") -> str:
+    if math.isnan(lo):
+        return f"{m:{fmt}} (one unit: no interval)"
+    return f"{m:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
-def layer_spectra_like_full(study: dict[str, Any]) -> Finding:
-    """Finding 1: each layer's spectrum is a bulk near zero plus a few outliers, like the
-    full Hessian's."""
-    full = study["full"]
-    full_bulk = _mass_near_zero(full["density"], full["top_eigenvalues"][0])
-    rows = []
-    for name, layer in study["layers"].items():
-        bulk = _mass_near_zero(layer["density"], layer["top_eigenvalues"][0])
-        rows.append((name, bulk, layer["similarity"]["wasserstein"]))
-    alike = [r for r in rows if r[1] >= 0.5]
-    verdict = ("held" if len(alike) == len(rows) and full_bulk >= 0.5
-               else "partly" if alike else "did not hold")
-    numbers = (f"spectral mass within {BULK_WIDTH:.0%} of the top eigenvalue of zero: full "
-               f"{full_bulk:.2f}; layers " + ", ".join(f"{n} {b:.2f}" for n, b, _ in rows)
-               + ". W1 to the full spectrum (each scaled by its top eigenvalue): "
-               + ", ".join(f"{n} {w:.3f}" for n, _, w in rows) + ".")
-    rule = ("held if the full Hessian and every layer block put at least half of their "
-            f"spectral mass within {BULK_WIDTH:.0%} of their top eigenvalue of zero (a bulk; "
-            "the rest, the top eigenvalue among it, are the outliers)")
-    return Finding("Each layer's Hessian spectrum looks like the full one (bulk near zero "
-                   "plus outliers).", verdict, rule, numbers)
+def _probes(d: Mapping[str, Any] | ProbeSpectra) -> ProbeSpectra:
+    return d if isinstance(d, ProbeSpectra) else ProbeSpectra.from_dict(d)
 
 
-def middle_layers_most_similar(study: dict[str, Any]) -> Finding:
-    """Finding 2: the middle layers' spectra are the most similar to the full one."""
-    sim = study["similarity"]
-    names = list(study["layers"])
-    middle = {names[i] for i in middle_indices(len(names))}
-    ranking = sim["ranking"]
-    best = ranking[0]["name"]
-    mid = [r["distance"] for r in ranking if r["name"] in middle]
-    outer = [r["distance"] for r in ranking if r["name"] not in middle]
-    if best in middle and (not outer or max(mid) <= min(outer)):
-        verdict = "held"
-    elif best in middle or (outer and sum(mid) / len(mid) < sum(outer) / len(outer)):
-        verdict = "partly"
-    else:
+def _by_seed(runs: Mapping[Any, Any] | None) -> list[ProbeSpectra]:
+    return [_probes(v) for _, v in sorted((runs or {}).items(), key=lambda kv: str(kv[0]))]
+
+
+def _interval(units: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """Mean and 95 % interval of ``units[seed][probe]``: the cluster bootstrap with two or
+    more seeds, Student's t over the probes with one."""
+    if len(units) == 1:
+        return t_interval(units[0], LEVEL)
+    return cluster_bootstrap(units, LEVEL)
+
+
+# ---------------------------------------------------------------------- finding 1
+def _shape_stats(states: list[ProbeSpectra]) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """``{entry: {"bulk": (m, lo, hi), "outliers": (m, lo, hi)}}`` over seeds x probes."""
+    out: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for entry in ["full", *states[0].names]:
+        bulk = [ps.bulk_masses()[entry] for ps in states]
+        count = [ps.outlier_counts()[entry] for ps in states]
+        out[entry] = {"bulk": _interval(bulk), "outliers": _interval(count)}
+    return out
+
+
+def _passes(stats: dict[str, dict[str, tuple[float, float, float]]], num_classes: int
+            ) -> tuple[bool, bool]:
+    """(bulk part, outlier part) of finding 1's rule on one network state."""
+    def low(t: tuple[float, float, float]) -> float:
+        return t[0] if math.isnan(t[1]) else t[1]
+
+    def high(t: tuple[float, float, float]) -> float:
+        return t[0] if math.isnan(t[2]) else t[2]
+
+    bulk = all(low(s["bulk"]) >= 0.5 for s in stats.values())
+    few = all(low(s["outliers"]) >= num_classes / 2 and high(s["outliers"]) <= 2 * num_classes
+              for s in stats.values())
+    return bulk, few
+
+
+def layer_spectra_like_full(study: Mapping[str, Any] | None, trained: Mapping[Any, Any] | None,
+                            control: Mapping[Any, Any] | None, num_classes: int,
+                            control_name: str = "the same networks at initialisation",
+                            num_samples: int | None = None) -> Finding:
+    """Finding 1: each layer's spectrum is a bulk near zero plus a few (about C) outliers,
+    like the full Hessian's; tested against a control that should fail it.
+
+    Args:
+        study: the layer study of the trained model (its W1 numbers are quoted), or None.
+        trained, control: ``{seed: ProbeSpectra (or its dict)}`` of the trained networks and
+            of the control (e.g. the same architecture at initialisation).
+        num_classes: C, the paper's number of outliers.
+        num_samples: N, the examples the Hessian averages over (for the rank of G, quoted).
+    """
+    claim = ("Each layer's Hessian spectrum looks like the full one: a bulk near zero plus a "
+             "few outliers (about one per class).")
+    rule = (f"bulk: every entry (full and each layer) puts at least 0.5 of its spectral mass "
+            f"within {BULK_WIDTH:.0%} of its top eigenvalue of zero (lower end of the 95 % "
+            f"interval over seeds x probes); few outliers: every entry's count of eigenvalues "
+            f"outside that band, dim x (1 - bulk mass), has its 95 % interval inside "
+            f"[C/2, 2C] = [{num_classes / 2:g}, {2 * num_classes:g}] (the paper: about C = "
+            f"{num_classes} outliers). Held if the trained networks pass both parts and the "
+            f"control ({control_name}) fails the rule; partly if the control passes too (not "
+            f"specific) or the trained networks pass the bulk part only; did not hold if they "
+            f"fail the bulk part")
+    if not trained:
+        return Finding(claim, "not measured", rule, "no per-probe spectra were measured")
+    t_states = _by_seed(trained)
+    t_stats = _shape_stats(t_states)
+    t_bulk, t_few = _passes(t_stats, num_classes)
+    c_bulk = c_few = None
+    c_stats = None
+    if control:
+        c_stats = _shape_stats(_by_seed(control))
+        c_bulk, c_few = _passes(c_stats, num_classes)
+
+    def describe(stats: dict[str, dict[str, tuple[float, float, float]]]) -> str:
+        return "; ".join(f"{e}: bulk {_ci(*s['bulk'], '.3f')}, outliers "
+                         f"{_ci(*s['outliers'], '.3g')}" for e, s in stats.items())
+
+    numbers = (f"trained ({len(t_states)} seeds x {t_states[0].n_probes} probes): "
+               + describe(t_stats) + ".")
+    if c_stats is not None:
+        numbers += f" Control, {control_name}: " + describe(c_stats) + "."
+    specific = None
+    if c_stats is not None:
+        specific = not (c_bulk and c_few)
+        parts = []
+        if c_bulk:
+            rank = (f"N(C - 1) = {num_samples * (num_classes - 1)}" if num_samples
+                    else "N(C - 1)")
+            parts.append("the bulk part also holds on the control, so it is not specific to "
+                         f"training (on N examples G has rank at most {rank}, below the "
+                         f"full network's {t_states[0].dims['full']} parameters: much of any "
+                         "spectrum is near zero whatever the weights)")
+        if not c_few:
+            parts.append("the outlier count separates the trained networks from the control")
+        if parts:
+            text = "; ".join(parts)
+            numbers += " " + text[0].upper() + text[1:] + "."
+    if study:
+        numbers += (" W1 to the full spectrum of the final model (each scaled by its top "
+                    "eigenvalue): " + ", ".join(
+                        f"{n} {layer['similarity']['wasserstein']:.3f}"
+                        for n, layer in study["layers"].items()) + ".")
+    if not t_bulk:
         verdict = "did not hold"
-    numbers = ("ranking by W1 to the full spectrum (most similar first): "
-               + ", ".join(f"{r['name']} (depth {r['depth']:.2f}, {r['distance']:.3f})"
-                           for r in ranking)
-               + f"; middle layers here: {sorted(middle, key=names.index)}.")
-    rule = ("held if the most similar layer is a middle layer and every middle layer is closer "
-            "than every outer one; partly if only the best one is middle or the middle layers "
-            "are closer on average")
-    return Finding("The middle layers' spectra are the most similar to the full Hessian's.",
-                   verdict, rule, numbers)
+    elif t_few and specific is True:
+        verdict = "held"
+    elif t_few and specific is None:
+        verdict = "partly"
+        numbers += " No control was measured, so the rule's specificity is unknown."
+    else:
+        verdict = "partly"
+        if specific is False:
+            numbers = "Not specific: the control passes the same rule. " + numbers
+    full = t_stats["full"]["outliers"]
+    return Finding(claim, verdict, rule, numbers, interval=(full[1], full[2]),
+                   setting="outlier count of the full Hessian, trained",
+                   details={"trained": {"bulk": t_bulk, "few_outliers": t_few},
+                            "control": None if c_stats is None else
+                            {"bulk": c_bulk, "few_outliers": c_few},
+                            "specific": specific})
 
 
+# ---------------------------------------------------------------------- finding 2
+def middle_minus_outer(ps: ProbeSpectra) -> list[float]:
+    """Per probe: mean W1 of the outer layers minus that of the middle layers (positive:
+    the middle layers are closer to the full spectrum)."""
+    d = ps.distances()
+    middle = list(middle_indices(len(ps.names)))
+    outer = [i for i in range(len(ps.names)) if i not in middle]
+    if not outer:
+        return [math.nan] * d.shape[0]
+    return [float(row[outer].mean() - row[middle].mean()) for row in d]
+
+
+def _setting(name: str, states: list[ProbeSpectra]) -> dict[str, Any]:
+    units = [middle_minus_outer(ps) for ps in states]
+    m, lo, hi = _interval(units)
+    names = states[0].names
+    middle = [names[i] for i in middle_indices(len(names))]
+    best_mid = [int(np.argmin(row)) in set(middle_indices(len(names)))
+                for ps in states for row in ps.distances()]
+    mean_d = np.mean([ps.distances().mean(axis=0) for ps in states], axis=0)
+    return {"name": name, "m": m, "lo": lo, "hi": hi, "middle": middle,
+            "best_middle": sum(best_mid), "units": len(best_mid),
+            "mean_distances": dict(zip(names, mean_d.tolist())),
+            "seeds": len(states), "probes": states[0].n_probes}
+
+
+def _sided(s: dict[str, Any]) -> int:
+    """+1 if the interval is above 0, -1 if below, 0 if it holds 0 (or has no interval)."""
+    if math.isnan(s["lo"]):
+        return 0
+    return 1 if s["lo"] > 0 else -1 if s["hi"] < 0 else 0
+
+
+def middle_layers_most_similar(settings: Mapping[str, Mapping[Any, Any]],
+                               over_epochs: Mapping[int, Mapping[Any, Any]] | None = None
+                               ) -> Finding:
+    """Finding 2: the middle layers' spectra are the most similar to the full one.
+
+    Args:
+        settings: ``{setting name: {seed: ProbeSpectra}}``; the first is the primary one
+            (the verdict's), the others must not contradict it.
+        over_epochs: ``{epoch: {seed: ProbeSpectra}}`` of the primary setting along training
+            (reported, epoch 0 included).
+    """
+    claim = "The middle layers' spectra are the most similar to the full Hessian's."
+    rule = ("per seed and probe, D = mean W1 to the full spectrum of the outer layers minus that "
+            "of the middle layers (middle: layers round(n/4) .. round(3n/4) in forward order; "
+            "W1 between spectra each scaled by its top eigenvalue); held if the 95 % interval "
+            "of D (two-level bootstrap over seeds, then probes) on the first setting lies above "
+            "0 and no other setting's lies below 0; partly if it lies above 0 but another "
+            "setting's lies below; did not hold if it lies below 0; not shown if it holds 0")
+    done = [_setting(name, _by_seed(runs)) for name, runs in settings.items() if runs]
+    if not done:
+        return Finding(claim, "not measured", rule, "no per-probe spectra were measured")
+    parts = []
+    for s in done:
+        order = sorted(s["mean_distances"], key=s["mean_distances"].get)
+        parts.append(
+            f"{s['name']} ({s['seeds']} seeds x {s['probes']} probes; middle layers "
+            f"{', '.join(s['middle'])}): D = {_ci(s['m'], s['lo'], s['hi'])}; the most similar "
+            f"layer is a middle one in {s['best_middle']}/{s['units']} seed-probe pairs; "
+            "mean W1 by layer, most similar first: "
+            + ", ".join(f"{n} {s['mean_distances'][n]:.3g}" for n in order))
+    numbers = ". ".join(parts) + "."
+    if over_epochs:
+        track = []
+        for epoch in sorted(over_epochs):
+            units = [middle_minus_outer(ps) for ps in _by_seed(over_epochs[epoch])]
+            if units:
+                track.append(f"epoch {epoch}: {_ci(*_interval(units))}")
+        numbers += f" D of {done[0]['name']} over training: " + "; ".join(track) + "."
+    primary, others = done[0], done[1:]
+    side = _sided(primary)
+    against = [s["name"] for s in others if _sided(s) < 0]
+    if side > 0:
+        verdict = "partly" if against else "held"
+    elif side < 0:
+        verdict = "did not hold"
+    else:
+        verdict = "not shown"
+    if len(primary["middle"]) == 1:
+        numbers += f" In {primary['name']} 'the middle' is one layer."
+    return Finding(claim, verdict, rule, numbers, interval=(primary["lo"], primary["hi"]),
+                   setting=primary["name"],
+                   details={"settings": [{k: v for k, v in s.items()} for s in done]})
+
+
+# ---------------------------------------------------------------------- finding 3
 def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
-    """Finding 3: top eigenvalue and trace, full and per layer, fall during training."""
-    fell, total, details = 0, 0, []
-    layer_fell, layer_total = 0, 0
+    """Finding 3: top eigenvalue and trace, full and per layer, fall during training: from
+    the epoch-0 record (initialisation) to the last tracked epoch, seed by seed."""
+    claim = ("The top eigenvalue and the trace, full and per layer, fall as training goes on "
+             "(SGD).")
+    rule = ("per seed, the change from the first tracked record (epoch 0: initialisation) to "
+            "the last; held if for both the full top eigenvalue and the full trace the 95 % "
+            "t-interval over seeds of log(last / first) lies below 0 and the one-sided sign "
+            "test of 'fell' has p < 0.05, and at least 3/4 of the per-layer quantities fell; "
+            "did not hold if either full quantity's interval lies above 0 (it rose); partly "
+            "otherwise")
+    per_key: dict[str, list[float]] = {"top_eigenvalue": [], "trace": []}
+    from_peak: dict[str, list[float]] = {"top_eigenvalue": [], "trace": []}
+    details, first_epochs = [], set()
+    layer_fell = layer_total = 0
     for run in runs:
-        # trained epochs only: the epoch-0 record (initialisation) is not "as training goes on"
-        tracked = [e for e in run["epochs"]
-                   if e.get("trace") is not None and e.get("epoch", 1) >= 1]
+        tracked = [e for e in run["epochs"] if e.get("trace") is not None
+                   and e.get("top_eigenvalue") is not None]
         if len(tracked) < 2:
             continue
         first, last = tracked[0], tracked[-1]
+        first_epochs.add(first["epoch"])
+        for key in per_key:
+            if first[key] > 0 and last[key] > 0:
+                per_key[key].append(math.log(last[key] / first[key]))
+                peak = max(e[key] for e in tracked)
+                from_peak[key].append(math.log(last[key] / peak))
         peak = max(tracked, key=lambda e: e["top_eigenvalue"])
-        for key in ("top_eigenvalue", "trace"):
-            total += 1
-            fell += last[key] < first[key]
         details.append(
             f"seed {run['config']['seed']}: top eigenvalue {first['top_eigenvalue']:.3g} "
             f"(epoch {first['epoch']}) -> peak {peak['top_eigenvalue']:.3g} (epoch "
@@ -112,74 +328,156 @@ def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
                 if name in b:
                     layer_total += 1
                     layer_fell += b[name] < a[name]
-    if total == 0:
-        return Finding("Top eigenvalue and trace fall as training goes on.", "not measured",
-                       "needs at least two tracked epochs", "")
-    share = fell / total
+    n = len(per_key["trace"])
+    if n == 0:
+        return Finding(claim, "not measured", rule, "needs at least two tracked epochs")
+    stats: dict[str, dict[str, float]] = {}
+    for key, vals in per_key.items():
+        m, lo, hi = t_interval(vals, LEVEL)
+        fell = sum(v < 0 for v in vals)
+        stats[key] = {"m": m, "lo": lo, "hi": hi, "fell": fell, "n": len(vals),
+                      "p": sign_test(fell, len(vals))}
     layer_share = layer_fell / layer_total if layer_total else math.nan
-    verdict = ("held" if share == 1 and layer_share >= 0.75
-               else "partly" if share >= 0.5 else "did not hold")
-    numbers = "; ".join(details) + (
-        f". Full-network quantities that fell from the first to the last tracked epoch: "
-        f"{fell}/{total}; per-layer: {layer_fell}/{layer_total}.")
-    rule = ("held if the full top eigenvalue and trace fell from the first to the last tracked "
-            "epoch in every SGD seed and at least 3/4 of the per-layer ones did")
-    return Finding("The top eigenvalue and the trace, full and per layer, fall as training "
-                   "goes on (SGD).", verdict, rule, numbers)
+    numbers = "; ".join(details) + ". " + "; ".join(
+        f"{key.replace('_', ' ')}: log(last/first) = {_ci(s['m'], s['lo'], s['hi'])} "
+        f"(x{math.exp(s['m']):.2f}), fell in {s['fell']}/{s['n']} seeds (sign test p = "
+        f"{s['p']:.3g}); from its peak: log(last/peak) = "
+        f"{_ci(*t_interval(from_peak[key], LEVEL))}" for key, s in stats.items()) + (
+        f". Per-layer quantities that fell from the first to the last record: "
+        f"{layer_fell}/{layer_total}.")
+    if 0 not in first_epochs:
+        numbers += " (No epoch-0 record: the first tracked epoch stands for the start.)"
+
+    def falls(s: dict[str, float]) -> bool:
+        return (not math.isnan(s["hi"]) and s["hi"] < 0) and s["p"] < 0.05
+
+    if all(falls(s) for s in stats.values()) and layer_share >= 0.75:
+        verdict = "held"
+    elif any(not math.isnan(s["lo"]) and s["lo"] > 0 for s in stats.values()):
+        verdict = "did not hold"
+    else:
+        verdict = "partly"
+    top = stats["top_eigenvalue"]
+    return Finding(claim, verdict, rule, numbers, interval=(top["lo"], top["hi"]),
+                   p_value=top["p"], setting="log(last/first) of the full top eigenvalue",
+                   details={k: dict(v) for k, v in stats.items()})
+
+
+# ---------------------------------------------------------------------- finding 4
+def _bound(entry: Mapping[str, Any]) -> float:
+    bounds = (entry.get("eigensolver") or {}).get("bounds") or []
+    return float(bounds[0]) if bounds and bounds[0] is not None else 0.0
 
 
 def gauss_newton_close(study: dict[str, Any]) -> Finding:
     """Finding 4: the Gauss-Newton part G of each layer's Hessian has a spectrum close to the
     layer's whole Hessian."""
+    claim = ("The Gauss-Newton part G of each layer's Hessian has a spectrum close to the "
+             "layer's whole Hessian.")
+    rule = ("held if, for the full network and every layer, the interval of "
+            "lambda_1(G) / lambda_1(Hessian) from the two eigenvalues' a-posteriori error "
+            "bounds lies inside [0.8, 1.25] (within 20 % either way); partly if some do; did "
+            "not hold if none do")
     rows = []
     for name, entry in [("full", study["full"]), *study["layers"].items()]:
         gn = entry.get("gauss_newton")
-        if not gn:
+        if not gn or gn.get("gn_top_ratio") is None:
             continue
-        rows.append((name, gn["gn_top_ratio"], gn["similarity_to_hessian"]["wasserstein"]))
+        h, g = entry["top_eigenvalues"][0], gn["gn"]["top_eigenvalues"][0]
+        bh, bg = _bound(entry), _bound(gn["gn"])
+        lo = (g - bg) / (h + bh) if h + bh > 0 else math.nan
+        hi = (g + bg) / (h - bh) if h - bh > 0 else math.inf
+        rows.append((name, gn["gn_top_ratio"], lo, hi,
+                     gn["similarity_to_hessian"]["wasserstein"]))
     if not rows:
-        return Finding("G is close to the Hessian.", "not measured", "", "")
-    close = [r for r in rows if 0.8 <= r[1] <= 1.25]
+        return Finding(claim, "not measured", rule, "")
+    close = [r for r in rows if r[2] >= 0.8 and r[3] <= 1.25]
     verdict = ("held" if len(close) == len(rows) else "partly" if close else "did not hold")
-    numbers = "top eigenvalue of G / of the Hessian, and W1 between their spectra: " + ", ".join(
-        f"{n} {ratio:.3f} ({w:.3f})" for n, ratio, w in rows) + "."
-    layer_ratios = [ratio for n, ratio, _ in rows if n != "full"]
+    numbers = ("lambda_1(G) / lambda_1(Hessian) [interval from the error bounds] and W1 between "
+               "their spectra: " + ", ".join(f"{n} {ratio:.4f} [{lo:.4f}, {hi:.4f}] ({w:.3f})"
+                                             for n, ratio, lo, hi, w in rows) + ".")
+    layer_ratios = [ratio for n, ratio, *_ in rows if n != "full"]
     if layer_ratios and all(abs(r - 1.0) < 1e-6 for r in layer_ratios):
         numbers += (" Every layer's ratio is 1 to rounding: in a piecewise-linear network "
                     "(ReLU, max-pooling, no batch statistics) the output is linear in any one "
                     "layer's weights, so each layer's block has no residual by construction; "
                     "the full network's ratio is the measured part.")
-    rule = ("held if G's top eigenvalue is within 20 % of the Hessian's for the full network "
-            "and every layer")
-    return Finding("The Gauss-Newton part G of each layer's Hessian has a spectrum close to "
-                   "the layer's whole Hessian.", verdict, rule, numbers)
+    full = rows[0]
+    return Finding(claim, verdict, rule, numbers, interval=(full[2], full[3]),
+                   setting="lambda_1(G) / lambda_1(Hessian), full network")
 
 
+# ---------------------------------------------------------------------- finding 5
 def _stat(arm: dict[str, Any], key: str) -> tuple[float, float]:
     f = arm["final"][key]
     return (f["mean"] if f["mean"] is not None else math.nan,
-            f["std"] if f["std"] is not None else 0.0)
+            f["std"] if f.get("std") is not None else 0.0)
+
+
+def _values(arm: dict[str, Any], key: str) -> list[float] | None:
+    vals = arm["final"][key].get("values")
+    if not vals or any(v is None for v in vals):
+        return None
+    return [float(v) for v in vals]
 
 
 def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
-    """Finding 5: HTR finds flatter minima (lower trace) and better test accuracy."""
+    """Finding 5: HTR finds flatter minima (lower trace) and better test accuracy.
+
+    With each arm's per-seed values (``final[key]["values"]`` and ``seeds``) the differences
+    to SGD get 95 % intervals, paired by seed; without them (summaries only) a difference
+    counts when it exceeds one pooled standard deviation over seeds."""
+    claim = ("Hessian-trace regularisation settles in flatter minima (lower trace) and "
+             "improves test accuracy over SGD; the middle-layer penalty does about as well.")
     sgd = arms.get("SGD")
     htr = {k: v for k, v in arms.items() if k.startswith("HTR")}
     if not sgd or not htr:
-        return Finding("HTR improves on SGD.", "not measured", "", "")
+        return Finding(claim, "not measured", "needs the SGD arm and an HTR arm", "")
+    paired = all(_values(a, k) is not None for a in [sgd, *htr.values()]
+                 for k in ("test_acc", "trace"))
+    if paired:
+        rule = ("per HTR arm, the 95 % interval of its difference to SGD (paired by seed; "
+                "Welch where the seeds differ) in final test accuracy and in final trace; held "
+                "if every HTR arm's accuracy interval lies above 0 and its trace interval "
+                "below 0; partly if some interval shows an improvement; did not hold if HTR is "
+                "worse (an interval on the wrong side) and better nowhere; not shown if every "
+                "interval holds 0")
+    else:
+        rule = ("held if every HTR arm ends with a lower trace than SGD and a higher test "
+                "accuracy, each by more than one pooled standard deviation over seeds; partly "
+                "if some do; not shown if every difference is within that seed noise; did not "
+                "hold if HTR is worse beyond it")
     acc_sgd, sd_sgd = _stat(sgd, "test_acc")
     tr_sgd, trsd_sgd = _stat(sgd, "trace")
     best_other = max((_stat(v, "test_acc")[0], k) for k, v in arms.items()
                      if not k.startswith("HTR"))
     parts, wins, flatter, worse = [], 0, 0, 0
+    headline: dict[str, Any] | None = None
     for name, arm in htr.items():
         acc, sd = _stat(arm, "test_acc")
         tr, trsd = _stat(arm, "trace")
+        if paired:
+            da = difference_interval(_values(arm, "test_acc"), _values(sgd, "test_acc"), LEVEL,
+                                     arm.get("seeds"), sgd.get("seeds"))
+            dt = difference_interval(_values(arm, "trace"), _values(sgd, "trace"), LEVEL,
+                                     arm.get("seeds"), sgd.get("seeds"))
+            headline = headline or da
+            acc_up = da["low"] > 0
+            tr_down = dt["high"] < 0
+            wins += acc_up
+            flatter += tr_down
+            worse += da["high"] < 0 or dt["low"] > 0
+            parts.append(
+                f"{name}: test accuracy {100 * acc:.2f} ± {100 * sd:.2f} % vs SGD "
+                f"{100 * acc_sgd:.2f} ± {100 * sd_sgd:.2f} %, difference "
+                f"{100 * da['diff']:+.2f} points [{100 * da['low']:+.2f}, "
+                f"{100 * da['high']:+.2f}] (p = {da['p_value']:.2g}, {da['method']}); final "
+                f"trace {tr:.3g} vs {tr_sgd:.3g}, difference {dt['diff']:+.3g} "
+                f"[{dt['low']:+.3g}, {dt['high']:+.3g}] (p = {dt['p_value']:.2g})")
+            continue
         pooled = math.sqrt((sd**2 + sd_sgd**2) / 2) or math.nan
         pooled_tr = math.sqrt((trsd**2 + trsd_sgd**2) / 2) or math.nan
         diff = acc - acc_sgd
-        # Both differences count only beyond one pooled standard deviation over seeds: a
-        # trace 6 % lower with a 28 % seed spread is not a flatter minimum.
         wins += diff > 0 and (math.isnan(pooled) or diff > pooled)
         flatter += tr < tr_sgd and (math.isnan(pooled_tr) or tr_sgd - tr > pooled_tr)
         worse += (diff < 0 and not math.isnan(pooled) and -diff > pooled) or (
@@ -190,18 +488,94 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
                      f"pooled std); final trace {tr:.3g} ± {trsd:.2g} vs {tr_sgd:.3g} ± "
                      f"{trsd_sgd:.2g} ({tr / tr_sgd:.2f}x)")
     best_htr = max((_stat(v, "test_acc")[0], k) for k, v in htr.items())
-    beats_all = best_htr[0] > best_other[0]
-    verdict = ("held" if wins == len(htr) and flatter == len(htr)
-               else "partly" if wins or flatter
-               else "did not hold" if worse else "not shown")
     numbers = "; ".join(parts) + (
         f". Best non-HTR arm: {best_other[1]} at {100 * best_other[0]:.2f} %; best HTR arm "
         f"{best_htr[1]} at {100 * best_htr[0]:.2f} % ("
-        + ("ahead" if beats_all else "not ahead") + ").")
-    rule = ("held if every HTR arm ends with a lower trace than SGD and a higher test "
-            "accuracy, each by more than one pooled standard deviation over seeds; partly if "
-            "some do; not shown if every difference is within that seed noise; did not hold "
-            "if HTR is worse beyond it")
-    return Finding("Hessian-trace regularisation settles in flatter minima (lower trace) and "
-                   "improves test accuracy over SGD; the middle-layer penalty does about as "
-                   "well.", verdict, rule, numbers)
+        + ("ahead" if best_htr[0] > best_other[0] else "not ahead") + ").")
+    if wins == len(htr) and flatter == len(htr):
+        verdict = "held"
+    elif wins or flatter:
+        verdict = "partly"
+    else:
+        verdict = "did not hold" if worse else "not shown"
+    interval = None if headline is None else (headline["low"], headline["high"])
+    return Finding(claim, verdict, rule, numbers, interval=interval,
+                   p_value=None if headline is None else headline["p_value"],
+                   setting="test accuracy, first HTR arm minus SGD" if headline else "")
+
+
+# ---------------------------------------------------------------------- transformer
+def _core(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in {"q", "k", "v", "o", "mlp_in", "mlp_out"}
+
+
+def transformer_blocks(transformer: Mapping[str, Any] | None,
+                       cnn: Mapping[str, Mapping[Any, Any]] | None = None,
+                       model: str = "gpt-nano") -> Finding:
+    """Beyond the paper: the block study of a small GPT (q, k, v, o, mlp_in, mlp_out per
+    layer, embeddings and norms): is the middle most like the whole, and how heterogeneous
+    are the blocks' spectra next to a CNN's layers (Zhang et al. 2024: strongly in
+    transformers, little in CNNs), with one metric for both.
+
+    Args:
+        transformer: ProbeSpectra (dict) of the transformer's blocks.
+        cnn: ``{label: {seed: ProbeSpectra}}`` of the CNN(s) to compare with.
+    """
+    claim = ("Transformer blocks: the middle blocks are the most like the whole, and the "
+             "blocks' spectra are far more heterogeneous than a CNN's layers.")
+    rule = ("middle: D (outer minus middle mean W1 to the full spectrum, over all blocks in "
+            "forward order) with a 95 % t-interval over probes; heterogeneity H = mean W1 "
+            "between every pair of blocks' spectra, each scaled by its own top eigenvalue, "
+            "one value per probe; held if D's interval lies above 0 and H of the transformer "
+            "exceeds H of every CNN setting (Welch 95 % interval of the difference above 0); "
+            "partly if one of the two does; did not hold if neither does and an interval "
+            "lies on the wrong side; not shown otherwise")
+    if not transformer:
+        return Finding(claim, "not measured", rule, "the transformer study was not run")
+    ps = _probes(transformer)
+    d = middle_minus_outer(ps)
+    dm, dlo, dhi = t_interval(d, LEVEL)
+    het = ps.heterogeneity()
+    core = [n for n in ps.names if _core(n)]
+    het_core = ([heterogeneity({n: ps.spectra[n][p] for n in core})
+                 for p in range(ps.n_probes)] if len(core) >= 2 else [])
+    tops = [ps.top[n][0] for n in ps.names]
+    numbers = (f"{model}, {len(ps.names)} blocks, {ps.n_probes} probes: D = "
+               f"{_ci(dm, dlo, dhi)}; most similar block per probe: "
+               + ", ".join(ps.names[int(np.argmin(r))] for r in ps.distances())
+               + f"; H (all blocks) = {_ci(*t_interval(het, LEVEL))}")
+    if het_core:
+        numbers += f"; H (q, k, v, o, mlp blocks only) = {_ci(*t_interval(het_core, LEVEL))}"
+    numbers += (f"; spread of the blocks' top eigenvalues: {log_spread(tops):.2f} decades "
+                f"(std of log10; from {min(tops):.3g} to {max(tops):.3g})")
+    beats, behind = [], []
+    for label, runs in (cnn or {}).items():
+        states = _by_seed(runs)
+        if not states:
+            continue
+        h_cnn = [h for s in states for h in s.heterogeneity()]
+        diff = difference_interval(het, h_cnn, LEVEL)
+        spread = float(np.mean([log_spread([s.top[n][0] for n in s.names]) for s in states]))
+        numbers += (f". {label}: H = {_ci(*t_interval(h_cnn, LEVEL))}, top-eigenvalue spread "
+                    f"{spread:.2f} decades; transformer minus CNN: {diff['diff']:+.3g} "
+                    f"[{diff['low']:+.3g}, {diff['high']:+.3g}] (p = {diff['p_value']:.2g})")
+        (beats if diff["low"] > 0 else behind if diff["high"] < 0 else []).append(label)
+    numbers += "."
+    mid_ok = not math.isnan(dlo) and dlo > 0
+    mid_bad = not math.isnan(dhi) and dhi < 0
+    het_ok = bool(cnn) and bool(beats) and len(beats) == len(cnn)
+    if mid_ok and het_ok:
+        verdict = "held"
+    elif mid_ok or het_ok:
+        verdict = "partly"
+    elif mid_bad or behind:
+        verdict = "did not hold"
+    else:
+        verdict = "not shown"
+    bulk = [bulk_mass(s, ps.top["full"][0]) for s in ps.spectra["full"]]
+    return Finding(claim, verdict, rule, numbers + (
+        f" Full-Hessian bulk mass: {_ci(*t_interval(bulk, LEVEL), '.3f')}."),
+        interval=(dlo, dhi), setting=f"D of {model}'s blocks",
+        details={"heterogeneity": het, "heterogeneity_core": het_core,
+                 "middle_minus_outer": d})
+

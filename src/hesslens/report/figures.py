@@ -33,8 +33,10 @@ from hesslens.linalg import Spectrum
 __all__ = [
     "DPI",
     "density_curve",
+    "plot_arm_curves",
     "plot_densities",
     "plot_gauss_newton_split",
+    "plot_intervals",
     "plot_layer_curvature",
     "plot_layer_densities",
     "plot_similarity_vs_depth",
@@ -381,4 +383,115 @@ def plot_gauss_newton_split(
         axes[1].set_xlabel(r"eigenvalue $\lambda$", fontsize=9)
         axes[1].set_title("Full network: densities", fontsize=10)
     fig.suptitle(title or "Gauss-Newton split", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_arm_curves(
+    curves: Mapping[str, Mapping[str, Sequence[Any]]],
+    path: str | os.PathLike[str],
+    *,
+    ylabel: str,
+    title: str,
+    scale: float = 1.0,
+    log: bool | None = None,
+) -> Path:
+    """One line per arm over epochs with a band of ± one standard deviation over seeds.
+
+    Args:
+        curves: ``{legend label: {"epochs", "mean", "std"}}`` (``std`` entries may be None);
+            the labels are drawn as given (pass the names the report's table uses).
+        ylabel, title: axis label (with its unit) and title.
+        scale: multiply every value (e.g. 100 for accuracy in %).
+        log: log scale; ``None`` picks it for positive values spanning more than 50x.
+
+    >>> import os, tempfile
+    >>> p = plot_arm_curves({"SGD": {"epochs": [1, 2], "mean": [0.5, 0.6], "std": [0.01, None]}},
+    ...                     tempfile.mktemp(suffix=".png"), ylabel="test accuracy (%)",
+    ...                     title="t", scale=100)
+    >>> os.path.getsize(p) > 1000
+    True
+    """
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
+    everything = []
+    for i, (label, c) in enumerate(curves.items()):
+        ep = np.asarray(c["epochs"], dtype=float)
+        mean = np.asarray([np.nan if m is None else scale * m for m in c["mean"]], dtype=float)
+        std = np.asarray([0.0 if s is None else scale * s for s in c["std"]], dtype=float)
+        color = _COLORS[i % len(_COLORS)]
+        ax.plot(ep, mean, marker="o" if len(ep) < 15 else None, ms=3, color=color, label=label)
+        if (std > 0).any():
+            ax.fill_between(ep, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+        everything.append(mean)
+    values = np.concatenate(everything) if everything else np.zeros(0)
+    if log is None:
+        _maybe_log(ax, values)
+    elif log:
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch", fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def plot_intervals(
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    shade: Sequence[Any] = (),
+    zero: bool = True,
+    rotate: bool = False,
+) -> Path:
+    """Means with 95 % interval bars, one series per group, against shared x positions.
+
+    Args:
+        groups: ``{legend label: {"x": [...], "mean": [...], "low": [...], "high": [...]}}``;
+            ``x`` numbers (e.g. epochs) or names (categories, in the first group's order).
+        shade: x values to shade (e.g. the middle layers).
+        zero: draw the line y = 0.
+
+    >>> import os, tempfile
+    >>> g = {"mlp5": {"x": ["a", "b"], "mean": [1.0, 2.0], "low": [0.5, 1.5], "high": [1.5, 2.5]}}
+    >>> os.path.getsize(plot_intervals(g, tempfile.mktemp(suffix=".png"), xlabel="layer",
+    ...                                ylabel="W1", title="t", shade=["b"])) > 1000
+    True
+    """
+    fig = _figure(max(6.4, 0.42 * max(len(g["x"]) for g in groups.values()) + 2.5)
+                  if rotate else 6.4, 4.0 + (0.8 if rotate else 0.0))
+    ax = fig.subplots()
+    first = next(iter(groups.values()), {"x": []})
+    categorical = any(isinstance(v, str) for v in first["x"])
+    cats = list(first["x"]) if categorical else []
+    offsets = np.linspace(-0.15, 0.15, len(groups)) if len(groups) > 1 else [0.0]
+    for i, (label, g) in enumerate(groups.items()):
+        xs = np.asarray([cats.index(v) for v in g["x"]] if categorical else g["x"], dtype=float)
+        xs = xs + (offsets[i] if categorical else 0.0)
+        mean = np.asarray(g["mean"], dtype=float)
+        low = np.asarray(g["low"], dtype=float)
+        high = np.asarray(g["high"], dtype=float)
+        err = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
+        ax.errorbar(xs, mean, yerr=err, fmt="o-" if not categorical else "o", ms=4, capsize=3,
+                    color=_COLORS[i % len(_COLORS)], label=label, lw=1.2)
+    for v in shade:
+        x = cats.index(v) if categorical and v in cats else v
+        if isinstance(x, (int, float)):
+            ax.axvspan(x - 0.5, x + 0.5, color="#2ca02c", alpha=0.08, lw=0)
+    if zero:
+        ax.axhline(0.0, color="black", lw=0.7)
+    if categorical:
+        ax.set_xticks(range(len(cats)))
+        ax.set_xticklabels(cats, rotation=60 if rotate else 0, ha="right" if rotate else
+                           "center", fontsize=7.5)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8, frameon=False)
     return _save(fig, path)

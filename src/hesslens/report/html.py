@@ -12,6 +12,13 @@ Example:
     >>> html = r.render()
     >>> html.startswith("<!DOCTYPE html>"), "<table" in html, "Two rows." in html
     (True, True, True)
+
+Links and verdict badges go inside paragraphs (a list of texts and blocks) and table cells:
+
+    >>> Paragraph(["See ", Link("the study", "study/sgd/report.html"), "."]).render()
+    '<p>See <a href="study/sgd/report.html">the study</a>.</p>'
+    >>> Badge("did not hold").render()
+    '<span class="badge badge-did-not-hold">did not hold</span>'
 """
 
 from __future__ import annotations
@@ -29,9 +36,11 @@ from typing import Any
 from hesslens.errors import HesslensInputError
 
 __all__ = [
+    "Badge",
     "Block",
     "Code",
     "Figure",
+    "Link",
     "Paragraph",
     "Report",
     "Section",
@@ -72,15 +81,47 @@ class Block:
         raise NotImplementedError
 
 
+def _inline(part: Any) -> str:
+    return part.render() if isinstance(part, Block) else _html.escape(str(part))
+
+
 @dataclass
-class Paragraph(Block):
-    """A paragraph of text (escaped), or trusted HTML with ``raw=True``."""
+class Link(Block):
+    """A hyperlink (``href`` relative to the page, e.g. a sub-report), inline."""
 
     text: str
+    href: str
+
+    def render(self) -> str:
+        return f'<a href="{_html.escape(self.href, quote=True)}">{_html.escape(self.text)}</a>'
+
+
+@dataclass
+class Badge(Block):
+    """A coloured label, inline (e.g. a verdict): its CSS class is ``badge-<kind>``, ``kind``
+    defaulting to the text (``"held"``, ``"partly"``, ``"did not hold"``, ...)."""
+
+    text: str
+    kind: str | None = None
+
+    def render(self) -> str:
+        kind = "".join(c if c.isalnum() else "-" for c in (self.kind or self.text).lower())
+        return f'<span class="badge badge-{kind}">{_html.escape(self.text)}</span>'
+
+
+@dataclass
+class Paragraph(Block):
+    """A paragraph: text (escaped), a list of texts and inline blocks (:class:`Link`,
+    :class:`Badge`), or trusted HTML with ``raw=True``."""
+
+    text: str | Sequence[Any]
     raw: bool = False
 
     def render(self) -> str:
-        body = self.text if self.raw else _html.escape(self.text)
+        if isinstance(self.text, str):
+            body = self.text if self.raw else _html.escape(self.text)
+        else:
+            body = "".join(_inline(p) for p in self.text)
         return f"<p>{body}</p>"
 
 
@@ -126,7 +167,9 @@ class Table(Block):
             for v in cells:
                 numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
                 cls = ' class="num"' if numeric else ""
-                tds.append(f"<td{cls}>{_html.escape(format_value(v, self.fmt))}</td>")
+                text = (v.render() if isinstance(v, Block)
+                        else _html.escape(format_value(v, self.fmt)))
+                tds.append(f"<td{cls}>{text}</td>")
             tr = '<tr class="hl">' if i in marked else "<tr>"
             out.append(tr + "".join(tds) + "</tr>")
         out.append("</tbody></table></div>")
@@ -221,6 +264,11 @@ figcaption { color: var(--muted); font-size: 13.5px; margin-top: 4px; }
 pre { background: #f3f4f7; padding: 10px 12px; overflow-x: auto; font-size: 12.5px; }
 details summary { cursor: pointer; color: var(--accent); }
 footer { color: var(--muted); font-size: 12.5px; margin-top: 40px; }
+.badge { display: inline-block; padding: 1px 9px; border-radius: 10px; font-weight: 600;
+         font-size: 12.5px; white-space: nowrap; background: #e5e7eb; color: #374151; }
+.badge-held { background: #d3f3dc; color: #0b6b2b; }
+.badge-partly { background: #fff0c2; color: #7a5a00; }
+.badge-did-not-hold { background: #fbd5d5; color: #9b1c1c; }
 """
 
 
