@@ -5,7 +5,7 @@ same float64 data with ``hesslens.training.train`` and writes, per rank, the fin
 training, before that epoch's checkpoint; with ``--resume`` the run continues from the last
 checkpoint.
 
-Usage: _ddp_worker.py OUT [--arms a,b] [--kill-at E] [--resume]
+Usage: _ddp_worker.py OUT [--arms a,b] [--kill-at E] [--resume] [--also OUT2]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ ARMS: dict[str, dict] = {
     "htr_fd_named": {"htr_gamma": 1e-2, "htr_layers": ["0", "4"], "htr_method": "fd",
                      "htr_fd_eps": 1e-3},
     "sam_htr": {"sam_rho": 0.05, "htr_gamma": 1e-2, "htr_layers": "middle"},
+    "htr_fisher_middle": {"htr_gamma": 1e-2, "htr_layers": "middle", "htr_curvature": "fisher"},
+    # output-space probes are drawn per rank's piece: equal to one process in expectation only
+    "htr_gauss_newton": {"htr_gamma": 1e-2, "htr_curvature": "gauss_newton"},
     "tracked": {"track_every": 1, "track_per_class": 5},
     "resume": {"epochs": 3, "htr_gamma": 1e-2, "htr_layers": "middle", "htr_every": 2},
 }
@@ -77,11 +80,16 @@ def main() -> None:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--also", default=None, metavar="OUT2",
+                   help="then train the same arms afresh (no kill, no resume) into OUT2")
     a = p.parse_args()
     torch.set_num_threads(1)
     with process_group_from_env("cpu"):
         for name in a.arms.split(","):
             run_arm(name, Path(a.out), a.kill_at, a.resume)
+        if a.also:
+            for name in a.arms.split(","):
+                run_arm(name, Path(a.also), None, False)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (gloo, 2 CPU processes): every arm's DDP run ends
 where the single-process run on the same global batches ends (float64), the penalty's gradient
-included; a torchrun training killed after an epoch resumes to the uninterrupted result."""
+included (test_ddp_resume.py: a killed torchrun training resumes to the uninterrupted one)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from tests.training import _ddp_worker as worker
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 FD_ARMS = {"htr_fd_middle", "htr_fd_named"}
+# Gauss-Newton's output-space probes are drawn for each rank's piece of the batch: the same
+# penalty in expectation, not the same draw as one process (see the trainer's docstring)
+EXPECTATION_ONLY = {"htr_gauss_newton"}
 
 
 def torchrun(out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -53,7 +56,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("arm", sorted(worker.ARMS))
+@pytest.mark.parametrize("arm", sorted(set(worker.ARMS) - EXPECTATION_ONLY))
 def test_ddp_training_equals_the_single_process_run(single, ddp, arm):
     ref, got = load(single / arm), load(ddp / arm)
     # fd penalties divide gradient differences by eps^2 (~1e-8): rounding grows to ~1e-11
@@ -79,6 +82,13 @@ def test_every_rank_ends_with_the_same_parameters(ddp):
         assert max_diff(load(ddp / arm, 0)["params"], load(ddp / arm, 1)["params"]) == 0.0
 
 
+def test_gauss_newton_penalty_runs_data_parallel(single, ddp):
+    # other output-space probes than one process: close (a sanity bound), not equal
+    ref, got = load(single / "htr_gauss_newton"), load(ddp / "htr_gauss_newton")
+    assert 0 < max_diff(ref["params"], got["params"]) < 1e-2
+    assert got["epochs"][-1]["htr_penalty"] > 0  # a Gauss-Newton trace is never negative
+
+
 def test_data_parallel_tracking_equals_the_single_process_numbers(single, ddp):
     ref, got = load(single / "tracked")["epochs"], load(ddp / "tracked")["epochs"]
     assert [r["epoch"] for r in got] == [0, 1, 2]
@@ -98,16 +108,3 @@ def test_rank_zero_writes_one_set_of_results_that_records_the_world_size(ddp):
     assert sorted(p.name for p in (ddp / "sgd").iterdir()) == [
         "checkpoint.pt", "config.json", "metrics.csv", "metrics.json", "rank0.pt", "rank1.pt"]
 
-
-def test_a_killed_torchrun_training_resumes_to_the_uninterrupted_result(ddp, tmp_path):
-    killed = torchrun(tmp_path, "--arms", "resume", "--kill-at", "2")
-    assert killed.returncode != 0
-    ckpt = torch.load(tmp_path / "resume" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 1  # killed during epoch 2, before its checkpoint
-    resumed = torchrun(tmp_path, "--arms", "resume", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load(tmp_path / "resume"), load(ddp / "resume")
-    assert max_diff(a["params"], b["params"]) == 0.0  # bit for bit
-    strip = {"epoch_seconds", "eval_seconds", "tracking_seconds"}
-    assert ([{k: v for k, v in r.items() if k not in strip} for r in a["epochs"]]
-            == [{k: v for k, v in r.items() if k not in strip} for r in b["epochs"]])

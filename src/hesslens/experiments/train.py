@@ -102,6 +102,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="first epoch (0-based) with the penalty (default 0)")
     g.add_argument("--htr-probes", type=positive_int, default=d.htr_probes, metavar="P",
                    help="Hutchinson probes per evaluation (default 1)")
+    g.add_argument("--htr-curvature", choices=["hessian", "gauss_newton", "fisher"],
+                   default=d.htr_curvature,
+                   help="the matrix whose trace is penalised: hessian (the paper; indefinite), "
+                        "gauss_newton (positive semi-definite part) or fisher (the empirical "
+                        "Fisher: mean squared per-sample gradient norm, exact, no probes); "
+                        "gauss_newton and fisher need --htr-method hvp (default hessian)")
     g.add_argument("--htr-method", choices=["hvp", "fd"], default=d.htr_method,
                    help="hvp: double backward (exact quadratic forms); fd: finite differences "
                         "of the loss, first-order only, cheaper (default hvp)")
@@ -170,6 +176,7 @@ def config_from_args(args: argparse.Namespace):
         htr_method=args.htr_method,
         htr_distribution=args.htr_distribution,
         htr_fd_eps=args.htr_fd_eps,
+        htr_curvature=getattr(args, "htr_curvature", "hessian"),
         sam_rho=args.sam_rho,
         track_every=args.track_every,
         track_per_class=args.track_per_class,

@@ -377,8 +377,8 @@ def _train_step(
 
     def objective() -> tuple[Tensor | None, Tensor | None]:
         if n_local == 0:
-            if penalty is not None:
-                penalty.sample_probes()  # the same probe stream on every rank
+            if penalty is not None and penalty.curvature == "hessian":
+                penalty.sample_probes()  # the same parameter-space probes on every rank
             return None, None
         out_b = net(xb)
         loss = loss_fn(out_b, yb)
@@ -510,6 +510,7 @@ def train(
             model, layers=config.htr_layers, n_probes=config.htr_probes,
             distribution=config.htr_distribution, method=config.htr_method,
             fd_eps=config.htr_fd_eps, seed=config.seed, loss_fn=loss_fn,
+            curvature=config.htr_curvature,
         )
     all_callbacks: list[Callback] = []
     tracking: EpochTracking | None = None
