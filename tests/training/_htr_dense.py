@@ -128,8 +128,21 @@ class DenseCurvature:
             rows.append(torch.func.grad(li)(flat[self.idx]))
         return torch.stack(rows)
 
-    def fisher_trace(self, flat: torch.Tensor | None = None) -> torch.Tensor:
-        g = self.per_sample_gradients(flat)
+    def loss_term_gradients(self, flat: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, n_S)``: row ``i`` is the gradient of the ``i``-th loss term of ONE pass over
+        the whole batch (through batch statistics where the model has them)."""
+        flat = self.theta if flat is None else flat
+
+        def terms(s):
+            out = self.outputs(flat.index_put((self.idx,), s))
+            return torch.stack([self.loss_fn(out[i:i + 1], self.y[i:i + 1])
+                                for i in range(out.shape[0])])
+
+        return torch.func.jacrev(terms)(flat[self.idx])
+
+    def fisher_trace(self, flat: torch.Tensor | None = None, coupled: bool = False
+                     ) -> torch.Tensor:
+        g = (self.loss_term_gradients if coupled else self.per_sample_gradients)(flat)
         return (g**2).sum() / g.shape[0]
 
     def grad_of(self, fn) -> torch.Tensor:

@@ -15,6 +15,7 @@ from hesslens.errors import HesslensInputError
 from hesslens.training.config import TrainConfig, arm_key, arm_label
 from hesslens.training.layers_select import select_layers
 from hesslens.training.penalty import HessianTracePenalty, NegativeCurvatureWarning
+from hesslens.training.penalty_curvature import coupled_fisher_trace, empirical_fisher_trace
 from tests.training._htr_dense import DenseCurvature, tanh_mlp
 
 CE = nn.functional.cross_entropy
@@ -246,20 +247,42 @@ def test_a_sliced_block_takes_the_trace_of_its_slice_only(curvature):
 
 
 # ---------------------------------------------------------------------------- Fisher
-@pytest.mark.parametrize("case", [c for c in CASES if c != "batchnorm_train"])
+@pytest.mark.parametrize("case", CASES)
 def test_fisher_is_the_mean_squared_per_sample_gradient_and_its_gradient(case):
+    """Per-sample gradients of each sample alone; with BatchNorm in training mode, of each loss
+    term of the batch pass (through the batch statistics)."""
     model, x, y, loss_fn = _case(case)
+    coupled = case == "batchnorm_train"
     for layers in _layers_of(model):
         pen = HessianTracePenalty(model, layers=layers, curvature="fisher", loss_fn=loss_fn)
         dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, layers))
         model.zero_grad()
         value = pen(loss_fn(model(x), y), inputs=x, targets=y)
         value.backward()
-        exact = dense.fisher_trace()
+        exact = dense.fisher_trace(coupled=coupled)
         assert float(exact) > 1e-4
         torch.testing.assert_close(value.detach(), exact, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(_model_grad(model), dense.grad_of(dense.fisher_trace),
-                                   rtol=1e-8, atol=1e-10)
+        grad = dense.grad_of(lambda t, d=dense: d.fisher_trace(t, coupled=coupled))
+        torch.testing.assert_close(_model_grad(model), grad, rtol=1e-8, atol=1e-10)
+
+
+def test_both_fisher_paths_agree_where_samples_are_independent():
+    model, x, y, loss_fn = _case("batchnorm_eval")
+    params = list(model.parameters())
+    slots = [(n, i) for i, (n, _) in enumerate(model.named_parameters())]
+    alone, mean_alone = empirical_fisher_trace(model, slots, params, x, y, loss_fn)
+    terms, mean_terms = coupled_fisher_trace(model(x), y, loss_fn, params)
+    torch.testing.assert_close(terms, alone, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mean_terms, mean_alone, rtol=1e-12, atol=0)
+
+
+def test_fisher_with_batch_statistics_is_not_the_one_sample_definition():
+    model, x, y, loss_fn = _case("batchnorm_train")
+    dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, "all"))
+    pen = HessianTracePenalty(model, curvature="fisher", loss_fn=loss_fn)
+    value = float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach())
+    # (a batch of one sample normalises it to zero: its own loss is flat in the first layer)
+    assert abs(value - float(dense.fisher_trace(coupled=False))) > 0.05 * value
 
 
 def test_fisher_is_not_the_squared_norm_of_the_batch_gradient():
@@ -270,13 +293,6 @@ def test_fisher_is_not_the_squared_norm_of_the_batch_gradient():
     batch_grad_sq = float(sum((t**2).sum() for t in g))
     value = float(pen(loss, inputs=x, targets=y).detach())
     assert value > 1.5 * batch_grad_sq  # per-sample norms: the batch mean averages noise away
-
-
-def test_fisher_refuses_batch_statistics_by_name():
-    model, x, y, loss_fn = _case("batchnorm_train")
-    pen = HessianTracePenalty(model, curvature="fisher", loss_fn=loss_fn)
-    with pytest.raises(HesslensInputError, match=r"BatchNorm in training mode.*\['1'\]|\['1'\]"):
-        pen(loss_fn(model(x), y), inputs=x, targets=y)
 
 
 @pytest.mark.parametrize("bad", [
@@ -302,8 +318,7 @@ def test_fisher_leaves_the_probe_stream_alone():
 # ---------------------------------------------------------------------------- both
 @pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
 def test_penalty_trains_with_an_optimizer_and_keeps_batchnorm_statistics(curvature):
-    model, x, y, loss_fn = _case("batchnorm_eval")
-    model.train(curvature == "gauss_newton")
+    model, x, y, loss_fn = _case("batchnorm_train")
     pen = HessianTracePenalty(model, layers="middle", curvature=curvature, loss_fn=loss_fn,
                               seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

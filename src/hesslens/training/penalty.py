@@ -39,12 +39,15 @@ standard errors (judged from 10 values on). Two positive semi-definite alternati
   the empirical Fisher ``(1/N) sum_i g_i g_i^T`` with the true labels, computed exactly (no
   probes: ``n_probes`` and ``distribution`` are unused) from per-sample gradients
   (``torch.func.vmap(grad)``; memory ``N`` times the chosen parameters). ``l_i`` is
-  ``loss_fn`` on the batch of sample ``i`` alone, so the loss must be a batch mean of
-  independent samples: a batch loss other than ``mean_i l_i`` (a sum, class weights) and
-  BatchNorm with batch statistics are refused by name. Jastrzebski et al. (ICML 2021) define
-  ``tr(F)`` with labels sampled from the model and regularise with a mini-batch estimate of it;
-  this is the true-label (empirical) variant, exact on the batch, not the squared norm of the
-  batch-mean gradient.
+  ``loss_fn`` on the batch of sample ``i`` alone, so the loss must be a batch mean: a batch
+  loss other than ``mean_i l_i`` (a sum, class weights, ignored labels) is refused by name.
+  With BatchNorm in training mode a sample's loss depends on the whole batch; ``l_i`` is then
+  the ``i``-th loss term of one pass over the batch and ``g_i`` its gradient through the batch
+  statistics (``sum_i g_i = N grad L`` still), from a reverse pass vmapped over the ``N``
+  terms: ``N`` times a backward pass's arithmetic, so far slower. Jastrzebski et al. (ICML
+  2021) define ``tr(F)`` with labels sampled from the model and regularise with a mini-batch
+  estimate of it; this is the true-label (empirical) variant, exact on the batch, not the
+  squared norm of the batch-mean gradient.
 
 Both re-evaluate the model on the batch (``loss_fn`` at construction, ``pen(loss, inputs=x,
 targets=y)``), with normalisation written out (:mod:`hesslens.training.norms`), running
@@ -197,6 +200,7 @@ from hesslens.training.layers_select import select_blocks
 from hesslens.training.norms import DecomposedNorms, fused_norms_in_graph
 from hesslens.training.penalty_curvature import (
     batch_statistics_modules,
+    coupled_fisher_trace,
     empirical_fisher_trace,
     gauss_newton_forms,
     gauss_newton_output_forms,
@@ -631,28 +635,27 @@ class HessianTracePenalty:
     def _fisher(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
         """``(1/N) sum_i ||d l_i / d theta_S||^2`` from per-sample gradients of the batch."""
         self._batch_needed(inputs, targets)
-        coupled = batch_statistics_modules(self.model)
-        if coupled:
-            raise HesslensInputError(
-                f"curvature='fisher' needs per-sample gradients, but {coupled} normalise with "
-                "the batch's statistics (BatchNorm in training mode), which makes each sample's "
-                "loss depend on the others; put those layers in eval mode (module.eval()) or use "
-                "curvature='gauss_newton'")
         params = self.parameters()
-        _, devices = self._side_pass_state(params)
+        buffers, devices = self._side_pass_state(params)
         with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
-            trace, mean_loss = empirical_fisher_trace(self.model, self._fd_slots, params,
-                                                      inputs, targets, self.loss_fn,
-                                                      self._masks)
+            if batch_statistics_modules(self.model):
+                outputs = torch.func.functional_call(self.model, buffers, (inputs,),
+                                                     tie_weights=False)
+                trace, mean_loss = coupled_fisher_trace(outputs, targets, self.loss_fn, params,
+                                                        self._masks)
+            else:
+                trace, mean_loss = empirical_fisher_trace(self.model, self._fd_slots, params,
+                                                          inputs, targets, self.loss_fn,
+                                                          self._masks)
         dropout = self.model.training and any(m.training and m.p > 0 for m in self._dropouts)
         batch_loss = float(loss.detach().reshape(()))
         per_sample = float(mean_loss)
         if not dropout and not abs(per_sample - batch_loss) <= 1e-3 * max(1.0, abs(batch_loss)):
             raise HesslensInputError(
                 f"the loss ({batch_loss:.6g}) is not the mean of the per-sample losses "
-                f"loss_fn(model(x[i:i+1]), y[i:i+1]) ({per_sample:.6g}); curvature='fisher' "
-                "needs a batch-mean loss of independent samples (reduction='mean', no class "
-                "weights) and the loss of this batch")
+                f"loss_fn(outputs[i:i+1], y[i:i+1]) ({per_sample:.6g}); curvature='fisher' "
+                "needs a batch-mean loss (reduction='mean', no class weights, no ignored "
+                "labels) and the loss of this batch")
         return trace
 
     def _loss_for_third_derivatives(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:

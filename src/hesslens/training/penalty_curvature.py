@@ -9,7 +9,8 @@ For a batch of ``N`` samples with outputs ``z = f(theta)``, batch-mean loss ``L 
   the sum of the chosen layers' diagonal-block traces of the Gauss-Newton matrix.
 * Empirical Fisher: ``tr(F_SS) = (1/N) sum_i ||d l_i / dtheta_S||^2`` with ``l_i`` the loss of
   sample ``i`` on its true label. :func:`empirical_fisher_trace` computes it exactly (no
-  probes) from per-sample gradients.
+  probes) from per-sample gradients; :func:`coupled_fisher_trace` where BatchNorm's batch
+  statistics couple the samples (``l_i`` the ``i``-th loss term of one batch pass).
 
 Both are ordinary differentiable scalars: their gradients reach every parameter.
 
@@ -41,8 +42,9 @@ from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
 
-__all__ = ["batch_statistics_modules", "empirical_fisher_trace", "gauss_newton_forms",
-           "gauss_newton_output_forms", "output_sqrt_hessian"]
+__all__ = ["batch_statistics_modules", "check_samples", "coupled_fisher_trace",
+           "empirical_fisher_trace", "gauss_newton_forms", "gauss_newton_output_forms",
+           "output_sqrt_hessian"]
 
 
 def gauss_newton_forms(outputs: Tensor, loss: Tensor, params: Sequence[Tensor],
@@ -164,15 +166,7 @@ def empirical_fisher_trace(
     blocks. Differentiable in every parameter of the model (the outer autograd records the
     vmapped passes).
     """
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
-        raise HesslensInputError(
-            "curvature='fisher' takes per-sample gradients over the batch and needs inputs "
-            f"and targets as tensors with the samples first, got {type(inputs).__name__} and "
-            f"{type(targets).__name__}")
-    if inputs.shape[0] != targets.shape[0]:
-        raise HesslensInputError(
-            f"inputs and targets have {inputs.shape[0]} and {targets.shape[0]} samples; "
-            "curvature='fisher' needs one target per sample")
+    check_samples(inputs, targets)
 
     def sample_loss(p: tuple[Tensor, ...], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         moved = {name: p[i] for name, i in slots}
@@ -183,8 +177,55 @@ def empirical_fisher_trace(
     per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True),
                                  in_dims=(None, 0, 0), randomness="different")
     grads, losses = per_sample(tuple(params), inputs, targets)
-    n = inputs.shape[0]
-    if masks is not None:
-        grads = [g if m is None else g * m.to(g.device, g.dtype) for g, m in zip(grads, masks)]
-    squares = [g.pow(2).sum() for g in grads]
-    return torch.stack(squares).sum() / n, losses.mean()
+    return _mean_square_norm(grads, masks, inputs.shape[0]), losses.mean()
+
+
+def coupled_fisher_trace(
+    outputs: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[[Any, Any], Tensor],
+    params: Sequence[Tensor],
+    masks: Sequence[Tensor | None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The same trace where the samples are coupled (BatchNorm with batch statistics):
+    ``l_i = loss_fn(outputs[i:i+1], targets[i:i+1])`` are the loss terms of ONE pass over the
+    whole batch and ``g_i = d l_i / d params`` reaches through everything that couples them.
+    The ``N x n_S`` Jacobian comes from one reverse pass vmapped over the ``N`` unit vectors
+    (``is_grads_batched``): ``N`` times the arithmetic of a backward pass. Returns the trace
+    and the mean loss term.
+    """
+    check_samples(outputs, targets)
+    losses = torch.func.vmap(lambda z, y: loss_fn(z.unsqueeze(0), y.unsqueeze(0)))(outputs,
+                                                                                  targets)
+    n = outputs.shape[0]
+    eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(losses, list(params), eye, is_grads_batched=True,
+                                create_graph=True, allow_unused=True)
+    return _mean_square_norm(grads, masks, n), losses.detach().mean()
+
+
+def check_samples(inputs: Any, targets: Any) -> None:
+    """Per-sample gradients need the samples first in tensors of one length."""
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise HesslensInputError(
+            "curvature='fisher' takes per-sample gradients over the batch and needs inputs "
+            f"and targets as tensors with the samples first, got {type(inputs).__name__} and "
+            f"{type(targets).__name__}")
+    if inputs.shape[0] != targets.shape[0]:
+        raise HesslensInputError(
+            f"inputs and targets have {inputs.shape[0]} and {targets.shape[0]} samples; "
+            "curvature='fisher' needs one target per sample")
+
+
+def _mean_square_norm(grads: Sequence[Tensor | None], masks: Sequence[Tensor | None] | None,
+                      n: int) -> Tensor:
+    """``(1/n) sum_i ||g_i||^2`` over per-sample gradients ``(n, *shape)``, masked."""
+    squares = []
+    for j, g in enumerate(grads):
+        if g is None:
+            continue
+        m = None if masks is None else masks[j]
+        if m is not None:
+            g = g * m.to(g.device, g.dtype)
+        squares.append(g.pow(2).sum())
+    return torch.stack(squares).sum() / n
