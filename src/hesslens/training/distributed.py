@@ -171,7 +171,8 @@ def shard(x: Tensor, ranks: Ranks) -> Tensor:
 
 
 def sync_gradients(params: Sequence[Tensor], ranks: Ranks) -> None:
-    """Replace every ``p.grad`` by its sum over the ranks, in one all-reduce. A parameter without
+    """Replace every ``p.grad`` by its sum over the ranks (one all-reduce per parameter dtype,
+    the gradients then views of its buffer). A parameter without
     a gradient on this rank contributes zeros; one without a gradient on every rank keeps
     ``grad=None`` (as alone, so optimizers skip it)."""
     if not ranks.distributed:
@@ -179,22 +180,20 @@ def sync_gradients(params: Sequence[Tensor], ranks: Ranks) -> None:
     import torch.distributed as dist
 
     params = list(params)
-    if not params:
-        return
-    ref = params[0]
-    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(ref.dtype)
-             for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=ref.dtype, device=ref.device)
-    flat = torch.cat([*parts, has])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ranks.group)
-    sizes = [p.numel() for p in params]
-    pieces = flat[: sum(sizes)].split(sizes)
-    present = flat[sum(sizes):]
-    for p, piece, flag in zip(params, pieces, present.tolist()):
-        if flag == 0:
-            p.grad = None
-        else:
-            p.grad = piece.view_as(p).to(p.dtype).clone()
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    for same in by_dtype.values():  # one all-reduce per dtype (usually one in all)
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                 for p in same]
+        has = torch.tensor([p.grad is not None for p in same], dtype=same[0].dtype,
+                           device=same[0].device)
+        flat = torch.cat([*parts, has])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ranks.group)
+        sizes = [p.numel() for p in same]
+        n = sum(sizes)
+        for p, piece, flag in zip(same, flat[:n].split(sizes), flat[n:].tolist()):
+            p.grad = None if flag == 0 else piece.view_as(p)
 
 
 def sum_across(values: Sequence[float], ranks: Ranks, device: Any = "cpu") -> list[float]:

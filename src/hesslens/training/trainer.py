@@ -508,6 +508,10 @@ def train(
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
     if model is None:
         model = _build_model(config, data)
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module  # wrapped here again, with the trainer's own gradient sums
     model.to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise HesslensInputError(
