@@ -280,7 +280,8 @@ def test_fisher_with_batch_statistics_is_not_the_one_sample_definition():
     model, x, y, loss_fn = _case("batchnorm_train")
     dense = DenseCurvature(model, x, y, loss_fn, _chosen(model, "all"))
     pen = HessianTracePenalty(model, curvature="fisher", loss_fn=loss_fn)
-    value = float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach())
+    with pytest.warns(UserWarning, match=r"\['1'\] normalising by batch statistics"):
+        value = float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach())
     # (a batch of one sample normalises it to zero: its own loss is flat in the first layer)
     assert abs(value - float(dense.fisher_trace(coupled=False))) > 0.05 * value
 

@@ -444,6 +444,7 @@ class HessianTracePenalty:
         self._warned_dropout = False
         self._warned_kinks = False
         self._warned_negative = False
+        self._warned_coupled = False
         self._recent: deque[float] = deque(maxlen=_RECENT)
         self.last_fd_steps: list[float] = []
 
@@ -638,7 +639,9 @@ class HessianTracePenalty:
         params = self.parameters()
         buffers, devices = self._side_pass_state(params)
         with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
-            if batch_statistics_modules(self.model):
+            coupled = batch_statistics_modules(self.model)
+            if coupled:
+                self._warn_coupled(coupled, inputs)
                 outputs = torch.func.functional_call(self.model, buffers, (inputs,),
                                                      tie_weights=False)
                 trace, mean_loss = coupled_fisher_trace(outputs, targets, self.loss_fn, params,
@@ -772,6 +775,20 @@ class HessianTracePenalty:
                     buffers[full_name] = b.clone()
         devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
         return buffers, devices
+
+    def _warn_coupled(self, modules: list[str], inputs: Any) -> None:
+        if self._warned_coupled:
+            return
+        self._warned_coupled = True
+        n = inputs.shape[0] if isinstance(inputs, Tensor) else "N"
+        warnings.warn(
+            f"HessianTracePenalty(curvature='fisher') with {modules} normalising by batch "
+            f"statistics: each of the {n} per-sample gradients reaches through the whole "
+            "batch, which takes a reverse pass per sample (vmapped); this can be orders of "
+            "magnitude slower than a training step. Consider curvature='gauss_newton', or "
+            "those layers in eval mode",
+            stacklevel=4,
+        )
 
     def _warn_piecewise_linear(self) -> None:
         if self._warned_kinks:
