@@ -217,6 +217,20 @@ def test_gauss_newton_mean_over_rademacher_draws_is_the_block_trace(case, wrap):
     assert abs(value - target) < 4 * se, (value, target, se)
 
 
+@pytest.mark.parametrize("wrap", [False, True], ids=["output_space", "parameter_space"])
+def test_gaussian_probes_have_the_same_mean(wrap):
+    model, x, y, loss_fn = _case("cnn_relu_gelu")
+    loss_fn = _general(loss_fn) if wrap else loss_fn
+    n = 2000
+    pen = HessianTracePenalty(model, layers="2,5", curvature="gauss_newton", loss_fn=loss_fn,
+                              n_probes=n, seed=8, distribution="gaussian")
+    target = float(DenseCurvature(model, x, y, loss_fn, _chosen(model, ["2", "5"]))
+                   .gauss_newton_trace())
+    se = target * math.sqrt(2 / n)  # a Gaussian form's variance is 2 ||M||_F^2 <= 2 tr(M)^2
+    value = float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach())
+    assert abs(value - target) < 4 * se, (value, target, se)
+
+
 def test_gauss_newton_forms_are_never_negative():
     model, x, y, loss_fn = _case("cnn_relu_gelu")
     pen = HessianTracePenalty(model, curvature="gauss_newton", loss_fn=loss_fn, seed=0)
