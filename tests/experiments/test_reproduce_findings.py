@@ -144,6 +144,8 @@ def test_finding3_held_from_epoch_zero_with_sign_test_and_interval():
     ref = stats.t.interval(0.95, 4, loc=logs.mean(), scale=stats.sem(logs))
     assert f.interval == pytest.approx(ref, rel=1e-10)
     assert "(epoch 0)" in f.numbers
+    three = rf.curvature_falls(runs[:3])  # the interval decides; the sign test is reported
+    assert three.verdict == "held" and three.p_value == pytest.approx(0.125)
 
 
 def test_finding3_did_not_hold_when_curvature_rose_from_initialisation():
@@ -195,6 +197,14 @@ def test_transformer_section_compares_heterogeneity_with_the_cnn():
     f = rf.transformer_blocks(tf, {"cnn": alike})
     assert f.verdict == "held"  # middle blocks (q, k, mlp_in) are FULL, and H_tf > H_cnn = 0
     assert "transformer minus CNN" in f.numbers
+    assert "excess comes from the embeddings" not in f.numbers
+    # the same blocks with the attention and MLP blocks all alike: the excess is the norms'
+    alike_core = [FAR, FULL, FULL, FULL, FULL, Spectrum([-1.0, 1.0], [0.5, 0.5])]
+    tf2 = _ps({"full": [FULL] * 3,
+               **{b: [Spectrum(s.nodes, s.weights + j) for j in jit]
+                  for b, s in zip(blocks, alike_core)}}, {n: 50 for n in ["full", *blocks]})
+    assert "excess comes from the embeddings" in rf.transformer_blocks(
+        tf2, {"cnn": alike}).numbers
     assert rf.transformer_blocks(None).verdict == "not measured"
 
 

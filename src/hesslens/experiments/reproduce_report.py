@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,17 @@ def _layer_intervals(states: dict[str, Any]) -> dict[str, list[Any]]:
     return out
 
 
+def _accuracy_text(deep: dict[str, Any]) -> str:
+    """`` Test accuracy after E epochs: m ± s %`` of the deeper net's runs, or ``""``."""
+    acc = deep.get("test_acc") or {}
+    parts = []
+    for e in sorted(acc, key=int):
+        vals = [100 * float(v) for v in acc[e].values()]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        parts.append(f"{e} epochs {statistics.fmean(vals):.2f} ± {sd:.2f} %")
+    return (" Test accuracy (mean ± std over seeds): " + ", ".join(parts) + ".") if parts else ""
+
+
 def _finding2_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[Path, str]]:
     from hesslens.report.figures import plot_intervals
 
@@ -189,7 +201,7 @@ def _finding2_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[Pa
                     f"eigenvalue), mean and 95 % interval over {len(deep['seeds'])} seeds x "
                     f"{extra['sizes']['probes']} probes (two-level bootstrap), at each "
                     "measured epoch count (epoch 0 = initialisation). Shaded: the middle "
-                    "layers."))
+                    "layers." + _accuracy_text(deep)))
         d = {"x": [], "mean": [], "low": [], "high": []}
         for e in sorted(spectra, key=int):
             m, lo, hi = cluster_bootstrap(_units(spectra[e], findings.middle_minus_outer))

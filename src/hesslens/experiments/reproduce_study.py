@@ -19,8 +19,8 @@ sizes of the parts are :data:`SIZES`, keyed on the plan's name.
 Example:
     >>> STUDY_ARMS
     ('SGD', 'HTR all layers')
-    >>> study_sizes("quick").deep_seeds
-    (0, 1)
+    >>> study_sizes("quick").deep_seeds, study_sizes("full").deep_seeds
+    ((0,), (0, 1, 2))
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ SIZES = {
                        deep_seeds=(0, 1, 2), deep_epochs=(0, 5, 40), deep_lr=0.1,
                        deep_batch=128, transformer="gpt-nano", transformer_data="modadd",
                        transformer_per_class=1, transformer_probes=3, transformer_steps=20),
-    "quick": StudySizes(seeds=2, control_seeds=1, probes=2, steps=20, deep_model="mlp5",
-                        deep_seeds=(0, 1), deep_epochs=(0, 3), deep_lr=0.1, deep_batch=128,
+    "quick": StudySizes(seeds=1, control_seeds=1, probes=2, steps=16, deep_model="mlp5",
+                        deep_seeds=(0,), deep_epochs=(0, 2), deep_lr=0.1, deep_batch=128,
                         transformer="gpt-nano", transformer_data="modadd",
-                        transformer_per_class=1, transformer_probes=2, transformer_steps=12),
+                        transformer_per_class=1, transformer_probes=2, transformer_steps=10),
 }
 
 
