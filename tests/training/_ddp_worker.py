@@ -42,6 +42,9 @@ ARMS: dict[str, dict] = {
     "htr_gauss_newton": {"htr_gamma": 1e-2, "htr_curvature": "gauss_newton"},
     "tracked": {"track_every": 1, "track_per_class": 5},
     "resume": {"epochs": 3, "htr_gamma": 1e-2, "htr_layers": "middle", "htr_every": 2},
+    # BatchNorm: each rank normalises with its piece (not one process's numbers); in sync
+    "batchnorm": {"batch_size": 14, "htr_gamma": 1e-2, "htr_layers": "middle", "htr_every": 2,
+                  "track_every": 1, "track_per_class": 5},
 }
 
 
@@ -52,9 +55,10 @@ def data() -> TensorData:
     return TensorData(x[:49], y[:49], x[49:], y[49:], num_classes=3, name="ddp-test")
 
 
-def model() -> nn.Module:
+def model(batchnorm: bool = False) -> nn.Module:
     torch.manual_seed(5)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+    norm = [nn.BatchNorm1d(8)] if batchnorm else []
+    return nn.Sequential(nn.Linear(5, 8), *norm, nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
                          nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
@@ -66,7 +70,8 @@ def run_arm(name: str, out: Path, kill_at: int | None, resume: bool) -> dict:
             if epoch == kill_at and current().rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)
         callbacks.append(kill)
-    result = train(config, out / name, progress=False, resume=resume, model=(net := model()),
+    net = model(batchnorm=name == "batchnorm")
+    result = train(config, out / name, progress=False, resume=resume, model=net,
                    dataset=data(), callbacks=callbacks)
     torch.save({"params": {k: v.detach().clone() for k, v in net.state_dict().items()},
                 "epochs": result["epochs"], "parallel": result["parallel"]},

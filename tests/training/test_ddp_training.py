@@ -19,7 +19,7 @@ WORKER = Path(__file__).with_name("_ddp_worker.py")
 FD_ARMS = {"htr_fd_middle", "htr_fd_named"}
 # Gauss-Newton's output-space probes are drawn for each rank's piece of the batch: the same
 # penalty in expectation, not the same draw as one process (see the trainer's docstring)
-EXPECTATION_ONLY = {"htr_gauss_newton"}
+EXPECTATION_ONLY = {"htr_gauss_newton", "batchnorm"}
 
 
 def torchrun(out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -80,6 +80,15 @@ def test_ddp_training_equals_the_single_process_run(single, ddp, arm):
 def test_every_rank_ends_with_the_same_parameters(ddp):
     for arm in worker.ARMS:
         assert max_diff(load(ddp / arm, 0)["params"], load(ddp / arm, 1)["params"]) == 0.0
+
+
+def test_batchnorm_runs_data_parallel_with_one_model_on_every_rank(single, ddp):
+    # batch statistics of each rank's piece: close to one process, not equal; running
+    # statistics broadcast from rank 0 (equal on both ranks: the test above)
+    ref, got = load(single / "batchnorm"), load(ddp / "batchnorm")
+    weights = {k: v for k, v in ref["params"].items() if "running" not in k and "num" not in k}
+    assert 0 < max_diff(weights, got["params"]) < 0.05
+    assert all(r["trace"] > 0 for r in got["epochs"])
 
 
 def test_gauss_newton_penalty_runs_data_parallel(single, ddp):

@@ -47,6 +47,7 @@ __all__ = [
     "Ranks",
     "all_gather_objects",
     "barrier",
+    "broadcast_buffers",
     "current",
     "local_device",
     "process_group_from_env",
@@ -216,6 +217,17 @@ def all_gather_objects(obj: Any, ranks: Ranks) -> list[Any]:
     out: list[Any] = [None] * ranks.world
     dist.all_gather_object(out, obj, group=ranks.group)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics, which each rank updates
+    with its own piece of the batch), so evaluation, tracking and the checkpoint see one model."""
+    if not ranks.distributed:
+        return
+    import torch.distributed as dist
+
+    for b in module.buffers():
+        dist.broadcast(b, src=0, group=ranks.group)
 
 
 def barrier(ranks: Ranks) -> None:

@@ -37,8 +37,9 @@ The penalty of the global batch is the weighted mean of the ranks' penalties wit
 probe: ``H = sum_r (n_r / N) H_r``, so ``v^T H v = sum_r (n_r / N) v^T H_r v`` (probes are
 seeded alike on every rank); so is the Fisher penalty. ``curvature="gauss_newton"`` draws its
 output-space probes for each rank's piece, so it equals one process in expectation, not per
-draw. Models with BatchNorm normalise with each rank's piece (DDP's usual behaviour; rank 0's
-running statistics are broadcast): the equality holds for models without batch statistics.
+draw. Models with BatchNorm normalise with each rank's piece (DDP's usual behaviour) and keep
+rank 0's running statistics (broadcast after every epoch, so evaluation, tracking and the
+checkpoint see one model): the equality holds for models without batch statistics.
 Validation, test and tracking each rank does on its piece, with the sums all-reduced. Rank 0
 alone writes ``config.json``, ``metrics.*`` and the checkpoint (with every rank's random-number
 state; ``--out`` must be a folder all ranks see); on resume every rank loads it. ``metrics.json``
@@ -100,6 +101,7 @@ from hesslens.training.distributed import (
     Ranks,
     all_gather_objects,
     barrier,
+    broadcast_buffers,
     current,
     local_device,
     shard,
@@ -632,6 +634,7 @@ def train(
                 inner.update(1)
             inner.close()
             scheduler.step()
+            broadcast_buffers(model, ranks)  # rank 0's running statistics on every rank
             epoch_seconds = time.perf_counter() - t0
             train_loss_sum, train_correct, pen_sum = float(sum_loss), int(sum_correct), pen_sum
             if ranks.distributed:
