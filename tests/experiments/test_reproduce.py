@@ -9,7 +9,7 @@ import pytest
 from hesslens.cli import main
 from hesslens.errors import HesslensInputError
 from hesslens.experiments.reproduce import reproduce
-from hesslens.experiments.reproduce_plan import Arm, Plan, quick_plan
+from hesslens.experiments.reproduce_plan import Arm, Plan, full_plan, quick_plan
 
 
 def _tiny_plan(**changes) -> Plan:
@@ -20,8 +20,9 @@ def _tiny_plan(**changes) -> Plan:
             grid=(1e-3,), default=1e-3),
     )
     plan = Plan(name="tiny", model="mlp", data="mnist1d", epochs=2, batch_size=256, lr=0.1,
-                seeds=(0, 1), arms=arms, tune=True, tune_seed=100, track_every=1, study_k=2,
-                study_density_probes=1, study_density_steps=20, workers=1)
+                seeds=(0, 1), arms=arms, tune=True, tune_seed=100, n_tune_seeds=2,
+                track_every=1, study_k=2, study_density_probes=1, study_density_steps=20,
+                workers=1, final_val_fraction=0.0)
     return dataclasses.replace(plan, **changes)
 
 
@@ -50,15 +51,46 @@ def test_writes_results_report_and_figures(study):
     assert all(escape(f["claim"]) in html for f in saved["findings"])
 
 
-def test_tunes_on_validation_never_on_test(study):
+def test_tunes_on_the_mean_over_tuning_seeds_never_on_test(study):
     out, result = study
     l2 = result["tuning"]["SGD+L2"]
+    assert l2["tune_seeds"] == [100, 101]
+    for g in l2["grid"]:  # every value on each tuning seed (their own seeds), on validation
+        per_seed = []
+        for seed in (100, 101):
+            run = out / "tune" / "sgd-l2" / f"weight_decay={g['value']:g}" / f"seed{seed}"
+            assert json.loads((run / "config.json").read_text())["seed"] == seed
+            epochs = json.loads((run / "metrics.json").read_text())["epochs"]
+            per_seed.append((epochs[-1]["val_acc"] + epochs[-2]["val_acc"]) / 2)
+        assert g["val_acc_seeds"] == pytest.approx(per_seed)
+        assert g["val_acc"] == pytest.approx(sum(per_seed) / 2)
+        assert g["val_acc_min"] <= g["val_acc"] <= g["val_acc_max"]
     scores = {g["value"]: g["val_acc"] for g in l2["grid"]}
     assert l2["value"] == max(scores, key=scores.get)
-    for g in l2["grid"]:  # tuning runs use their own seed
-        cfg = json.loads((out / "tune" / "sgd-l2" / f"weight_decay={g['value']:g}" /
-                          "config.json").read_text())
-        assert cfg["seed"] == 100
+    assert l2["margin"] == pytest.approx(abs(scores[1e-4] - scores[1e-3]))
+    sgd = result["tuning"]["SGD"]  # the knob-less arm on the same seeds: the level to beat
+    assert len(sgd["val_acc_seeds"]) == 2 and sgd["value"] is None
+
+
+def test_final_runs_train_on_the_whole_training_set(study):
+    out, _ = study
+    cfg = json.loads((out / "runs" / "sgd" / "seed0" / "config.json").read_text())
+    assert cfg["val_fraction"] == 0.0 and cfg["seed"] == 0
+
+
+def test_costs_come_from_the_separate_stage(study):
+    out, result = study
+    cost = json.loads((out / "cost.json").read_text())
+    assert set(cost["arms"]) == {"SGD", "SGD+L2", "HTR all layers"}
+    assert cost["threads"] == 1 and cost["rounds"] >= 3
+    for name, arm in cost["arms"].items():
+        ratios = [a / b for a, b in zip(arm["round_seconds"], cost["arms"]["SGD"]["round_seconds"])]
+        assert arm["vs_sgd"] == pytest.approx(sorted(ratios)[len(ratios) // 2])
+        assert result["arms"][name]["cost_vs_sgd"] == arm["vs_sgd"]
+    assert cost["arms"]["SGD"]["vs_sgd"] == 1.0
+    # HTR's double backward on every 2nd step costs more than a plain step
+    assert cost["arms"]["HTR all layers"]["vs_sgd"] > 1.2
+    assert any(n.startswith("cost vs SGD") for n in result["notes"])
 
 
 def test_curvature_is_tracked_every_epoch(study):
@@ -86,8 +118,10 @@ def test_a_different_plan_in_the_same_folder_is_refused(study):
 def test_quick_plan_is_an_equal_budget_comparison():
     plan = quick_plan()
     names = [a.name for a in plan.arms]
-    assert names == ["SGD", "SGD+L2", "SAM", "HTR all layers", "HTR middle layers"]
+    assert names == ["SGD", "SGD+L2", "SAM", "HTR all layers", "HTR middle layers",
+                     "HTR GN middle layers", "HTR Fisher middle layers"]
     assert len(plan.seeds) >= 2
+    assert plan.model == full_plan().model == "cnn1d3"
 
 
 def test_cli_help_and_bad_out(tmp_path, capsys):

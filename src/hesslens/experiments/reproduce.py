@@ -1,23 +1,39 @@
-"""``hesslens reproduce``: the paper's whole study on the embedded default (MNIST-1D).
+"""``hesslens reproduce``: the paper's whole study on the embedded default (MNIST-1D), or on any
+zoo model and data set (``--model``, ``--data``).
 
 Stages, each resumable (a killed run picks up where it stopped: finished training runs are
 skipped, a half-trained one continues from its last epoch checkpoint):
 
 1. *tune*: each arm's own knob (weight decay, SAM's rho, HTR's gamma) on a validation split of
-   the training set, with a seed the final runs do not use; the test set is never looked at;
+   the training set, every grid value on each of the plan's tuning seeds (which the final runs
+   do not use), chosen by the mean validation accuracy over those seeds; the test set is never
+   looked at;
 2. *train*: every arm x every seed at equal epochs, batch size, learning rate and schedule,
    with curvature (full and per-layer top eigenvalue and trace) tracked along the way;
-3. *study*: the layer study (:mod:`hesslens.analysis`) of the final SGD and HTR models;
-4. *report*: ``results.json``, ``compare.json``/``.csv``, figures and one ``report.html`` that
+3. *cost*: each arm's epoch time against SGD, measured in one process after all training, on
+   its own (:mod:`hesslens.experiments.reproduce_cost`): the study's runs share cores;
+4. *study*: the layer study (:mod:`hesslens.analysis`) of the final SGD and HTR models;
+5. *report*: ``results.json``, ``compare.json``/``.csv``, figures and one ``report.html`` that
    states which of the paper's findings held here, and by how much.
 
 Runs go to a pool of worker processes (one torch thread each), since these models are too small
-for two threads to help one run.
+for two threads to help one run. Under ``torchrun`` (``python -m torch.distributed.run
+--nproc-per-node W -m hesslens reproduce ...``) each rank trains its share of the runs
+(:func:`hesslens.experiments.reproduce_jobs.share`), the ranks wait for each other between
+stages, rank 0 measures the costs, does the layer study and writes the report, and every rank
+ends with the same exit code; ``plan.json``/``results.json`` record the world size. The output
+folder must be one that every rank sees.
 
 Example:
     >>> from hesslens.experiments.reproduce_plan import quick_plan
     >>> quick_plan().name
     'quick'
+    >>> check_pair("mlp", "digits")
+    >>> try:
+    ...     check_pair("gpt-nano", "modadd")
+    ... except HesslensInputError as err:
+    ...     print(str(err)[:60])
+    reproduce trains classifiers on (inputs, labels) pairs; gpt-
 """
 
 from __future__ import annotations
@@ -26,9 +42,11 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import (
@@ -40,45 +58,160 @@ from hesslens.experiments.common import (
     resolve_dtype,
     show_progress,
 )
-from hesslens.experiments.reproduce_jobs import run_jobs
-from hesslens.experiments.reproduce_plan import Arm, Plan, full_plan, quick_plan, slug
+from hesslens.experiments.reproduce_jobs import finished, run_isolated, run_jobs, share
+from hesslens.experiments.reproduce_plan import RUN_ONLY, Arm, Plan, full_plan, quick_plan, slug
 from hesslens.experiments.reproduce_study import run_study
 
-__all__ = ["add_reproduce_arguments", "reproduce", "run_reproduce"]
+__all__ = ["add_reproduce_arguments", "check_pair", "plan_from_args", "reproduce",
+           "run_reproduce"]
+
+T = TypeVar("T")
+
 
 # ---------------------------------------------------------------------------------- CLI
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``hesslens reproduce``."""
     parser.add_argument("--quick", action="store_true",
                         help="a smoke-sized study (2 seeds, 5 epochs, no tuning; < 2 minutes)")
+    parser.add_argument("--model", default=None, metavar="M",
+                        help="zoo model to study (default: cnn1d3, the MNIST-1D paper's CNN)")
+    parser.add_argument("--data", default=None, metavar="D",
+                        help="zoo data set to study (default: mnist1d)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder with the files of a file-based data set (mnist, cifar10..)")
     parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                        help="training runs at a time (default: the CPU count, at most 2)")
+                        help="training runs at a time (default: the CPU count, at most 2; "
+                             "under torchrun 1 per rank)")
     add_common_arguments(parser, default_out="hesslens-reproduce")
+
+
+def check_pair(model: str, data: str, data_root: str | None = None) -> None:
+    """Refuse, before any work, a zoo ``model``/``data`` pair that reproduce cannot train:
+    unknown names (the message lists the known ones), Hugging Face models and token tasks
+    (their own batches and loss), a model that does not take the data's shape, and a
+    file-based data set whose files are not under ``data_root``."""
+    from hesslens.zoo import DATASETS, MODELS, TASKS, build_model, dataset_info, load_dataset
+    from hesslens.zoo.inputs import model_input
+
+    if model not in MODELS:
+        raise HesslensInputError(
+            f"unknown model {model!r}; choose one of: {', '.join(sorted(MODELS))}")
+    if data not in DATASETS:
+        raise HesslensInputError(
+            f"unknown data set {data!r}; choose one of: {', '.join(DATASETS)}")
+    if model_input(model) is not None:
+        raise HesslensInputError(
+            f"reproduce trains classifiers on (inputs, labels) pairs; {model} is a Hugging "
+            "Face model (its own batches and loss): study it with hesslens analyze")
+    if data in TASKS:
+        raise HesslensInputError(
+            f"reproduce trains classifiers on (inputs, labels) pairs; {data} is a token task "
+            "for gpt-nano: study it with hesslens analyze")
+    info = dataset_info(data)
+    build_model(model, info.input_shape, info.num_classes, seed=0)  # names a shape mismatch
+    if not info.builtin:
+        load_dataset(data, root=data_root)  # names the missing files
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The plan the command line asks for (checked: :func:`check_pair`)."""
+    plan = quick_plan() if args.quick else full_plan()
+    plan = plan.with_pair(getattr(args, "model", None), getattr(args, "data", None))
+    plan = dataclasses.replace(plan, data_root=getattr(args, "data_root", None))
+    check_pair(plan.model, plan.data, plan.data_root)
+    return dataclasses.replace(
+        plan, seeds=tuple(s + args.seed for s in plan.seeds),
+        tune_seed=plan.tune_seed + args.seed)
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Run the study from parsed arguments; prints the summary, returns the exit code."""
+    from hesslens.training.distributed import local_device, process_group_from_env
+
     device = str(resolve_device(args.device))  # before any work: workers would each fail
     dtype = resolve_dtype(args.dtype)
-    plan = quick_plan() if args.quick else full_plan()
-    workers = args.workers or max(1, min(2, os.cpu_count() or 1))
-    plan = dataclasses.replace(
-        plan, workers=workers, seeds=tuple(s + args.seed for s in plan.seeds),
-        tune_seed=plan.tune_seed + args.seed)
-    # The study's models are small: one thread per process beats two fighting for 2 cores.
-    apply_threads(args.threads, n_params=0)
-    result = reproduce(plan, args.out, device=device, progress=show_progress(args),
-                       dtype=dtype)
-    print(result["summary_text"])
-    print(f"\nwrote {Path(args.out) / 'report.html'}")
+    plan = plan_from_args(args)
+    with process_group_from_env(device) as ranks:
+        default_workers = 1 if ranks.distributed else max(1, min(2, os.cpu_count() or 1))
+        plan = dataclasses.replace(plan, workers=args.workers or default_workers,
+                                   world_size=ranks.world)
+        # The study's models are small: one thread per process beats two fighting for 2 cores.
+        apply_threads(1 if ranks.distributed and args.threads is None else args.threads,
+                      n_params=0)
+        result = reproduce(plan, args.out, device=local_device(device, ranks),
+                           progress=show_progress(args) and ranks.is_main, dtype=dtype)
+    if ranks.is_main:
+        print(result["summary_text"])
+        print(f"\nwrote {Path(args.out) / 'report.html'}")
     return 0
+
+
+# ---------------------------------------------------------------------------------- ranks
+def _on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0; every rank returns its result, or raises its error (the same type
+    and message, so that every rank exits alike). Alone: just ``fn()``."""
+    from hesslens.training.distributed import all_gather_objects, current
+
+    ranks = current()
+    if not ranks.distributed:
+        return fn()
+    value, error = None, None
+    if ranks.is_main:
+        try:
+            value = fn()
+        except Exception as err:
+            error = err
+    payload = all_gather_objects((value, _portable(error)) if ranks.is_main else None, ranks)[0]
+    if error is not None:
+        raise error
+    if payload[1] is not None:
+        raise payload[1]
+    return payload[0]
+
+
+def _on_all(fn: Callable[[], None]) -> None:
+    """``fn()`` on every rank, then wait for all; an error on any rank is raised on every
+    rank (the first failing rank's)."""
+    from hesslens.training.distributed import all_gather_objects, current
+
+    ranks = current()
+    if not ranks.distributed:
+        fn()
+        return
+    error = None
+    try:
+        fn()
+    except Exception as err:
+        error = err
+    errors = all_gather_objects(_portable(error), ranks)
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """``error`` as something that pickles to another rank with its type and message."""
+    if error is None:
+        return None
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------------------------- stages
 def _config(plan: Plan, arm: Arm, value: float | None, seed: int, device: str,
-            track: bool) -> dict[str, Any]:
-    return {**plan.base_config(), **arm.config_fields(value), "seed": seed, "device": device,
-            "track_every": plan.track_every if track else 0}
+            final: bool) -> dict[str, Any]:
+    cfg = {**plan.base_config(), **arm.config_fields(value), "seed": seed, "device": device,
+           "track_every": plan.track_every if final else 0}
+    if final:
+        cfg["val_fraction"] = plan.final_val_fraction
+    return cfg
 
 
 def _val_score(run_dir: Path) -> float:
@@ -89,31 +222,70 @@ def _val_score(run_dir: Path) -> float:
     return sum(tail) / len(tail)
 
 
+def _train_jobs(jobs: list[tuple[dict[str, Any], Path]], plan: Plan, progress: bool,
+                desc: str) -> None:
+    """Train ``jobs``: this rank's share under torch.distributed (in spawned processes), all of
+    them otherwise; every rank returns once every run has finished."""
+    from hesslens.training.distributed import current
+
+    ranks = current()
+    mine = share(jobs, ranks.rank, ranks.world)
+    _on_all(lambda: run_jobs(mine, plan.workers, progress, desc, isolated=ranks.distributed))
+    missing = [str(d) for c, d in jobs if not finished(Path(d), c["epochs"])]
+    if missing:
+        raise HesslensInputError(
+            f"{len(missing)} training runs are not in the output folder after training (e.g. "
+            f"{missing[0]}): under torchrun --out must be a folder every rank sees")
+
+
+def _tune_dir(out: Path, arm: Arm, value: float | None, seed: int) -> Path:
+    base = out / "tune" / slug(arm.name)
+    if arm.knob is not None:
+        base = base / f"{arm.knob}={value:g}"
+    return base / f"seed{seed}"
+
+
+def _summary(scores: list[float]) -> dict[str, Any]:
+    return {"val_acc": statistics.fmean(scores),
+            "val_acc_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "val_acc_min": min(scores), "val_acc_max": max(scores), "val_acc_seeds": scores}
+
+
 def _tune(plan: Plan, out: Path, device: str, progress: bool) -> dict[str, Any]:
-    jobs, where = [], {}
-    for arm in plan.arms:
-        if arm.knob is None or not plan.tune:
-            continue
-        for value in arm.grid:
-            run_dir = out / "tune" / slug(arm.name) / f"{arm.knob}={value:g}"
-            jobs.append((_config(plan, arm, value, plan.tune_seed, device, track=False),
-                         run_dir))
-            where[(arm.name, value)] = run_dir
-    if jobs:
-        run_jobs(jobs, plan.workers, progress, "tune on validation")
+    seeds = list(plan.tuning_seeds())
+    jobs = []
+    if plan.tune:
+        for arm in plan.arms:  # knob-less arms too: the validation level the knobs must beat
+            for value in (arm.grid if arm.knob is not None else (None,)):
+                for seed in seeds:
+                    jobs.append((_config(plan, arm, value, seed, device, final=False),
+                                 _tune_dir(out, arm, value, seed)))
+        _train_jobs(jobs, plan, progress, "tune on validation")
     chosen: dict[str, Any] = {}
     for arm in plan.arms:
-        if arm.knob is None:
-            chosen[arm.name] = {"knob": None, "value": None, "grid": []}
-            continue
         if not plan.tune:
-            chosen[arm.name] = {"knob": arm.knob, "value": arm.default, "grid": [],
-                                "note": "default value (--quick does not tune)"}
+            chosen[arm.name] = {"knob": arm.knob, "value": arm.default, "grid": []}
+            if arm.knob is not None:
+                chosen[arm.name]["note"] = "default value (--quick does not tune)"
             continue
-        scores = {v: _val_score(where[(arm.name, v)]) for v in arm.grid}
-        best = max(arm.grid, key=lambda v: (scores[v], -v))
-        chosen[arm.name] = {"knob": arm.knob, "value": best,
-                            "grid": [{"value": v, "val_acc": scores[v]} for v in arm.grid]}
+        if arm.knob is None:
+            chosen[arm.name] = {"knob": None, "value": None, "grid": [], "tune_seeds": seeds,
+                                **_summary([_val_score(_tune_dir(out, arm, None, s))
+                                            for s in seeds])}
+            continue
+        grid = [{"value": v, **_summary([_val_score(_tune_dir(out, arm, v, s)) for s in seeds])}
+                for v in arm.grid]
+        ranked = sorted(grid, key=lambda g: (-g["val_acc"], g["value"]))
+        best = ranked[0]
+        # the standard error of one grid value's mean, pooled over the grid
+        pooled = statistics.fmean(g["val_acc_std"] ** 2 for g in grid) ** 0.5
+        chosen[arm.name] = {
+            "knob": arm.knob, "value": best["value"], "grid": grid, "tune_seeds": seeds,
+            "rule": (f"highest mean validation accuracy over {len(seeds)} tuning seed(s) "
+                     "(ties: the smaller value)"),
+            "margin": best["val_acc"] - ranked[1]["val_acc"] if len(ranked) > 1 else None,
+            "stderr": pooled / len(seeds) ** 0.5 if len(seeds) > 1 else None,
+        }
     return chosen
 
 
@@ -124,25 +296,29 @@ def _train_final(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
         value = chosen[arm.name]["value"]
         for seed in plan.seeds:
             run_dir = out / "runs" / slug(arm.name) / f"seed{seed}"
-            jobs.append((_config(plan, arm, value, seed, device, track=True), run_dir))
+            jobs.append((_config(plan, arm, value, seed, device, final=True), run_dir))
             runs.setdefault(arm.name, []).append(run_dir)
-    run_jobs(jobs, plan.workers, progress, "train arms x seeds")
+    _train_jobs(jobs, plan, progress, "train arms x seeds")
     return runs
+
+
+def _comparable(plan_dict: dict[str, Any]) -> dict[str, Any]:
+    held = json.loads(json.dumps(plan_dict))
+    for key in RUN_ONLY:
+        held.pop(key, None)
+    return held
 
 
 def _check_plan(out: Path, plan: Plan) -> None:
     from hesslens.files import write_json
 
     plan_file = out / "plan.json"
-    wanted = json.loads(json.dumps(plan.to_dict()))
-    wanted.pop("workers", None)
-    if plan_file.is_file():
-        held = json.loads(plan_file.read_text())
-        held.pop("workers", None)
-        if held != wanted:
-            raise HesslensInputError(
-                f"{out} holds a different study (its plan.json differs, e.g. --quick or --seed "
-                "changed): choose another --out, or delete the folder to start over")
+    held = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    if held is not None and _comparable(held) != _comparable(plan.to_dict()):
+        raise HesslensInputError(
+            f"{out} holds a different study (its plan.json differs, e.g. --quick, --seed, "
+            "--model or --data changed): choose another --out, or delete the folder to "
+            "start over")
     out.mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan.to_dict())
 
@@ -159,26 +335,60 @@ def _add_seconds(out: Path, key: str, seconds: float) -> dict[str, float]:
     return held
 
 
+def _timed(out: Path, key: str, fn: Callable[[], T]) -> T:
+    """``fn()``, its wall time added to ``timings.json`` (by rank 0)."""
+    from hesslens.training.distributed import current
+
+    t0 = time.perf_counter()
+    value = fn()
+    if current().is_main:
+        _add_seconds(out, key, time.perf_counter() - t0)
+    return value
+
+
 def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu",
               progress: bool = True, dtype: Any = None) -> dict[str, Any]:
     """Run (or finish) the whole study into ``out_dir``; returns the content of
     ``results.json`` plus ``summary_text``. ``dtype`` is the layer study's precision (training
-    is float32)."""
-    from hesslens.experiments.compare import compare_runs
-    from hesslens.experiments.reproduce_report import write_reproduce_report
+    is float32). Under torch.distributed every rank calls it and gets the same result."""
+    from hesslens.training.distributed import current
 
-    out = prepare_out_dir(out_dir)  # refuses '' and files; removes stale temporary files
-    _check_plan(out, plan)
-    t0 = time.perf_counter()
-    chosen = _tune(plan, out, device, progress)
-    _add_seconds(out, "tune_seconds", time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    runs = _train_final(plan, out, device, chosen, progress)
-    _add_seconds(out, "train_seconds", time.perf_counter() - t1)
-    t2 = time.perf_counter()
-    studies = run_study(plan, out, runs, device, progress, dtype)
-    timings = _add_seconds(out, "study_seconds", time.perf_counter() - t2)
+    check_pair(plan.model, plan.data, plan.data_root)
+    ranks = current()
+    if ranks.world != plan.world_size:
+        plan = dataclasses.replace(plan, world_size=ranks.world)
+    out = _on_main(lambda: prepare_out_dir(out_dir))  # refuses '' and files; stale temporaries
+    _on_main(lambda: _check_plan(out, plan))
+    progress = progress and ranks.is_main
+    chosen = _timed(out, "tune_seconds", lambda: _tune(plan, out, device, progress))
+    runs = _timed(out, "train_seconds", lambda: _train_final(plan, out, device, chosen,
+                                                             progress))
+    return _on_main(lambda: _finish(plan, out, device, chosen, runs, progress, dtype))
+
+
+def _finish(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
+            runs: dict[str, list[Path]], progress: bool, dtype: Any) -> dict[str, Any]:
+    """Rank 0's part: costs, layer study, comparison and report."""
+    from hesslens.experiments.compare import compare_runs
+    from hesslens.experiments.reproduce_cost import apply_costs, measure_costs
+    from hesslens.experiments.reproduce_report import write_reproduce_report
+    from hesslens.training.distributed import current
+
+    cost = None
+    if any(arm.name == "SGD" for arm in plan.arms):
+        configs = {arm.name: _config(plan, arm, chosen[arm.name]["value"], plan.seeds[0],
+                                     device, final=True) for arm in plan.arms}
+        cost = _timed(out, "cost_seconds", lambda: run_isolated(measure_costs, configs, out))
+    if current().distributed:  # a study in this process would see the process group
+        studies = _timed(out, "study_seconds", lambda: run_isolated(
+            run_study, plan, out, runs, device, progress, dtype))
+    else:
+        studies = _timed(out, "study_seconds", lambda: run_study(
+            plan, out, runs, device, progress, dtype))
     comparison = compare_runs([str(d) for dirs in runs.values() for d in dirs])
+    if cost is not None:
+        apply_costs(comparison, runs, cost)
+    timings = json.loads((out / "timings.json").read_text())
     return write_reproduce_report(out, plan, chosen, runs, comparison, studies, timings,
                                   provenance=_provenance(plan, device))
 
@@ -188,5 +398,6 @@ def _provenance(plan: Plan, device: str) -> dict[str, Any]:
     from hesslens.provenance import dataset_fingerprint, versions
     from hesslens.zoo import load_dataset
 
-    return {"data": dataset_fingerprint(load_dataset(plan.data), plan.data),
+    return {"data": dataset_fingerprint(load_dataset(plan.data, root=plan.data_root),
+                                        plan.data),
             "versions": versions(device)}

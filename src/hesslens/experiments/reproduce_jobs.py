@@ -1,26 +1,45 @@
 """The training jobs of ``hesslens reproduce``: one run each, skipped when finished, on a pool
-of spawned worker processes (one torch thread each).
+of spawned worker processes (one torch thread each); under ``torchrun`` each rank trains its
+share of the jobs (:func:`share`).
+
+Jobs start longest first (their :func:`weight`: epochs x the arm's cost per step), so that the
+last job to finish is a short one.
 
 Example:
     >>> from pathlib import Path
     >>> finished(Path("/nonexistent"), epochs=3)
     False
+    >>> jobs = [({"epochs": 2}, "a"), ({"epochs": 2, "sam_rho": 0.05}, "b"), ({"epochs": 2}, "c")]
+    >>> [[d for _, d in share(jobs, r, 2)] for r in range(2)]
+    [['b'], ['a', 'c']]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["finished", "run_jobs"]
+__all__ = ["finished", "run_isolated", "run_jobs", "share", "weight"]
+
+Job = tuple[dict[str, Any], Any]
+T = TypeVar("T")
+
+# The environment torchrun sets: a spawned child must not see it (it is one process alone).
+_TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "TORCHELASTIC_RUN_ID")
 
 
 def _init_worker() -> None:
     import torch
 
+    for key in _TORCHRUN_ENV:
+        os.environ.pop(key, None)
     torch.set_num_threads(1)
 
 
@@ -41,27 +60,75 @@ def finished(run_dir: Path, epochs: int) -> bool:
     return sum(1 for e in data.get("epochs", []) if e.get("epoch", 1) >= 1) >= epochs
 
 
-def run_jobs(jobs: list[tuple[dict[str, Any], Path]], workers: int, progress: bool,
-              desc: str) -> None:
+def weight(config: dict[str, Any]) -> float:
+    """A job's expected cost in plain SGD steps: epochs x 2 for SAM (two gradients a step) x
+    about 3.5 per penalised step of HTR (a Hessian-vector product on top of the gradient)."""
+    per_step = 2.0 if config.get("sam_rho", 0) > 0 else 1.0
+    if config.get("htr_gamma", 0) > 0:
+        per_step += 2.5 / max(1, int(config.get("htr_every", 1)))
+    return float(config["epochs"]) * per_step
+
+
+def share(jobs: Sequence[Job], rank: int, world: int) -> list[Job]:
+    """Rank ``rank``'s jobs of ``world``: the longest job first to the least loaded rank
+    (the same answer on every rank)."""
+    if world <= 1:
+        return list(jobs)
+    order = sorted(range(len(jobs)), key=lambda i: -weight(jobs[i][0]))
+    load = [0.0] * world
+    mine = []
+    for i in order:
+        r = min(range(world), key=lambda k: load[k])
+        load[r] += weight(jobs[i][0])
+        if r == rank:
+            mine.append(i)
+    return [jobs[i] for i in sorted(mine)]
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
+
+
+def run_isolated(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a fresh spawned process with one torch thread and no process group
+    (``fn`` and its arguments must pickle): what runs there shares no state with this one."""
+    with _pool(1) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_jobs(jobs: list[Job], workers: int, progress: bool, desc: str,
+             isolated: bool = False) -> None:
+    """Train every unfinished job, ``workers`` at a time, longest first. ``isolated``: in
+    spawned processes even for one worker (needed under torch.distributed, where a run in this
+    process would see the process group)."""
     from tqdm.auto import tqdm
 
-    todo = [(c, d) for c, d in jobs if not finished(d, c["epochs"])]
+    todo = sorted((j for j in jobs if not finished(Path(j[1]), j[0]["epochs"])),
+                  key=lambda j: -weight(j[0]))
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
                disable=not progress, file=sys.stderr)
     try:
-        if workers <= 1 or len(todo) <= 1:
-            _init_worker()
+        if not todo:
+            return
+        if not isolated and (workers <= 1 or len(todo) <= 1):
+            _init_worker_threads()
             for config, run_dir in todo:
                 _train_job(config, str(run_dir))
                 bar.update()
             return
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        with _pool(max(1, min(workers, len(todo)))) as pool:
             futures = [pool.submit(_train_job, c, str(d)) for c, d in todo]
             for future in as_completed(futures):
                 future.result()
                 bar.update()
     finally:
         bar.close()
+
+
+def _init_worker_threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)
