@@ -130,6 +130,45 @@ def test_blocks_validate_their_input():
         Table(["a", "b"], [[1]]).render()
 
 
+def test_links_badges_and_blocks_in_cells_are_rendered_not_escaped():
+    from hesslens.report.html import Badge, Link
+
+    link = Link("study <sgd>", 'study/sgd/report.html?a="1"')
+    assert link.render() == ('<a href="study/sgd/report.html?a=&quot;1&quot;">'
+                             "study &lt;sgd&gt;</a>")
+    p = Paragraph(["a < b, see ", link, " and ", Badge("held"), "."]).render()
+    assert p.startswith("<p>a &lt; b, see <a href=") and '<span class="badge badge-held">' in p
+    table = Table(["finding", "verdict"], [["x & y", Badge("did not hold")],
+                                            ["z", Badge("partly", kind="partly")]]).render()
+    assert "<td>x &amp; y</td>" in table
+    assert '<td><span class="badge badge-did-not-hold">did not hold</span></td>' in table
+    assert '<span class="badge badge-partly">partly</span>' in table
+    page = Report("r")
+    page.section("s", Paragraph(["go to ", link]))
+    assert ".badge-held" in page.render()  # the page carries the badge styles
+
+
+def test_arm_curves_and_interval_plots_are_real_pngs(tmp_path):
+    curves = {"SGD": {"epochs": [0, 1, 2], "mean": [0.1, 0.8, 0.9], "std": [None, 0.01, 0.02]},
+              "HTR all layers": {"epochs": [0, 1, 2], "mean": [0.1, 0.7, 0.92],
+                                 "std": [None, 0.02, 0.01]}}
+    a = figures.plot_arm_curves(curves, tmp_path / "acc.png", ylabel="test accuracy (%)",
+                                title="accuracy", scale=100.0)
+    groups = {"epoch 0": {"x": ["l0", "l1", "l2"], "mean": [0.1, 0.05, 0.2],
+                          "low": [0.08, 0.04, 0.15], "high": [0.12, 0.06, 0.25]},
+              "epoch 5": {"x": ["l0", "l1", "l2"], "mean": [0.03, 0.01, 0.04],
+                          "low": [0.02, float("nan"), 0.03], "high": [0.04, float("nan"), 0.05]}}
+    b = figures.plot_intervals(groups, tmp_path / "int.png", xlabel="layer", ylabel="W1",
+                               title="t", shade=["l1"], rotate=True)
+    c = figures.plot_intervals({"D": {"x": [0, 5, 40], "mean": [0.1, -0.1, 0.2],
+                                      "low": [0.0, -0.2, 0.1], "high": [0.2, 0.0, 0.3]}},
+                               tmp_path / "d.png", xlabel="epoch", ylabel="D", title="t")
+    for p in (a, b, c):
+        w, h = _png_size(p)
+        assert 500 <= w <= 2200 and 250 <= h <= 1600
+        assert os.path.getsize(p) > 10_000  # drawn, not blank
+
+
 # ------------------------------------------------------------------ figures
 def test_figures_are_real_pngs(tmp_path):
     full = Spectrum(np.r_[np.random.default_rng(0).normal(0, 0.02, 200), [0.5, 0.8, 1.0]],
