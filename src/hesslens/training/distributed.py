@@ -49,6 +49,7 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "current",
+    "env_world_size",
     "local_device",
     "process_group_from_env",
     "quiet_other_ranks",
@@ -94,7 +95,8 @@ def current() -> Ranks:
                  str(dist.get_backend()))
 
 
-def _env_world() -> int:
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun set it for this process (1 when not started by torchrun)."""
     text = os.environ.get("WORLD_SIZE", "1")
     try:
         return int(text)
@@ -117,7 +119,7 @@ def process_group_from_env(device: str | torch.device = "cpu") -> Iterator[Ranks
     import torch.distributed as dist
 
     made = False
-    if _env_world() > 1 and not (dist.is_available() and dist.is_initialized()):
+    if env_world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
         if not dist.is_available():
             raise HesslensInputError(
                 "WORLD_SIZE > 1 (started by torchrun) but this torch has no torch.distributed")

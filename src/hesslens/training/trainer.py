@@ -103,6 +103,7 @@ from hesslens.training.distributed import (
     barrier,
     broadcast_buffers,
     current,
+    env_world_size,
     local_device,
     shard,
     shard_range,
@@ -491,6 +492,13 @@ def train(
             "(resume=True in Python), or choose another output folder"
         )
     ranks = current()
+    if not ranks.distributed and env_world_size() > 1:
+        raise HesslensInputError(
+            f"started by torchrun with WORLD_SIZE={env_world_size()} but torch.distributed is "
+            "not initialised, so every process would train the whole run into the same folder; "
+            "call torch.distributed.init_process_group() first (or train inside "
+            "hesslens.training.distributed.process_group_from_env()), or unset WORLD_SIZE for "
+            "independent runs")
     device = _resolve_device(local_device(config.device, ranks))
 
     # Seed everything for a fresh run (a resumed run restores the states below).
