@@ -496,3 +496,17 @@ def test_binary_logits_with_bce_take_the_general_path(curvature):
     value.backward()
     torch.testing.assert_close(value.detach(), exact, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(_model_grad(model), dense.grad_of(fn), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("curvature", ["gauss_newton", "fisher"])
+def test_float32_models_agree_with_float64(curvature):
+    import copy
+
+    model64, x64, y, loss_fn = _case("cnn_relu_gelu")
+    model32, x32 = copy.deepcopy(model64).float(), x64.float()
+    values = []
+    for model, x in ((model64, x64), (model32, x32)):
+        pen = HessianTracePenalty(model, curvature=curvature, loss_fn=loss_fn)
+        pen.sample_output_probes = lambda like, n=None: _output_basis(like)
+        values.append(float(pen(loss_fn(model(x), y), inputs=x, targets=y).detach()))
+    assert values[1] == pytest.approx(values[0], rel=1e-4)

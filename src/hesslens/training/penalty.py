@@ -362,8 +362,9 @@ class HessianTracePenalty:
             probes). Both need ``loss_fn`` and ``pen(loss, inputs=x, targets=y)``; see
             :mod:`hesslens.training.penalty_curvature`.
 
-    Call ``pen(loss)`` (``"hvp"``) or ``pen(loss, inputs=x, targets=y)`` (``"fd"``; ``loss`` must
-    be ``loss_fn(model(x), y)``) to get the penalty, a scalar tensor to be added to the loss.
+    Call ``pen(loss)`` (``"hvp"``) or ``pen(loss, inputs=x, targets=y)`` (``"fd"`` and the other
+    curvatures; ``loss`` must be ``loss_fn(model(x), y)``) to get the penalty, a scalar tensor to
+    be added to the loss.
     """
 
     def __init__(
@@ -653,7 +654,10 @@ class HessianTracePenalty:
         dropout = self.model.training and any(m.training and m.p > 0 for m in self._dropouts)
         batch_loss = float(loss.detach().reshape(()))
         per_sample = float(mean_loss)
-        if not dropout and not abs(per_sample - batch_loss) <= 1e-3 * max(1.0, abs(batch_loss)):
+        # loose enough for the rounding of half-precision losses, tight enough for a sum or
+        # class weights
+        tol = max(1e-3, 8 * torch.finfo(loss.dtype).eps) * max(1.0, abs(batch_loss))
+        if not dropout and not abs(per_sample - batch_loss) <= tol:
             raise HesslensInputError(
                 f"the loss ({batch_loss:.6g}) is not the mean of the per-sample losses "
                 f"loss_fn(outputs[i:i+1], y[i:i+1]) ({per_sample:.6g}); curvature='fisher' "
