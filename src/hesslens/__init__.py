@@ -31,6 +31,7 @@ __all__ = [
     "HessianTracePenalty",
     "HesslensError",
     "HesslensInputError",
+    "NegativeCurvatureWarning",
     "Spectrum",
     "TraceResult",
     "__version__",
@@ -44,6 +45,10 @@ def __getattr__(name: str):
         from hesslens.training.penalty import HessianTracePenalty
 
         return HessianTracePenalty
+    if name == "NegativeCurvatureWarning":
+        from hesslens.training.penalty import NegativeCurvatureWarning
+
+        return NegativeCurvatureWarning
     if name == "CurvatureTracker":
         from hesslens.training.tracker import CurvatureTracker
 

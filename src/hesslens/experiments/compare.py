@@ -45,8 +45,8 @@ FIGURE_NAMES = {
 # Fields whose differences between arms make the comparison unequal in budget or task.
 BUDGET_FIELDS = ("epochs", "batch_size", "model", "data")
 # Fields arm_label already shows.
-LABEL_FIELDS = ("sam_rho", "weight_decay", "htr_gamma", "htr_layers", "htr_method", "htr_every",
-                "htr_start")
+LABEL_FIELDS = ("sam_rho", "weight_decay", "htr_gamma", "htr_layers", "htr_method",
+                "htr_curvature", "htr_every", "htr_start")
 
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +117,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "sam_rho": (int, float), "weight_decay": (int, float), "htr_gamma": (int, float),
     "htr_every": (int,), "htr_start": (int,), "epochs": (int,), "batch_size": (int,),
     "seed": (int,), "model": (str,), "data": (str,), "htr_method": (str,),
-    "htr_layers": (str, list),
+    "htr_curvature": (str,), "htr_layers": (str, list),
 }
 _RECORD_NUMBERS = ("test_acc", "trace", "top_eigenvalue", "epoch_seconds")
 

@@ -9,7 +9,11 @@ Example:
 
 from hesslens.training.config import TrainConfig, arm_key, arm_label
 from hesslens.training.layers_select import discover_layers, middle_indices, select_layers
-from hesslens.training.penalty import HessianTracePenalty, default_fd_eps
+from hesslens.training.penalty import (
+    HessianTracePenalty,
+    NegativeCurvatureWarning,
+    default_fd_eps,
+)
 from hesslens.training.sam import SAM, bn_stats_frozen
 from hesslens.training.tracker import CurvatureTracker
 from hesslens.training.tracking import EpochTracking
@@ -20,6 +24,7 @@ __all__ = [
     "CurvatureTracker",
     "EpochTracking",
     "HessianTracePenalty",
+    "NegativeCurvatureWarning",
     "TensorData",
     "TrainConfig",
     "arm_key",
