@@ -93,11 +93,11 @@ def test_ranks_share_every_job_once_longest_first_to_the_least_loaded():
     jobs = [({"epochs": 4, "sam_rho": 0.05}, "sam"), ({"epochs": 4}, "sgd0"),
             ({"epochs": 4}, "sgd1"), ({"epochs": 4, "htr_gamma": 1e-3, "htr_every": 1}, "htr"),
             ({"epochs": 4, "weight_decay": 1e-4}, "l2")]
-    assert weight(jobs[3][0]) == 4 * 3.5 and weight(jobs[0][0]) == 8
+    assert weight(jobs[3][0]) == 4 * 5 and weight(jobs[0][0]) == 8
     parts = [share(jobs, r, 2) for r in range(2)]
     names = [[d for _, d in p] for p in parts]
     assert sorted(names[0] + names[1]) == sorted(d for _, d in jobs)  # each once
-    assert names == [["htr", "l2"], ["sam", "sgd0", "sgd1"]]  # 14 + 4 against 8 + 4 + 4
+    assert names == [["htr"], ["sam", "sgd0", "sgd1", "l2"]]  # 20 against 8 + 4 + 4 + 4
     assert share(jobs, 0, 1) == jobs
     assert [[d for _, d in share(jobs, r, 3)] for r in range(3)] == [
         ["htr"], ["sam", "l2"], ["sgd0", "sgd1"]]

@@ -62,10 +62,10 @@ def finished(run_dir: Path, epochs: int) -> bool:
 
 def weight(config: dict[str, Any]) -> float:
     """A job's expected cost in plain SGD steps: epochs x 2 for SAM (two gradients a step) x
-    about 3.5 per penalised step of HTR (a Hessian-vector product on top of the gradient)."""
+    about 5 per penalised step of HTR (a Hessian-vector product on top of the gradient)."""
     per_step = 2.0 if config.get("sam_rho", 0) > 0 else 1.0
     if config.get("htr_gamma", 0) > 0:
-        per_step += 2.5 / max(1, int(config.get("htr_every", 1)))
+        per_step += 4.0 / max(1, int(config.get("htr_every", 1)))
     return float(config["epochs"]) * per_step
 
 
