@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from hesslens.curvature.collective import STATUS_SLOTS, all_reduce_checked
 from hesslens.errors import DataChangedError, HesslensInputError
 
 Batch = Any
@@ -131,6 +132,24 @@ class BatchSource:
         self._count = count_terms or leading_size
         self.terms: list[int] = []
         self._prints: list[tuple] = []
+        failure = None
+        try:
+            self._read_terms()
+        except Exception as err:
+            if group is None:
+                raise
+            failure = err  # raised on every rank after the all-reduce below
+        self.local_terms = sum(self.terms)
+        # Under torch.distributed (group given) this rank's data is a shard: the weights are
+        # shares of the loss terms of all shards together.
+        self.num_terms = self.local_terms if group is None else _all_reduce_int(
+            self.local_terms, group, failure)
+        if self.num_terms == 0:
+            raise HesslensInputError(
+                "data is empty: no batch has a loss term (no samples, or every label is -100)")
+        self.weights = [n / self.num_terms for n in self.terms]
+
+    def _read_terms(self) -> None:
         for i, batch in enumerate(self._source):
             self._check(batch, i)
             self.terms.append(self._terms_of(batch, i))
@@ -138,15 +157,6 @@ class BatchSource:
                 self._prints.append(fingerprint(batch))
         if not self.terms:
             raise HesslensInputError("data is empty: it yielded no batch")
-        self.local_terms = sum(self.terms)
-        # Under torch.distributed (group given) this rank's data is a shard: the weights are
-        # shares of the loss terms of all shards together.
-        self.num_terms = self.local_terms if group is None else _all_reduce_int(
-            self.local_terms, group)
-        if self.num_terms == 0:
-            raise HesslensInputError(
-                "data is empty: no batch has a loss term (no samples, or every label is -100)")
-        self.weights = [n / self.num_terms for n in self.terms]
 
     @property
     def sizes(self) -> list[int]:
@@ -224,14 +234,17 @@ class BatchSource:
                 f"batch {index}: inputs and targets must be torch tensors")
 
 
-def _all_reduce_int(value: int, group: Any) -> int:
+def _all_reduce_int(value: int, group: Any, failure: BaseException | None = None) -> int:
+    """The sum of ``value`` over the ranks of ``group``; every rank raises if one has a
+    ``failure`` (:func:`hesslens.curvature.collective.all_reduce_checked`)."""
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.zeros(1 + STATUS_SLOTS, dtype=torch.int64)
+    t[0] = value
     if dist.get_backend(group) == "nccl":
         t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return int(t.item())
+    all_reduce_checked(t, failure, group)
+    return int(t[0].item())
 
 
 def _inputs_of(inputs: Any) -> list[torch.Tensor]:

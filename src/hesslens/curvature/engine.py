@@ -5,7 +5,15 @@ The loop owns what every product shares: moving each batch to the model's device
 its weight (its share of the loss terms), the check that the data is the same on every pass,
 each batch's loss check on first use, and the cache of first-order graphs (bounded in bytes:
 batches whose graphs do not fit are rebuilt on every pass). :meth:`ProductEngine.reduce` is
-where the products of several batches, summed here, would be summed over processes too.
+where the products of several batches, summed here, are summed over processes too (with a
+failure flag per rank, :mod:`hesslens.curvature.collective`, so that an error on one rank is an
+error on all of them, not a hang).
+
+Memory: a call with ``k`` vectors returns one ``(k, n)`` result (every batch adds into it) and
+pushes its vectors through vmapped / batched products :meth:`ProductEngine.chunk` at a time:
+``chunk_size`` lowered until the estimated temporaries of one chunk, per vector three copies of
+the differentiated parameters and one of a batch's saved activations, fit in ``product_bytes``
+(256 MiB by default). Cached graphs take at most ``graph_cache_bytes`` besides.
 
 Hessian products have three paths: ``"reverse"`` (double backward on a kept graph, looped or
 batched with ``is_grads_batched``), ``"forward"`` (forward-over-reverse, vmapped), ``"fd"``
@@ -37,6 +45,7 @@ import torch
 from torch import Tensor
 
 from hesslens.curvature import products
+from hesslens.curvature.collective import STATUS_SLOTS, all_reduce_checked
 from hesslens.curvature.data import Batch, BatchSource, batch_device, move_batch, take_rows
 from hesslens.curvature.functional_model import FunctionalModel
 from hesslens.curvature.loss import BatchLoss, check_loss
@@ -47,6 +56,10 @@ PATHS = ("auto", "reverse", "forward", "fd")
 
 #: Default bound on the bytes of cached first-order graphs (per engine).
 GRAPH_CACHE_BYTES = 4 * 2**30
+
+#: Default bound on the estimated temporaries of one chunk of a batched product: it sets the
+#: chunk of a network with 10M float32 parameters to 2 vectors (benchmarks/bench_memory.py).
+PRODUCT_BYTES = 2**28
 
 
 class ProductEngine:
@@ -68,7 +81,10 @@ class ProductEngine:
     graph_cache_bytes : int
         The most bytes of saved activations the graph cache holds.
     chunk_size : int
-        The most vectors pushed through one vmapped product, to bound memory.
+        The most vectors pushed through one vmapped or batched product.
+    product_bytes : int
+        Bound on one chunk's estimated temporaries: lowers the chunk (:meth:`chunk`) of large
+        models.
     fd_order : {2, 4}
         Order of the finite-difference products (``path="fd"``).
     group : torch.distributed process group, optional
@@ -86,6 +102,7 @@ class ProductEngine:
         reuse_graph: bool | None = None,
         graph_cache_bytes: int | None = None,
         chunk_size: int = 32,
+        product_bytes: int | None = None,
         fd_order: int = 4,
         group: Any = None,
     ) -> None:
@@ -106,6 +123,8 @@ class ProductEngine:
         self.fd_order = fd_order
         self.fd_scale = products.StepScale()
         self.chunk_size = max(1, int(chunk_size))
+        self.product_bytes = PRODUCT_BYTES if product_bytes is None else int(product_bytes)
+        self._activation_bytes: int | None = None  # the most a batch's graph saved
         if graph_cache_bytes is None:
             graph_cache_bytes = GRAPH_CACHE_BYTES
         self.graph_cache_bytes = 0 if reuse_graph is False else int(graph_cache_bytes)
@@ -150,40 +169,78 @@ class ProductEngine:
         return lambda params: self.loss.output_tensor(
             self.loss.call(self.model.bind(params), batch))
 
-    def reduce(self, parts: list[Tensor]) -> list[Tensor]:
+    def reduce(self, parts: list[Tensor], failure: BaseException | None = None
+               ) -> list[Tensor]:
         """The reduction step after the sum over this process's batches: the identity in one
-        process; under ``torch.distributed`` one all-reduce (a sum over the ranks' shards) of
-        all parts at once, so every rank holds the same products."""
+        process (raising ``failure`` if given); under ``torch.distributed`` one all-reduce (a
+        sum over the ranks' shards) of all parts and of the ranks' failure flags at once, so
+        every rank holds the same products, or every rank raises."""
         if self.group is None:
+            if failure is not None:
+                raise failure
             return parts
-        import torch.distributed as dist
-
-        flat = torch.cat([p.reshape(-1) for p in parts])  # one dtype: the widest of the parts
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        # one dtype: the widest of the parts
+        flat = torch.cat([*(p.reshape(-1) for p in parts),
+                          parts[0].new_zeros(STATUS_SLOTS, dtype=torch.float64)])
+        all_reduce_checked(flat, failure, self.group)
         out, start = [], 0
         for p in parts:
             out.append(flat[start:start + p.numel()].reshape(p.shape).to(p.dtype))
             start += p.numel()
         return out
 
-    def _result(self, vs: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """One flat (k, n) result and its per-parameter views: every batch adds into them."""
-        flat = vs[0].new_zeros(vs[0].shape[0], sum(v[0].numel() for v in vs))
+    def _result(self, vs: list[Tensor], flat: Tensor | None = None
+                ) -> tuple[Tensor, list[Tensor]]:
+        """One flat (k, n) result (zeroed ``flat`` if given) and its per-parameter views:
+        every batch adds into them. Under torch.distributed the result is the head of a buffer
+        that ends with the status slots, so that the reduction step all-reduces it in place."""
+        k, n = vs[0].shape[0], sum(v[0].numel() for v in vs)
+        if flat is not None:
+            flat.zero_()
+        elif self.group is None:
+            flat = vs[0].new_zeros(k, n)
+        else:
+            flat = vs[0].new_zeros(k * n + STATUS_SLOTS)[:k * n].view(k, n)
         return flat, split_flat(flat, [v.shape[1:] for v in vs])
 
-    def _finish(self, flat: Tensor) -> Tensor:
-        flat = self.reduce([flat])[0]
+    def _finish(self, flat: Tensor, failure: BaseException | None = None) -> Tensor:
+        """The reduction step for a result of :meth:`_result` (in place); checked finite."""
+        if self.group is None:
+            if failure is not None:
+                raise failure
+        elif (flat.is_contiguous() and flat.untyped_storage().nbytes() == (
+                flat.storage_offset() + flat.numel() + STATUS_SLOTS) * flat.element_size()):
+            # the status slots follow the result in its buffer: all-reduce both in place
+            buf = flat.view(-1).as_strided((flat.numel() + STATUS_SLOTS,), (1,))
+            all_reduce_checked(buf, failure, self.group)
+        else:
+            flat.copy_(self.reduce([flat], failure)[0])
         _check_finite([flat])
         return flat
 
     def _sum(self, per_batch: Callable[[int, Batch, float, list[Tensor]], object],
-             vs: list[Tensor]) -> Tensor:
+             vs: list[Tensor], flat: Tensor | None = None) -> Tensor:
         """``per_batch(index, batch, weight, out)`` adds each batch's products into ``out``;
-        the flat sum, reduced over processes and checked finite."""
-        flat, views = self._result(vs)
-        for i, batch, weight in self.batches():
-            per_batch(i, batch, weight, views)
-        return self._finish(flat)
+        the flat sum (into ``flat`` if given), reduced over processes and checked finite."""
+        flat, views = self._result(vs, flat)
+
+        def body() -> None:
+            for i, batch, weight in self.batches():
+                per_batch(i, batch, weight, views)
+
+        return self._finish(flat, self._loop(body))
+
+    def _loop(self, body: Callable[[], object]) -> BaseException | None:
+        """Run ``body``; under torch.distributed an error is returned (for the reduction step
+        to raise on every rank) instead of raised past the collective."""
+        if self.group is None:
+            body()
+            return None
+        try:
+            body()
+        except Exception as err:  # every kind goes to the other ranks
+            return err
+        return None
 
     # ----------------------------------------------------------------- graph cache
     def _graph_batches(self, kind: str, build: Callable) -> Iterator[Any]:
@@ -200,6 +257,7 @@ class ProductEngine:
                 yield cache[i]
                 continue
             graph = build(i, batch, weight)
+            self._activation_bytes = max(self._activation_bytes or 0, graph.nbytes)
             if not full and i == len(cache) and (
                     self._cache_used + graph.nbytes <= self.graph_cache_bytes):
                 cache.append(graph)
@@ -223,21 +281,51 @@ class ProductEngine:
                 return self._choose(key, names, vs)
             return self._run(self.choice[key], names, vs)
 
-    def _run(self, candidate: str, names: Sequence[str], vs: list[Tensor]) -> Tensor:
+    def _run(self, candidate: str, names: Sequence[str], vs: list[Tensor],
+             flat: Tensor | None = None) -> Tensor:
+        """The products by one candidate path (into ``flat`` if given)."""
         if candidate == "fd":
             return self._sum(lambda i, b, w, out: products.hvp_fd(
                 self.loss_of(i, b, w), self.model.params, names, vs, order=self.fd_order,
-                scale=self.fd_scale, out=out), vs)
+                scale=self.fd_scale, out=out), vs, flat)
         if candidate == "forward":
+            chunk = self.chunk(names)
             return self._sum(lambda i, b, w, out: self._check_batch(i, b) or products.hvp_forward(
                 self.loss_of(i, b, w), self.model.params, names, vs,
-                chunk_size=self.chunk_size, randomness=self._randomness, out=out), vs)
+                chunk_size=chunk, randomness=self._randomness, out=out), vs, flat)
         batched = candidate == "reverse-batched"
-        flat, views = self._result(vs)
-        for graph in self._graph_batches("hessian", self._build_hessian_graph):
-            products.hvp_reverse(graph, names, vs, batched=batched, chunk_size=self.chunk_size,
-                                 out=views)
-        return self._finish(flat)
+        flat, views = self._result(vs, flat)
+
+        def body() -> None:
+            for graph in self._graph_batches("hessian", self._build_hessian_graph):
+                products.hvp_reverse(graph, names, vs, batched=batched,
+                                     chunk_size=self.chunk(names), out=views)
+
+        return self._finish(flat, self._loop(body))
+
+    def chunk(self, names: Sequence[str]) -> int:
+        """Vectors per vmapped or batched product over ``names``: ``chunk_size``, lowered
+        until one chunk's estimated temporaries fit in ``product_bytes``. Per vector: three
+        copies of the parameters differentiated (the vector's tangents, its product, and one
+        temporary of the largest layer's size) and one of the saved activations of a batch
+        (the tangents that flow through the graph), measured on the first graph built, or on
+        one forward pass of the first batch where no graph is kept."""
+        if self._activation_bytes is None:
+            self._activation_bytes = self._measure_activations()
+        params = self.model.params
+        per_vector = 3 * sum(params[n].numel() * params[n].element_size() for n in names)
+        per_vector += self._activation_bytes
+        return int(max(1, min(self.chunk_size, self.product_bytes // max(per_vector, 1))))
+
+    def _measure_activations(self) -> int:
+        """The bytes one forward pass of the first batch saves for backward (parameters not
+        counted)."""
+        i, batch, weight = next(self.batches())
+        with products.saved_bytes(self.model.params.values()) as saved, torch.enable_grad():
+            leaves = {n: self.model.params[n].detach().requires_grad_(True)
+                      for n in self.model.trainable}
+            self.loss_of(i, batch, weight)(leaves)
+        return saved[0]
 
     def _candidates(self, k: int) -> list[str]:
         if self.path == "fd":
@@ -269,30 +357,36 @@ class ProductEngine:
                 pass
         m = min(k, 4)
         head = [v[:m] for v in vs]
-        timings, results = {}, {}
+        # The products of the fastest candidate so far are kept in the head of the result, a
+        # slower one's are dropped at once: one extra (m, n) block at most, not one per path.
+        flat, _ = self._result(vs)
+        timings: dict[str, float] = {}
         failures: list[BaseException] = []
         for candidate in candidates:
             _synchronize(self.model.device)
             start = time.perf_counter()
             try:
-                results[candidate] = self._run(candidate, names, head)
+                out = self._run(candidate, names, head, None if timings else flat[:m])
             except (RuntimeError, NotImplementedError) as err:
                 # e.g. forward-mode AD is not implemented for mse_loss's backward: that path
                 # is simply not a candidate for this model and loss.
                 failures.append(err)
                 continue
             _synchronize(self.model.device)
-            timings[candidate] = time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            if timings and elapsed < min(timings.values()):
+                flat[:m].copy_(out)
+            timings[candidate] = elapsed
+            del out
         if not timings:
             raise failures[0]
         best = min(timings, key=timings.get)
         self.choice[key] = best
         self.timings[key] = timings
         self.calibration_products += (len(timings) - 1) * m
-        if m == k:
-            return results[best]
-        rest = self._run(best, names, [v[m:] for v in vs])
-        return torch.cat([results[best], rest])
+        if m < k:
+            self._run(best, names, [v[m:] for v in vs], flat[m:])
+        return flat
 
     # ----------------------------------------------------------------- Gauss-Newton products
     def gauss_newton_products(self, names: Sequence[str], V: Tensor) -> Tensor:
@@ -304,9 +398,12 @@ class ProductEngine:
         with products.named_derivative_errors():
             if V.shape[0] == 1 and self.graph_cache_bytes > 0:
                 flat, views = self._result(vs)
-                for graph in self._graph_batches("gauss_newton", self._build_ggn_graph):
-                    products.ggn_reverse(graph, names, vs, out=views)
-                return self._finish(flat)
+
+                def body() -> None:
+                    for graph in self._graph_batches("gauss_newton", self._build_ggn_graph):
+                        products.ggn_reverse(graph, names, vs, out=views)
+
+                return self._finish(flat, self._loop(body))
             return self._sum(self._ggn_batched(names, vs), vs)
 
     def _ggn_loss(self, i: int, batch: Batch, weight: float) -> Callable[[Tensor], Tensor]:
@@ -323,10 +420,12 @@ class ProductEngine:
                                         self.model.params, self.model.trainable)
 
     def _ggn_batched(self, names: Sequence[str], vs: list[Tensor]) -> Callable:
+        chunk = self.chunk(names)
+
         def per_batch(i: int, batch: Batch, weight: float, out: list[Tensor]) -> None:
             self._check_batch(i, batch)
             products.ggn_vmapped(self.outputs_of(batch), self._ggn_loss(i, batch, weight),
-                                 self.model.params, names, vs, chunk_size=self.chunk_size,
+                                 self.model.params, names, vs, chunk_size=chunk,
                                  randomness=self._randomness, out=out)
 
         return per_batch
@@ -341,13 +440,22 @@ class ProductEngine:
         """The mean loss and its gradient (flat) with respect to ``names``."""
         total = [torch.zeros((), dtype=torch.float64, device=self.model.device)]
         grads = [torch.zeros_like(self.model.params[n]) for n in names]
-        for i, batch, weight in self.batches():
-            loss, g = products.gradient(self.loss_of(i, batch, weight), self.model.params, names)
-            total[0] += loss.double()
-            for acc, gi in zip(grads, g):
-                acc += gi
-        reduced = self.reduce([*total, *grads])
+
+        def body() -> None:
+            for i, batch, weight in self.batches():
+                loss, g = products.gradient(self.loss_of(i, batch, weight), self.model.params,
+                                            names)
+                total[0] += loss.double()
+                for acc, gi in zip(grads, g):
+                    acc += gi
+
+        reduced = self.reduce([*total, *grads], self._loop(body))
         return float(reduced[0]), join_flat([g.unsqueeze(0) for g in reduced[1:]])[0]
+
+    def agree(self, failure: BaseException | None) -> None:
+        """Under torch.distributed, one all-reduce of the ranks' failure flags: every rank
+        raises if one failed (a check of its own shard); alone, raise ``failure`` if given."""
+        self.reduce([torch.zeros(0, dtype=torch.float64)], failure)
 
     def first_batch_probe(self, wanted_modules: set[str]) -> dict[str, int]:
         """Check the loss of a couple of samples of the first batch (a finite scalar, a mean
@@ -419,8 +527,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _check_finite(parts: list[Tensor]) -> None:
+    # min and max in one pass, no temporary: torch.isfinite(p) made a float copy of p (abs)
+    # and two bool ones, 8 parameter copies for a batch of 6 products of a 10M network
     for p in parts:
-        if not bool(torch.isfinite(p).all()):
+        if p.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(p)
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
             raise NonFiniteCurvatureError(
                 "a curvature product is not finite (NaN or Inf) although the loss is: the "
                 "second derivative of the loss overflows or is undefined at these weights "

@@ -96,7 +96,7 @@ class CurvatureOperator:
     path : {"auto", "reverse", "forward", "fd"}
         How Hessian products are computed (:mod:`hesslens.curvature.engine`); ``"fd"``:
         finite differences of gradients, for models without second derivatives.
-    reuse_graph, graph_cache_bytes, chunk_size, fd_order :
+    reuse_graph, graph_cache_bytes, chunk_size, product_bytes, fd_order :
         Product settings: see :class:`hesslens.curvature.engine.ProductEngine`.
     num_terms : callable, optional
         ``num_terms(batch) -> int``: the number of loss terms of a batch (its weight).
@@ -123,6 +123,7 @@ class CurvatureOperator:
         reuse_graph: bool | None = None,
         graph_cache_bytes: int | None = None,
         chunk_size: int = 32,
+        product_bytes: int | None = None,
         fd_order: int = 4,
         num_terms: Callable[[Any], int] | None = None,
         distributed: bool | None = None,
@@ -136,12 +137,18 @@ class CurvatureOperator:
         source = BatchSource(data, count_terms=loss.terms, group=group)
         engine = ProductEngine(fmodel, loss, source, path=path, reuse_graph=reuse_graph,
                                graph_cache_bytes=graph_cache_bytes, chunk_size=chunk_size,
-                               fd_order=fd_order, group=group)
+                               product_bytes=product_bytes, fd_order=fd_order, group=group)
         blocks = resolve_blocks(fmodel.module, layers, fmodel.trainable)
         owner = {p: m for m, ps in owned_parameters(fmodel.module, lambda _n, _p: True).items()
                  for p in ps}
-        order = engine.first_batch_probe({owner[p.param] for b in blocks.values() for p in b
-                                          if owner.get(p.param, ROOT_LAYER) != ROOT_LAYER})
+        wanted = {owner[p.param] for b in blocks.values() for p in b
+                  if owner.get(p.param, ROOT_LAYER) != ROOT_LAYER}
+        try:  # every rank checks its own first batch: all raise if one fails, none hangs
+            order = engine.first_batch_probe(wanted)
+        except Exception as err:
+            engine.agree(err)
+            raise
+        engine.agree(None)
         if layers is None or isinstance(layers, str):
             def rank(name: str) -> int:
                 module = owner.get(blocks[name][0].param, ROOT_LAYER)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +100,7 @@ def build_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
     backward; counts the bytes the graph saves."""
     # detached views of the snapshot, not copies: nothing writes to them
     leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad(), second_order_kernels(), _saved_bytes() as saved:
+    with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
         loss = loss_of(leaves)
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                     allow_unused=True)
@@ -110,16 +110,32 @@ def build_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
 
 
 @contextlib.contextmanager
-def _saved_bytes() -> Iterator[list[int]]:
-    """Count the bytes autograd saves for backward inside the block (in ``[0]``)."""
+def saved_bytes(exclude: Iterable[Tensor] = ()) -> Iterator[list[int]]:
+    """Count the bytes of the distinct storages autograd saves for backward inside the block
+    (in ``[0]``), leaving out those of ``exclude`` (the parameters: saving them costs no
+    memory). The engine sizes its cache and its product chunks with this."""
     saved = [0]
+    seen = {_storage_of(t)[0] for t in exclude}
 
     def pack(t: Tensor) -> Tensor:
-        saved[0] += t.numel() * t.element_size()
+        ptr, nbytes = _storage_of(t)
+        if ptr not in seen:
+            seen.add(ptr)
+            saved[0] += nbytes
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
+
+
+def _storage_of(t: Tensor) -> tuple[int, int]:
+    """``(address, bytes)`` of ``t``'s storage; a tensor without one (a wrapper subclass)
+    counts as its own elements."""
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return id(t), t.numel() * t.element_size()
 
 
 def hvp_reverse(graph: BatchGraph, names: Sequence[str], vs: list[Tensor], *,
@@ -336,7 +352,7 @@ def build_ggn_graph(forward: Callable[[dict[str, Tensor]], Tensor],
     """The graphs :func:`ggn_reverse` multiplies through."""
     # detached views of the snapshot, not copies: nothing writes to them
     leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad(), second_order_kernels(), _saved_bytes() as saved:
+    with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
         out = forward(leaves)
         u = torch.zeros_like(out, requires_grad=True)
         jt_u = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True,

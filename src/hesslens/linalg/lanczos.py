@@ -37,6 +37,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
 from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.linalg.budget import BASIS_VECTORS
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.probes import random_probes
 from hesslens.linalg.results import EigenResult
@@ -732,7 +733,8 @@ def eigsh(
     ncv : int, optional
         Most basis vectors, ``k + 2 <= ncv`` (capped at ``dim``). Default: ``dim`` (no
         restart) while a basis of ``max_steps + 1`` vectors takes at most 64 MiB, else
-        ``max(2 * k + 8, 20)``.
+        ``max(2 * k + 8, 20)``, lowered (not below ``k + 2``) so that the basis and the ``k``
+        Ritz vectors take at most 32 vectors (:data:`~hesslens.linalg.budget.BASIS_VECTORS`).
     basis_dtype : torch.dtype, optional
         Dtype of the basis. Default: float64 for a float64 operator, else float32 (the basis is
         reorthogonalised twice, so a float32 basis is as accurate as float32 products; the
@@ -749,8 +751,11 @@ def eigsh(
 
     Notes
     -----
-    Memory: ``(ncv + 3) * dim * itemsize(basis_dtype)`` bytes (the basis and the next vector,
-    the product's result and one update temporary), plus what one product itself needs.
+    Memory: ``(ncv + 3) * dim * itemsize(basis_dtype)`` bytes while it runs (the basis and
+    the next vector, the product's result and one update temporary), plus what one product
+    itself needs; ``(ncv + 1 + k) * dim * itemsize`` at the end, when the Ritz vectors are
+    formed. With the default ``ncv`` on a large operator: 21 + 5 = 26 vectors for ``k=5``,
+    22 + 10 = 32 for ``k=10``.
 
     Raises
     ------
@@ -796,7 +801,8 @@ def eigsh(
     if ncv is None and (steps + 1) * n * itemsize <= _AUTO_NCV_BYTES:
         ncv = n  # a basis of every step is small: no restart
     if ncv is None:
-        ncv = min(n, max(2 * k + 8, 20))
+        # the basis and the k Ritz vectors returned within BASIS_VECTORS (not below k + 2)
+        ncv = min(n, max(k + 2, min(max(2 * k + 8, 20), BASIS_VECTORS - 1 - k)))
     elif isinstance(ncv, bool) or int(ncv) != ncv or not min(n, k + 2) <= ncv:
         raise HesslensInputError(
             f"ncv={ncv} is too small: the basis needs at least k + 2 = {k + 2} vectors "

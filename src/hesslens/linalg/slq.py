@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hesslens.errors import HesslensInputError
+from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import (
     _BatchLanczos,
     _coef,
@@ -55,9 +56,6 @@ REORTH = ("auto", "full", "none")
 # this many bytes (then the old, exact-to-rounding path runs at no memory cost that matters).
 _AUTO_FULL_BYTES = 2**27
 
-# probe_chunk=None: as many probes per group as keep the three working vectors of the group
-# within this many bytes (at least one probe, at most all of them).
-_AUTO_CHUNK_BYTES = 2**29
 
 
 def _recurrence(
@@ -177,7 +175,7 @@ def slq(
         (``probe_chunk * n_steps * n * 8`` bytes), else ``"none"``.
     probe_chunk : int, optional
         Probes run together (one ``matmat`` of this many rows per step). Default: all
-        ``n_probes`` if their working vectors fit in 512 MiB (``3 * n_probes * n * itemsize``),
+        ``n_probes`` if their working vectors fit in 256 MiB (``3 * n_probes * n * itemsize``),
         else as many as fit (at least 1). The groups run one after the other. Rademacher
         probes come out the same whatever the grouping (drawn group by group from one
         generator); the moments of the result then agree to rounding, while without
@@ -206,7 +204,8 @@ def slq(
     orthonormal to rounding in ``work_dtype`` already (eigsh's are, and are used as they are);
     Gaussian probes are drawn in float64 first. With ``reorth="full"``,
     ``probe_chunk * (n_steps + 2) * n * 8 + r * n * 8`` bytes. On a 10M-parameter float32
-    network the default group is 4 probes: 12 copies of the parameters.
+    network the default group is 2 probes: 6 copies of the parameters (plus the 10 deflation
+    vectors of ``density()``).
 
     Raises
     ------
@@ -241,8 +240,8 @@ def slq(
     if probe_chunk is None:
         probe_chunk = batch_size
     if probe_chunk is None:
-        per_probe = 3 * n * torch.finfo(dtype).bits // 8
-        probe_chunk = int(max(1, min(n_probes, _AUTO_CHUNK_BYTES // max(per_probe, 1))))
+        # as many probes as keep the group's three working vectors within the budget
+        probe_chunk = vectors_within(WORK_BYTES, n, dtype, per=3, at_most=n_probes)
     elif isinstance(probe_chunk, bool) or int(probe_chunk) != probe_chunk or probe_chunk < 1:
         raise HesslensInputError(f"probe_chunk must be a positive integer, got {probe_chunk!r}")
     probe_chunk = int(probe_chunk)

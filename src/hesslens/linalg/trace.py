@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, _work_dtype
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.probes import check_distribution, random_probes
@@ -100,14 +101,10 @@ def _mean_stderr(x: Tensor) -> tuple[float, float]:
     return mean, float(x.std(correction=1)) / math.sqrt(n)
 
 
-# The probe loops multiply at most this many bytes of vectors at once: batch_size is lowered
-# for huge operators so that a batch and its products (2 * batch * dim entries) fit.
-_BATCH_BYTES = 2**29
-
-
 def _batch(batch_size: int, op: SymmetricOperator, dtype: torch.dtype) -> int:
-    per_vector = 2 * op.dim * (torch.finfo(dtype).bits // 8)
-    return int(max(1, min(batch_size, _BATCH_BYTES // max(per_vector, 1))))
+    """``batch_size``, lowered for huge operators so that a batch of probes and its products
+    (2 vectors a probe) fit in :data:`~hesslens.linalg.budget.WORK_BYTES`."""
+    return vectors_within(WORK_BYTES, op.dim, dtype, per=2, at_most=batch_size)
 
 
 def _sketch(
@@ -203,7 +200,7 @@ def hutchinson(
         Seed of the probes.
     batch_size : int
         Probes multiplied per ``matmat`` call (lowered for huge operators so that a batch and
-        its products take at most 512 MiB).
+        its products take at most 256 MiB).
 
     Returns
     -------
@@ -457,8 +454,8 @@ def block_traces(
     Memory: ``(sketch_rank + 2 * batch_size) * dim * itemsize`` bytes (the sketch basis, one
     batch of probes and its products; ``Z = U A`` is accumulated a batch at a time, never
     stored), in float64 for a float64 operator, else float32; ``batch_size`` is lowered for
-    huge operators so that a batch and its products take at most 512 MiB. On a 10M-parameter
-    float32 network at the defaults that is 16 + 2 * 6 = 28 copies of the parameters.
+    huge operators so that a batch and its products take at most 256 MiB. On a 10M-parameter
+    float32 network at the defaults that is 16 + 2 * 3 = 22 copies of the parameters.
 
     Raises
     ------
