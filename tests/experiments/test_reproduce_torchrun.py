@@ -68,3 +68,16 @@ def test_an_error_on_rank_0_ends_every_rank_alike(study):
     assert done.returncode != 0
     assert [(out / f"rc-{r}").read_text() for r in (0, 1)] == ["2", "2"]
     assert done.stderr.count("holds a different study") == 2
+
+
+def test_the_command_line_under_torchrun_refuses_a_bad_pair_on_every_rank(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "hesslens", "reproduce", "--quick", "--model", "alexnet", "--out",
+         str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=300,
+        check=False)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if "unknown model 'alexnet'" in ln]
+    assert len(lines) == 2 and all(ln.startswith("hesslens reproduce: error:") for ln in lines)
+    assert not (tmp_path / "x").exists()
