@@ -96,7 +96,9 @@ DEFAULT_OUT = "hesslens-out/analyze"
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``hesslens analyze`` options to ``parser``."""
     parser.epilog = ("Writes results.json, layers.csv, PNG figures and a self-contained "
-                     "report.html into --out.")
+                     "report.html into --out. Under python -m torch.distributed.run "
+                     "--nproc-per-node N -m hesslens analyze ... each process takes its piece "
+                     "of the analysis subset (the same study as one process); rank 0 writes.")
     g = parser.add_argument_group("what to analyse")
     g.add_argument("--model", default=None,
                    help="zoo model: mlp, mlp5, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20, "

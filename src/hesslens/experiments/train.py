@@ -58,6 +58,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from hesslens.training.config import TrainConfig
 
     d = TrainConfig()
+    parser.epilog = (
+        "Data-parallel: python -m torch.distributed.run --nproc-per-node N -m hesslens train "
+        "... (each process its piece of every batch, the same steps as one process; rank 0 "
+        "writes --out, which every process must see)")
     g = parser.add_argument_group("what to train")
     g.add_argument("--model", default=d.model,
                    help="zoo model: mlp, mlp5, cnn1d, lenet, vgg11, vgg11_bn, resnet18, resnet20 "
