@@ -44,9 +44,46 @@ def main(out: str) -> None:
             "grad": grad.tolist(),
         }
     result["world"] = world
+    result["failures"] = failures(model, loss_fn, shards[rank], rank, V)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
+
+
+class Shard:
+    """A re-iterable shard (iterated again on every pass, so checked on every pass) whose
+    inputs change from pass ``change_at`` on, on rank 1 only."""
+
+    def __init__(self, batches: list, rank: int, change_at: int) -> None:
+        self.batches, self.change = batches, rank == 1
+        self.change_at, self.passes = change_at, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for x, y in self.batches:
+            yield (x + 1.0 if self.change and self.passes >= self.change_at else x), y
+
+
+def failures(model, loss_fn, shard: list, rank: int, V: torch.Tensor) -> dict:
+    """The error each rank raises when only rank 1's data is bad: at construction (its data
+    changes on the operator's second pass, or its loss is not finite) and in a product (its
+    data changes on the third pass); then a product on good data, which every rank must reach
+    in step with the others."""
+    nan = [(x * float("nan"), y) for x, y in shard] if rank == 1 else shard
+    cases = {
+        "construction": lambda: hl.Hessian(model, loss_fn, Shard(shard, rank, 2)),
+        "nan_loss": lambda: hl.Hessian(model, loss_fn, nan),
+        "product": lambda: hl.Hessian(model, loss_fn, Shard(shard, rank, 3)).hvp(V),
+    }
+    out = {}
+    for name, case in cases.items():
+        try:
+            case()
+            out[name] = None
+        except Exception as err:
+            out[name] = type(err).__name__
+    out["after"] = hl.Hessian(model, loss_fn, shard).hvp(V).sum().item()
+    return out
 
 
 if __name__ == "__main__":

@@ -56,3 +56,14 @@ def test_sharded_estimators_equal_the_whole_data(ranks):
 def test_every_rank_gets_the_same_result(ranks):
     a, b = ranks[0]["shard"], ranks[1]["shard"]
     assert a == b
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(ranks):
+    # rank 1 alone has the bad data: both ranks raise the same named error (none waits in an
+    # all-reduce), and both go on to the same next product
+    for r in ranks:
+        f = r["failures"]
+        assert f["construction"] == "DataChangedError"
+        assert f["product"] == "DataChangedError"
+        assert f["nan_loss"] == "HesslensInputError"
+    assert ranks[0]["failures"]["after"] == ranks[1]["failures"]["after"]
