@@ -644,8 +644,8 @@ def train(
             scheduler.step()
             broadcast_buffers(model, ranks)  # rank 0's running statistics on every rank
             epoch_seconds = time.perf_counter() - t0
-            train_loss_sum, train_correct, pen_sum = float(sum_loss), int(sum_correct), pen_sum
-            if ranks.distributed:
+            train_loss_sum, train_correct = float(sum_loss), int(sum_correct)
+            if ranks.distributed:  # every rank's sums (pen_sum: each rank's weighted share)
                 train_loss_sum, correct_f, pen_sum = sum_across(
                     [train_loss_sum, train_correct, pen_sum], ranks, device=device)
                 train_correct = round(correct_f)
