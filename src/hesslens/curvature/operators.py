@@ -45,6 +45,7 @@ from hesslens.curvature.engine import Path, ProductEngine
 from hesslens.curvature.functional_model import BatchNormMode, FunctionalModel
 from hesslens.curvature.layers import ROOT_LAYER, owned_parameters, select_layers
 from hesslens.curvature.loss import BatchLoss, LossFn
+from hesslens.curvature.sharded import check_not_fsdp2
 from hesslens.errors import HesslensInputError
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class CurvatureOperator:
         process_group: Any = None,
     ) -> None:
         model = unwrap_model(model)
+        check_not_fsdp2(model)  # a named error pointing to ShardedHessian
         group = _process_group(distributed, process_group)
         fmodel = FunctionalModel(model, dtype=dtype, device=device, batchnorm=batchnorm,
                                  allow_dropout=allow_dropout)
