@@ -12,7 +12,8 @@ Examples (shell)::
 
 Under ``torchrun`` every process runs the command: each takes its piece of every global batch
 (the same batches as one process), gradients are summed over the processes, and rank 0 alone
-writes the files and prints (see :mod:`hesslens.training.distributed`).
+writes the files and prints (see :mod:`hesslens.training.distributed`); ``metrics.json``
+records ``"parallel": {"world_size", "backend"}``.
 
 The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``checkpoint.pt`` into
 ``--out`` (see :mod:`hesslens.training.trainer`). It tracks the full and per-layer top
