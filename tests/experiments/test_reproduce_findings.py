@@ -289,7 +289,9 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
              "default": {"model": "cnn1d", "num_classes": C, "num_samples": 100,
                          "trained": {"0": _state([9, 10])}, "init": {"0": _state([90, 99])}},
              "transformer": {"model": "gpt-nano", "data": "modadd", "num_sequences": 23,
-                             "probes": _layers(MIDDLE)}}
+                             "probes": _layers(MIDDLE),
+                             "trained": {"steps": 5, "optimizer": "AdamW", "train_acc": 1.0,
+                                         "test_acc": 0.3, "probes": _layers(OUTER)}}}
     seen = []
     real = figures.plot_arm_curves
 
@@ -331,4 +333,8 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
     assert "reference" in page.cells and "chosen" in page.cells
     assert "within noise" in (tmp_path / "report.html").read_text()
     assert result["findings"][1]["verdict"] == "held"
+    # the transformer at initialisation and trained, each against the CNN in the same state
+    init, trained = result["beyond_the_paper"]
+    assert "at initialisation" in init["setting"] and "train accuracy 100.0 %" in trained["setting"]
+    assert trained["verdict"] in {"did not hold", "partly"}  # its outer blocks are the close ones
     assert not math.isnan(result["findings"][1]["interval"][0])

@@ -511,7 +511,7 @@ def _core(name: str) -> bool:
 
 def transformer_blocks(transformer: Mapping[str, Any] | None,
                        cnn: Mapping[str, Mapping[Any, Any]] | None = None,
-                       model: str = "gpt-nano") -> Finding:
+                       model: str = "gpt-nano", state: str = "") -> Finding:
     """Beyond the paper: the block study of a small GPT (q, k, v, o, mlp_in, mlp_out per
     layer, embeddings and norms): is the middle most like the whole, and how heterogeneous
     are the blocks' spectra next to a CNN's layers (Zhang et al. 2024: strongly in
@@ -520,6 +520,7 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
     Args:
         transformer: ProbeSpectra (dict) of the transformer's blocks.
         cnn: ``{label: {seed: ProbeSpectra}}`` of the CNN(s) to compare with.
+        model, state: named in the numbers (e.g. ``"gpt-nano"``, ``"at initialisation"``).
     """
     claim = ("Transformer blocks: the middle blocks are the most like the whole, and the "
              "blocks' spectra are far more heterogeneous than a CNN's layers.")
@@ -540,7 +541,8 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
     het_core = ([heterogeneity({n: ps.spectra[n][p] for n in core})
                  for p in range(ps.n_probes)] if len(core) >= 2 else [])
     tops = [ps.top[n][0] for n in ps.names]
-    numbers = (f"{model}, {len(ps.names)} blocks, {ps.n_probes} probes: D = "
+    numbers = (f"{model}{' ' + state if state else ''}, {len(ps.names)} blocks, "
+               f"{ps.n_probes} probes: D = "
                f"{_ci(dm, dlo, dhi)}; most similar block per probe: "
                + ", ".join(ps.names[int(np.argmin(r))] for r in ps.distances())
                + f"; H (all blocks) = {_ci(*t_interval(het, LEVEL))}")
@@ -581,7 +583,7 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
     bulk = [bulk_mass(s, ps.top["full"][0]) for s in ps.spectra["full"]]
     return Finding(claim, verdict, rule, numbers + (
         f" Full-Hessian bulk mass: {_ci(*t_interval(bulk, LEVEL), '.3f')}."),
-        interval=(dlo, dhi), setting=f"D of {model}'s blocks",
+        interval=(dlo, dhi), setting=f"D of {model}'s blocks{' ' + state if state else ''}",
         details={"heterogeneity": het, "heterogeneity_core": het_core,
                  "middle_minus_outer": d})
 

@@ -226,17 +226,26 @@ def _transformer_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple
         return []
     ps = ProbeSpectra.from_dict(tf["probes"])
     short = [n.replace("transformer.", "") for n in ps.names]
-    g = _layer_intervals({"0": tf["probes"]})
-    g["x"] = short
+    states = {"initialisation": tf["probes"]}
+    trained = tf.get("trained") or {}
+    if trained.get("probes"):
+        states[f"after {trained['steps']} steps"] = trained["probes"]
+    groups = {}
+    for label, probes in states.items():
+        g = _layer_intervals({"0": probes})
+        g["x"] = short
+        groups[label] = g
     middle = [short[i] for i in middle_indices(len(short))]
-    out = [(plot_intervals({tf["model"]: g}, figures_dir / "transformer_block_distances.png",
+    out = [(plot_intervals(groups, figures_dir / "transformer_block_distances.png",
                            xlabel="block (forward order; shaded: middle)",
                            ylabel="W1 to the full spectrum (units of top eigenvalue)",
-                           title=f"{tf['model']} at initialisation: each block vs the whole",
+                           title=f"{tf['model']}: each block vs the whole",
                            shade=middle, zero=False, rotate=True),
             f"{tf['model']} on {tf['data']} ({tf['num_sequences']} sequences), at "
-            "initialisation: W1 distance of each block's spectrum (q, k, v, o, mlp_in, mlp_out "
-            "per layer, embeddings, norms) to the full Hessian's, mean and 95 % t-interval over "
+            "initialisation" + (f" and after {trained['steps']} full-batch AdamW steps"
+                                if trained.get("probes") else "")
+            + ": W1 distance of each block's spectrum (q, k, v, o, mlp_in, mlp_out per layer, "
+            "embeddings, norms) to the full Hessian's, mean and 95 % t-interval over "
             f"{ps.n_probes} probes. Shaded: the middle blocks.")]
     het: dict[str, list[Any]] = {"x": [], "mean": [], "low": [], "high": []}
 
@@ -246,6 +255,9 @@ def _transformer_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple
             het[k].append(v)
 
     add(f"{tf['model']} blocks (init)", ps.heterogeneity())
+    if trained.get("probes"):
+        add(f"{tf['model']} blocks (trained)",
+            ProbeSpectra.from_dict(trained["probes"]).heterogeneity())
     default = extra.get("default") or {}
     for state, label in (("init", "init"), ("trained", "trained")):
         if default.get(state):
@@ -390,13 +402,18 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     else:
         checks.append(findings.Finding("G is close to the Hessian.", "not measured", "", ""))
     checks.append(findings.htr_helps(arms))
-    cnn = {}
-    if default.get("init"):
-        cnn[f"{default['model']} layers at initialisation"] = default["init"]
-    if default.get("trained"):
-        cnn[f"{default['model']} layers, trained"] = default["trained"]
     tf = extra.get("transformer") or {}
-    beyond = [findings.transformer_blocks(tf.get("probes"), cnn, tf.get("model", "gpt-nano"))]
+    tf_model = tf.get("model", "gpt-nano")
+    beyond = [findings.transformer_blocks(
+        tf.get("probes"), {f"{default['model']} layers at initialisation": default["init"]}
+        if default.get("init") else None, tf_model, "at initialisation")]
+    if (tf.get("trained") or {}).get("probes"):
+        t = tf["trained"]
+        beyond.append(findings.transformer_blocks(
+            t["probes"], {f"{default['model']} layers, trained": default["trained"]}
+            if default.get("trained") else None, tf_model,
+            f"after {t['steps']} full-batch AdamW steps (train accuracy "
+            f"{100 * t['train_acc']:.1f} %, test {100 * t['test_acc']:.1f} %)"))
 
     figures_dir = out / "figures"
     arm_figs = _arm_figures(arms, figures_dir)

@@ -53,7 +53,9 @@ class StudySizes:
             seeds, the epoch counts measured (0 = initialisation; each count a run of its own
             from the same initialisation, constant learning rate) and its SGD settings.
         transformer, transformer_data, transformer_per_class, transformer_probes,
-        transformer_steps: the transformer block study.
+        transformer_steps: the transformer block study (at initialisation);
+        transformer_train_steps, transformer_lr: also after this many full-batch AdamW steps
+            on the task's training set (0: initialisation only).
     """
 
     seeds: int
@@ -70,6 +72,8 @@ class StudySizes:
     transformer_per_class: int
     transformer_probes: int
     transformer_steps: int
+    transformer_train_steps: int = 0
+    transformer_lr: float = 3e-3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +83,8 @@ SIZES = {
     "full": StudySizes(seeds=3, control_seeds=2, probes=3, steps=40, deep_model="mlp5",
                        deep_seeds=(0, 1, 2), deep_epochs=(0, 5, 40), deep_lr=0.1,
                        deep_batch=128, transformer="gpt-nano", transformer_data="modadd",
-                       transformer_per_class=1, transformer_probes=3, transformer_steps=20),
+                       transformer_per_class=1, transformer_probes=3, transformer_steps=20,
+                       transformer_train_steps=200),
     "quick": StudySizes(seeds=1, control_seeds=1, probes=2, steps=16, deep_model="mlp5",
                         deep_seeds=(0,), deep_epochs=(0, 2), deep_lr=0.1, deep_batch=128,
                         transformer="gpt-nano", transformer_data="modadd",
@@ -239,8 +244,41 @@ def _deep(plan: Plan, out: Path, sizes: StudySizes, device: str, progress: bool,
             "test_acc": accuracy}
 
 
+def _answer_accuracy(model: Any, x: Any, y: Any) -> float:
+    """Share of sequences whose every predicted token is right (the logits at ``t - 1``
+    predict the label at ``t``)."""
+    import torch
+
+    from hesslens.zoo.tasks import IGNORE_INDEX
+
+    with torch.no_grad():
+        pred = model(input_ids=x).logits[:, :-1].argmax(-1)
+    labels = y[:, 1:]
+    ok = (pred == labels) | (labels == IGNORE_INDEX)
+    return float(ok.all(dim=1).float().mean())
+
+
+def _fit_transformer(model: Any, x: Any, y: Any, steps: int, lr: float, seed: int) -> None:
+    """Full-batch AdamW on ``(x, y)`` with the model's own loss. The trainer of ``hesslens
+    train`` takes the zoo's classifiers, not token tasks; this is the smallest loop that gives
+    the block study a trained transformer."""
+    import torch
+
+    from hesslens import zoo
+
+    torch.manual_seed(seed)
+    (batch,) = zoo.model_batches("gpt-nano", x, y)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+
+
 def _transformer(plan: Plan, sizes: StudySizes, device: str, dtype: Any) -> dict[str, Any]:
-    """The block study of the small GPT at initialisation."""
+    """The block study of the small GPT at initialisation (and trained, where asked)."""
     from hesslens import zoo
 
     ds = zoo.load_dataset(sizes.transformer_data)
@@ -249,12 +287,23 @@ def _transformer(plan: Plan, sizes: StudySizes, device: str, dtype: Any) -> dict
                             seed=plan.seeds[0]).eval()
     x, y = zoo.token_subset(*ds.train, per_class=sizes.transformer_per_class, seed=0)
     batches = zoo.model_batches(sizes.transformer, x.to(device), y.to(device))
-    probes = _probe_spectra(model, zoo.model_loss(sizes.transformer), batches, sizes, 3,
-                            device, dtype, layers="transformer",
-                            steps=sizes.transformer_steps, probes=sizes.transformer_probes)
-    return {"model": sizes.transformer, "data": sizes.transformer_data,
-            "state": "initialisation", "num_sequences": int(x.shape[0]),
-            "n_params": sum(p.numel() for p in model.parameters()), "probes": probes}
+
+    def measure() -> dict[str, Any]:
+        return _probe_spectra(model, zoo.model_loss(sizes.transformer), batches, sizes, 3,
+                              device, dtype, layers="transformer",
+                              steps=sizes.transformer_steps, probes=sizes.transformer_probes)
+
+    out = {"model": sizes.transformer, "data": sizes.transformer_data,
+           "state": "initialisation", "num_sequences": int(x.shape[0]),
+           "n_params": sum(p.numel() for p in model.parameters()), "probes": measure()}
+    if sizes.transformer_train_steps > 0:
+        _fit_transformer(model, *ds.train, sizes.transformer_train_steps, sizes.transformer_lr,
+                         plan.seeds[0])
+        out["trained"] = {"steps": sizes.transformer_train_steps, "lr": sizes.transformer_lr,
+                          "optimizer": "AdamW (weight decay 0.1), full batch",
+                          "train_acc": _answer_accuracy(model, *ds.train),
+                          "test_acc": _answer_accuracy(model, *ds.test), "probes": measure()}
+    return out
 
 
 def run_study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
