@@ -310,7 +310,10 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
                                       "val_acc_seeds": [0.907, 0.913]},
                                      {"value": 3e-3, "val_acc": 0.909, "val_acc_std": 0.002,
                                       "val_acc_min": 0.908, "val_acc_max": 0.910,
-                                      "val_acc_seeds": [0.908, 0.910]}]}}
+                                      "val_acc_seeds": [0.908, 0.910]},
+                                     {"value": 3e-2, "val_acc": 0.45, "val_acc_std": 0.6,
+                                      "val_acc_min": 0.0, "val_acc_max": 0.9,
+                                      "val_acc_seeds": [0.0, 0.9], "diverged_seeds": [100]}]}}
     result = write_reproduce_report(tmp_path, plan, chosen, runs, comparison,
                                     {"SGD": layer_study, EXTRA: extra}, {"train_seconds": 3.0})
     page = _Page()
@@ -331,6 +334,7 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
     # the tuning grid in %, with its spread over tuning seeds and the reference row
     assert "90.70, 91.30" in page.cells and "90.70-91.30" in page.cells
     assert "reference" in page.cells and "chosen" in page.cells
+    assert "diverged on seed 100 (scored 0)" in page.cells
     assert "within noise" in (tmp_path / "report.html").read_text()
     assert result["findings"][1]["verdict"] == "held"
     # the transformer at initialisation and trained, each against the CNN in the same state

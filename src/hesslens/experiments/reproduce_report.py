@@ -313,15 +313,21 @@ def _tuning_section(chosen: dict[str, Any]) -> list[Any]:
     def seeds(g: dict[str, Any]) -> str:
         return ", ".join(f"{pct(v):.2f}" for v in g.get("val_acc_seeds") or []) or "–"
 
+    def mark(g: dict[str, Any], text: str) -> str:
+        bad = g.get("diverged_seeds") or []
+        gone = ("diverged on seed" + ("s " if len(bad) > 1 else " ")
+                + ", ".join(map(str, bad)) + " (scored 0)") if bad else ""
+        return "; ".join(t for t in (text, gone) if t)
+
     rows, notes = [], []
     for name, c in chosen.items():
         if not c.get("grid") and c.get("val_acc") is not None:  # the knob-less reference
             rows.append([name, "–", "–", pct(c["val_acc"]), pct(c.get("val_acc_std")),
-                         spread(c), seeds(c), "reference"])
+                         spread(c), seeds(c), mark(c, "reference")])
         for g in c.get("grid", []):
             rows.append([name, c["knob"], g["value"], pct(g["val_acc"]),
                          pct(g.get("val_acc_std")), spread(g), seeds(g),
-                         "chosen" if g["value"] == c["value"] else ""])
+                         mark(g, "chosen" if g["value"] == c["value"] else "")])
         if c.get("grid") and c.get("margin") is not None and c.get("stderr"):
             within = c["margin"] < 2 * c["stderr"]
             notes.append(f"{name}: margin of the chosen value over the next {pct(c['margin']):.2f}"
