@@ -138,3 +138,21 @@ def test_estimators_are_reproducible_with_a_seed():
     assert a.trace(seed=3).value == b.trace(seed=3).value
     assert torch.equal(a.eigenvalues(k=2, seed=4).values, b.eigenvalues(k=2, seed=4).values)
     assert a.trace(seed=3).value != a.trace(seed=4).value
+
+
+def test_traces_after_trace_continue_its_probes():
+    # trace() stops on the full trace alone; traces() after it continues the same probes to
+    # meet the per-layer rule: the same result as traces() alone, for fewer products
+    model, batches = _case("wide")
+    fresh = hl.Hessian(model, cross_entropy, batches, path="reverse")
+    full_fresh, layers_fresh = fresh.traces(rtol=0.1, seed=2)
+    H = hl.Hessian(model, cross_entropy, batches, path="reverse")
+    alone = H.trace(rtol=0.1, seed=2)
+    before = H.n_products
+    full, layers = H.traces(rtol=0.1, seed=2)
+    assert alone.n_hvp < full_fresh.n_hvp  # the layers needed more probes than the full trace
+    assert H.n_products - before == fresh.n_products - alone.n_hvp
+    assert (full.value, full.stderr, full.n_hvp) == (
+        full_fresh.value, full_fresh.stderr, full_fresh.n_hvp)
+    for name, r in layers_fresh.items():
+        assert (layers[name].value, layers[name].stderr) == (r.value, r.stderr)

@@ -263,3 +263,48 @@ def test_sketch_basis_is_orthonormal_and_spans_the_range():
         U = U.double()
         torch.testing.assert_close(U @ U.T, torch.eye(5, dtype=torch.float64), atol=tol, rtol=0)
         torch.testing.assert_close(U.T @ U, P_ref @ P_ref.T, atol=tol, rtol=0)
+
+
+def test_block_traces_continue_the_probe_sequence_of_an_earlier_run(layered):
+    # a run that stops on the full trace alone, then one with the per-block rule continuing
+    # from its state: the same result as one fresh run with the per-block rule, for only the
+    # products the first run did not spend
+    from hesslens.linalg import TraceState
+
+    state = TraceState()
+    first_op = CountingOperator(MatrixOperator(layered))
+    full_only, _ = block_traces(first_op, SLICES, rtol=0.005, max_hvp=2000, seed=5,
+                                block_floor=1e300, state=state)
+    assert state.basis is not None  # small: the sketch basis is kept
+    later_op = CountingOperator(MatrixOperator(layered))
+    full, blocks = block_traces(later_op, SLICES, rtol=0.005, max_hvp=2000, seed=5, state=state)
+    fresh_full, fresh_blocks = block_traces(MatrixOperator(layered), SLICES, rtol=0.005,
+                                            max_hvp=2000, seed=5)
+    assert full_only.n_hvp < fresh_full.n_hvp  # the blocks needed more probes
+    assert (full.value, full.stderr, full.n_hvp) == (
+        fresh_full.value, fresh_full.stderr, fresh_full.n_hvp)
+    for name, r in fresh_blocks.items():
+        assert (blocks[name].value, blocks[name].stderr) == (r.value, r.stderr)
+    assert later_op.n_products == fresh_full.n_hvp - full_only.n_hvp
+
+
+def test_block_traces_resumed_without_a_kept_basis_draw_the_same_sketch(layered, monkeypatch):
+    # a large sketch basis is not kept: the resumed run draws the same sketch again
+    import hesslens.linalg.trace as trace_module
+    from hesslens.linalg import TraceState
+
+    monkeypatch.setattr(trace_module, "WORK_BYTES", 1)
+    state = TraceState()
+    full_only, _ = block_traces(layered, SLICES, rtol=0.005, max_hvp=2000, seed=5,
+                                block_floor=1e300, state=state)
+    assert state.basis is None
+    later_op = CountingOperator(MatrixOperator(layered))
+    full, blocks = block_traces(later_op, SLICES, rtol=0.005, max_hvp=2000, seed=5, state=state)
+    monkeypatch.undo()
+    fresh_full, fresh_blocks = block_traces(layered, SLICES, rtol=0.005, max_hvp=2000, seed=5,
+                                            batch_size=1)
+    # WORK_BYTES=1 also made the batches single probes: compare with a fresh batch_size=1 run
+    np.testing.assert_allclose(full.value, fresh_full.value, rtol=1e-12)
+    for name, r in fresh_blocks.items():
+        np.testing.assert_allclose(blocks[name].value, r.value, rtol=1e-12, atol=1e-12)
+    assert later_op.n_products == fresh_full.n_hvp - full_only.n_hvp + 16

@@ -56,6 +56,7 @@ from hesslens.linalg import (
     EigenResult,
     Spectrum,
     TraceResult,
+    TraceState,
     block_traces,
     eigsh,
     hutchinson,
@@ -182,6 +183,7 @@ class CurvatureOperator:
         self.label = label
         self.n_products = 0
         self._trace_cache: dict[tuple, tuple[TraceResult, dict[str, TraceResult]]] = {}
+        self._trace_states: dict[tuple, TraceState] = {}  # where trace()'s probes stopped
 
     def _derived(self, cls: type[CurvatureOperator], blocks: Blocks,
                  pieces: list[ParamSlice], label: str) -> CurvatureOperator:
@@ -399,9 +401,11 @@ class CurvatureOperator:
             if ("blocks", *key) in self._trace_cache:  # traces() ran: its full is as good
                 return self._trace_cache[("blocks", *key)][0]
             if ("full", *key) not in self._trace_cache:
-                # the layers' shares come from the same probes, for a later traces()
+                # the layers' shares come from the same probes, and where the probes stopped
+                # is kept: a later traces() continues them
+                state = self._trace_states.setdefault(key, TraceState())
                 self._trace_cache[("full", *key)] = self._block_traces(
-                    *key, block_floor=_NO_BLOCK_RULE)
+                    *key, block_floor=_NO_BLOCK_RULE, state=state)
             return self._trace_cache[("full", *key)][0]
         if method == "hutchinson":
             return hutchinson(self, n_hvp=n_hvp or 100, distribution=distribution, seed=seed)
@@ -428,9 +432,10 @@ class CurvatureOperator:
         Rademacher ``v``, ``E[v_l . (H v)_l] = tr(H_ll)``. The layer estimates add up to the full
         one exactly. The estimate runs until the full trace and every layer's reach ``rtol``
         (layers below 1 % of the full trace: ``rtol`` of 1 % of it), so it may take more
-        products than :meth:`trace`, which stops on the full trace alone; after a
-        :meth:`trace` with the same arguments whose layer estimates already meet that rule,
-        its products are reused."""
+        products than :meth:`trace`, which stops on the full trace alone. After a
+        :meth:`trace` with the same arguments its products are reused: as they are when its
+        layer estimates already meet that rule, else continued with the next probes of the
+        same sequence (the result is that of a :meth:`traces` alone, for fewer products)."""
         key = (rtol, max_hvp, distribution, seed)
         if ("blocks", *key) in self._trace_cache:
             return self._trace_cache[("blocks", *key)]
@@ -438,16 +443,18 @@ class CurvatureOperator:
         if earlier is not None and _blocks_converged(earlier, rtol):
             self._trace_cache[("blocks", *key)] = earlier
             return earlier
-        result = self._block_traces(*key)
+        result = self._block_traces(*key, state=self._trace_states.pop(key, None))
         self._trace_cache[("blocks", *key)] = result
         return result
 
     def _block_traces(self, rtol: float, max_hvp: int, distribution: str, seed: int,
-                      block_floor: float = 0.01) -> tuple[TraceResult, dict[str, TraceResult]]:
+                      block_floor: float = 0.01, state: TraceState | None = None
+                      ) -> tuple[TraceResult, dict[str, TraceResult]]:
         ranges = self.layer_ranges()
         if ranges is not None:  # layers are ranges of the vector already: no permutation
             return block_traces(self, ranges, rtol=rtol, max_hvp=max_hvp,
-                                distribution=distribution, seed=seed, block_floor=block_floor)
+                                distribution=distribution, seed=seed, block_floor=block_floor,
+                                state=state)
         indices = self.layer_indices()
         perm = torch.cat([*indices.values(), torch.zeros(0, dtype=torch.int64)])
         if len(perm) < self.dim:
@@ -460,7 +467,8 @@ class CurvatureOperator:
             ranges[layer] = slice(start, start + len(idx))
             start += len(idx)
         return block_traces(view, ranges, rtol=rtol, max_hvp=max_hvp,
-                            distribution=distribution, seed=seed, block_floor=block_floor)
+                            distribution=distribution, seed=seed, block_floor=block_floor,
+                            state=state)
 
     def layer_traces(self, **kwargs: Any) -> dict[str, TraceResult]:
         """Every layer's block trace ``tr(H_ll)`` from shared full-network probes (see

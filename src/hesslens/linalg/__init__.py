@@ -41,7 +41,7 @@ from hesslens.linalg.probes import DISTRIBUTIONS, random_probes
 from hesslens.linalg.results import EigenResult, TraceResult
 from hesslens.linalg.slq import slq
 from hesslens.linalg.spectrum import Spectrum
-from hesslens.linalg.trace import block_traces, hutchinson, hutchpp
+from hesslens.linalg.trace import TraceState, block_traces, hutchinson, hutchpp
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -54,6 +54,7 @@ __all__ = [
     "Spectrum",
     "SymmetricOperator",
     "TraceResult",
+    "TraceState",
     "as_operator",
     "block_traces",
     "eigsh",

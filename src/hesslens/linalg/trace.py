@@ -40,7 +40,7 @@ from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, m
 from hesslens.linalg.probes import check_distribution, random_probes
 from hesslens.linalg.results import TraceResult
 
-__all__ = ["block_traces", "hutchinson", "hutchpp"]
+__all__ = ["TraceState", "block_traces", "hutchinson", "hutchpp"]
 
 ProgressFn = Callable[[int], None]
 
@@ -380,6 +380,31 @@ def _segments(blocks: dict[str, tuple[int, int]], dim: int) -> list[tuple[int, i
     return segs
 
 
+class TraceState:
+    """Where a :func:`block_traces` run stopped: the generator's state, the products spent,
+    the sketch's exact parts and basis (when small), and the residual samples.
+
+    Examples
+    --------
+    >>> import torch
+    >>> A = torch.diag(torch.linspace(0.0, 2.0, 300, dtype=torch.float64))
+    >>> st = TraceState()
+    >>> loose = block_traces(A, {"a": slice(0, 10)}, rtol=0.2, block_floor=1e300, state=st)
+    >>> strict, _ = block_traces(A, {"a": slice(0, 10)}, rtol=0.2, state=st)
+    >>> fresh, _ = block_traces(A, {"a": slice(0, 10)}, rtol=0.2)
+    >>> strict.value == fresh.value, strict.n_hvp == fresh.n_hvp
+    (True, True)
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.generator: Tensor | None = None
+        self.used = 0
+        self.low: list[float] = []
+        self.chunks: list[Tensor] = []
+        self.basis: Tensor | None = None
+
+
 def block_traces(
     op: SymmetricOperator | Tensor,
     slices: Mapping[str, slice] | None = None,
@@ -392,6 +417,7 @@ def block_traces(
     batch_size: int = 16,
     progress: ProgressFn | None = None,
     block_floor: float = 0.01,
+    state: TraceState | None = None,
 ) -> tuple[TraceResult, dict[str, TraceResult]]:
     """The trace of ``A`` and of each diagonal block, from one shared set of probes.
 
@@ -448,6 +474,14 @@ def block_traces(
         ``progress(n_hvp_used)`` after every batch of products.
     block_floor : float
         See the stopping rule above.
+    state : TraceState, optional
+        Where the estimate stopped is recorded here; a later call with the same ``op``,
+        ``slices``, ``seed``, ``distribution``, ``sketch_rank`` and ``batch_size`` and this
+        state continues the same probe sequence (testing its own stopping rule first) instead
+        of starting again: with a stricter rule the result is that of one call with the later
+        arguments, for the products the first call did not spend. The sketch basis is kept
+        while it takes at most 256 MiB (else drawn again: ``sketch_rank`` products, not
+        counted in ``n_hvp``).
 
     Notes
     -----
@@ -522,23 +556,33 @@ def block_traces(
 
     dtype = _work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
+    key = (n, tuple(segs), distribution, seed, sketch_rank, batch_size, dtype)
     gen = torch.Generator().manual_seed(seed)
     used = [0]
     low = [0.0] * len(segs)
     U: Tensor | None = None
-    if sketch_rank > 0:
+    chunks: list[Tensor] = []  # (batch, n_segments) samples
+    resumed = state is not None and state.key == key
+    if resumed:  # continue the same probe sequence where the earlier run stopped
+        U = state.basis
+        if U is None and sketch_rank > 0:  # not kept (large): the same probes give it again
+            U = _sketch(op, sketch_rank, distribution, gen, dtype, batch_size, [0], None)
+        gen.set_state(state.generator)
+        used[0], low, chunks = state.used, list(state.low), list(state.chunks)
+    elif sketch_rank > 0:
         U = _sketch(op, sketch_rank, distribution, gen, dtype, batch_size, used, progress)
         low = _low_rank_parts(op, U, segs, batch_size, used, progress)
 
-    chunks: list[Tensor] = []  # (batch, n_segments) samples
-    while used[0] < max_hvp:
-        nb = min(batch_size, max_hvp - used[0])
-        G = random_probes(nb, n, distribution, gen, dtype, op.device)
-        chunks.append(_residual_samples(op, G, U, segs))
-        del G
-        used[0] += nb
-        if progress is not None:
-            progress(used[0])
+    while used[0] < max_hvp or resumed:
+        if not resumed:
+            nb = min(batch_size, max_hvp - used[0])
+            G = random_probes(nb, n, distribution, gen, dtype, op.device)
+            chunks.append(_residual_samples(op, G, U, segs))
+            del G
+            used[0] += nb
+            if progress is not None:
+                progress(used[0])
+        resumed = False  # a resumed run first tests the samples it already has
         X = torch.cat(chunks)
         if X.shape[0] < min_probes:
             continue
@@ -559,6 +603,11 @@ def block_traces(
         if needed - X.shape[0] >= n and used[0] + n <= max_hvp:
             return exact_traces(used[0])
 
+    if state is not None:
+        itemsize = torch.finfo(dtype).bits // 8
+        keep = U is not None and U.numel() * itemsize <= WORK_BYTES
+        state.__dict__.update(key=key, generator=gen.get_state(), used=used[0], low=low,
+                              chunks=chunks, basis=U if keep else None)
     X = torch.cat(chunks)
     stats = [_mean_stderr(X[:, i]) for i in range(len(segs))]
     values = [lo + mu for lo, (mu, _) in zip(low, stats)]
