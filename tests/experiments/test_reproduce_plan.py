@@ -115,3 +115,20 @@ def test_cost_is_the_median_of_per_round_ratios_and_replaces_the_shared_core_tim
     assert (sam["cost_vs_sgd"], sam["seconds_per_epoch"]) == (1.9, 0.4)
     assert sam["seconds_per_epoch_in_study"] == 1.6 and sgd["seconds_per_epoch"] == 0.2
     assert comparison["notes"] == ["cost vs SGD: alone."]
+
+
+def test_a_tuning_run_that_diverges_scores_zero_and_is_named(tmp_path):
+    from hesslens.experiments.reproduce import _summary
+    from hesslens.experiments.reproduce_jobs import diverged, finished, run_jobs
+
+    base = {"model": "mlp", "data": "mnist1d", "epochs": 2, "batch_size": 500, "lr": 1e6,
+            "momentum": 0.9, "schedule": "none", "val_fraction": 0.1, "seed": 100}
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    with pytest.raises(HesslensInputError, match="diverged"):  # the final runs: an error
+        run_jobs([(base, tmp_path / "final")], 1, False, "final")
+    run_jobs([(base, bad), ({**base, "lr": 0.1}, good)], 1, False, "tune", allow_diverge=True)
+    assert "training diverged at epoch 1" in diverged(bad) and diverged(good) is None
+    assert finished(bad, 2) and finished(good, 2)  # a resumed study does not train it again
+    summary = _summary([bad, good], [100, 101])
+    assert summary["val_acc_seeds"][0] == 0.0 and summary["val_acc_seeds"][1] > 0.1  # chance
+    assert summary["diverged_seeds"] == [100]

@@ -58,7 +58,13 @@ from hesslens.experiments.common import (
     resolve_dtype,
     show_progress,
 )
-from hesslens.experiments.reproduce_jobs import finished, run_isolated, run_jobs, share
+from hesslens.experiments.reproduce_jobs import (
+    diverged,
+    finished,
+    run_isolated,
+    run_jobs,
+    share,
+)
 from hesslens.experiments.reproduce_plan import RUN_ONLY, Arm, Plan, full_plan, quick_plan, slug
 from hesslens.experiments.reproduce_study import run_study
 
@@ -216,21 +222,24 @@ def _config(plan: Plan, arm: Arm, value: float | None, seed: int, device: str,
 
 def _val_score(run_dir: Path) -> float:
     """Validation accuracy at the end of a run: the mean of its last two epochs (less noisy
-    than the last alone)."""
+    than the last alone); 0 for a run that diverged."""
+    if diverged(run_dir) is not None:
+        return 0.0
     epochs = json.loads((run_dir / "metrics.json").read_text())["epochs"]
     tail = [e["val_acc"] for e in epochs[-2:]]
     return sum(tail) / len(tail)
 
 
 def _train_jobs(jobs: list[tuple[dict[str, Any], Path]], plan: Plan, progress: bool,
-                desc: str) -> None:
+                desc: str, allow_diverge: bool = False) -> None:
     """Train ``jobs``: this rank's share under torch.distributed (in spawned processes), all of
     them otherwise; every rank returns once every run has finished."""
     from hesslens.training.distributed import current
 
     ranks = current()
     mine = share(jobs, ranks.rank, ranks.world)
-    _on_all(lambda: run_jobs(mine, plan.workers, progress, desc, isolated=ranks.distributed))
+    _on_all(lambda: run_jobs(mine, plan.workers, progress, desc, isolated=ranks.distributed,
+                             allow_diverge=allow_diverge))
     missing = [str(d) for c, d in jobs if not finished(Path(d), c["epochs"])]
     if missing:
         raise HesslensInputError(
@@ -245,10 +254,14 @@ def _tune_dir(out: Path, arm: Arm, value: float | None, seed: int) -> Path:
     return base / f"seed{seed}"
 
 
-def _summary(scores: list[float]) -> dict[str, Any]:
+def _summary(dirs: list[Path], seeds: list[int]) -> dict[str, Any]:
+    """Validation accuracy over the tuning seeds' runs: mean, spread, each seed's, and the
+    seeds on which the run diverged (scored 0)."""
+    scores = [_val_score(d) for d in dirs]
     return {"val_acc": statistics.fmean(scores),
             "val_acc_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "val_acc_min": min(scores), "val_acc_max": max(scores), "val_acc_seeds": scores}
+            "val_acc_min": min(scores), "val_acc_max": max(scores), "val_acc_seeds": scores,
+            "diverged_seeds": [s for s, d in zip(seeds, dirs) if diverged(d) is not None]}
 
 
 def _tune(plan: Plan, out: Path, device: str, progress: bool) -> dict[str, Any]:
@@ -260,7 +273,8 @@ def _tune(plan: Plan, out: Path, device: str, progress: bool) -> dict[str, Any]:
                 for seed in seeds:
                     jobs.append((_config(plan, arm, value, seed, device, final=False),
                                  _tune_dir(out, arm, value, seed)))
-        _train_jobs(jobs, plan, progress, "tune on validation")
+        # a grid value that diverges on a tuning seed scores 0 there (and is named)
+        _train_jobs(jobs, plan, progress, "tune on validation", allow_diverge=True)
     chosen: dict[str, Any] = {}
     for arm in plan.arms:
         if not plan.tune:
@@ -270,10 +284,9 @@ def _tune(plan: Plan, out: Path, device: str, progress: bool) -> dict[str, Any]:
             continue
         if arm.knob is None:
             chosen[arm.name] = {"knob": None, "value": None, "grid": [], "tune_seeds": seeds,
-                                **_summary([_val_score(_tune_dir(out, arm, None, s))
-                                            for s in seeds])}
+                                **_summary([_tune_dir(out, arm, None, s) for s in seeds], seeds)}
             continue
-        grid = [{"value": v, **_summary([_val_score(_tune_dir(out, arm, v, s)) for s in seeds])}
+        grid = [{"value": v, **_summary([_tune_dir(out, arm, v, s) for s in seeds], seeds)}
                 for v in arm.grid]
         ranked = sorted(grid, key=lambda g: (-g["val_acc"], g["value"]))
         best = ranked[0]

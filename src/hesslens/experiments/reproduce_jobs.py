@@ -24,10 +24,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["finished", "run_isolated", "run_jobs", "share", "weight"]
+__all__ = ["DIVERGED", "diverged", "finished", "run_isolated", "run_jobs", "share", "weight"]
 
 Job = tuple[dict[str, Any], Any]
 T = TypeVar("T")
+
+#: Written into a run's folder when the run diverged and divergence was allowed (tuning).
+DIVERGED = "diverged.json"
 
 # The environment torchrun sets: a spawned child must not see it (it is one process alone).
 _TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -43,15 +46,42 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
-def _train_job(config: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Train one run to the end (continuing it if it was interrupted)."""
+def _train_job(config: dict[str, Any], run_dir: str,
+               allow_diverge: bool = False) -> dict[str, Any]:
+    """Train one run to the end (continuing it if it was interrupted). With ``allow_diverge``
+    a run whose loss went non-finite is an outcome, not an error: it ends there and
+    ``diverged.json`` in its folder says why."""
+    from hesslens.errors import HesslensInputError
+    from hesslens.files import write_json
     from hesslens.training import TrainConfig, train
 
-    result = train(TrainConfig.from_dict(config), run_dir, progress=False, resume=True)
+    try:
+        result = train(TrainConfig.from_dict(config), run_dir, progress=False, resume=True)
+    except HesslensInputError as err:
+        if not (allow_diverge and _is_divergence(err)):
+            raise
+        write_json(Path(run_dir) / DIVERGED, {"error": str(err)})
+        return {"run_dir": run_dir, "diverged": str(err)}
     return {"run_dir": run_dir, "final": result["final"]}
 
 
+def _is_divergence(err: Exception) -> bool:
+    """The trainer's and the penalty's errors for a loss that went NaN or infinite."""
+    text = str(err)
+    return "training diverged" in text or "the loss is not finite" in text
+
+
+def diverged(run_dir: Path) -> str | None:
+    """Why the run in ``run_dir`` diverged, or ``None`` if it did not."""
+    try:
+        return json.loads((Path(run_dir) / DIVERGED).read_text())["error"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def finished(run_dir: Path, epochs: int) -> bool:
+    if diverged(run_dir) is not None:
+        return True
     try:
         data = json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
@@ -100,10 +130,11 @@ def run_isolated(fn: Callable[..., T], *args: Any) -> T:
 
 
 def run_jobs(jobs: list[Job], workers: int, progress: bool, desc: str,
-             isolated: bool = False) -> None:
+             isolated: bool = False, allow_diverge: bool = False) -> None:
     """Train every unfinished job, ``workers`` at a time, longest first. ``isolated``: in
     spawned processes even for one worker (needed under torch.distributed, where a run in this
-    process would see the process group)."""
+    process would see the process group). ``allow_diverge``: a run that diverges ends with
+    ``diverged.json`` (:func:`diverged`) instead of stopping every job."""
     from tqdm.auto import tqdm
 
     todo = sorted((j for j in jobs if not finished(Path(j[1]), j[0]["epochs"])),
@@ -116,11 +147,11 @@ def run_jobs(jobs: list[Job], workers: int, progress: bool, desc: str,
         if not isolated and (workers <= 1 or len(todo) <= 1):
             _init_worker_threads()
             for config, run_dir in todo:
-                _train_job(config, str(run_dir))
+                _train_job(config, str(run_dir), allow_diverge)
                 bar.update()
             return
         with _pool(max(1, min(workers, len(todo)))) as pool:
-            futures = [pool.submit(_train_job, c, str(d)) for c, d in todo]
+            futures = [pool.submit(_train_job, c, str(d), allow_diverge) for c, d in todo]
             for future in as_completed(futures):
                 future.result()
                 bar.update()
