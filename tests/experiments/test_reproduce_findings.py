@@ -314,6 +314,10 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
                                      {"value": 3e-2, "val_acc": 0.45, "val_acc_std": 0.6,
                                       "val_acc_min": 0.0, "val_acc_max": 0.9,
                                       "val_acc_seeds": [0.0, 0.9], "diverged_seeds": [100]}]}}
+    (tmp_path / "cost.json").write_text(json.dumps({
+        "method": "each arm one epoch alone, median of 3 rounds",
+        "load_average_before": [8.28, 7.4, 7.4], "load_average_after": [8.1, 7.4, 7.4]}))
+    comparison["notes"].append("cost vs SGD: each arm one epoch alone, median of 3 rounds.")
     result = write_reproduce_report(tmp_path, plan, chosen, runs, comparison,
                                     {"SGD": layer_study, EXTRA: extra}, {"train_seconds": 3.0})
     page = _Page()
@@ -335,7 +339,11 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
     assert "90.70, 91.30" in page.cells and "90.70-91.30" in page.cells
     assert "reference" in page.cells and "chosen" in page.cells
     assert "diverged on seed 100 (scored 0)" in page.cells
-    assert "within noise" in (tmp_path / "report.html").read_text()
+    text = (tmp_path / "report.html").read_text()
+    assert "within noise" in text
+    assert "(cost.json): each arm one epoch alone, median of 3 rounds; 1-minute load " \
+           "average 8.28 before, 8.10 after" in text
+    assert text.count("median of 3 rounds") == 1  # the note is not repeated
     assert result["findings"][1]["verdict"] == "held"
     # the transformer at initialisation and trained, each against the CNN in the same state
     init, trained = result["beyond_the_paper"]

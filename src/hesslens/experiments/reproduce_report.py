@@ -496,10 +496,12 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     cost = _read_json(out / "cost.json")
     if cost:
         loads = [cost.get("load_average_before"), cost.get("load_average_after")]
+        loads = [v[0] if isinstance(v, (list, tuple)) and v else v for v in loads]
         cost_note = (" Cost per epoch vs SGD was measured on its own after training "
                      "(cost.json): " + str(cost.get("method", "")).rstrip(".")
-                     + (f"; load average {loads[0]} before, {loads[1]} after"
-                        if all(v is not None for v in loads) else "") + ".")
+                     + (f"; 1-minute load average {loads[0]:.2f} before, {loads[1]:.2f} after "
+                        "(other work on the machine)"
+                        if all(isinstance(v, (int, float)) for v in loads) else "") + ".")
     elif getattr(plan, "workers", 1) > 1:
         cost_note = (f" Runs trained {plan.workers} at a time on shared cores, so s / epoch "
                      "and its ratio to SGD include contention.")
@@ -558,13 +560,15 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
                   + [x for i, (k, p) in enumerate(files.items()) for x in
                      ([", "] if i else []) + [Link(k, Path(p).relative_to(out).as_posix())]]
                   + ["."]),
-        *[Paragraph("Note: " + n) for n in comparison.get("notes", [])],
+        *[Paragraph("Note: " + n) for n in comparison.get("notes", [])
+          if not (cost and n.startswith("cost vs SGD"))],  # said with the table already
         Code(json.dumps(results["plan"], indent=1), summary="plan"),
         Code(json.dumps(extra.get("sizes"), indent=1), summary="sizes of the extra studies"))
     report.write(out / "report.html")
 
-    lines = ["arm                  seeds  test acc %       final trace      s/epoch",
-             *[f"{r['arm']:<20} {r['seeds']:>5}  {r['test accuracy %']:<16} "
+    w = max([20, *(len(r["arm"]) for r in rows)])
+    lines = [f"{'arm':<{w}} seeds  test acc %       final trace      s/epoch",
+             *[f"{r['arm']:<{w}} {r['seeds']:>5}  {r['test accuracy %']:<16} "
                f"{r['final trace']:<16} {r['s / epoch'] or 0:.2f}" for r in rows], "",
              "paper's findings:"]
     lines += [f"  [{c.verdict}] {c.claim}" for c in checks]
