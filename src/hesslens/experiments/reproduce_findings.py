@@ -41,7 +41,7 @@ from hesslens.curvature.layers import middle_indices
 
 __all__ = ["VERDICTS", "Finding", "curvature_falls", "gauss_newton_close", "htr_helps",
            "layer_spectra_like_full", "middle_layers_most_similar", "middle_minus_outer",
-           "transformer_blocks"]
+           "seed_probe_interval", "transformer_blocks"]
 
 VERDICTS = ("held", "partly", "did not hold", "not shown", "not measured")
 LEVEL = 0.95
@@ -82,9 +82,14 @@ def _by_seed(runs: Mapping[Any, Any] | None) -> list[ProbeSpectra]:
     return [_probes(v) for _, v in sorted((runs or {}).items(), key=lambda kv: str(kv[0]))]
 
 
-def _interval(units: Sequence[Sequence[float]]) -> tuple[float, float, float]:
-    """Mean and 95 % interval of ``units[seed][probe]``: the cluster bootstrap with two or
-    more seeds, Student's t over the probes with one."""
+def seed_probe_interval(units: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """Mean and 95 % interval of ``units[seed][probe]``: the two-level bootstrap with two or
+    more seeds, Student's t over the probes with one.
+
+    >>> m, lo, hi = seed_probe_interval([[1.0, 2.0, 3.0]])
+    >>> m, round(lo, 3), round(hi, 3)
+    (2.0, -0.484, 4.484)
+    """
     if len(units) == 1:
         return t_interval(units[0], LEVEL)
     return cluster_bootstrap(units, LEVEL)
@@ -97,7 +102,7 @@ def _shape_stats(states: list[ProbeSpectra]) -> dict[str, dict[str, tuple[float,
     for entry in ["full", *states[0].names]:
         bulk = [ps.bulk_masses()[entry] for ps in states]
         count = [ps.outlier_counts()[entry] for ps in states]
-        out[entry] = {"bulk": _interval(bulk), "outliers": _interval(count)}
+        out[entry] = {"bulk": seed_probe_interval(bulk), "outliers": seed_probe_interval(count)}
     return out
 
 
@@ -215,7 +220,7 @@ def middle_minus_outer(ps: ProbeSpectra) -> list[float]:
 
 def _setting(name: str, states: list[ProbeSpectra]) -> dict[str, Any]:
     units = [middle_minus_outer(ps) for ps in states]
-    m, lo, hi = _interval(units)
+    m, lo, hi = seed_probe_interval(units)
     names = states[0].names
     middle = [names[i] for i in middle_indices(len(names))]
     best_mid = [int(np.argmin(row)) in set(middle_indices(len(names)))
@@ -270,7 +275,7 @@ def middle_layers_most_similar(settings: Mapping[str, Mapping[Any, Any]],
         for epoch in sorted(over_epochs):
             units = [middle_minus_outer(ps) for ps in _by_seed(over_epochs[epoch])]
             if units:
-                track.append(f"epoch {epoch}: {_ci(*_interval(units))}")
+                track.append(f"epoch {epoch}: {_ci(*seed_probe_interval(units))}")
         numbers += f" D of {done[0]['name']} over training: " + "; ".join(track) + "."
     primary, others = done[0], done[1:]
     side = _sided(primary)

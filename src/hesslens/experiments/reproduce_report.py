@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from hesslens.analysis.intervals import cluster_bootstrap, t_interval
+from hesslens.analysis.intervals import t_interval
 from hesslens.analysis.probe_spectra import ProbeSpectra
 from hesslens.curvature.layers import middle_indices
 from hesslens.experiments import reproduce_findings as findings
@@ -161,7 +161,7 @@ def _layer_intervals(states: dict[str, Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"x": names, "mean": [], "low": [], "high": []}
     for j in range(len(names)):
         units = [[float(v) for v in ps.distances()[:, j]] for ps in pss]
-        m, lo, hi = (cluster_bootstrap(units) if len(units) > 1 else t_interval(units[0]))
+        m, lo, hi = findings.seed_probe_interval(units)
         out["mean"].append(m)
         out["low"].append(lo)
         out["high"].append(hi)
@@ -204,7 +204,8 @@ def _finding2_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[Pa
                     "layers." + _accuracy_text(deep)))
         d = {"x": [], "mean": [], "low": [], "high": []}
         for e in sorted(spectra, key=int):
-            m, lo, hi = cluster_bootstrap(_units(spectra[e], findings.middle_minus_outer))
+            m, lo, hi = findings.seed_probe_interval(
+                _units(spectra[e], findings.middle_minus_outer))
             d["x"].append(int(e))
             for k, v in zip(("mean", "low", "high"), (m, lo, hi)):
                 d[k].append(v)
