@@ -128,21 +128,21 @@ def _arms(htr_every: int) -> tuple[Arm, ...]:
     whose trace the paper regularises, so that the three HTR middle arms differ only in the
     matrix whose trace is penalised."""
     htr = {"htr_every": htr_every, "htr_probes": 1, "htr_method": "hvp"}
-    gammas = (1e-3, 3e-3, 1e-2)
+    gammas = (3e-4, 1e-3, 3e-3)
     return (
         Arm("SGD"),
         Arm("SGD+L2", knob="weight_decay", grid=(1e-4, 5e-4, 2e-3), default=5e-4),
         Arm("SAM", knob="sam_rho", grid=(0.02, 0.05, 0.1), default=0.05),
         Arm("HTR all layers", fixed={**htr, "htr_layers": "all"}, knob="htr_gamma",
-            grid=gammas, default=3e-3),
+            grid=gammas, default=1e-3),
         Arm("HTR middle layers", fixed={**htr, "htr_layers": "middle"}, knob="htr_gamma",
-            grid=gammas, default=3e-3),
+            grid=gammas, default=1e-3),
         Arm("HTR GN middle layers",
             fixed={**htr, "htr_layers": "middle", "htr_curvature": "gauss_newton"},
-            knob="htr_gamma", grid=gammas, default=3e-3),
+            knob="htr_gamma", grid=gammas, default=1e-3),
         Arm("HTR Fisher middle layers",
             fixed={**htr, "htr_layers": "middle", "htr_curvature": "fisher"},
-            knob="htr_gamma", grid=(3e-3, 1e-2, 3e-2), default=1e-2),
+            knob="htr_gamma", grid=gammas, default=1e-3),
     )
 
 
