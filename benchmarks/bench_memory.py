@@ -13,6 +13,13 @@ Usage::
 
     python benchmarks/bench_memory.py                       # 9.6M-parameter MLP, CPU
     python benchmarks/bench_memory.py --width 1024 --device cuda
+    python benchmarks/bench_memory.py --model cnn --cases gradient "trace()"
+    python benchmarks/bench_memory.py --model resnet18 --quick   # CIFAR ResNet-18 (11.2M)
+
+``--model cnn`` is a wide plain CNN (9.3M parameters at the default width 384, 16x16 inputs);
+``--quick`` caps the products (trace ``max_hvp=62``, density ``n_steps=10``) where the cap does
+not change the peak (the probe batches and the SLQ group are the same from the first
+products on; eigenvalues and density's deflation run in full).
 
 prints a table and writes ``benchmarks/results/memory.json``.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,19 +39,41 @@ from _measure import vm, write_results
 CASES = ("gradient", "hessian-construction", "eigenvalues(k=5)", "trace()", "density()")
 
 
-def _child(case: str, width: int, depth: int, samples: int, device: str) -> dict:
+def _network(name: str, width: int, depth: int):
+    """The model and its input shape."""
+    import torch
+
+    if name == "resnet18":
+        from hesslens.zoo import resnet18
+
+        return resnet18((3, 32, 32), 10), (3, 32, 32)
+    if name == "cnn":
+        c = width
+        conv = torch.nn.Conv2d
+        return torch.nn.Sequential(
+            conv(3, c, 3, padding=1), torch.nn.ReLU(), conv(c, c, 3, padding=1),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2), conv(c, 2 * c, 3, padding=1),
+            torch.nn.ReLU(), conv(2 * c, 2 * c, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2 * c, 10),
+        ), (3, 16, 16)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(784, width), torch.nn.Tanh()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    layers.append(torch.nn.Linear(width, 10))
+    return torch.nn.Sequential(*layers), (784,)
+
+
+def _child(case: str, model_name: str, width: int, depth: int, samples: int, device: str,
+           quick: bool) -> dict:
     import torch
 
     import hesslens as hl
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    layers: list[torch.nn.Module] = [torch.nn.Linear(784, width), torch.nn.Tanh()]
-    for _ in range(depth - 1):
-        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
-    layers.append(torch.nn.Linear(width, 10))
-    model = torch.nn.Sequential(*layers).to(dev)
-    x = torch.randn(samples, 784, device=dev)
+    model, shape = _network(model_name, width, depth)
+    model = model.to(dev)
+    x = torch.randn(samples, *shape, device=dev)
     y = torch.randint(0, 10, (samples,), device=dev)
     n = sum(p.numel() for p in model.parameters())
     loss_fn = torch.nn.functional.cross_entropy
@@ -68,18 +98,23 @@ def _child(case: str, width: int, depth: int, samples: int, device: str) -> dict
             extra = {"n_hvp": r.n_hvp, "converged": bool(r.converged.all()),
                      "top": [float(v) for v in r.values]}
         elif case == "trace()":
-            r = H.trace()
+            r = H.trace(max_hvp=62) if quick else H.trace()
             extra = {"n_hvp": r.n_hvp, "value": r.value, "stderr": r.stderr}
         elif case == "density()":
-            s = H.density()
+            s = H.density(n_steps=10) if quick else H.density()
             extra = {"n_hvp": H.n_products, "nodes": len(s.nodes)}
+        extra["choice"] = H.engine_choice
     seconds = time.perf_counter() - t0
     return {"case": case, "n_params": n, "bytes": peak() - base, "seconds": seconds, **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--model", choices=("mlp", "cnn", "resnet18"), default="mlp")
+    parser.add_argument("--width", type=int, default=None,
+                        help="MLP width (default 2048) or CNN channels (default 384)")
+    parser.add_argument("--quick", action="store_true",
+                        help="cap the products where that does not change the peak")
     parser.add_argument("--depth", type=int, default=3, help="hidden layers")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--device", default="cpu")
@@ -87,15 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
     args = parser.parse_args(argv)
+    if args.width is None:
+        args.width = 384 if args.model == "cnn" else 2048
     if args.child:
-        print(json.dumps(_child(args.child, args.width, args.depth, args.samples,
-                                args.device)))
+        print(json.dumps(_child(args.child, args.model, args.width, args.depth, args.samples,
+                                args.device, args.quick)))
         return 0
     rows = []
     for case in args.cases:
         cmd = [sys.executable, __file__, "--child", case, "--width", str(args.width),
                "--depth", str(args.depth), "--samples", str(args.samples),
-               "--device", args.device]
+               "--device", args.device, "--model", args.model,
+               *(["--quick"] if args.quick else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             rows.append({"case": case, "error": done.stderr.strip().splitlines()[-1:]})
@@ -114,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         r["copies_above_gradient"] = copies
         print(f"{r['case']:<22} {r['bytes'] / 2**20:9.0f} {copies:24.1f} "
               f"{r.get('n_hvp', '-')!s:>9} {r['seconds']:8.1f}")
-    write_results(args.out, {"benchmark": "memory", "width": args.width, "depth": args.depth,
-                             "samples": args.samples, "device": args.device, "rows": rows})
+    write_results(args.out, {"benchmark": "memory", "model": args.model, "width": args.width,
+                             "depth": args.depth, "samples": args.samples,
+                             "device": args.device, "quick": args.quick,
+                             "load_average": os.getloadavg(), "rows": rows})
     return 0
 
 

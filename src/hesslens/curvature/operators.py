@@ -376,7 +376,13 @@ class CurvatureOperator:
         """The top-``k`` eigenvalues (``which="LA"``; also ``"SA"``, ``"LM"``) by thick-restarted
         Lanczos with full reorthogonalisation in a basis of at most ``ncv`` vectors (in
         ``basis_dtype`` on ``basis_device``), stopped on the a-posteriori error bound of each
-        Ritz value: see :func:`hesslens.linalg.eigsh`."""
+        Ritz value: see :func:`hesslens.linalg.eigsh`.
+
+        Memory, in copies of the parameters (``dim * itemsize``; what one product takes:
+        :mod:`hesslens.curvature.engine`): the snapshot (1), the basis and its step temporaries
+        (``ncv + 3``, ``ncv + 1 + k`` at the end; the default ``ncv`` of a large operator is
+        ``min(max(2k + 8, 20), 31 - k)``, at least ``k + 2``) and one product; top-5 of a
+        10M-parameter network: about 24 + a product."""
         _check_k(k, self.dim)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
@@ -395,7 +401,12 @@ class CurvatureOperator:
         """The trace. ``"hutch++"`` (default): sketch-deflated Hutchinson that stops when its
         standard error falls below ``rtol`` of the estimate (or at ``max_hvp`` products);
         ``"hutchinson"`` and ``"hutch++-fixed"`` spend exactly ``n_hvp`` products; ``"exact"``
-        spends ``dim``."""
+        spends ``dim``.
+
+        Memory (``"hutch++"``), in copies of the parameters (one product:
+        :mod:`hesslens.curvature.engine`): the snapshot (1), the sketch basis (16), a batch of ``b``
+        probes and its products (``2 b``, ``b = min(16, 256 MiB / (2 dim itemsize))``: 3 for 10M
+        float32 parameters) and the products of that batch; about 23 + a product at 10M."""
         if method == "hutch++":
             key = (rtol, n_hvp or max_hvp, distribution, seed)
             if ("blocks", *key) in self._trace_cache:  # traces() ran: its full is as good
@@ -490,7 +501,13 @@ class CurvatureOperator:
         ``deflate`` (an int ``k`` or a result of :meth:`eigenvalues` with vectors) removes the
         top eigenpairs first and adds them back exactly, which sharpens the outliers and the
         density's mean. ``reorth`` and ``probe_chunk`` bound the memory (a stored basis only
-        for small problems; see :func:`hesslens.linalg.slq`)."""
+        for small problems; see :func:`hesslens.linalg.slq`).
+
+        Memory, in copies of the parameters (one product: :mod:`hesslens.curvature.engine`): the
+        larger of the deflation (:meth:`eigenvalues` with ``k=deflate``: 32 copies for ``k=10`` on a
+        large operator, plus one product) and the quadrature: the snapshot (1), the deflation
+        vectors (``deflate``), three vectors per probe of a group of ``g = min(n_probes, 256 MiB /
+        (3 dim itemsize))`` (2 for 10M float32 parameters) and the products of the group."""
         if isinstance(deflate, int) and not isinstance(deflate, bool):
             k = min(deflate, max(self.dim - 2, 0))
             deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None

@@ -1,0 +1,148 @@
+"""Peak memory and cost of top-5, trace and density: hesslens beside its peers, on the zoo's
+CIFAR ResNet-18 (11.2M parameters, 16 inputs) by default.
+
+Each (tool, task) runs in a fresh subprocess: the process builds the model and the batch,
+records its resident set, runs the task with the tool's own defaults (``_peers.py`` says which)
+and reports the rise of its peak resident set (``VmHWM``) in float32 copies of the parameters,
+above that of one gradient (``loss.backward()`` of the same model and batch, measured the same
+way), the products it spent (counted by us) and its seconds. Tasks a tool does not have are
+left out: PyHessian has all three (``eigenvalues(top_n=5)``, ``trace()``, ``density()``);
+hessian-eigenthings top-5 and trace; curvlinops top-5 (scipy's ``eigsh``) and trace
+(``hutchpp_trace`` given hesslens's product count). The peers need their own environment (see
+``benchmarks/README.md``): run this script with that environment's python.
+
+The machine's load average is recorded beside the numbers: seconds on a loaded machine are noise,
+the memory and the product counts are not.
+
+Usage::
+
+    /tmp/benchvenv/bin/python benchmarks/bench_peers.py                   # ResNet-18, all
+    /tmp/benchvenv/bin/python benchmarks/bench_peers.py --tools hesslens pyhessian --quick
+    /tmp/benchvenv/bin/python benchmarks/bench_peers.py --model cnn --width 64   # a smoke run
+
+``--quick`` caps the products where the cap does not change the peak (hesslens's trace
+``max_hvp=62`` and density ``n_steps=10``; PyHessian's density ``iter=10``, trace
+``maxIter=20``); writes ``benchmarks/results/peers.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _measure import vm, write_results
+
+TASKS = ("top5", "trace", "density")
+SUPPORT = {"hesslens": TASKS, "pyhessian": TASKS, "hessian-eigenthings": ("top5", "trace"),
+           "curvlinops": ("top5", "trace")}
+
+
+def _child(tool: str, task: str, model_name: str, width: int, samples: int,
+           quick: bool) -> dict:
+    import _peers
+    import torch
+    from bench_memory import _network
+
+    torch.manual_seed(0)
+    model, shape = _network(model_name, width, 3)
+    model.eval()
+    x = torch.randn(samples, *shape)
+    y = torch.randint(0, 10, (samples,))
+    data = (x, y)
+    loss = torch.nn.CrossEntropyLoss()
+    n = _peers.n_params(model)
+    base = vm("VmRSS")
+    start = time.perf_counter()
+    extra: dict = {}
+    if tool == "gradient":
+        loss(model(x), y).backward()
+        products = 0
+    elif tool == "hesslens":
+        import hesslens as hl
+
+        H = hl.Hessian(model, loss, data)
+        if task == "top5":
+            extra["values"] = [float(v) for v in H.eigenvalues(k=5).values]
+        elif task == "trace":
+            r = H.trace(max_hvp=62) if quick else H.trace()
+            extra["values"] = [r.value]
+        else:
+            extra["nodes"] = len((H.density(n_steps=10) if quick else H.density()).nodes)
+        products = H.n_products + H._engine.calibration_products
+        extra["choice"] = H.engine_choice
+    elif tool == "pyhessian" and task == "density":
+        counter = _peers.Counter()
+        ph = _peers.PyHessian()
+        with ph._counting(counter):
+            h = ph._hessian(model, loss, data)
+            h.density(iter=10 if quick else 100, n_v=1)
+        products = counter.n
+    else:
+        adapter = {t.name: t for t in _peers.ALL_TOOLS}[tool]()
+        if tool == "pyhessian" and task == "trace" and quick:
+            counter = _peers.Counter()
+            with adapter._counting(counter):
+                adapter._hessian(model, loss, data).trace(maxIter=20)
+            answer = _peers.Answer([], counter.n)
+        elif task == "top5":
+            answer = adapter.top_eigenvalues(model, loss, data, 5, {})
+        else:
+            answer = adapter.trace(model, loss, data, {"products": 62 if quick else 1000})
+        products, extra["values"] = answer.products, answer.values
+    seconds = time.perf_counter() - start
+    return {"tool": tool, "task": task, "n_params": n, "bytes": vm("VmHWM") - base,
+            "products": products, "seconds": seconds, **extra}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("resnet18", "cnn", "mlp"), default="resnet18")
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--tools", nargs="*", default=list(SUPPORT))
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "peers.json"))
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(*args.child, args.model, args.width, args.samples,
+                                args.quick)))
+        return 0
+    jobs = [("gradient", "-")] + [(t, k) for t in args.tools for k in args.tasks
+                                  if k in SUPPORT.get(t, ())]
+    rows = []
+    for tool, task in jobs:
+        cmd = [sys.executable, __file__, "--child", tool, task, "--model", args.model,
+               "--width", str(args.width), "--samples", str(args.samples),
+               *(["--quick"] if args.quick else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              cwd=Path(__file__).parent)
+        if done.returncode != 0:
+            rows.append({"tool": tool, "task": task,
+                         "error": done.stderr.strip().splitlines()[-1:]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"  {tool} {task}: {rows[-1].get('bytes', rows[-1].get('error'))}", flush=True)
+    grad = next((r["bytes"] for r in rows if r["tool"] == "gradient" and "bytes" in r), 0)
+    print(f"{'tool':<20} {'task':<8} {'copies above grad':>18} {'products':>9} {'seconds':>8}")
+    for r in rows:
+        if "bytes" in r:
+            r["copies_above_gradient"] = (r["bytes"] - grad) / (4 * r["n_params"])
+            print(f"{r['tool']:<20} {r['task']:<8} {r['copies_above_gradient']:18.1f} "
+                  f"{r['products']:>9} {r['seconds']:8.1f}")
+        else:
+            print(f"{r['tool']:<20} {r['task']:<8} error: {r['error']}")
+    write_results(args.out, {"benchmark": "peers", "model": args.model, "samples": args.samples,
+                             "quick": args.quick, "load_average": os.getloadavg(),
+                             "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
