@@ -142,8 +142,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         plan = dataclasses.replace(plan, workers=args.workers or default_workers,
                                    world_size=ranks.world)
         # The study's models are small: one thread per process beats two fighting for 2 cores.
-        apply_threads(1 if ranks.distributed and args.threads is None else args.threads,
-                      n_params=0)
+        apply_threads(args.threads, n_params=0)
         result = reproduce(plan, args.out, device=local_device(device, ranks),
                            progress=show_progress(args) and ranks.is_main, dtype=dtype)
     if ranks.is_main:
