@@ -6,7 +6,8 @@ records its resident set, runs the task with the tool's own defaults (``_peers.p
 and reports the rise of its peak resident set (``VmHWM``) in float32 copies of the parameters,
 above that of one gradient (``loss.backward()`` of the same model and batch, measured the same
 way), the products it spent (counted by us) and its seconds. Tasks a tool does not have are
-left out: PyHessian has all three (``eigenvalues(top_n=5)``, ``trace()``, ``density()``);
+left out: PyHessian has all three (``eigenvalues(top_n=5)``, ``trace()``, ``density()``; its
+density calls ``torch.eig``, which torch 2 removed, and is reported as that error);
 hessian-eigenthings top-5 and trace; curvlinops top-5 (scipy's ``eigsh``) and trace
 (``hutchpp_trace`` given hesslens's product count). The peers need their own environment (see
 ``benchmarks/README.md``): run this script with that environment's python.
