@@ -573,6 +573,9 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
                f"{r['final trace']:<16} {r['s / epoch'] or 0:.2f}" for r in rows], "",
              "paper's findings:"]
     lines += [f"  [{c.verdict}] {c.claim}" for c in checks]
-    lines += ["beyond the paper:"] + [f"  [{c.verdict}] {c.claim}" for c in beyond]
+    # the transformer claim is checked in two states: say which line is which
+    lines += ["beyond the paper:"] + [
+        f"  [{c.verdict}] {c.claim}" + (f" ({c.setting})" if getattr(c, "setting", "") else "")
+        for c in beyond]
     results["summary_text"] = "\n".join(lines)
     return results
