@@ -20,17 +20,21 @@ def tanh_mlp(widths=(3, 3, 3, 3, 3, 2), seed=0) -> nn.Sequential:
     return nn.Sequential(*mods).double()
 
 
+def _flat_layout(model: nn.Module):
+    """Names, shapes, sizes, the flat parameter vector and the offsets of each parameter in it."""
+    named = list(model.named_parameters())
+    sizes = [p.numel() for _, p in named]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named])
+    offs = torch.cumsum(torch.tensor([0, *sizes]), 0).tolist()
+    return [n for n, _ in named], [p.shape for _, p in named], sizes, theta, offs
+
+
 class Dense:
     """The model's loss as a function of one flat parameter vector, and its derivatives."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         self.model, self.x, self.y = model, x, y
-        named = list(model.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-        offs = torch.cumsum(torch.tensor([0, *self.sizes]), 0).tolist()
+        self.names, self.shapes, self.sizes, self.theta, offs = _flat_layout(model)
         self.slices = {n: slice(offs[i], offs[i + 1]) for i, n in enumerate(self.names)}
 
     def loss(self, flat: torch.Tensor) -> torch.Tensor:
@@ -85,12 +89,7 @@ class DenseCurvature:
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn,
                  chosen: list[str]):
         self.model, self.x, self.y, self.loss_fn = _without_running_stats(model), x, y, loss_fn
-        named = list(model.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-        offs = torch.cumsum(torch.tensor([0, *self.sizes]), 0).tolist()
+        self.names, self.shapes, self.sizes, self.theta, offs = _flat_layout(model)
         self.idx = torch.cat([torch.arange(offs[self.names.index(n)], offs[self.names.index(n) + 1])
                               for n in chosen])
 
