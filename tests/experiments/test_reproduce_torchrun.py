@@ -51,12 +51,13 @@ def test_ranks_split_the_runs_and_rank_0_writes_one_report(study):
 
 
 def test_runs_equal_a_single_process_training(study, tmp_path):
-    from hesslens.training import TrainConfig, train
+    from hesslens.experiments.train import train_zoo
+    from hesslens.training import TrainConfig
 
     out, _ = study
     run = out / "runs" / "sgd-l2" / "seed1"
     config = json.loads((run / "config.json").read_text())
-    alone = train(TrainConfig.from_dict(config), tmp_path / "alone", progress=False)
+    alone = train_zoo(TrainConfig.from_dict(config), tmp_path / "alone", progress=False)
     held = json.loads((run / "metrics.json").read_text())["epochs"][-1]
     for key in ("train_loss", "test_loss", "test_acc"):
         assert held[key] == pytest.approx(alone["final"][key], rel=1e-6)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from hesslens.errors import HesslensInputError
-from hesslens.experiments.train import add_train_arguments, config_from_args, run_train
+from hesslens.experiments.train import (
+    add_train_arguments,
+    config_from_args,
+    run_train,
+    train_zoo,
+    zoo_model_and_data,
+)
+from hesslens.training import TrainConfig, train
+from hesslens.training.trainer import TIMING_KEYS
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +75,6 @@ def test_help_exits_0(capsys):
 
 
 def test_run_train_on_digits_then_resume(tmp_path, capsys):
-    pytest.importorskip("hesslens.zoo")
     out = tmp_path / "run"
     argv = ["--model", "mlp", "--data", "digits", "--epochs", "2", "--batch-size", "64",
             "--lr", "0.05", "--htr", "1e-4", "--htr-layers", "middle", "--htr-every", "5",
@@ -90,7 +97,6 @@ def test_run_train_on_digits_then_resume(tmp_path, capsys):
 
 
 def test_track_every_0_switches_tracking_off(tmp_path, capsys):
-    pytest.importorskip("hesslens.zoo")
     out = tmp_path / "run"
     assert run_train(_parse(["--model", "mlp", "--data", "digits", "--epochs", "1",
                              "--track-every", "0", "--out", str(out), "--no-progress"])) == 0
@@ -101,7 +107,6 @@ def test_track_every_0_switches_tracking_off(tmp_path, capsys):
 
 
 def test_unknown_layer_and_model_are_input_errors(tmp_path):
-    pytest.importorskip("hesslens.zoo")
     base = ["--data", "digits", "--epochs", "1", "--no-progress", "--seed", "0"]
     with pytest.raises(HesslensInputError, match="layer"):
         run_train(_parse([*base, "--model", "mlp", "--htr", "1e-3", "--htr-layers", "conv9",
@@ -124,3 +129,32 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("hesslens") and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def _untimed(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_train_zoo_is_the_trainer_on_the_zoo_objects_and_resumes_exactly(tmp_path):
+    cfg = TrainConfig(model="mlp", data="digits", epochs=3, batch_size=128, lr=0.05, seed=2,
+                      htr_gamma=1e-3, htr_every=3, track_every=2, track_per_class=2)
+    whole = train_zoo(cfg, tmp_path / "whole", progress=False)
+    model, data = zoo_model_and_data(cfg)
+    direct = train(cfg, tmp_path / "direct", model=model, dataset=data, progress=False)
+    assert _untimed(direct["epochs"]) == _untimed(whole["epochs"])
+
+    def kill(epoch, record, net):
+        if epoch == 2:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        train_zoo(cfg, tmp_path / "cut", progress=False, callbacks=[kill])
+    resumed = train_zoo(cfg, tmp_path / "cut", progress=False, resume=True)  # model rebuilt
+    assert _untimed(resumed["epochs"]) == _untimed(whole["epochs"])
+    assert [r["epoch"] for r in whole["epochs"]] == [0, 1, 2, 3]
+    with pytest.raises(HesslensInputError, match="config must be a TrainConfig"):
+        train_zoo({"model": "mlp"}, tmp_path / "bad")

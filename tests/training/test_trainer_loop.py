@@ -200,16 +200,6 @@ def test_config_round_trip():
         TrainConfig.from_dict({"lr": 0.1, "learning_rate": 0.1})
 
 
-def test_zoo_model_and_data(tmp_path):
-    zoo = pytest.importorskip("hesslens.zoo")
-    if not hasattr(zoo, "build_model"):
-        pytest.skip("zoo not ready")
-    cfg = TrainConfig(model="mlp", data="digits", epochs=1, batch_size=64, lr=0.05)
-    result = train(cfg, tmp_path / "r", progress=False)
-    assert 0.0 <= result["final"]["test_acc"] <= 1.0
-    assert result["final"]["test_acc"] > 0.3
-
-
 def _bad(data, **changes):
     fields = dict(x_train=data.x_train, y_train=data.y_train, x_test=data.x_test,
                   y_test=data.y_test, num_classes=data.num_classes)

@@ -38,10 +38,11 @@ def median_ratio(base: list[float], arm: list[float]) -> float:
 
 def _epoch_seconds(config: dict[str, Any]) -> float:
     """Wall time of one training epoch of ``config`` (the trainer's own timing of its loop)."""
-    from hesslens.training import TrainConfig, train
+    from hesslens.experiments.train import train_zoo
+    from hesslens.training import TrainConfig
 
     with tempfile.TemporaryDirectory(prefix="hesslens-cost-") as tmp:
-        result = train(TrainConfig.from_dict(config), tmp, progress=False)
+        result = train_zoo(TrainConfig.from_dict(config), tmp, progress=False)
     return float(result["epochs"][-1]["epoch_seconds"])
 
 

@@ -52,11 +52,12 @@ def _train_job(config: dict[str, Any], run_dir: str,
     a run whose loss went non-finite is an outcome, not an error: it ends there and
     ``diverged.json`` in its folder says why."""
     from hesslens.errors import HesslensInputError
+    from hesslens.experiments.train import train_zoo
     from hesslens.files import write_json
-    from hesslens.training import TrainConfig, train
+    from hesslens.training import TrainConfig
 
     try:
-        result = train(TrainConfig.from_dict(config), run_dir, progress=False, resume=True)
+        result = train_zoo(TrainConfig.from_dict(config), run_dir, progress=False, resume=True)
     except HesslensInputError as err:
         if not (allow_diverge and _is_divergence(err)):
             raise

@@ -1,4 +1,6 @@
-"""``hesslens train``: train one model of the zoo on one data set, with any of the arms.
+"""``hesslens train``: train one model of the zoo on one data set, with any of the arms; and
+:func:`train_zoo`, the same from Python (the zoo's model and data built from the config's names,
+then :func:`hesslens.training.train`, which takes objects only).
 
 Examples (shell)::
 
@@ -21,11 +23,24 @@ eigenvalue and trace on the analysis subset at initialisation and after every ep
 ``--track-every 0``; the summary line and ``metrics.json`` (``tracking``) give what that cost.
 Bad input raises :class:`~hesslens.errors.HesslensInputError`, which the command line turns
 into one line on stderr and exit code 2.
+
+Example:
+    >>> import tempfile
+    >>> from hesslens.training import TrainConfig
+    >>> cfg = TrainConfig(model="mlp", data="digits", epochs=1, batch_size=64, lr=0.05)
+    >>> result = train_zoo(cfg, tempfile.mkdtemp(), progress=False)
+    >>> result["final"]["epoch"], result["arm"]
+    (1, 'SGD')
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
 
 from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import (
@@ -37,9 +52,51 @@ from hesslens.experiments.common import (
     positive_int,
     prepare_out_dir,
 )
+from hesslens.training.config import TrainConfig
 from hesslens.training.distributed import process_group_from_env, quiet_other_ranks
 
-__all__ = ["add_train_arguments", "config_from_args", "run_train", "summary_line"]
+__all__ = ["add_train_arguments", "config_from_args", "run_train", "summary_line", "train_zoo",
+           "zoo_model_and_data"]
+
+
+def zoo_model_and_data(config: TrainConfig) -> tuple[nn.Module, Any]:
+    """The zoo data set named ``config.data`` (from ``config.data_root``) and the zoo model
+    ``config.model`` built for it with weights from ``config.seed``: the same objects every
+    time, so that a resumed run rebuilds the model its checkpoint was written from.
+
+    >>> model, data = zoo_model_and_data(TrainConfig(model="mlp", data="digits"))
+    >>> data.name, data.num_classes, type(model).__name__
+    ('digits', 10, 'MLP')
+    """
+    from hesslens import zoo
+
+    if not isinstance(config, TrainConfig):
+        raise HesslensInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()
+    data = zoo.load_dataset(config.data, root=config.data_root, seed=config.seed)
+    model = zoo.build_model(config.model, data.input_shape, data.num_classes, seed=config.seed)
+    return model, data
+
+
+def train_zoo(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[int, dict[str, Any], nn.Module], None]] = (),
+    similarity: Callable[[Any, Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Train the zoo model ``config.model`` on the zoo data set ``config.data``: the objects of
+    :func:`zoo_model_and_data` given to :func:`hesslens.training.train` (see it for the files,
+    the arguments and the result). With ``resume=True`` the model is rebuilt from the config
+    and the trainer restores the checkpoint into it, under ``torchrun`` too.
+    """
+    from hesslens.training.trainer import train
+
+    model, data = zoo_model_and_data(config)
+    return train(config, out_dir, model=model, dataset=data, progress=progress, resume=resume,
+                 callbacks=callbacks, similarity=similarity)
 
 
 def _milestones(s: str) -> list[int]:
@@ -56,8 +113,6 @@ def _milestones(s: str) -> list[int]:
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``hesslens train`` options to ``parser``."""
-    from hesslens.training.config import TrainConfig
-
     d = TrainConfig()
     parser.epilog = (
         "Data-parallel: python -m torch.distributed.run --nproc-per-node N -m hesslens train "
@@ -151,8 +206,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`~hesslens.training.config.TrainConfig` the parsed arguments describe."""
-    from hesslens.training.config import TrainConfig
-
     layers: str | list[str] = args.htr_layers.strip()
     if layers not in ("all", "middle"):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
@@ -194,11 +247,10 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
     from hesslens.training.layers_select import select_layers
-    from hesslens.training.trainer import _build_model, _load_data, train
+    from hesslens.training.trainer import train
 
     config = config_from_args(args)
-    data = _load_data(config)
-    model = _build_model(config, data)
+    model, data = zoo_model_and_data(config)
     if config.htr_gamma > 0:
         select_layers(model, config.htr_layers)  # an unknown name fails before --out exists
     # Small models train several times faster on one thread than on contended cores.
@@ -207,8 +259,9 @@ def run_train(args: argparse.Namespace) -> int:
         quiet_other_ranks(ranks)
         if ranks.is_main:
             prepare_out_dir(args.out)
-        result = train(config, args.out, progress=not getattr(args, "no_progress", False),
-                       resume=bool(getattr(args, "resume", False)), model=model, dataset=data)
+        result = train(config, args.out, model=model, dataset=data,
+                       progress=not getattr(args, "no_progress", False),
+                       resume=bool(getattr(args, "resume", False)))
     if ranks.is_main:
         print(summary_line(result, config, args.out))
     return 0

@@ -1,6 +1,9 @@
 """The training loop: SGD with momentum, plus optional L2, Hessian-trace penalty (HTR) and SAM.
 
-``train(config, out_dir)`` trains one run and writes into ``out_dir``:
+``train(config, out_dir, model=model, dataset=data)`` trains the module ``model`` on ``data``
+(any object with ``x_train, y_train, x_test, y_test, num_classes``, e.g. :class:`TensorData`)
+and writes into ``out_dir``. It builds nothing by name: training a zoo model on a zoo data set
+by their names is :func:`hesslens.experiments.train.train_zoo`'s job. The files:
 
 * ``config.json``: the :class:`~hesslens.training.config.TrainConfig`;
 * ``metrics.json`` / ``metrics.csv``: one record per epoch (rewritten atomically after every
@@ -20,9 +23,10 @@
 Determinism and resume. The data order of epoch ``e`` is a permutation drawn from a
 ``torch.Generator`` seeded with a hash of ``(seed, e)``, so it does not depend on anything that
 happened before; everything else that is random (probes, dropout) is restored from the
-checkpoint. ``train(config, out_dir, resume=True)`` after a kill therefore ends with the same
-weights and the same metrics (except wall times) as the uninterrupted run, bit for bit on the
-same device and software.
+checkpoint. ``train(config, out_dir, model=..., dataset=..., resume=True)`` after a kill (with
+a model of the same architecture: the checkpoint replaces its weights) therefore ends with the
+same weights and the same metrics (except wall times) as the uninterrupted run, bit for bit on
+the same device and software.
 
 Data parallel (``torchrun``; :mod:`hesslens.training.distributed`). With ``torch.distributed``
 initialised, every rank draws the same epoch permutation and takes its contiguous piece of each
@@ -54,14 +58,14 @@ statistics alone (:func:`hesslens.training.sam.bn_stats_frozen`).
 Example:
     >>> import tempfile, torch
     >>> from torch import nn
-    >>> from hesslens.training import TrainConfig, train
-    >>> from hesslens.training.trainer import TensorData
+    >>> from hesslens.training import TensorData, TrainConfig, train
     >>> g = torch.Generator().manual_seed(0)
     >>> x = torch.randn(64, 5, generator=g); y = (x[:, 0] > 0).long()
     >>> data = TensorData(x[:48], y[:48], x[48:], y[48:], num_classes=2)
     >>> model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
-    >>> cfg = TrainConfig(epochs=2, batch_size=16, lr=0.1, val_fraction=0.25, htr_gamma=1e-3)
-    >>> result = train(cfg, tempfile.mkdtemp(), progress=False, model=model, dataset=data)
+    >>> cfg = TrainConfig(model="my-mlp", data="my-data", epochs=2, batch_size=16, lr=0.1,
+    ...                   val_fraction=0.25, htr_gamma=1e-3)
+    >>> result = train(cfg, tempfile.mkdtemp(), model=model, dataset=data, progress=False)
     >>> len(result["epochs"]), sorted(result["final"])[:3]
     (2, ['epoch', 'epoch_seconds', 'eval_seconds'])
 """
@@ -88,6 +92,7 @@ from torch import Tensor, nn
 from hesslens.errors import HesslensInputError
 from hesslens.files import remove_stale_temporaries, to_jsonable, write_csv, write_json
 from hesslens.provenance import dataset_fingerprint, versions
+from hesslens.splits import analysis_subset, split_train_val
 from hesslens.training.checkpoint import (
     ResumeDiffersWarning,
     capture_rng_state,
@@ -129,7 +134,14 @@ Callback = Callable[[int, dict[str, Any], nn.Module], None]
 
 @dataclass
 class TensorData:
-    """A data set in memory, with the fields of ``hesslens.zoo.Dataset`` the trainer reads."""
+    """A data set in memory: the fields :func:`train` reads (``hesslens.zoo.Dataset`` has them
+    too).
+
+    >>> data = TensorData(torch.zeros(6, 3), torch.tensor([0, 1] * 3), torch.zeros(2, 3),
+    ...                   torch.tensor([0, 1]), num_classes=2)
+    >>> data.input_shape
+    (3,)
+    """
 
     x_train: Tensor
     y_train: Tensor
@@ -272,29 +284,31 @@ def _check_data(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor
         )
 
 
-def _load_data(config: TrainConfig) -> Any:
-    from hesslens import zoo
-
-    return zoo.load_dataset(config.data, root=config.data_root, seed=config.seed)
+DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "num_classes")
 
 
-def _build_model(config: TrainConfig, dataset: Any) -> nn.Module:
-    from hesslens import zoo
-
-    return zoo.build_model(config.model, dataset.input_shape, dataset.num_classes,
-                           seed=config.seed)
+def _check_objects(model: Any, dataset: Any) -> None:
+    """Refuse a call without the model or the data, naming the two ways to give them."""
+    missing = [name for name, obj in (("model", model), ("dataset", dataset)) if obj is None]
+    if missing:
+        raise HesslensInputError(
+            f"train() needs {' and '.join(f'{m}=' for m in missing)}: pass the module to train "
+            "as model= and the data as dataset= (e.g. hesslens.training.TensorData(x_train, "
+            "y_train, x_test, y_test, num_classes)), or train a zoo model on a zoo data set by "
+            "name with hesslens.experiments.train.train_zoo(config, out_dir)")
+    if not isinstance(model, nn.Module):
+        raise HesslensInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    absent = [f for f in DATA_FIELDS if not hasattr(dataset, f)]
+    if absent:
+        raise HesslensInputError(
+            f"dataset has no {', '.join(absent)}: give an object with "
+            f"{', '.join(DATA_FIELDS)}, e.g. hesslens.training.TensorData")
 
 
 def _split(x: Tensor, y: Tensor, fraction: float, seed: int) -> tuple[Tensor, ...]:
+    """The stratified validation split of :func:`hesslens.splits.split_train_val` (none at 0)."""
     if fraction <= 0:
         return x, y, x[:0], y[:0]
-    try:
-        from hesslens.zoo import split_train_val
-    except ImportError:  # pragma: no cover - the zoo is part of the package
-        n_val = math.ceil(fraction * len(y))
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        tr, va = perm[n_val:].sort().values, perm[:n_val].sort().values
-        return x[tr], y[tr], x[va], y[va]
     return split_train_val(x, y, val_fraction=fraction, seed=seed)
 
 
@@ -452,35 +466,47 @@ def _rank_rng_state(ckpt: dict[str, Any], ranks: Ranks, path: Path) -> dict[str,
 def train(
     config: TrainConfig,
     out_dir: str | Path,
-    progress: bool = True,
-    resume: bool = False,
     *,
     model: nn.Module | None = None,
     dataset: Any = None,
+    progress: bool = True,
+    resume: bool = False,
     callbacks: Sequence[Callback] = (),
     similarity: Callable[[Any, Any], Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one run; return ``{"config", "arm", "epochs": [records], "final": record,
-    "tracking": cost or None, "out_dir"}``.
+    """Train ``model`` on ``dataset`` as ``config`` says; return ``{"config", "arm", "epochs":
+    [records], "final": record, "tracking": cost or None, "out_dir", "parallel"}``.
+
+    The trainer takes the objects it trains: it builds no model and loads no data. To train a
+    zoo model on a zoo data set by their names, use
+    :func:`hesslens.experiments.train.train_zoo` (what ``hesslens train`` runs).
 
     Args:
-        config: what to train (validated here).
+        config: how to train (validated here). ``config.model`` and ``config.data`` are the
+            labels the run is recorded under (``config.json``; a resume must repeat them).
         out_dir: where the run's files go (created). A folder that already holds a run is
             refused unless ``resume=True``.
+        model: the module to train (required), moved to ``config.device``. To resume, pass a
+            module of the same architecture: its weights are replaced by the checkpoint's.
+        dataset: the data (required): any object with ``x_train, y_train, x_test, y_test``
+            (tensors, integer labels) and ``num_classes``, e.g. :class:`TensorData` or a
+            ``hesslens.zoo.Dataset``. ``config.val_fraction`` of the training part is held out
+            (:func:`hesslens.splits.split_train_val`); tracking measures on
+            :func:`hesslens.splits.analysis_subset` of it.
         progress: tqdm bars (only when stderr is a terminal).
         resume: continue from ``out_dir/checkpoint.pt`` (with an identical config, device and
             data folder aside); without a checkpoint the run starts from scratch.
-        model: train this module instead of ``zoo.build_model(config.model, ...)`` (pass the
-            same architecture again to resume).
-        dataset: use this data instead of ``zoo.load_dataset(config.data, ...)``: any object
-            with ``x_train, y_train, x_test, y_test, num_classes`` (e.g. :class:`TensorData`).
         callbacks: ``cb(epoch, record, model)`` after each epoch's evaluation and tracking and
             before the files are written (they may add keys to ``record``). An exception from a
             callback stops the run; the previous epoch's checkpoint stays valid.
         similarity: spectrum similarity for tracking with densities.
+
+    Raises:
+        HesslensInputError: no model or no dataset given, a bad config, data or output folder.
     """
     if not isinstance(config, TrainConfig):
         raise HesslensInputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_objects(model, dataset)
     config = dataclasses.replace(config).validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -508,7 +534,7 @@ def train(
 
     random.seed(config.seed)
 
-    data = dataset if dataset is not None else _load_data(config)
+    data = dataset
     x_all, y_all = data.x_train, data.y_train
     _check_data(x_all, y_all, data.x_test, data.y_test, int(data.num_classes),
                 config.val_fraction)
@@ -516,8 +542,6 @@ def train(
     x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     x_val, y_val = x_val.to(device), y_val.to(device)
     x_te, y_te = data.x_test.to(device), data.y_test.to(device)
-    if model is None:
-        model = _build_model(config, data)
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
@@ -549,12 +573,7 @@ def train(
     all_callbacks: list[Callback] = []
     tracking: EpochTracking | None = None
     if config.track_every > 0:
-        try:
-            from hesslens.zoo import analysis_subset
-
-            xa, ya = analysis_subset(x_all, y_all, per_class=config.track_per_class, seed=0)
-        except ImportError:  # pragma: no cover
-            xa, ya = x_all[: 10 * config.track_per_class], y_all[: 10 * config.track_per_class]
+        xa, ya = analysis_subset(x_all, y_all, per_class=config.track_per_class, seed=0)
         if len(ya) < ranks.world:
             raise HesslensInputError(
                 f"the analysis subset has {len(ya)} examples, fewer than the {ranks.world} "

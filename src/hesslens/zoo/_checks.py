@@ -1,4 +1,5 @@
-"""Argument checks shared by the zoo's model and data builders.
+"""Argument checks of the zoo's model builders (the integer checks, shared with the rest of the
+package, live in :mod:`hesslens.checks` and are re-exported here).
 
 Each check raises :class:`hesslens.errors.HesslensInputError` with a message that names the
 argument, what was given, and what is expected.
@@ -16,29 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
+from hesslens.checks import check_int, check_positive_int
 from hesslens.errors import HesslensInputError
 
-
-def check_int(value: object, what: str) -> int:
-    """Return ``value`` as an ``int`` if it is an integer (Python or NumPy, not bool), else raise.
-
-    >>> check_int(3, "seed")
-    3
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise HesslensInputError(f"{what} must be an integer, got {value!r}")
-    return int(value)
-
-
-def check_positive_int(value: object, what: str) -> int:
-    """Return ``value`` as an ``int`` if it is a positive integer, else raise.
-
-    >>> check_positive_int(10, "num_classes")
-    10
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise HesslensInputError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
+__all__ = ["check_input_shape", "check_int", "check_int_tuple", "check_positive_int"]
 
 
 def check_input_shape(

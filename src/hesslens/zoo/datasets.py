@@ -29,11 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hesslens.checks import check_int
 from hesslens.errors import HesslensInputError
+from hesslens.splits import split_train_val
 from hesslens.zoo import readers
-from hesslens.zoo._checks import check_int
 from hesslens.zoo.bundled import DIGITS_SCALE, digits_arrays, mnist1d_arrays
-from hesslens.zoo.dataset import Dataset, split_train_val
+from hesslens.zoo.dataset import Dataset
 from hesslens.zoo.tasks import TASKS, load_task
 
 DIGITS_TEST_FRACTION = 0.2  # 1797 -> 1437 train / 360 test, stratified

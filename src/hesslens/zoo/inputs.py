@@ -24,9 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hesslens.checks import check_xy
 from hesslens.errors import HesslensInputError
 from hesslens.zoo._checks import check_positive_int
-from hesslens.zoo.dataset import batches, check_xy
+from hesslens.zoo.dataset import batches
 from hesslens.zoo.models import MODELS
 from hesslens.zoo.tasks import check_token_labels
 

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from hesslens.errors import HesslensInputError
+from hesslens.splits import split_train_val, subset_indices
 from hesslens.zoo._checks import check_int, check_positive_int
-from hesslens.zoo.dataset import Dataset, split_train_val, subset_indices
+from hesslens.zoo.dataset import Dataset
 
 IGNORE_INDEX = -100  # label of a position that is not predicted (torch and Hugging Face default)
 
