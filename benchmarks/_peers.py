@@ -384,3 +384,131 @@ class Curvlinops(Tool):
 
 ALL_TOOLS: list[type[Tool]] = [Hesslens, PyHessian, Eigenthings, Curvlinops]
 PEER_NAMES = [t.name for t in ALL_TOOLS[1:]]
+
+
+# ------------------------------------------------- one product on any model (bench_transformers)
+# The zoo's Hugging Face models take mapping batches ({"input_ids", "labels"} or
+# {"pixel_values", "labels"}) and compute their own loss; the other models take (x, y) pairs and
+# the cross-entropy. hesslens and hessian-eigenthings take the model as it comes; curvlinops and
+# PyHessian need ``model(X)`` to be the tensor the loss module is applied to, so the Hugging Face
+# models are wrapped (``Logits``) and the language model's labels are shifted and flattened.
+PRODUCT_TOOLS = ("hesslens", "hesslens-fd", "curvlinops", "hessian-eigenthings",
+                 "hessian-eigenthings-fd", "pyhessian")
+NEEDS_DOUBLE_BACKWARD = ("curvlinops", "hessian-eigenthings", "pyhessian")
+IGNORE = -100
+
+
+class Logits(nn.Module):
+    """``model(X)`` as a tensor: the logits of a Hugging Face model, for a language model
+    without their last position and flattened to (tokens, vocab) to meet shifted labels."""
+
+    def __init__(self, model: nn.Module, key: str) -> None:
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, X: Any) -> torch.Tensor:
+        x = X[self.key] if isinstance(X, dict) else X
+        logits = self.model(**{self.key: x}).logits
+        if self.key == "input_ids":
+            logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return logits
+
+
+def _hf_key(batch: Any) -> str | None:
+    return next((k for k in ("input_ids", "pixel_values") if isinstance(batch, dict)
+                 and k in batch), None)
+
+
+def _targets(batch: dict, key: str) -> torch.Tensor:
+    y = batch["labels"]
+    return y[:, 1:].reshape(-1) if key == "input_ids" else y
+
+
+def _label_tokens(X: dict) -> int:
+    return int((X["labels"][:, 1:] != IGNORE).sum())
+
+
+def attention(math: bool) -> contextlib.AbstractContextManager:
+    """PyTorch's math attention kernel (which has double backward and forward-mode AD) inside
+    the block when ``math``; else nothing changes (the default fused kernels on CPU have
+    neither)."""
+    if not math:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def product_function(tool: str, model: nn.Module, loss_fn: Any, batches: list,
+                     math: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """Set up ``tool`` on a private copy of ``model`` and return ``(v -> H v, how)``: one
+    Hessian-vector product of a flat float vector in the tool's own way, and a line saying
+    how the tool was called (the wrapping it needed). ``loss_fn`` is the zoo's (``None``: the
+    model's own loss). ``math``: construction and products under the math attention kernel."""
+    m = fresh(model)
+    key = _hf_key(batches[0])
+    with attention(math):
+        if tool in ("hesslens", "hesslens-fd"):
+            import hesslens as hl
+
+            path = "fd" if tool == "hesslens-fd" else "auto"
+            H = hl.Hessian(m, loss_fn, batches, path=path)
+            return H.hvp, f"hl.Hessian(model, loss_fn, batches, path={path!r}).hvp(v)"
+        if tool.startswith("hessian-eigenthings"):
+            import hessian_eigenthings as he
+
+            method = "finite_difference" if tool.endswith("-fd") else "autograd"
+            lf = he.hf_lm_loss() if key else he.supervised_loss(nn.CrossEntropyLoss())
+            op = he.HessianOperator(m, batches, lf, method=method)
+            lname = "hf_lm_loss()" if key else "supervised_loss(CrossEntropyLoss())"
+            how = f"HessianOperator(model, batches, {lname}, method={method!r}).matvec(v)"
+        elif tool == "curvlinops":
+            from curvlinops import HessianLinearOperator
+
+            f = Logits(m, key) if key else m
+            crit = nn.CrossEntropyLoss(ignore_index=IGNORE)
+            if key == "input_ids":
+                data = [(b, _targets(b, key)) for b in batches]
+                size_fn: Callable | None = _label_tokens
+                how = ("HessianLinearOperator(Logits(model) [shifted, flattened logits], "
+                       "CrossEntropyLoss(ignore_index=-100), params, [(batch dict, shifted "
+                       "labels)], batch_size_fn=<label tokens>) @ v")
+            elif key:
+                data, size_fn = [(b[key], b["labels"]) for b in batches], None
+                how = ("HessianLinearOperator(Logits(model), CrossEntropyLoss(), params, "
+                       "[(pixel_values, labels)]) @ v")
+            else:
+                data, size_fn = list(batches), None
+                how = "HessianLinearOperator(model, CrossEntropyLoss(), params, [(x, y)]) @ v"
+            op = HessianLinearOperator(f, crit, flat_params(f), data, batch_size_fn=size_fn)
+        elif tool == "pyhessian":
+            from pyhessian import hessian
+            from pyhessian.utils import hessian_vector_product
+
+            if len(batches) != 1:
+                raise ValueError("PyHessian's data= takes one (x, y) batch")
+            b = batches[0]
+            f = Logits(m, key) if key else m
+            x, y = (b[key], _targets(b, key)) if key else b
+            h = hessian(f, nn.CrossEntropyLoss(ignore_index=IGNORE), data=(x, y), cuda=False)
+            how = (("hessian(Logits(model) [shifted, flattened logits for the LM], "
+                    "CrossEntropyLoss(ignore_index=-100), data=(x, y)); "
+                    if key else "hessian(model, CrossEntropyLoss(), data=(x, y)); ")
+                   + "hessian_vector_product(h.gradsH, h.params, v)")
+
+            def run_pyhessian(v: torch.Tensor) -> torch.Tensor:
+                with attention(math):
+                    hv = hessian_vector_product(h.gradsH, h.params, split_like(v, h.params))
+                return torch.cat([t.reshape(-1) for t in hv])
+
+            return run_pyhessian, how
+        else:
+            raise ValueError(f"unknown tool {tool!r}")
+
+    def run(v: torch.Tensor) -> torch.Tensor:
+        with attention(math):
+            if tool == "curvlinops":
+                return op @ v
+            return op.matvec(v)
+
+    return run, how
