@@ -1,10 +1,21 @@
 """Training towards flatter minima: the Hessian-trace penalty (HTR), SAM, and a trainer that
 tracks curvature and resumes exactly.
 
+:func:`train` trains the module it is given on the data it is given (:class:`TensorData` or any
+object with the same fields); it knows nothing of the zoo. Training a zoo model on a zoo data set
+by name is :func:`hesslens.experiments.train.train_zoo` (``hesslens train``).
+
 Example:
-    >>> from hesslens.training import HessianTracePenalty, SAM, TrainConfig, train
-    >>> TrainConfig().validate().model
-    'cnn1d'
+    >>> import tempfile, torch
+    >>> from hesslens.training import TensorData, TrainConfig, train
+    >>> x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    >>> y = (x.sum(1) > 0).long()
+    >>> data = TensorData(x[:32], y[:32], x[32:], y[32:], num_classes=2)
+    >>> cfg = TrainConfig(model="linear", data="toy", epochs=1, batch_size=8, lr=0.1)
+    >>> run = train(cfg, tempfile.mkdtemp(), model=torch.nn.Linear(3, 2), dataset=data,
+    ...             progress=False)
+    >>> run["final"]["epoch"], run["arm"]
+    (1, 'SGD')
 """
 
 from hesslens.training.config import TrainConfig, arm_key, arm_label

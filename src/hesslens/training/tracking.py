@@ -3,7 +3,8 @@ per layer, after every N epochs (and at initialisation), as keys of the epoch's 
 
 :class:`EpochTracking` is the trainer's callback. It measures with
 :class:`~hesslens.training.tracker.CurvatureTracker` (the same measurement as in any other
-training loop) on the fixed analysis subset (the paper: 10 training examples per class, seed 0)
+training loop) on the fixed analysis subset the trainer gives it
+(:func:`hesslens.splits.analysis_subset`; the paper: 10 training examples per class, seed 0)
 and writes into the record:
 
 * ``top_eigenvalue``: the largest eigenvalue of the full Hessian (Lanczos);
