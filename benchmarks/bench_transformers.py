@@ -111,6 +111,17 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _worst_blocks(product, exact, model, limit: float = 1e-3) -> dict[str, float]:
+    """The parameter blocks where ``product`` is off the exact one by more than ``limit``
+    (relative, per block), worst first, at most five."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    errs = {n: _rel(a, b) for n, a, b in zip(names, product.split(sizes), exact.split(sizes))
+            if float(b.norm()) > 0}
+    worst = sorted((e, n) for n, e in errs.items() if e > limit)[::-1][:5]
+    return {n: e for e, n in worst}
+
+
 def _speed(name: str, tools: list[str], repeats: int) -> dict:
     import torch
     from _peers import product_function
@@ -140,7 +151,8 @@ def _speed(name: str, tools: list[str], repeats: int) -> dict:
                 model, loss_fn, batches), repeats)
             row.update(product_seconds=seconds, product_gradients=ratio, pairs=pairs,
                        rel_error_vs_exact_float64=_rel(first, exact64),
-                       rel_diff_vs_exact_float32=_rel(first, exact32))
+                       rel_diff_vs_exact_float32=_rel(first, exact32),
+                       blocks_off_by_1e_3=_worst_blocks(first, exact64, model))
             if tool.endswith("-fd"):
                 f64, _ = product_function(tool, model64, loss64, batches64, math)
                 row["fd_rel_error_float64"] = _rel(f64(v.double()), exact64)
