@@ -113,11 +113,14 @@ def _rel(a, b) -> float:
 
 def _worst_blocks(product, exact, model, limit: float = 1e-3) -> dict[str, float]:
     """The parameter blocks where ``product`` is off the exact one by more than ``limit``
-    (relative, per block), worst first, at most five."""
+    (relative, per block), worst first, at most five; blocks whose exact product is below
+    1e-6 of the whole (a key bias's, which attention ignores: zero up to rounding) are left
+    out."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
+    floor = 1e-6 * float(exact.norm())
     errs = {n: _rel(a, b) for n, a, b in zip(names, product.split(sizes), exact.split(sizes))
-            if float(b.norm()) > 0}
+            if float(b.norm()) > floor}
     worst = sorted((e, n) for n, e in errs.items() if e > limit)[::-1][:5]
     return {n: e for e, n in worst}
 
