@@ -19,10 +19,11 @@ def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
-def test_the_section_has_a_plain_loop_and_a_trainer_example():
+def test_the_section_has_a_plain_loop_a_trainer_example_and_the_own_model_trainer():
     blocks = _blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     assert "CurvatureTracker" in blocks[0] and "CurvatureCallback" in blocks[1]
+    assert "train(config" in blocks[2]
     assert len(blocks[0].strip().splitlines()) <= 12
 
 
@@ -45,3 +46,13 @@ def test_trainer_example_runs(tmp_path, monkeypatch, capsys):
     assert "[4, 8]" in capsys.readouterr().out
     assert [r["step"] for r in scope["callback"].history] == [4, 8]
     assert (tmp_path / "runs" / "gpt2-curv" / "report.html").exists()
+
+
+def test_own_model_training_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_blocks()[2], "README.md", "exec"), scope)
+    run = scope["run"]
+    assert len(run["epochs"]) == 5 + 1  # epoch 0 (initialisation) and five trained epochs
+    assert run["final"]["trace"] > 0 and 0.5 < run["final"]["test_acc"] <= 1.0
+    assert (tmp_path / "runs" / "my-mlp" / "metrics.json").exists()

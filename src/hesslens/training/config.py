@@ -43,7 +43,9 @@ class TrainConfig:
     """Everything that determines a training run (with the seed, bit for bit on one device).
 
     Attributes:
-        model, data: zoo names (``hesslens.zoo.MODELS``, ``hesslens.zoo.DATASETS``).
+        model, data: the labels the run is recorded under; for
+            :func:`hesslens.experiments.train.train_zoo`, the zoo names it builds from
+            (``hesslens.zoo.MODELS``, ``hesslens.zoo.DATASETS``).
 
     The defaults suit MNIST-1D: the 1-D CNN with SGD (lr 0.2, momentum 0.9, batch 128, 30
     epochs, lr x 0.25 from epoch index 15 and again from 22) reaches about 92 % test accuracy in
@@ -126,8 +128,10 @@ class TrainConfig:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        need(isinstance(self.model, str) and bool(self.model), "model must be a zoo model name")
-        need(isinstance(self.data, str) and bool(self.data), "data must be a zoo data-set name")
+        need(isinstance(self.model, str) and bool(self.model),
+             "model must be a non-empty label (a zoo model name for train_zoo)")
+        need(isinstance(self.data, str) and bool(self.data),
+             "data must be a non-empty label (a zoo data-set name for train_zoo)")
         need(is_int(self.epochs) and self.epochs >= 1,
              f"epochs must be a positive integer, got {self.epochs!r}")
         need(is_int(self.batch_size) and self.batch_size >= 1,
