@@ -273,26 +273,29 @@ def test_restarted_eigsh_matches_eigh(make_nn_like, which, k):
         assert res.n_hvp > 12  # it did restart
 
 
-def test_restart_keeps_an_orthonormal_basis_and_the_projection():
+@pytest.mark.parametrize("head", [0, 4])
+def test_restart_keeps_an_orthonormal_basis_and_the_projection(head):
     """After a thick restart Q stays orthonormal and Q A Q^T is the arrowhead-tridiagonal T the
-    engine keeps (the identity the Ritz values and residuals rest on)."""
+    engine keeps (the identity the Ritz values and residuals rest on); also with the basis in
+    two allocations (``head`` rows for the Ritz vectors returned, the rest)."""
     from hesslens.linalg.lanczos import _compress, _RestartedLanczos
 
     g = torch.Generator().manual_seed(3)
     B = torch.randn(200, 200, generator=g, dtype=torch.float64)
     A = (B + B.T) / 2
     start = torch.randn(1, 200, generator=g, dtype=torch.float64)
-    eng = _RestartedLanczos(MatrixOperator(A), start, 10, 100, torch.float64, A.device)
+    eng = _RestartedLanczos(MatrixOperator(A), start, 10, 100, torch.float64, A.device,
+                            head=head)
     for _ in range(3):  # three restarts
         while eng.m < 10:
             eng.step()
         blocks = eng.blocks()
         _compress(eng, blocks, np.concatenate([b[2] for b in blocks]), "LA", 4)
-        assert eng.Q.shape == (11, 200)
+        assert eng.basis.shape == (11, 200)
         eng.step()
         eng.step()
         m = eng.m
-        Q = eng.Q[:m]
+        Q = eng.basis.rows(0, m)
         torch.testing.assert_close(Q @ Q.T, torch.eye(m, dtype=torch.float64), atol=1e-12,
                                    rtol=0)
         T = (Q @ A @ Q.T).numpy()
@@ -362,7 +365,7 @@ def test_basis_rows_never_exceed_the_steps(monkeypatch):
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        shapes.append(tuple(self.Q.shape))
+        shapes.append(tuple(self.basis.shape))
 
     monkeypatch.setattr(lz._RestartedLanczos, "__init__", spy)
     n = 50_000
@@ -373,3 +376,31 @@ def test_basis_rows_never_exceed_the_steps(monkeypatch):
         eigsh(A, k=1, ncv=n, max_steps=10, tol=1e-3)
     eigsh(A, k=1, tol=1e-3)  # default: 101 x 5e4 float64 = 40 MB, no restart
     assert shapes == [(11, n), (101, n)]
+
+
+def test_ritz_vectors_are_formed_in_the_basis_without_another_allocation(monkeypatch):
+    """The k vectors returned are the basis's first rows, formed in place, and the other rows
+    are freed: returning them adds no k vectors to the peak (a large operator, restarted)."""
+    lz = importlib.import_module("hesslens.linalg.lanczos")
+    made = []
+    init = lz._Basis.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(lz._Basis, "__init__", spy)
+    g = torch.Generator().manual_seed(0)
+    n = 3000
+    d = torch.rand(n, generator=g, dtype=torch.float64)
+    d[:4] = torch.tensor([9.0, 7.0, 5.0, 4.5], dtype=torch.float64)
+    A = type("Diagonal", (), {"dim": n, "dtype": torch.float64, "device": torch.device("cpu"),
+                              "matmat": lambda self, V: V * d})()
+    res = eigsh(A, k=4, ncv=8, tol=1e-10)
+    assert res.n_hvp > 8  # it restarted
+    (basis,) = made
+    assert res.vectors.data_ptr() == basis.head.data_ptr() and basis.tail.numel() == 0
+    np.testing.assert_allclose(res.values.numpy(), [9.0, 7.0, 5.0, 4.5], rtol=1e-10)
+    exact = torch.eye(n, dtype=torch.float64)[:4]
+    overlap = (res.vectors @ exact.T).abs()
+    torch.testing.assert_close(overlap, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)

@@ -380,9 +380,9 @@ class CurvatureOperator:
 
         Memory, in copies of the parameters (``dim * itemsize``; what one product takes:
         :mod:`hesslens.curvature.engine`): the snapshot (1), the basis and its step temporaries
-        (``ncv + 3``, ``ncv + 1 + k`` at the end; the default ``ncv`` of a large operator is
-        ``min(max(2k + 8, 20), 31 - k)``, at least ``k + 2``) and one product; top-5 of a
-        10M-parameter network: about 24 + a product."""
+        (``ncv + 3``; the ``k`` Ritz vectors are formed in place in the basis, which is then
+        freed; the default ``ncv`` of a large operator is ``min(max(2k + 8, 20), 31 - k)``, at
+        least ``k + 2``) and one product; top-5 of a 10M-parameter network: 24 + a product."""
         _check_k(k, self.dim)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
@@ -504,10 +504,11 @@ class CurvatureOperator:
         for small problems; see :func:`hesslens.linalg.slq`).
 
         Memory, in copies of the parameters (one product: :mod:`hesslens.curvature.engine`): the
-        larger of the deflation (:meth:`eigenvalues` with ``k=deflate``: 32 copies for ``k=10`` on a
-        large operator, plus one product) and the quadrature: the snapshot (1), the deflation
-        vectors (``deflate``), three vectors per probe of a group of ``g = min(n_probes, 256 MiB /
-        (3 dim itemsize))`` (2 for 10M float32 parameters) and the products of the group."""
+        larger of the deflation (:meth:`eigenvalues` with ``k=deflate``: 1 + 24 copies for
+        ``k=10`` on a large operator, plus one product) and the quadrature: the snapshot (1),
+        the deflation vectors (``deflate``), three vectors per probe of a group of ``g =
+        min(n_probes, 256 MiB / (3 dim itemsize))`` (2 for 10M float32 parameters) and the
+        products of the group."""
         if isinstance(deflate, int) and not isinstance(deflate, bool):
             k = min(deflate, max(self.dim - 2, 0))
             deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None

@@ -8,8 +8,9 @@ the vector (the table is in ``benchmarks/README.md``, measured by ``bench_memory
 * :data:`WORK_BYTES` -- the probes multiplied together and their products (``block_traces``,
   ``hutchinson``, ``hutchpp``: 2 vectors a probe; ``slq``: 3 vectors a run).
 * :data:`BASIS_VECTORS` -- ``eigsh`` with ``ncv=None`` on a large operator restarts in a basis
-  of ``max(2k + 8, 20)`` vectors, lowered (not below ``k + 2``) so that the basis and the
-  ``k`` Ritz vectors it returns are at most this many.
+  of ``max(2k + 8, 20)`` vectors, lowered (not below ``k + 2``) to this many less ``k + 1``,
+  so that the basis, its step temporaries and the ``k`` Ritz vectors (formed in place in the
+  basis) stay below this many.
 
 Example:
     >>> import torch
@@ -26,7 +27,7 @@ import torch
 #: Bytes of probes and products multiplied together (see the module docstring).
 WORK_BYTES = 2**28
 
-#: Most basis plus Ritz vectors of a restarted eigsh on a large operator.
+#: Bound on the basis vectors of a restarted eigsh on a large operator (see above).
 BASIS_VECTORS = 32
 
 

@@ -301,6 +301,90 @@ class _BatchLanczos:
         return list(zip(starts, stops))
 
 
+class _Basis:
+    """The rows of a restarted Lanczos basis in two allocations: the first ``head`` rows, into
+    which the Ritz vectors to return are computed in place at the end, and the rest, dropped
+    then. Returning ``k`` vectors thus takes no memory beyond the basis's own rows (one
+    allocation would need ``k`` more rows for them while the basis is still held).
+
+    Example:
+        >>> B = _Basis(4, 1, 3, torch.float64, torch.device("cpu"))
+        >>> B.row(0)[0] = torch.tensor([1.0, 0.0, 0.0]); B.row(2)[0] = torch.tensor([0.0, 1.0, 0.0])
+        >>> B.coef(torch.tensor([[2.0, 3.0, 4.0]]), 3).tolist()
+        [[2.0, 0.0, 3.0]]
+        >>> B.take(np.array([[0.0, 0.0, 1.0]])).tolist()
+        [[0.0, 1.0, 0.0]]
+    """
+
+    def __init__(self, rows: int, head: int, dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        head = max(0, min(int(head), int(rows)))
+        self.head = torch.zeros(head, dim, dtype=dtype, device=device)
+        self.tail = torch.zeros(int(rows) - head, dim, dtype=dtype, device=device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.head.shape[0] + self.tail.shape[0], self.head.shape[1])
+
+    def _pieces(self, start: int, stop: int) -> list[Tensor]:
+        """Views of the two allocations that make up rows ``start:stop``, in order."""
+        h = self.head.shape[0]
+        out = []
+        if start < min(stop, h):
+            out.append(self.head[start : min(stop, h)])
+        if stop > max(start, h):
+            out.append(self.tail[max(start - h, 0) : stop - h])
+        return out
+
+    def row(self, i: int) -> Tensor:
+        """Row ``i`` as a ``(1, dim)`` view (writes go to the basis)."""
+        h = self.head.shape[0]
+        return self.head[i : i + 1] if i < h else self.tail[i - h : i - h + 1]
+
+    def rows(self, start: int, stop: int) -> Tensor:
+        """A copy of rows ``start:stop`` (for checks; the algorithm never joins them)."""
+        return torch.cat(self._pieces(start, stop))
+
+    def coef(self, W: Tensor, stop: int) -> Tensor:
+        """``W @ rows[:stop].T`` (see :func:`_coef`)."""
+        return torch.cat([_coef(W, P) for P in self._pieces(0, stop)], dim=1)
+
+    def combine(self, c: Tensor, start: int, stop: int) -> Tensor:
+        """``c @ rows[start:stop]``."""
+        out, col = None, 0
+        for P in self._pieces(start, stop):
+            part = c[:, col : col + P.shape[0]]
+            out = part @ P if out is None else out.addmm_(part, P)  # no second temporary
+            col += P.shape[0]
+        if out is None:  # no rows
+            out = torch.zeros(c.shape[0], self.shape[1], dtype=self.head.dtype,
+                              device=self.head.device)
+        return out
+
+    def combine_rows_(self, C: np.ndarray | Tensor) -> None:
+        """``rows[:p] <- C @ rows[:q]`` in place for ``C`` of shape ``(p, q)``, ``p <= q``, a
+        column chunk at a time (see :func:`_combine_rows_`)."""
+        Ct = torch.as_tensor(C).to(dtype=self.head.dtype, device=self.head.device)
+        p, q = Ct.shape
+        step = max(1, _REDUCE_ENTRIES // max(q, 1))
+        for c in range(0, self.shape[1], step):
+            X = torch.cat([P[:, c : c + step] for P in self._pieces(0, q)])
+            Y = Ct @ X
+            row = 0
+            for P in self._pieces(0, p):
+                P[:, c : c + step] = Y[row : row + P.shape[0]]
+                row += P.shape[0]
+
+    def take(self, C: np.ndarray | Tensor) -> Tensor:
+        """``C @ rows[:q]`` computed in place into the first rows and returned, the other rows
+        dropped: the basis is spent."""
+        p = int(torch.as_tensor(C).shape[0])
+        self.combine_rows_(C)
+        out = self.head[:p] if p <= self.head.shape[0] else self.rows(0, p)
+        self.tail = self.tail[:0].clone()
+        return out
+
+
 class _RestartedLanczos:
     """One Lanczos run in a basis of at most ``ncv`` vectors, thick-restarted (Wu and Simon 2000).
 
@@ -324,6 +408,7 @@ class _RestartedLanczos:
         max_steps: int,
         dtype: torch.dtype,
         device: torch.device,
+        head: int = 0,
     ) -> None:
         self.op = op
         self.dim = op.dim
@@ -336,8 +421,8 @@ class _RestartedLanczos:
         norm = float(v.norm())
         if norm == 0:
             raise HesslensInputError("a Lanczos start vector is zero")
-        self.Q = torch.zeros(self.ncv + 1, self.dim, dtype=dtype, device=device)
-        self.Q[0] = (v[0] / norm).to(dtype=dtype, device=device)
+        self.basis = _Basis(self.ncv + 1, head, self.dim, dtype, device)
+        self.basis.row(0)[0] = (v[0] / norm).to(dtype=dtype, device=device)
         self.T = np.zeros((self.ncv + 1, self.ncv + 1))
         self.m = 0  # basis rows in use; row m is the next Lanczos vector (when live)
         self.block_starts = [0]
@@ -352,8 +437,8 @@ class _RestartedLanczos:
     def step(self) -> None:
         """One Lanczos step (one product) of the open block."""
         j, start = self.m, self.block_starts[-1]
-        Q = self.Q
-        q = Q[j : j + 1]
+        basis = self.basis
+        q = basis.row(j)
         w = matmat_as(self.op, q, self.dtype, self.device)
         self.n_hvp += 1
         wnorm = float(_norm64(w)[0])
@@ -364,12 +449,11 @@ class _RestartedLanczos:
         w = w - alpha * q
         if self.arrow is not None and j == self.arrow:
             coupling = torch.as_tensor(self.T[start:j, j], dtype=self.dtype, device=self.device)
-            w = w - coupling[None, :] @ Q[start:j]
+            w = w - basis.combine(coupling[None, :], start, j)
         elif j > start:
-            w = w - float(self.T[j - 1, j]) * Q[j - 1 : j]
-        Qj = Q[: j + 1]
+            w = w - float(self.T[j - 1, j]) * basis.row(j - 1)
         for _ in range(2):  # "twice is enough"
-            w = w - _coef(w, Qj) @ Qj
+            w = w - basis.combine(basis.coef(w, j + 1), 0, j + 1)
         beta = float(_norm64(w)[0])
         self.T[j, j] = alpha
         self.m = j + 1
@@ -383,7 +467,7 @@ class _RestartedLanczos:
             self.status = "budget"
         else:
             self.status = "live"
-            Q[self.m] = w[0] / beta
+            basis.row(self.m)[0] = w[0] / beta
             self.T[j, j + 1] = self.T[j + 1, j] = beta
 
     def blocks(self) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -402,8 +486,8 @@ class _RestartedLanczos:
         return out
 
     def _rewrite(self, C: np.ndarray) -> None:
-        """``Q[:p] <- C @ Q[:q]`` in place (see :func:`_combine_rows_`)."""
-        _combine_rows_(self.Q, C)
+        """``Q[:p] <- C @ Q[:q]`` in place (see :meth:`_Basis.combine_rows_`)."""
+        self.basis.combine_rows_(C)
 
     def compress(self, keep_closed: list[tuple[int, int]], keep_open: list[int]) -> None:
         """Thick restart: keep some Ritz vectors and the residual direction, drop the rest.
@@ -464,14 +548,13 @@ class _RestartedLanczos:
         m = self.m
         v = v.reshape(1, -1).to(dtype=self.dtype, device=self.device)
         norm0 = float(_norm64(v)[0])
-        Qm = self.Q[:m]
         for _ in range(2):
-            v = v - _coef(v, Qm) @ Qm
+            v = v - self.basis.combine(self.basis.coef(v, m), 0, m)
         norm = float(_norm64(v)[0])
         if norm <= 1e-8 * norm0 * (1.0 if self.dtype == torch.float64 else 1e4):
             return False
         self.closed_resid.append(self.blocks()[-1][4])
-        self.Q[m] = v[0] / norm
+        self.basis.row(m)[0] = v[0] / norm
         self.block_starts.append(m)
         self.arrow = None
         self.beta = 0.0
@@ -733,8 +816,8 @@ def eigsh(
     ncv : int, optional
         Most basis vectors, ``k + 2 <= ncv`` (capped at ``dim``). Default: ``dim`` (no
         restart) while a basis of ``max_steps + 1`` vectors takes at most 64 MiB, else
-        ``max(2 * k + 8, 20)``, lowered (not below ``k + 2``) so that the basis and the ``k``
-        Ritz vectors take at most 32 vectors (:data:`~hesslens.linalg.budget.BASIS_VECTORS`).
+        ``max(2 * k + 8, 20)``, lowered (not below ``k + 2``) to ``31 - k``
+        (:data:`~hesslens.linalg.budget.BASIS_VECTORS` ``- 1 - k``).
     basis_dtype : torch.dtype, optional
         Dtype of the basis. Default: float64 for a float64 operator, else float32 (the basis is
         reorthogonalised twice, so a float32 basis is as accurate as float32 products; the
@@ -753,9 +836,9 @@ def eigsh(
     -----
     Memory: ``(ncv + 3) * dim * itemsize(basis_dtype)`` bytes while it runs (the basis and
     the next vector, the product's result and one update temporary), plus what one product
-    itself needs; ``(ncv + 1 + k) * dim * itemsize`` at the end, when the Ritz vectors are
-    formed. With the default ``ncv`` on a large operator: 21 + 5 = 26 vectors for ``k=5``,
-    22 + 10 = 32 for ``k=10``.
+    itself needs. The Ritz vectors returned are formed in place in the basis's first ``k`` rows
+    and the other rows are then freed, so they add nothing to the peak. With the default ``ncv``
+    on a large operator: 20 + 3 = 23 vectors for ``k=5``, 21 + 3 = 24 for ``k=10``.
 
     Raises
     ------
@@ -818,7 +901,8 @@ def eigsh(
 
     gen = torch.Generator().manual_seed(seed)
     engine = _RestartedLanczos(
-        op, _start_vector(op, None, seed, gen), ncv, max_steps, basis_dtype, basis_device
+        op, _start_vector(op, None, seed, gen), ncv, max_steps, basis_dtype, basis_device,
+        head=k if return_vectors else 0,
     )
     floor_eps = _NOISE_FLOOR_EPS * torch.finfo(op.dtype).eps
     # the values a restart keeps in the open block: the wanted ones, the guard, and half of
@@ -907,11 +991,13 @@ def eigsh(
 
     vectors = None
     if return_vectors:
-        vectors = torch.empty(len(order), n, dtype=op.dtype, device=op.device)
+        # The Ritz vectors, computed in place into the basis's first rows (no k more rows).
+        C = np.zeros((len(order), engine.m))
         for row, g in enumerate(order):
             b0, b1, _, S, _ = blocks[owner[g]]
-            s = torch.as_tensor(S[:, local[g]], dtype=basis_dtype, device=basis_device)
-            vectors[row] = s @ engine.Q[b0:b1]
+            C[row, b0:b1] = S[:, local[g]]
+        vectors = engine.basis.take(C).to(dtype=op.dtype, device=op.device)
+        for row in range(vectors.shape[0]):
             vectors[row] /= vectors[row].norm()
 
     converged = ok[order]
