@@ -234,3 +234,22 @@ def test_non_finite_loss_in_a_later_batch_is_named(path):
         H.trace(method="exact")
     with pytest.raises(HesslensInputError, match="not finite"):
         hl.GaussNewton(model, cross_entropy, batches, reuse_graph=False).eigenvalues(k=1)
+
+
+def test_batched_paths_are_not_timed_when_a_chunk_holds_too_few_vectors():
+    """Where product_bytes lets a chunk hold fewer than 4 vectors (large networks), batched
+    products run as the loop with no timing of the batched paths (their temporaries would add
+    to the peak for nothing); with room they are timed as before. Both match the dense Hessian."""
+    model, batches, _ = _setup(next(iter(CASES)), "auto")
+    dense = dense_hessian(model, cross_entropy, batches, hl.Hessian(model, cross_entropy,
+                                                                    batches).parameter_names)
+    V = torch.randn(6, dense.shape[0], generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    tight = hl.Hessian(model, cross_entropy, batches, product_bytes=1)
+    assert tight._engine.chunk(tight.parameter_names) == 1
+    torch.testing.assert_close(tight.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
+    assert tight.engine_choice["batched"] == "reverse-loop"
+    assert "batched" not in tight._engine.timings and tight._engine.calibration_products == 0
+    roomy = hl.Hessian(model, cross_entropy, batches)
+    torch.testing.assert_close(roomy.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
+    assert set(roomy._engine.timings["batched"]) >= {"reverse-loop", "reverse-batched"}

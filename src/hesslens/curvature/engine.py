@@ -61,6 +61,9 @@ GRAPH_CACHE_BYTES = 4 * 2**30
 #: chunk of a network with 10M float32 parameters to 2 vectors (benchmarks/bench_memory.py).
 PRODUCT_BYTES = 2**28
 
+#: Fewest vectors a chunk must hold for the batched paths to be timed against the loop.
+_MIN_BATCHED_CHUNK = 4
+
 
 class ProductEngine:
     """Products of the Hessian and the generalised Gauss-Newton matrix with batches of vectors.
@@ -327,12 +330,18 @@ class ProductEngine:
             self.loss_of(i, batch, weight)(leaves)
         return saved[0]
 
-    def _candidates(self, k: int) -> list[str]:
+    def _candidates(self, k: int, names: Sequence[str]) -> list[str]:
         if self.path == "fd":
             return ["fd"]
         if self.path == "forward":
             return ["forward"]
         if self.path == "reverse":  # pinned: no timing, so products are bitwise repeatable
+            return ["reverse-loop"]
+        if k > 1 and self.chunk(names) < _MIN_BATCHED_CHUNK:
+            # A chunk within product_bytes holds too few vectors for batching to pay (one vector
+            # is the loop itself), and timing the batched paths would add their temporaries to
+            # the peak (ResNet-18, 11M parameters, a batch of 2: 24 copies of the parameters
+            # against 14 for the loop alone, 10 more at the peak of density()).
             return ["reverse-loop"]
         reverse = ["reverse-loop", "reverse-batched"] if k > 1 else ["reverse-loop"]
         if k == 1 and self.model.device.type == "cpu" and self.graph_cache_bytes > 0:
@@ -347,7 +356,7 @@ class ProductEngine:
         and for later calls, and return the products (the discarded candidates' products are
         counted in ``calibration_products``)."""
         k = vs[0].shape[0]
-        candidates = self._candidates(k)
+        candidates = self._candidates(k, names)
         if len(candidates) == 1:
             self.choice[key] = candidates[0]
             return self._run(candidates[0], names, vs)
