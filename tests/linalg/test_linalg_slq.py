@@ -222,3 +222,32 @@ def test_auto_is_full_for_small_problems_and_bad_arguments():
         slq(A, reorth="partial")
     with pytest.raises(ValueError, match="probe_chunk"):
         slq(A, probe_chunk=0)
+
+
+@pytest.mark.parametrize("reorth", ["none", "full"])
+def test_deflation_vectors_off_orthonormal_are_fixed_in_a_copy_or_in_place(make_nn_like, reorth):
+    """Deflation vectors 1e-4 from orthonormal (float32 Ritz vectors can be) are made
+    orthonormal: in a copy by default (the caller's tensor untouched), in place with
+    overwrite_deflate=True (no copy of r vectors); the span, hence the result, is the same."""
+    from hesslens.linalg import EigenResult
+    from hesslens.linalg.lanczos import _gram64
+
+    A, _ = make_nn_like(1000, seed=1)
+    top = eigsh(A, k=6)
+    g = torch.Generator().manual_seed(0)
+    skew = top.vectors + 1e-4 * torch.randn(top.vectors.shape, generator=g, dtype=torch.float64)
+
+    def result(vectors):
+        return EigenResult(values=top.values, vectors=vectors, residuals=top.residuals,
+                           converged=top.converged, n_hvp=0, n_steps=0, which="LA",
+                           bounds=top.bounds)
+
+    kept = skew.clone()
+    copied, _ = slq(A, deflate=result(kept), reorth=reorth, n_steps=40)
+    assert torch.equal(kept, skew)
+    in_place, _ = slq(A, deflate=result(kept), reorth=reorth, n_steps=40, overwrite_deflate=True)
+    assert not torch.equal(kept, skew)
+    eye = torch.eye(6, dtype=torch.float64)
+    assert float((_gram64(kept, kept) - eye).abs().max()) < 1e-12
+    np.testing.assert_allclose(in_place.nodes, copied.nodes, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(in_place.weights, copied.weights, rtol=1e-9, atol=1e-14)

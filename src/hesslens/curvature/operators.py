@@ -509,7 +509,8 @@ class CurvatureOperator:
         the deflation vectors (``deflate``), three vectors per probe of a group of ``g =
         min(n_probes, 256 MiB / (3 dim itemsize))`` (2 for 10M float32 parameters) and the
         products of the group."""
-        if isinstance(deflate, int) and not isinstance(deflate, bool):
+        own_deflation = isinstance(deflate, int) and not isinstance(deflate, bool)
+        if own_deflation:
             k = min(deflate, max(self.dim - 2, 0))
             deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None
             if deflate is not None and not bool(torch.as_tensor(deflate.converged).all()):
@@ -520,7 +521,7 @@ class CurvatureOperator:
                     "result)", stacklevel=2)
         spectrum, _ = slq(self, n_probes=n_probes, n_steps=min(n_steps, self.dim), seed=seed,
                           distribution=distribution, deflate=deflate, reorth=reorth,
-                          probe_chunk=probe_chunk)
+                          probe_chunk=probe_chunk, overwrite_deflate=own_deflation)
         return spectrum
 
     def __repr__(self) -> str:

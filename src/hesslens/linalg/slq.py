@@ -36,6 +36,7 @@ from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import (
     _BatchLanczos,
     _coef,
+    _combine_rows_,
     _gram64,
     _norm64,
     _rowdot,
@@ -137,6 +138,7 @@ def slq(
     probe_chunk: int | None = None,
     work_dtype: torch.dtype | None = None,
     work_device: torch.device | str | None = None,
+    overwrite_deflate: bool = False,
 ) -> tuple[Spectrum, int]:
     """Estimate the spectral measure of ``A`` by stochastic Lanczos quadrature.
 
@@ -186,6 +188,10 @@ def slq(
         Default: float64 for a float64 operator, else float32 (as accurate as the products);
         the operator's device. ``work_device="cpu"`` keeps them off a GPU (each product then
         moves one group to the device and back).
+    overwrite_deflate : bool
+        Let ``deflate.vectors`` be made orthonormal in place (as scipy's ``overwrite_a``) where
+        they are not to rounding (float32 Ritz vectors can be 1e-4 off), instead of in a copy
+        of ``r`` vectors; only their span matters here, and it is kept.
 
     Returns
     -------
@@ -267,11 +273,14 @@ def slq(
         eye = torch.eye(rank, dtype=torch.float64)
         gram = _gram64(V, V)
         if float((gram - eye).abs().max()) <= 10.0 * rank * torch.finfo(dtype).eps:
-            U = V  # orthonormal to rounding already (eigsh's vectors): no copy
+            U = V  # orthonormal to rounding already: no copy
         else:
             L = torch.linalg.cholesky(gram + 1e-14 * eye)
             Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            U = Linv.to(device=device, dtype=dtype) @ V
+            if overwrite_deflate or V is not deflate.vectors:  # V is ours: in place
+                U = _combine_rows_(V, Linv)
+            else:
+                U = Linv.to(device=device, dtype=dtype) @ V
         del V
 
     gen = torch.Generator().manual_seed(seed)
