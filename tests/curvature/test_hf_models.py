@@ -325,3 +325,24 @@ def test_finite_differences_on_a_relu_network_in_float32_say_they_did_not_settle
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         H.hvp(V[:, :H.dim].double())
+
+
+def test_finite_differences_that_did_not_settle_stop_searching(monkeypatch):
+    """After a search for a step that settles has failed (float32 ReLU network), later products
+    keep the step found and cost four gradients each instead of searching again."""
+    import hesslens.curvature.products as products
+
+    model, data, V = _relu_mlp_case(torch.float32)
+    H = hl.Hessian(model, torch.nn.functional.cross_entropy, data, path="fd")
+    with pytest.warns(UserWarning, match="did not settle"):
+        H.hvp(V[:1])
+    calls = []
+    original = products.gradient
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(products, "gradient", counting)
+    H.hvp(V[1:])
+    assert len(calls) == 4 * 3
