@@ -279,13 +279,13 @@ def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
             scale.unsettled = max(scale.unsettled, best_change)
         else:
             coarse = central(v, h)
-            best, best_change = None, math.inf
+            best, best_change, best_h = None, math.inf, h
             for halving in range(scale.max_halvings + 1):
                 fine = central(v, h / 2)
                 change = norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
                 if change < best_change:
                     best = [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
-                    best_change = change
+                    best_change, best_h = change, h
                     scale.factor = h / fd_step(base, names, v, order)
                 elif halving > 0:
                     break  # rounding has taken over from truncation: keep the best step
@@ -297,7 +297,7 @@ def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
                 # max-pooling kinks). Plain central differences' step, sqrt(eps) relative,
                 # crosses far fewer kinks; keep it where D(h) and D(h/2) agree better there.
                 small = fd_step(base, names, v, 1)
-                if small < h / 2:
+                if small < best_h / 2:
                     coarse, fine = central(v, small), central(v, small / 2)
                     change = norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
                     if change < best_change:
