@@ -381,8 +381,9 @@ class CurvatureOperator:
         Memory, in copies of the parameters (``dim * itemsize``; what one product takes:
         :mod:`hesslens.curvature.engine`): the snapshot (1), the basis and its step temporaries
         (``ncv + 3``; the ``k`` Ritz vectors are formed in place in the basis, which is then
-        freed, ``k`` more for another ``basis_dtype`` or ``basis_device``; the default ``ncv`` of a large operator is ``min(max(2k + 8, 20), 31 - k)``, at
-        least ``k + 2``) and one product; top-5 of a 10M-parameter network: 24 + a product."""
+        freed, ``k`` more for another ``basis_dtype`` or ``basis_device``; the default ``ncv``
+        of a large operator is ``min(max(2k + 8, 20), 31 - k)``, at least ``k + 2``) and one
+        product; top-5 of a 10M-parameter network: 24 + a product."""
         _check_k(k, self.dim)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
