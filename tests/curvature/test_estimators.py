@@ -156,3 +156,48 @@ def test_traces_after_trace_continue_its_probes():
         full_fresh.value, full_fresh.stderr, full_fresh.n_hvp)
     for name, r in layers_fresh.items():
         assert (layers[name].value, layers[name].stderr) == (r.value, r.stderr)
+
+
+def test_reload_parameters_equals_a_fresh_operator():
+    """After an optimizer step, H.reload_parameters(model) gives the products, eigenvalues and
+    traces of an operator built afresh on the moved model, blocks and Gauss-Newton included,
+    and it does not change the model."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    model.double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randint(0, 3, (40,))
+    H = hl.Hessian(model, cross_entropy, (x, y))
+    G = H.gauss_newton()
+    block = H.block("2")
+    H.eigenvalues(k=2)
+    before = H.traces(rtol=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        cross_entropy(model(x), y).backward()
+        opt.step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    H.reload_parameters(model)
+    fresh = hl.Hessian(model, cross_entropy, (x, y))
+    names = [n for n, _ in model.named_parameters()]
+    dense = dense_hessian(model, cross_entropy, [(x, y)], names)
+    v = torch.randn(3, H.dim, dtype=torch.float64)
+    assert torch.allclose(H.hvp(v), v @ dense, atol=1e-10)
+    assert torch.allclose(G.hvp(v), fresh.gauss_newton().hvp(v), atol=1e-10)
+    assert torch.allclose(block.hvp(v[:, -24:]), fresh.block("2").hvp(v[:, -24:]), atol=1e-10)
+    top = H.eigenvalues(k=2)
+    exact = torch.linalg.eigvalsh(dense).flip(0)[:2]
+    assert torch.allclose(top.values, exact, rtol=1e-6)
+    after = H.traces(rtol=0.05)
+    assert after[0].value == fresh.traces(rtol=0.05)[0].value
+    assert after[0].value != before[0].value
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_reload_parameters_refuses_another_model():
+    model = torch.nn.Linear(3, 2)
+    H = hl.Hessian(model, cross_entropy, (torch.randn(4, 3), torch.randint(0, 2, (4,))))
+    with pytest.raises(hl.HesslensInputError, match="not those the operator was built on"):
+        H.reload_parameters(torch.nn.Linear(3, 4, bias=False))
+    with pytest.raises(hl.HesslensInputError, match="shape"):
+        H.reload_parameters(torch.nn.Linear(4, 2))

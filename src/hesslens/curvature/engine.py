@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hesslens.curvature import products
 from hesslens.curvature.collective import STATUS_SLOTS, all_reduce_checked
@@ -138,9 +138,23 @@ class ProductEngine:
         self._graphs_complete: dict[str, bool] = {}
         self._cache_used = 0
         self._checked: set[int] = set()
+        self.version = 0  # counts reload()s: what operators cached before one is stale
         # allow_dropout=True: each vector of a vmapped batch gets its own dropout mask, as a
         # looped product would (vmap's default refuses random operations).
         self._randomness = "different" if getattr(model, "random", False) else "error"
+
+    def reload(self, model: nn.Module) -> None:
+        """Take ``model``'s current parameters (the same network, later in training): the
+        snapshot is overwritten in place and everything derived from the old parameters (cached
+        graphs, loss checks, the finite-difference step) is dropped; the data, its weights and
+        the chosen product paths are kept."""
+        self.model.load_from(model)
+        self._graphs.clear()
+        self._graphs_complete.clear()
+        self._cache_used = 0
+        self._checked.clear()
+        self.fd_scale = products.StepScale()
+        self.version += 1
 
     # ----------------------------------------------------------------- the data loop
     def batches(self) -> Iterator[tuple[int, Batch, float]]:

@@ -98,6 +98,30 @@ class FunctionalModel:
         for p in module.parameters():
             p.requires_grad_(False)
 
+    def load_from(self, model: nn.Module) -> None:
+        """Copy ``model``'s current parameters and buffers into the snapshot, in place (no new
+        copy of the model): the same network later in training. Names and shapes must match
+        the model this copy was made from."""
+        model_params = dict(model.named_parameters())
+        missing = [n for n in self.params if n not in model_params]
+        if missing or len(model_params) != len(self.params):
+            raise HesslensInputError(
+                f"the model's parameters are not those the operator was built on (missing "
+                f"{missing[:3]}, {len(model_params)} against {len(self.params)}): build a new "
+                "operator for another model")
+        for name, target in self.params.items():
+            source = model_params[name].detach()
+            if source.shape != target.shape:
+                raise HesslensInputError(
+                    f"parameter {name!r} has shape {tuple(source.shape)}, the operator's "
+                    f"{tuple(target.shape)}: build a new operator for another model")
+            target.copy_(source)
+        model_buffers = dict(model.named_buffers())
+        for name, target in self.buffers.items():
+            source = model_buffers.get(name)
+            if isinstance(source, torch.Tensor) and source.shape == target.shape:
+                target.copy_(source.detach())
+
     def __call__(self, params: dict[str, torch.Tensor], args: tuple = (),
                  kwargs: dict | None = None) -> Any:
         """The model's output with ``params`` overriding the snapshot."""

@@ -184,6 +184,7 @@ class CurvatureOperator:
         self.n_products = 0
         self._trace_cache: dict[tuple, tuple[TraceResult, dict[str, TraceResult]]] = {}
         self._trace_states: dict[tuple, TraceState] = {}  # where trace()'s probes stopped
+        self._version = engine.version
 
     def _derived(self, cls: type[CurvatureOperator], blocks: Blocks,
                  pieces: list[ParamSlice], label: str) -> CurvatureOperator:
@@ -354,6 +355,33 @@ class CurvatureOperator:
         return LinearOperator((self.dim, self.dim), matvec=matmat, matmat=matmat,
                               rmatvec=matmat, rmatmat=matmat, dtype=np.float64)
 
+    def reload_parameters(self, model: nn.Module) -> CurvatureOperator:
+        """Take the current parameters of ``model`` (the network this operator was built on,
+        later in training) without rebuilding anything: the private copy, the data and its
+        checks, the blocks and the chosen product path are kept. Every operator derived from
+        this one (blocks, Gauss-Newton, residual) shares the snapshot and moves with it.
+        Returns the operator.
+
+        Example:
+            >>> import torch, hesslens as hl
+            >>> net = torch.nn.Linear(2, 1)
+            >>> H = hl.Hessian(net, torch.nn.functional.mse_loss,
+            ...                (torch.randn(4, 2), torch.randn(4, 1)))
+            >>> with torch.no_grad():
+            ...     _ = net.weight.mul_(2.0)
+            >>> H.reload_parameters(net).dim
+            3
+        """
+        self._engine.reload(unwrap_model(model))
+        return self
+
+    def _fresh_caches(self) -> None:
+        """Drop trace results computed before the engine's last reload."""
+        if self._version != self._engine.version:
+            self._trace_cache.clear()
+            self._trace_states.clear()
+            self._version = self._engine.version
+
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
         """The mean loss and its flat gradient with respect to this operator's elements."""
         loss, grad = self._engine.loss_and_gradient(self._names)
@@ -408,6 +436,7 @@ class CurvatureOperator:
         :mod:`hesslens.curvature.engine`): the snapshot (1), the sketch basis (16), a batch of ``b``
         probes and its products (``2 b``, ``b = min(16, 256 MiB / (2 dim itemsize))``: 3 for 10M
         float32 parameters) and the products of that batch; about 23 + a product at 10M."""
+        self._fresh_caches()
         if method == "hutch++":
             key = (rtol, n_hvp or max_hvp, distribution, seed)
             if ("blocks", *key) in self._trace_cache:  # traces() ran: its full is as good
@@ -448,6 +477,7 @@ class CurvatureOperator:
         :meth:`trace` with the same arguments its products are reused: as they are when its
         layer estimates already meet that rule, else continued with the next probes of the
         same sequence (the result is that of a :meth:`traces` alone, for fewer products)."""
+        self._fresh_caches()
         key = (rtol, max_hvp, distribution, seed)
         if ("blocks", *key) in self._trace_cache:
             return self._trace_cache[("blocks", *key)]
