@@ -163,7 +163,7 @@ class Hesslens(Tool):
     def _products(H) -> tuple[int, int]:
         # n_products counts the vectors the estimators asked for; the engine's first batch of
         # each kind is also run on the other candidate paths to time them (calibration).
-        calib = int(getattr(getattr(H, "_engine", None), "calibration_products", 0))
+        calib = int(getattr(getattr(H, "path_choice", None), "calibration_products", 0))
         return int(H.n_products) + calib, calib
 
     def top_eigenvalues(self, model, loss, data, k, hint):

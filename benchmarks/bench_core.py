@@ -400,7 +400,7 @@ class Bench:
         hl = next((t for t in self.tools if t.name == "hesslens"), None)
         if hl is not None and getattr(hl, "last", None) is not None:
             info["engine_choice"] = hl.last.engine_choice
-            info["engine_timings"] = getattr(hl.last._engine, "timings", None)
+            info["engine_timings"] = getattr(getattr(hl.last, "path_choice", None), "timings", None)
             print(f"  hesslens engine choice: {info['engine_choice']}")
 
 

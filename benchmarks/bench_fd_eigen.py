@@ -105,7 +105,7 @@ def _hesslens(model, batches, path: str) -> dict:
 
     H = hl.Hessian(model, None, batches, path=path)
     res = H.eigenvalues(k=K)
-    products = int(H.n_products) + int(getattr(H._engine, "calibration_products", 0))
+    products = int(H.n_products) + int(H.path_choice.calibration_products)
     return {"values": [float(x) for x in res.values], "products": products,
             "gradients_per_product": 4 * len(batches) if path == "fd" else None,
             "converged": bool(res.converged.all()), "path": H.engine_choice.get("single"),

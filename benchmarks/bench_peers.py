@@ -79,7 +79,7 @@ def _child(tool: str, task: str, model_name: str, width: int, samples: int,
             extra["values"] = [r.value]
         else:
             extra["nodes"] = len((H.density(n_steps=10) if quick else H.density()).nodes)
-        products = H.n_products + H._engine.calibration_products
+        products = H.n_products + H.path_choice.calibration_products
         extra["choice"] = H.engine_choice
     elif tool == "pyhessian" and task == "density":
         # Never capped: it keeps every Lanczos vector (v_list), so its peak grows with iter.

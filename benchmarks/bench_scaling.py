@@ -31,7 +31,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import hesslens as hl
-    from hesslens.training.distributed import barrier, process_group_from_env, shard
+    from hesslens.parallel import barrier, process_group_from_env, shard
     from hesslens.zoo import build_model
 
     torch.set_num_threads(1)

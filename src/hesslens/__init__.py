@@ -11,6 +11,7 @@ Example:
 
 from hesslens.curvature import (
     CurvatureOperator,
+    EmpiricalFisher,
     GaussNewton,
     GaussNewtonResidual,
     Hessian,
@@ -25,6 +26,7 @@ __all__ = [
     "CurvatureOperator",
     "CurvatureTracker",
     "EigenResult",
+    "EmpiricalFisher",
     "GaussNewton",
     "GaussNewtonResidual",
     "Hessian",

@@ -246,10 +246,11 @@ def test_batched_paths_are_not_timed_when_a_chunk_holds_too_few_vectors():
     V = torch.randn(6, dense.shape[0], generator=torch.Generator().manual_seed(3),
                     dtype=torch.float64)
     tight = hl.Hessian(model, cross_entropy, batches, product_bytes=1)
-    assert tight._engine.chunk(tight.parameter_names) == 1
+    assert tight._shared.loop.vectors_per_chunk(tight.parameter_names) == 1
     torch.testing.assert_close(tight.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
     assert tight.engine_choice["batched"] == "reverse-loop"
-    assert "batched" not in tight._engine.timings and tight._engine.calibration_products == 0
+    assert "batched" not in tight.path_choice.timings
+    assert tight.path_choice.calibration_products == 0
     roomy = hl.Hessian(model, cross_entropy, batches)
     torch.testing.assert_close(roomy.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
-    assert set(roomy._engine.timings["batched"]) >= {"reverse-loop", "reverse-batched"}
+    assert set(roomy.path_choice.timings["batched"]) >= {"reverse-loop", "reverse-batched"}

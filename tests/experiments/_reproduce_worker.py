@@ -12,7 +12,7 @@ from pathlib import Path
 from hesslens.errors import HesslensError
 from hesslens.experiments.reproduce import reproduce
 from hesslens.experiments.reproduce_plan import Arm, Plan
-from hesslens.training.distributed import process_group_from_env
+from hesslens.parallel import process_group_from_env
 
 
 def tiny_plan(epochs: int = 1) -> Plan:

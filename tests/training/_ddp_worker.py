@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hesslens.parallel import current, process_group_from_env
 from hesslens.training import TrainConfig, train
-from hesslens.training.distributed import current, process_group_from_env
 from hesslens.training.trainer import TensorData
 
 # 46 training examples in batches of 15: pieces 8/7 (uneven, through DDP) three times and 1/0

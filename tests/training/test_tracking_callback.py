@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hesslens.curvature.operators import Hessian
+from hesslens.curvature import Hessian
 from hesslens.training import EpochTracking, TensorData, TrainConfig, train
 from hesslens.training.trainer import TIMING_KEYS
 

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from hesslens.curvature.collective import STATUS_SLOTS, all_reduce_checked
 from hesslens.errors import DataChangedError, HesslensInputError
+from hesslens.parallel import all_reduce_int
 
 Batch = Any
 TermCounter = Callable[[Batch], int]
@@ -142,7 +142,7 @@ class BatchSource:
         self.local_terms = sum(self.terms)
         # Under torch.distributed (group given) this rank's data is a shard: the weights are
         # shares of the loss terms of all shards together.
-        self.num_terms = self.local_terms if group is None else _all_reduce_int(
+        self.num_terms = self.local_terms if group is None else all_reduce_int(
             self.local_terms, group, failure)
         if self.num_terms == 0:
             raise HesslensInputError(
@@ -232,19 +232,6 @@ class BatchSource:
               and not all(isinstance(t, torch.Tensor) or _is_tensor_tuple(t) for t in batch)):
             raise HesslensInputError(
                 f"batch {index}: inputs and targets must be torch tensors")
-
-
-def _all_reduce_int(value: int, group: Any, failure: BaseException | None = None) -> int:
-    """The sum of ``value`` over the ranks of ``group``; every rank raises if one has a
-    ``failure`` (:func:`hesslens.curvature.collective.all_reduce_checked`)."""
-    import torch.distributed as dist
-
-    t = torch.zeros(1 + STATUS_SLOTS, dtype=torch.int64)
-    t[0] = value
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    all_reduce_checked(t, failure, group)
-    return int(t[0].item())
 
 
 def _inputs_of(inputs: Any) -> list[torch.Tensor]:

@@ -1,28 +1,33 @@
-"""Per-batch curvature products: each function multiplies the matrix of ONE batch's (already
-weighted) loss with a batch of vectors, given per parameter as ``(k, *shape)`` tensors.
+"""Second-order primitives, written once: Hessian-, Jacobian- and Gauss-Newton-vector products,
+finite differences of gradients and of losses, per-sample gradients.
 
-``loss_of(params)`` is the weighted loss of the batch with ``params`` (a dict over the
-parameters differentiated) overriding the model's snapshot. The engine
-(:mod:`hesslens.curvature.engine`) owns the data loop around these, the weighting, the graph
-cache and the sum over batches.
+Plain functions that read like their equations; the bookkeeping (which batch, its weight, the
+graph cache, chunks of vectors, the sum over batches and processes) lives in the callers: the
+operators' data loop (:mod:`hesslens.curvature.loop`), the training penalty
+(:mod:`hesslens.training.penalty`) and the sharded Hessian (:mod:`hesslens.curvature.sharded`).
+Vectors are given per parameter, as lists aligned with the parameters.
 
-* :func:`hvp_reverse` -- ``Hv = d/dθ (g · v)`` by double backward on a kept first-order graph.
-* :func:`hvp_forward` -- ``Hv = jvp(grad(loss), v)``, forward-over-reverse, vmapped.
-* :func:`hvp_fd` -- ``Hv ≈ (g(θ + hv) - g(θ - hv)) / 2h``, first-order autograd only.
-* :func:`ggn_vmapped`, :func:`ggn_reverse` -- ``Gv = J^T (d2 loss / dz2) J v``.
-
-Each adds its products into ``out`` (per-parameter ``(k, *shape)`` tensors, e.g. views of one
-flat result) when given, so that a sum over batches holds one result, not one per batch.
+* ``Hv = d/dθ (g · v)`` -- :func:`hvp` (double backward on a kept gradient graph; rows of
+  vectors one at a time or in ``is_grads_batched`` chunks: :func:`hvp_rows`), :func:`hvp_forward`
+  (``jvp(grad(loss), v)``, vmapped).
+* ``J v = d/du (J^T u · v)``, ``J^T w``, ``H_z w`` -- :func:`jvp_reverse`, :func:`vjp`,
+  :func:`output_hvp`; the Gauss-Newton product ``G v = J^T H_z J v`` is their composition
+  (:func:`gauss_newton_vp`, or :func:`gauss_newton_vmapped` with forward mode).
+* ``Hv ≈ (4 D(h/2) - D(h)) / 3``, ``D(h) = (g(θ + hv) - g(θ - hv)) / 2h`` --
+  :func:`richardson_hvp`, from any ``gradient_at(t)``; its step (:func:`fd_step`) and the
+  search that settles it (:class:`StepScale`) are shared by every finite difference here.
+* ``v^T H v ≈ (L(θ + hv) - 2 L(θ) + L(θ - hv)) / h^2`` -- :func:`second_difference`.
 
 Example:
     >>> import torch
     >>> w = torch.tensor([1.0, 2.0], dtype=torch.float64)
     >>> loss_of = lambda p: (p["w"] ** 3).sum() / 6          # Hessian diag(w)
-    >>> graph = build_graph(loss_of, {"w": w}, ["w"])
-    >>> hvp_reverse(graph, ["w"], [torch.ones(1, 2, dtype=torch.float64)])[0]
-    tensor([[1., 2.]], dtype=torch.float64)
-    >>> fd = hvp_fd(loss_of, {"w": w}, ["w"], [torch.ones(1, 2, dtype=torch.float64)])[0]
-    >>> [round(x, 8) for x in fd[0].tolist()]
+    >>> graph = first_order_graph(loss_of, {"w": w}, ["w"])
+    >>> hvp(graph.grads, graph.leaves, [torch.ones(2, dtype=torch.float64)])[0]
+    tensor([1., 2.], dtype=torch.float64)
+    >>> gradient_at = lambda t: gradient(loss_of, {"w": w + t}, ["w"])[1]
+    >>> [round(x, 8) for x in richardson_hvp(gradient_at, [torch.ones(2, dtype=torch.float64)],
+    ...                                      theta_norm=float(w.norm()))[0].tolist()]
     [1.0, 2.0]
 """
 
@@ -40,8 +45,34 @@ from torch import Tensor
 from hesslens.errors import HesslensInputError
 
 LossOf = Callable[[dict[str, Tensor]], Tensor]
+Vectors = list[Tensor]
+
+__all__ = [
+    "FirstOrderGraph",
+    "GaussNewtonGraph",
+    "LossOf",
+    "StepScale",
+    "fd_step",
+    "first_order_graph",
+    "gauss_newton_graph",
+    "gauss_newton_vmapped",
+    "gauss_newton_vp",
+    "gradient",
+    "hvp",
+    "hvp_forward",
+    "hvp_rows",
+    "jvp_reverse",
+    "named_derivative_errors",
+    "output_hvp",
+    "richardson_hvp",
+    "saved_bytes",
+    "second_difference",
+    "second_order_kernels",
+    "vjp",
+]
 
 
+# ---------------------------------------------------------------------- kernels and errors
 @contextlib.contextmanager
 def second_order_kernels() -> Iterator[None]:
     """Attention kernels that have the derivatives double backward and forward mode need.
@@ -85,35 +116,11 @@ class named_derivative_errors:
         return False
 
 
-@dataclass
-class BatchGraph:
-    """One batch's first-order graph: the leaves it was built on, the gradient (with its
-    graph) and the bytes the graph saved for backward."""
-
-    leaves: dict[str, Tensor]
-    grads: dict[str, Tensor]
-    nbytes: int
-
-
-def build_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]) -> BatchGraph:
-    """The gradient of ``loss_of`` with respect to ``names`` with its graph kept for double
-    backward; counts the bytes the graph saves."""
-    # detached views of the snapshot, not copies: nothing writes to them
-    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
-        loss = loss_of(leaves)
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
-                                    allow_unused=True)
-    grads_map = {n: (g if g is not None else torch.zeros_like(leaves[n]))
-                 for n, g in zip(leaves, grads)}
-    return BatchGraph(leaves, grads_map, saved[0])
-
-
 @contextlib.contextmanager
 def saved_bytes(exclude: Iterable[Tensor] = ()) -> Iterator[list[int]]:
     """Count the bytes of the distinct storages autograd saves for backward inside the block
     (in ``[0]``), leaving out those of ``exclude`` (the parameters: saving them costs no
-    memory). The engine sizes its cache and its product chunks with this."""
+    memory). The operators size their graph cache and product chunks with this."""
     saved = [0]
     seen = {_storage_of(t)[0] for t in exclude}
 
@@ -138,32 +145,103 @@ def _storage_of(t: Tensor) -> tuple[int, int]:
         return id(t), t.numel() * t.element_size()
 
 
-def hvp_reverse(graph: BatchGraph, names: Sequence[str], vs: list[Tensor], *,
-                batched: bool = False, chunk_size: int = 32,
-                out: list[Tensor] | None = None) -> list[Tensor]:
-    """``H_b V`` by double backward on ``graph``: ``d/dθ (g · v)``, one vector at a time or
-    ``is_grads_batched`` chunks of them."""
-    out = out if out is not None else [torch.zeros_like(v) for v in vs]
-    # A parameter the loss does not use has a constant (zero) gradient: its rows and columns
-    # of H are zero, and autograd must not be asked to differentiate it.
-    used = [i for i, n in enumerate(names) if graph.grads[n].requires_grad]
+def _leaves(params: dict[str, Tensor], names: Sequence[str]) -> dict[str, Tensor]:
+    # detached views of the snapshot, not copies: nothing writes to them
+    return {n: params[n].detach().requires_grad_(True) for n in names}
+
+
+# ---------------------------------------------------------------------- first order
+def gradient(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
+             ) -> tuple[Tensor, Vectors]:
+    """The loss and its gradient ``g = dL/dθ`` with respect to ``names`` (first order only)."""
+    leaves = _leaves(params, names)
+    with torch.enable_grad():
+        loss = loss_of(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.detach(), [g if g is not None else torch.zeros_like(leaves[n])
+                           for n, g in zip(names, grads)]
+
+
+@dataclass
+class FirstOrderGraph:
+    """One batch's gradient with its graph kept for double backward: the leaves it was built
+    on, the gradient ``g`` (a zero constant for a parameter the loss does not use) and the
+    bytes the graph saved."""
+
+    leaves: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    nbytes: int
+
+
+def first_order_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
+                      ) -> FirstOrderGraph:
+    """``g = dL/dθ`` over ``names`` with ``create_graph=True``, and the bytes its graph saves."""
+    leaves = _leaves(params, names)
+    with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
+        loss = loss_of(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                    allow_unused=True)
+    grads_map = {n: (g if g is not None else torch.zeros_like(leaves[n]))
+                 for n, g in zip(leaves, grads)}
+    return FirstOrderGraph(leaves, grads_map, saved[0])
+
+
+# ---------------------------------------------------------------------- Hessian-vector
+def _used(grads: Sequence[Tensor]) -> list[int]:
+    """The parameters the gradient depends on: a parameter the loss does not use has a constant
+    (zero) gradient, so its rows and columns of ``H`` are zero and autograd must not be asked to
+    differentiate it."""
+    return [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+
+def hvp(grads: Sequence[Tensor] | dict[str, Tensor], leaves: Sequence[Tensor] | dict,
+        v: Sequence[Tensor], *, create_graph: bool = False) -> Vectors:
+    """``H v = d/dθ (g · v)``: the vector-Jacobian product of the gradient ``g`` (with its
+    graph) and ``v``, by double backward (``H`` is symmetric). ``create_graph=True`` keeps the
+    product differentiable (the training penalty); otherwise the gradient's graph is kept for
+    the next vector. A parameter the loss does not use gets a zero product."""
+    g = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    x = list(leaves.values()) if isinstance(leaves, dict) else list(leaves)
+    out = [torch.zeros_like(t) for t in v]
+    used = _used(g)
     if not used:
         return out
-    g = [graph.grads[names[i]] for i in used]
-    x = [graph.leaves[names[i]] for i in used]
-    k = vs[0].shape[0]
+    with second_order_kernels():
+        hv = torch.autograd.grad([g[i] for i in used], [x[i] for i in used],
+                                 [v[i] for i in used], retain_graph=True,
+                                 create_graph=create_graph, allow_unused=True)
+    for i, h in zip(used, hv):
+        if h is not None:
+            out[i] = h
+    return out
+
+
+def hvp_rows(grads: Sequence[Tensor] | dict[str, Tensor], leaves: Sequence[Tensor] | dict,
+             V: Sequence[Tensor], *, batched: bool = False, chunk_size: int = 32,
+             out: Vectors | None = None) -> Vectors:
+    """:func:`hvp` for each row of the ``(k, *shape)`` tensors ``V``: one double backward a
+    row, or ``batched`` chunks of rows at once (``is_grads_batched``). The products are added
+    into ``out`` when given (e.g. views of one result summed over batches)."""
+    g = list(grads.values()) if isinstance(grads, dict) else list(grads)
+    x = list(leaves.values()) if isinstance(leaves, dict) else list(leaves)
+    out = out if out is not None else [torch.zeros_like(t) for t in V]
+    used = _used(g)
+    if not used:
+        return out
+    g, x = [g[i] for i in used], [x[i] for i in used]
+    k = V[0].shape[0]
     with second_order_kernels():
         if batched and k > 1:
             for start in range(0, k, chunk_size):
-                sl = slice(start, start + chunk_size)
-                hv = torch.autograd.grad(g, x, [vs[i][sl] for i in used], retain_graph=True,
+                rows = slice(start, start + chunk_size)
+                hv = torch.autograd.grad(g, x, [V[i][rows] for i in used], retain_graph=True,
                                          is_grads_batched=True, allow_unused=True)
                 for i, h in zip(used, hv):
                     if h is not None:
-                        out[i][sl] += h
+                        out[i][rows] += h
         else:
             for j in range(k):
-                hv = torch.autograd.grad(g, x, [vs[i][j] for i in used], retain_graph=True,
+                hv = torch.autograd.grad(g, x, [V[i][j] for i in used], retain_graph=True,
                                          allow_unused=True)
                 for i, h in zip(used, hv):
                     if h is not None:
@@ -172,9 +250,10 @@ def hvp_reverse(graph: BatchGraph, names: Sequence[str], vs: list[Tensor], *,
 
 
 def hvp_forward(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
-                vs: list[Tensor], *, chunk_size: int = 32,
-                randomness: str = "error", out: list[Tensor] | None = None) -> list[Tensor]:
-    """``H_b V`` as ``jvp(grad(loss), v)`` (forward over reverse), vmapped over chunks."""
+                V: Sequence[Tensor], *, chunk_size: int = 32, randomness: str = "error",
+                out: Vectors | None = None) -> Vectors:
+    """``H v = jvp(grad(L), v)`` (forward over reverse) for each row of the ``(k, *shape)``
+    tensors ``V``, vmapped over chunks of rows; added into ``out`` when given."""
     primals = tuple(params[n] for n in names)
 
     def loss_of_tuple(sub: tuple[Tensor, ...]) -> Tensor:
@@ -183,41 +262,151 @@ def hvp_forward(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
     def hvp_one(*tangents: Tensor) -> tuple[Tensor, ...]:
         return torch.func.jvp(torch.func.grad(loss_of_tuple), (primals,), (tangents,))[1]
 
-    out = out if out is not None else [torch.zeros_like(v) for v in vs]
-    k = vs[0].shape[0]
+    out = out if out is not None else [torch.zeros_like(t) for t in V]
     with second_order_kernels():
-        for start in range(0, k, chunk_size):
-            sl = slice(start, start + chunk_size)
-            hv = torch.func.vmap(hvp_one, randomness=randomness)(*(v[sl] for v in vs))
+        for start in range(0, V[0].shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            hv = torch.func.vmap(hvp_one, randomness=randomness)(*(t[rows] for t in V))
             for o, h in zip(out, hv):
-                o[sl] += h
+                o[rows] += h
     return out
 
 
-def gradient(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
-             ) -> tuple[Tensor, list[Tensor]]:
-    """The loss and its gradient with respect to ``names`` (first-order autograd only)."""
-    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad():
-        loss = loss_of(leaves)
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return loss.detach(), [g if g is not None else torch.zeros_like(leaves[n])
-                           for n, g in zip(names, grads)]
+# ---------------------------------------------------------------------- Jacobians, Gauss-Newton
+def jvp_reverse(jt_u: Sequence[Tensor | None], u: Tensor, v: Sequence[Tensor], *,
+                create_graph: bool = False) -> Tensor | None:
+    """``J v`` as ``d/du (J^T u · v)``: ``jt_u`` is ``J^T u`` computed with ``create_graph``
+    for a dummy ``u`` (zeros shaped like the outputs); reverse mode only. ``None`` when no
+    parameter of ``v`` reaches the outputs."""
+    pairs = [(j, t) for j, t in zip(jt_u, v) if j is not None and j.requires_grad]
+    if not pairs:
+        return None
+    (jv,) = torch.autograd.grad([j for j, _ in pairs], u, [t for _, t in pairs],
+                                retain_graph=True, create_graph=create_graph)
+    return jv
 
 
-def fd_step(params: dict[str, Tensor], names: Sequence[str], v: Sequence[Tensor],
-            order: int) -> float:
-    """The starting step ``h`` of a finite-difference product along ``v``: the perturbation
-    ``h v`` has norm ``eps^(1/(order+1)) * max(|θ|, 1)``, which balances the truncation error
-    (``O(h^order)``) against the rounding error of the gradients (``O(eps / h)``) when the loss
-    varies on the scale of the weights."""
-    dtype = v[0].dtype
-    eps = torch.finfo(dtype).eps
-    theta = math.sqrt(sum(float(params[n].detach().double().pow(2).sum()) for n in names))
-    vnorm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in v))
-    if vnorm == 0.0:
+def vjp(outputs: Tensor, leaves: Sequence[Tensor], w: Tensor, *, create_graph: bool = False
+        ) -> list[Tensor | None]:
+    """``J^T w``: the outputs' vector-Jacobian product with ``w`` (``None`` for a parameter
+    the outputs do not depend on)."""
+    return list(torch.autograd.grad(outputs, list(leaves), w, retain_graph=True,
+                                    create_graph=create_graph, allow_unused=True))
+
+
+def output_hvp(loss_grad: Tensor, z: Tensor, w: Tensor, *, create_graph: bool = False
+               ) -> Tensor | None:
+    """``H_z w``: the Hessian of the loss in the outputs ``z`` times ``w``, as the
+    vector-Jacobian product of the loss's gradient in ``z`` (``H_z`` is symmetric; reverse over
+    reverse works for every loss, forward mode is missing for some)."""
+    if not loss_grad.requires_grad:
+        return None  # the loss is linear in z
+    (hw,) = torch.autograd.grad(loss_grad, z, w, retain_graph=True,
+                                create_graph=create_graph, allow_unused=True)
+    return hw
+
+
+@dataclass
+class GaussNewtonGraph:
+    """Graphs for ``G v = J^T H_z J v`` on one batch: the outputs ``z`` (with their graph to
+    the leaves), ``J^T u`` for a dummy ``u`` (its derivative in ``u`` gives ``J v``), and the
+    loss's gradient in a detached copy of ``z`` (its derivative gives ``H_z w``)."""
+
+    leaves: dict[str, Tensor]
+    outputs: Tensor
+    u: Tensor
+    jt_u: dict[str, Tensor | None]
+    z: Tensor
+    loss_grad: Tensor
+    nbytes: int
+
+
+def gauss_newton_graph(forward: Callable[[dict[str, Tensor]], Tensor],
+                       loss_of_outputs: Callable[[Tensor], Tensor], params: dict[str, Tensor],
+                       names: Sequence[str]) -> GaussNewtonGraph:
+    """The graphs :func:`gauss_newton_vp` multiplies through."""
+    leaves = _leaves(params, names)
+    with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
+        out = forward(leaves)
+        u = torch.zeros_like(out, requires_grad=True)
+        jt_u = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True,
+                                   allow_unused=True)
+        z = out.detach().requires_grad_(True)
+        loss_grad = torch.autograd.grad(loss_of_outputs(z), z, create_graph=True)[0]
+    return GaussNewtonGraph(leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad, saved[0])
+
+
+def gauss_newton_vp(graph: GaussNewtonGraph, names: Sequence[str], V: Sequence[Tensor],
+                    out: Vectors | None = None) -> Vectors:
+    """``G v = J^T (H_z (J v))`` for each row of the ``(k, *shape)`` tensors ``V`` through
+    the kept graphs (no forward pass); added into ``out`` when given."""
+    out = out if out is not None else [torch.zeros_like(t) for t in V]
+    leaves = [graph.leaves[n] for n in names]
+    with second_order_kernels():
+        for j in range(V[0].shape[0]):
+            jv = jvp_reverse([graph.jt_u[n] for n in names], graph.u, [t[j] for t in V])
+            if jv is None:
+                continue
+            hjv = output_hvp(graph.loss_grad, graph.z, jv)
+            if hjv is None:
+                continue
+            for o, g in zip(out, vjp(graph.outputs, leaves, hjv)):
+                if g is not None:
+                    o[j] += g
+    return out
+
+
+def gauss_newton_vmapped(forward: Callable[[dict[str, Tensor]], Tensor],
+                         loss_of_outputs: Callable[[Tensor], Tensor],
+                         params: dict[str, Tensor], names: Sequence[str],
+                         V: Sequence[Tensor], *, chunk_size: int = 32,
+                         randomness: str = "error", out: Vectors | None = None) -> Vectors:
+    """``G v = J^T H_z J v`` for each row of the ``(k, *shape)`` tensors ``V``: ``J v`` by
+    ``jvp``, ``J^T w`` by ``vjp``, vmapped over chunks of rows; added into ``out`` when
+    given."""
+    primals = tuple(params[n] for n in names)
+
+    def fwd(*p: Tensor) -> Tensor:
+        return forward(dict(zip(names, p)))
+
+    out = out if out is not None else [torch.zeros_like(t) for t in V]
+    with second_order_kernels():
+        outputs, vjp_fn = torch.func.vjp(fwd, *primals)
+        outputs = outputs.detach()
+        _, hess_out = torch.func.vjp(torch.func.grad(loss_of_outputs), outputs)
+
+        def ggn_one(*tangents: Tensor) -> tuple[Tensor, ...]:
+            _, jv = torch.func.jvp(fwd, primals, tangents)
+            return vjp_fn(hess_out(jv)[0])
+
+        for start in range(0, V[0].shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            gv = torch.func.vmap(ggn_one, randomness=randomness)(*(t[rows] for t in V))
+            for o, g in zip(out, gv):
+                o[rows] += g
+    return out
+
+
+# ---------------------------------------------------------------------- finite differences
+def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype, order: int) -> float:
+    """The starting step ``h`` of a finite difference along ``v``: the perturbation ``h v`` has
+    norm ``eps^(1/(order+1)) * max(||θ||, 1)``, which balances the truncation error
+    (``O(h^order)``) against the rounding error of the differences (``O(eps / h)``) when the
+    loss varies on the scale of the weights. ``0`` for a zero vector.
+
+    Example:
+        >>> round(fd_step(1.0, 1.0, torch.float64, 1), 10) == round(2.0 ** -26, 10)
+        True
+    """
+    if v_norm == 0.0:
         return 0.0
-    return eps ** (1.0 / (order + 1)) * max(theta, 1.0) / vnorm
+    eps = torch.finfo(dtype).eps
+    return eps ** (1.0 / (order + 1)) * max(theta_norm, 1.0) / v_norm
+
+
+def norm(parts: Sequence[Tensor]) -> float:
+    """The Euclidean norm of a vector given in parts (accumulated in float64)."""
+    return math.sqrt(sum(float(p.double().pow(2).sum()) for p in parts))
 
 
 class StepScale:
@@ -235,171 +424,101 @@ class StepScale:
         self.gave_up = False  # a search did not settle: later products keep the step found
 
 
-def hvp_fd(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str],
-           vs: list[Tensor], *, order: int = 4, scale: StepScale | None = None,
-           out: list[Tensor] | None = None) -> list[Tensor]:
-    """``H_b V`` by central differences of the gradient, ``D(h) = (g(θ+hv) - g(θ-hv)) / 2h``
-    (``order=2``: two gradients a vector), or with one Richardson extrapolation step
-    ``(4 D(h/2) - D(h)) / 3`` (``order=4``, the default: four gradients, error ``O(h^4)``),
-    differences accumulated in float64. With ``order=4`` the change between ``D(h)`` and
+def richardson_hvp(gradient_at: Callable[[float], Sequence[Tensor]], v: Sequence[Tensor], *,
+                   theta_norm: float, order: int = 4, scale: StepScale | None = None,
+                   dtype: torch.dtype | None = None) -> Vectors:
+    """``H v`` from gradients alone: ``gradient_at(t)`` is the gradient at ``θ + t v``.
+
+    ``D(h) = (g(θ + hv) - g(θ - hv)) / 2h`` (``order=2``: two gradients), or one Richardson
+    step ``(4 D(h/2) - D(h)) / 3`` (``order=4``, the default: four gradients, error
+    ``O(h^4)``), differences in float64. With ``order=4`` the change between ``D(h)`` and
     ``D(h/2)`` measures the truncation error for free: while it exceeds ``scale.tol`` the step
-    is halved (two more gradients each time) and the smaller factor kept for later products.
-    Exact for a quadratic loss; needs only gradients, so it runs with any kernel, compiled
-    models and sharded parameters. Where the halvings do not settle (ReLU or max-pooling kinks
-    within the step), the step of plain central differences, ``sqrt(eps)`` relative, is tried
-    and kept if ``D(h)`` and ``D(h/2)`` agree better there: in float64 it crosses almost no kink
-    and matches the exact products; in float32 no step does, and a warning says so."""
+    is halved (two more gradients each time) and the smaller factor kept in ``scale`` for later
+    products. Where the halvings do not settle (ReLU or max-pooling kinks within the step), the
+    step of plain central differences, ``sqrt(eps)`` relative, is tried and kept where ``D(h)``
+    and ``D(h/2)`` agree better; in float64 it crosses almost no kink, in float32 no step does
+    and a warning says so. ``dtype``: the precision the gradients are computed in (default:
+    ``v``'s). Returns float64 parts."""
     if order not in (2, 4):
         raise ValueError(f"order must be 2 or 4, not {order}")
     scale = scale if scale is not None else StepScale()
-    out = out if out is not None else [torch.zeros_like(v) for v in vs]
-    k = vs[0].shape[0]
-    base = {n: params[n].detach() for n in names}
-    tol = scale.tol if scale.tol is not None else math.sqrt(torch.finfo(vs[0].dtype).eps)
+    dtype = dtype or v[0].dtype
+    v_norm = norm(v)
+    h = fd_step(theta_norm, v_norm, dtype, order) * scale.factor
+    if h == 0.0:
+        return [torch.zeros_like(t, dtype=torch.float64) for t in v]
+    tol = scale.tol if scale.tol is not None else math.sqrt(torch.finfo(dtype).eps)
 
-    def central(v: list[Tensor], h: float) -> list[Tensor]:
-        plus = gradient(loss_of, {n: base[n] + h * t for n, t in zip(names, v)}, names)[1]
-        minus = gradient(loss_of, {n: base[n] - h * t for n, t in zip(names, v)}, names)[1]
-        return [(p.double() - m.double()) / (2.0 * h) for p, m in zip(plus, minus)]
+    def central(step: float) -> Vectors:
+        plus, minus = gradient_at(step), gradient_at(-step)
+        return [(p.double() - m.double()) / (2.0 * step) for p, m in zip(plus, minus)]
 
-    def norm(parts: list[Tensor]) -> float:
-        return math.sqrt(sum(float(p.pow(2).sum()) for p in parts))
+    def settled(step: float) -> tuple[Vectors, float]:
+        """The Richardson estimate at ``step`` and its relative change ``|D(h/2) - D(h)|``."""
+        coarse, fine = central(step), central(step / 2)
+        return _richardson(coarse, fine), _change(coarse, fine)
 
-    for j in range(k):
-        v = [t[j] for t in vs]
-        h = fd_step(base, names, v, order) * scale.factor
-        if h == 0.0:
-            continue
-        if order == 2:
-            parts = central(v, h)
-        elif scale.gave_up:  # searching again would cost as much and settle no better
-            coarse, fine = central(v, h), central(v, h / 2)
-            best_change = norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
-            parts = [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
-            scale.unsettled = max(scale.unsettled, best_change)
-        else:
-            coarse = central(v, h)
-            best, best_change, best_h = None, math.inf, h
-            for halving in range(scale.max_halvings + 1):
-                fine = central(v, h / 2)
-                change = norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
-                if change < best_change:
-                    best = [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
-                    best_change, best_h = change, h
-                    scale.factor = h / fd_step(base, names, v, order)
-                elif halving > 0:
-                    break  # rounding has taken over from truncation: keep the best step
-                if change <= tol:
-                    break
-                h, coarse = h / 2, fine
-            if best_change > tol:
-                # Still unsettled: the loss is not smooth on the scale of the step (ReLU or
-                # max-pooling kinks). Plain central differences' step, sqrt(eps) relative,
-                # crosses far fewer kinks; keep it where D(h) and D(h/2) agree better there.
-                small = fd_step(base, names, v, 1)
-                if small < best_h / 2:
-                    coarse, fine = central(v, small), central(v, small / 2)
-                    change = norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
-                    if change < best_change:
-                        best = [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
-                        best_change = change
-                        scale.factor = small / fd_step(base, names, v, order)
-                scale.gave_up = best_change > tol
-            parts = best
-            scale.unsettled = max(scale.unsettled, best_change)
-        if order == 4 and best_change > max(1e-2, 100 * tol) and not scale.warned:
-            scale.warned = True
-            warnings.warn(
-                f"finite-difference products did not settle: D(h) and D(h/2) still differ "
-                f"by {best_change:.1%} at the best step, so the loss is not smooth on the "
-                "scale of the step (ReLU or max-pooling kinks, or too little precision) and "
-                "these products can be far from the Hessian's; use an exact path (path="
-                "'reverse' or 'forward')", stacklevel=2)
-        for o, p in zip(out, parts):
-            o[j] += p.to(o.dtype)
-    return out
+    if order == 2:
+        return central(h)
+    unit = fd_step(theta_norm, v_norm, dtype, order)  # the step at factor 1
+    if scale.gave_up:  # searching again would cost as much and settle no better
+        best, change = settled(h)
+    else:
+        best, change, best_h = _search(central, h, tol, scale, unit)
+        if change > tol:
+            # Still unsettled: the loss is not smooth on the scale of the step (ReLU or
+            # max-pooling kinks). Plain central differences' step, sqrt(eps) relative,
+            # crosses far fewer kinks; keep it where D(h) and D(h/2) agree better there.
+            small = fd_step(theta_norm, v_norm, dtype, 1)
+            if small < best_h / 2:
+                fallback, small_change = settled(small)
+                if small_change < change:
+                    best, change = fallback, small_change
+                    scale.factor = small / unit
+            scale.gave_up = change > tol
+    scale.unsettled = max(scale.unsettled, change)
+    if change > max(1e-2, 100 * tol) and not scale.warned:
+        scale.warned = True
+        warnings.warn(
+            f"finite-difference products did not settle: D(h) and D(h/2) still differ "
+            f"by {change:.1%} at the best step, so the loss is not smooth on the "
+            "scale of the step (ReLU or max-pooling kinks, or too little precision) and "
+            "these products can be far from the Hessian's; use an exact path (path="
+            "'reverse' or 'forward')", stacklevel=3)
+    return best
 
 
-def ggn_vmapped(forward: Callable[[dict[str, Tensor]], Tensor],
-                loss_of_outputs: Callable[[Tensor], Tensor], params: dict[str, Tensor],
-                names: Sequence[str], vs: list[Tensor], *, chunk_size: int = 32,
-                randomness: str = "error", out: list[Tensor] | None = None) -> list[Tensor]:
-    """``G_b V = J^T (d2 loss / dz2) J V`` with ``jvp`` / ``vjp``, vmapped over chunks;
-    ``forward(params)`` is the output tensor ``z``, ``loss_of_outputs(z)`` the weighted loss."""
-    primals = tuple(params[n] for n in names)
-
-    def fwd(*p: Tensor) -> Tensor:
-        return forward(dict(zip(names, p)))
-
-    with second_order_kernels():
-        outputs, vjp_fn = torch.func.vjp(fwd, *primals)
-        outputs = outputs.detach()
-        # H_out w as a vector-Jacobian product of the loss gradient (H_out is symmetric):
-        # reverse over reverse works for every loss, forward mode is missing for some (mse).
-        _, hess_out = torch.func.vjp(torch.func.grad(loss_of_outputs), outputs)
-
-        def ggn_one(*tangents: Tensor) -> tuple[Tensor, ...]:
-            _, jv = torch.func.jvp(fwd, primals, tangents)
-            return vjp_fn(hess_out(jv)[0])
-
-        out = out if out is not None else [torch.zeros_like(v) for v in vs]
-        k = vs[0].shape[0]
-        for start in range(0, k, chunk_size):
-            sl = slice(start, start + chunk_size)
-            gv = torch.func.vmap(ggn_one, randomness=randomness)(*(v[sl] for v in vs))
-            for o, g in zip(out, gv):
-                o[sl] += g
-    return out
+def _richardson(coarse: Vectors, fine: Vectors) -> Vectors:
+    return [(4.0 * f - c) / 3.0 for f, c in zip(fine, coarse)]
 
 
-@dataclass
-class GaussNewtonGraph:
-    """Graphs for reverse-mode Gauss-Newton products on one batch: the outputs ``z``, ``J^T u``
-    as a function of a dummy ``u`` (its derivative in ``u`` gives ``J v``), and the gradient
-    of the weighted loss in ``z`` (its derivative gives ``H_out w``)."""
-
-    leaves: dict[str, Tensor]
-    outputs: Tensor
-    u: Tensor
-    jt_u: dict[str, Tensor | None]
-    z: Tensor
-    loss_grad: Tensor
-    nbytes: int
+def _change(coarse: Vectors, fine: Vectors) -> float:
+    return norm([f - c for f, c in zip(fine, coarse)]) / max(norm(fine), 1e-300)
 
 
-def build_ggn_graph(forward: Callable[[dict[str, Tensor]], Tensor],
-                    loss_of_outputs: Callable[[Tensor], Tensor], params: dict[str, Tensor],
-                    names: Sequence[str]) -> GaussNewtonGraph:
-    """The graphs :func:`ggn_reverse` multiplies through."""
-    # detached views of the snapshot, not copies: nothing writes to them
-    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
-        out = forward(leaves)
-        u = torch.zeros_like(out, requires_grad=True)
-        jt_u = torch.autograd.grad(out, list(leaves.values()), u, create_graph=True,
-                                   allow_unused=True)
-        z = out.detach().requires_grad_(True)
-        loss_grad = torch.autograd.grad(loss_of_outputs(z), z, create_graph=True)[0]
-    return GaussNewtonGraph(leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad, saved[0])
+def _search(central: Callable[[float], Vectors], h: float, tol: float, scale: StepScale,
+            unit: float) -> tuple[Vectors, float, float]:
+    """Halve the step from ``h`` while ``D(h)`` and ``D(h/2)`` differ by more than ``tol``;
+    keep the best estimate (rounding takes over from truncation once the change grows again),
+    its change and its step, and record the step's factor (over ``unit``) in ``scale``."""
+    coarse = central(h)
+    best, best_change, best_h = None, math.inf, h
+    for halving in range(scale.max_halvings + 1):
+        fine = central(h / 2)
+        change = _change(coarse, fine)
+        if change < best_change:
+            best, best_change, best_h = _richardson(coarse, fine), change, h
+            scale.factor = h / unit
+        elif halving > 0:
+            break
+        if change <= tol:
+            break
+        h, coarse = h / 2, fine
+    return best, best_change, best_h
 
 
-def ggn_reverse(graph: GaussNewtonGraph, names: Sequence[str], vs: list[Tensor],
-                out: list[Tensor] | None = None) -> list[Tensor]:
-    """``G_b v`` for each vector through the kept graphs: ``J v`` (a derivative of ``J^T u``
-    in ``u``), ``H_out J v``, then ``J^T (H_out J v)``; no forward pass."""
-    out = out if out is not None else [torch.zeros_like(v) for v in vs]
-    with second_order_kernels():
-        for j in range(vs[0].shape[0]):
-            pairs = [(graph.jt_u[n], v[j]) for n, v in zip(names, vs)
-                     if graph.jt_u[n] is not None]
-            if not pairs:
-                continue
-            jv = torch.autograd.grad([p for p, _ in pairs], graph.u, [t for _, t in pairs],
-                                     retain_graph=True)[0]
-            hjv = torch.autograd.grad(graph.loss_grad, graph.z, jv, retain_graph=True)[0]
-            gv = torch.autograd.grad(graph.outputs, [graph.leaves[n] for n in names], hjv,
-                                     retain_graph=True, allow_unused=True)
-            for o, g in zip(out, gv):
-                if g is not None:
-                    o[j] += g
-    return out
+def second_difference(loss_at: Callable[[float], Tensor], loss: Tensor, h: float) -> Tensor:
+    """``v^T H v ≈ (L(θ + hv) - 2 L(θ) + L(θ - hv)) / h^2``: the second derivative of the loss
+    along ``v`` from losses alone (``loss_at(t)`` is ``L(θ + t v)``, differentiable; ``loss`` is
+    ``L(θ)``). Truncation ``O(h^2)``, rounding ``O(eps |L| / h^2)``."""
+    return (loss_at(h) - 2.0 * loss + loss_at(-h)) / (h * h)

@@ -11,7 +11,9 @@ by moving each rank's shard of the parameters in place (``θ_local += h v_local`
 model's own forward and backward (FSDP2 all-gathers the parameters and reduce-scatters the
 gradients), and all-gathering the gradient shards. Vectors are full-length and the same on every
 rank (one full-parameter gather per gradient), so every algorithm of :mod:`hesslens.linalg`
-works on it unchanged. The step follows :func:`hesslens.curvature.products.fd_step`.
+works on it unchanged. The product is :func:`hesslens.curvature.products.richardson_hvp`, the
+same finite difference as the operators' ``path="fd"``: its step search (halving until ``D(h)``
+and ``D(h/2)`` agree) and its fallback for ReLU kinks included, learned once per operator.
 
 Data: as the data-parallel operators, ``data`` is this rank's shard (a batch or a list of
 batches); the operator is the Hessian of the mean loss over every rank's samples. FSDP2's
@@ -37,19 +39,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
-from hesslens.curvature.products import fd_step
+from hesslens.curvature import products
 from hesslens.errors import HesslensInputError
 
 __all__ = ["ShardedHessian", "check_not_fsdp2", "is_fsdp2"]
 
 
 def _is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
     return isinstance(t, DTensor)
 
 
@@ -83,8 +83,6 @@ class ShardedHessian:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: Any,
                  group: Any = None) -> None:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             raise HesslensInputError(
                 "ShardedHessian needs torch.distributed initialised (an FSDP2 model)")
@@ -120,6 +118,7 @@ class ShardedHessian:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].to_local().device
         self.n_products = 0
+        self.fd_scale = products.StepScale()  # the step learned by the first products
 
     def __repr__(self) -> str:
         return (f"ShardedHessian(dim={self.dim}, num_samples={self.num_samples}, "
@@ -138,15 +137,11 @@ class ShardedHessian:
         return self.matmat(v.reshape(1, -1))[0] if v.ndim == 1 else self.matmat(v)
 
     def _local(self, v: Tensor) -> list[Tensor]:
-        from torch.distributed.tensor import distribute_tensor
-
         return [distribute_tensor(piece.view(p.shape), p.device_mesh, p.placements,
                                   src_data_rank=None).to_local()
                 for piece, p in zip(v.split(self.sizes), self.params)]
 
     def _theta_norm(self, saved: Sequence[Tensor]) -> float:
-        import torch.distributed as dist
-
         sq = torch.stack([s.double().pow(2).sum() for s in saved]).sum()
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
         return math.sqrt(float(sq))
@@ -173,19 +168,11 @@ class ShardedHessian:
         grads = [p.grad for p in self.params]
         was_training = self.model.training
         v_local = self._local(v)
-        theta = self._theta_norm(saved)
-        h = fd_step({"θ": torch.tensor([theta])}, ["θ"], [v], order=4)
-        if h == 0.0:
-            return torch.zeros_like(v)
         self.model.eval()
         try:
-            def central(step: float) -> Tensor:
-                plus = self._gradient_at(saved, v_local, step)
-                minus = self._gradient_at(saved, v_local, -step)
-                return (plus - minus) / (2.0 * step)
-
-            coarse, fine = central(h), central(h / 2)
-            out = (4.0 * fine - coarse) / 3.0
+            out = products.richardson_hvp(
+                lambda t: [self._gradient_at(saved, v_local, t)], [v],
+                theta_norm=self._theta_norm(saved), scale=self.fd_scale)[0]
         finally:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):

@@ -215,7 +215,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes its piece of the analysis
     subset and the operators sum their products over the processes, so the study is the
     single-process one; rank 0 alone writes the files and prints."""
-    from hesslens.training.distributed import process_group_from_env, quiet_other_ranks
+    from hesslens.parallel import process_group_from_env, quiet_other_ranks
 
     with process_group_from_env(args.device) as ranks:
         quiet_other_ranks(ranks)
@@ -228,7 +228,7 @@ def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
     from hesslens.report.layer_report import write_layer_study
 
     t0 = time.perf_counter()
-    from hesslens.training.distributed import local_device, shard
+    from hesslens.parallel import local_device, shard
 
     device = resolve_device(local_device(args.device, ranks))
     dtype = resolve_dtype(args.dtype)

@@ -132,7 +132,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Run the study from parsed arguments; prints the summary, returns the exit code."""
-    from hesslens.training.distributed import local_device, process_group_from_env
+    from hesslens.parallel import local_device, process_group_from_env
 
     device = str(resolve_device(args.device))  # before any work: workers would each fail
     dtype = resolve_dtype(args.dtype)
@@ -155,7 +155,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
 def _on_main(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0; every rank returns its result, or raises its error (the same type
     and message, so that every rank exits alike). Alone: just ``fn()``."""
-    from hesslens.training.distributed import all_gather_objects, current
+    from hesslens.parallel import all_gather_objects, current
 
     ranks = current()
     if not ranks.distributed:
@@ -177,7 +177,7 @@ def _on_main(fn: Callable[[], T]) -> T:
 def _on_all(fn: Callable[[], None]) -> None:
     """``fn()`` on every rank, then wait for all; an error on any rank is raised on every
     rank (the first failing rank's)."""
-    from hesslens.training.distributed import all_gather_objects, current
+    from hesslens.parallel import all_gather_objects, current
 
     ranks = current()
     if not ranks.distributed:
@@ -233,7 +233,7 @@ def _train_jobs(jobs: list[tuple[dict[str, Any], Path]], plan: Plan, progress: b
                 desc: str, allow_diverge: bool = False) -> None:
     """Train ``jobs``: this rank's share under torch.distributed (in spawned processes), all of
     them otherwise; every rank returns once every run has finished."""
-    from hesslens.training.distributed import current
+    from hesslens.parallel import current
 
     ranks = current()
     mine = share(jobs, ranks.rank, ranks.world)
@@ -349,7 +349,7 @@ def _add_seconds(out: Path, key: str, seconds: float) -> dict[str, float]:
 
 def _timed(out: Path, key: str, fn: Callable[[], T]) -> T:
     """``fn()``, its wall time added to ``timings.json`` (by rank 0)."""
-    from hesslens.training.distributed import current
+    from hesslens.parallel import current
 
     t0 = time.perf_counter()
     value = fn()
@@ -363,7 +363,7 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     """Run (or finish) the whole study into ``out_dir``; returns the content of
     ``results.json`` plus ``summary_text``. ``dtype`` is the layer study's precision (training
     is float32). Under torch.distributed every rank calls it and gets the same result."""
-    from hesslens.training.distributed import current
+    from hesslens.parallel import current
 
     check_pair(plan.model, plan.data, plan.data_root)
     ranks = current()
@@ -384,7 +384,7 @@ def _finish(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
     from hesslens.experiments.compare import compare_runs
     from hesslens.experiments.reproduce_cost import apply_costs, measure_costs
     from hesslens.experiments.reproduce_report import write_reproduce_report
-    from hesslens.training.distributed import current
+    from hesslens.parallel import current
 
     cost = None
     if any(arm.name == "SGD" for arm in plan.arms):

@@ -14,7 +14,7 @@ Examples (shell)::
 
 Under ``torchrun`` every process runs the command: each takes its piece of every global batch
 (the same batches as one process), gradients are summed over the processes, and rank 0 alone
-writes the files and prints (see :mod:`hesslens.training.distributed`); ``metrics.json``
+writes the files and prints (see :mod:`hesslens.parallel`); ``metrics.json``
 records ``"parallel": {"world_size", "backend"}``.
 
 The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``checkpoint.pt`` into
@@ -52,8 +52,8 @@ from hesslens.experiments.common import (
     positive_int,
     prepare_out_dir,
 )
+from hesslens.parallel import process_group_from_env, quiet_other_ranks
 from hesslens.training.config import TrainConfig
-from hesslens.training.distributed import process_group_from_env, quiet_other_ranks
 
 __all__ = ["add_train_arguments", "config_from_args", "run_train", "summary_line", "train_zoo",
            "zoo_model_and_data"]

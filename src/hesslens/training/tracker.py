@@ -301,7 +301,7 @@ class CurvatureTracker:
         """The measurement at the model's current weights, without filing it: ``{"full",
         "layers", "seconds", "n_hvp"}``."""
         from hesslens.analysis.spectra import measure_curvature
-        from hesslens.curvature.operators import Hessian
+        from hesslens.curvature import Hessian
 
         t0 = time.perf_counter()
         with untouched_state(self.model, self.eval_mode):

@@ -28,7 +28,7 @@ a model of the same architecture: the checkpoint replaces its weights) therefore
 same weights and the same metrics (except wall times) as the uninterrupted run, bit for bit on
 the same device and software.
 
-Data parallel (``torchrun``; :mod:`hesslens.training.distributed`). With ``torch.distributed``
+Data parallel (``torchrun``; :mod:`hesslens.parallel`). With ``torch.distributed``
 initialised, every rank draws the same epoch permutation and takes its contiguous piece of each
 global batch of ``batch_size`` examples; each rank's local mean loss (and penalty) is weighted by
 its share ``n_local / n_global`` and the gradients are summed over the ranks: by
@@ -91,18 +91,7 @@ from torch import Tensor, nn
 
 from hesslens.errors import HesslensInputError
 from hesslens.files import remove_stale_temporaries, to_jsonable, write_csv, write_json
-from hesslens.provenance import dataset_fingerprint, versions
-from hesslens.splits import analysis_subset, split_train_val
-from hesslens.training.checkpoint import (
-    ResumeDiffersWarning,
-    capture_rng_state,
-    check_bit_exactness,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
-from hesslens.training.config import TrainConfig, arm_label
-from hesslens.training.distributed import (
+from hesslens.parallel import (
     Ranks,
     all_gather_objects,
     barrier,
@@ -115,6 +104,17 @@ from hesslens.training.distributed import (
     sum_across,
     sync_gradients,
 )
+from hesslens.provenance import dataset_fingerprint, versions
+from hesslens.splits import analysis_subset, split_train_val
+from hesslens.training.checkpoint import (
+    ResumeDiffersWarning,
+    capture_rng_state,
+    check_bit_exactness,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from hesslens.training.config import TrainConfig, arm_label
 from hesslens.training.penalty import HessianTracePenalty
 from hesslens.training.sam import SAM, bn_stats_frozen
 from hesslens.training.tracking import EpochTracking
@@ -400,7 +400,7 @@ def _train_step(
     Alone this is ``(loss + gamma * pen).backward(); step()``. Data-parallel, every rank's
     gradient is scaled by its share ``n_local / n_global`` of the global mean and summed over
     the ranks: by DDP's reducer (which averages, hence the factor ``world``) on plain steps, by
-    :func:`~hesslens.training.distributed.sync_gradients` on the unwrapped module where DDP
+    :func:`~hesslens.parallel.sync_gradients` on the unwrapped module where DDP
     would go wrong: the penalty's double backward (pytorch/pytorch#47562) and a global batch
     smaller than the world (some rank has nothing of it).
     """
@@ -523,7 +523,7 @@ def train(
             f"started by torchrun with WORLD_SIZE={env_world_size()} but torch.distributed is "
             "not initialised, so every process would train the whole run into the same folder; "
             "call torch.distributed.init_process_group() first (or train inside "
-            "hesslens.training.distributed.process_group_from_env()), or unset WORLD_SIZE for "
+            "hesslens.parallel.process_group_from_env()), or unset WORLD_SIZE for "
             "independent runs")
     device = _resolve_device(local_device(config.device, ranks))
 

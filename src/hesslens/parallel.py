@@ -1,5 +1,6 @@
-"""Data parallelism for training and analysis under ``torchrun``: the process group, each rank's
-share of a batch, and the gradient sum the penalised steps do themselves.
+"""torch.distributed for every layer of hesslens: the process group, each rank's share of the data,
+the gradient sum the penalised steps do themselves, and the checked all-reduce that makes one
+rank's failure every rank's.
 
 Under ``torchrun --nproc-per-node W`` every process runs the same command. The pieces here:
 
@@ -14,6 +15,13 @@ Under ``torchrun --nproc-per-node W`` every process runs the same command. The p
   collective. Each rank scales its local mean loss by ``n_local / n_global`` first, so the sum is
   the gradient of the global batch's mean loss, even for uneven pieces.
 
+* :func:`all_reduce_checked` sums a buffer whose last :data:`STATUS_SLOTS` entries are failure
+  flags: every rank runs the same estimators on its own shard, so an error raised by the data
+  of one rank only (a :class:`~hesslens.errors.DataChangedError`, a loss that is not finite on
+  its shard, running out of memory) would leave the other ranks waiting forever in the next
+  all-reduce. A rank that fails fills its slot instead of skipping the collective, and after
+  the all-reduce every rank raises the same named error (the failing rank its own).
+
 Why the penalised steps sum gradients themselves: DDP's reducer hooks the first-order backward;
 the Hessian-trace penalty differentiates with ``torch.autograd.grad(create_graph=True)``, which
 DDP does not see (pytorch/pytorch#47562). The trainer computes those steps on the unwrapped
@@ -23,36 +31,53 @@ with the same probe ``v`` on every rank (the probe generator is seeded alike),
 ``v^T H v = sum_r (n_r / N) v^T H_r v``; the finite-difference form is linear in the loss too.
 
 Example:
+    >>> import torch
     >>> ranks = current()
     >>> ranks.world, ranks.rank, ranks.is_main
     (1, 0, True)
     >>> [shard_range(7, r, 3) for r in range(3)]
     [(0, 3), (3, 5), (5, 7)]
+    >>> buf = torch.zeros(3 + STATUS_SLOTS)
+    >>> mark_failure(buf, None) is None, buf[-STATUS_SLOTS:].tolist()
+    (True, [0.0, 0.0, 0.0, 0.0])
+    >>> remote_failure([0.0, 2.0, 0.0, 0.0])
+    NonFiniteCurvatureError('2 other ranks stopped with a NonFiniteCurvatureError (their own \
+message says why); every rank stops here instead of waiting for them in a collective')
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from hesslens.errors import HesslensInputError
+from hesslens.errors import DataChangedError, HesslensInputError, NonFiniteCurvatureError
 
 __all__ = [
+    "KINDS",
+    "STATUS_SLOTS",
     "Ranks",
     "all_gather_objects",
+    "all_reduce_checked",
+    "all_reduce_int",
     "barrier",
     "broadcast_buffers",
     "current",
     "env_world_size",
+    "initialized",
     "local_device",
+    "mark_failure",
     "process_group_from_env",
     "quiet_other_ranks",
+    "remote_failure",
+    "resolve_group",
     "shard",
     "shard_range",
     "sum_across",
@@ -85,11 +110,29 @@ class Ranks:
         return {"world_size": self.world, "backend": self.backend}
 
 
+def initialized() -> bool:
+    """Whether ``torch.distributed`` is available and initialised in this process."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_group(distributed: bool | None, group: Any = None) -> Any:
+    """The process group a curvature operator sums over, or ``None`` for a rank-local one:
+    ``distributed=False`` is rank-local; ``None`` follows whether torch.distributed is
+    initialised; ``True`` requires it. ``group`` defaults to the world."""
+    if distributed is False:
+        return None
+    if not initialized():
+        if distributed:
+            raise HesslensInputError(
+                "distributed=True but torch.distributed is not initialised: call "
+                "torch.distributed.init_process_group (torchrun does the environment) first")
+        return None
+    return group if group is not None else dist.group.WORLD
+
+
 def current() -> Ranks:
     """This process's :class:`Ranks` in the default group (world 1 when not initialised)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return Ranks()
     return Ranks(dist.get_rank(), dist.get_world_size(), dist.group.WORLD,
                  str(dist.get_backend()))
@@ -116,8 +159,6 @@ def process_group_from_env(device: str | torch.device = "cpu") -> Iterator[Ranks
         ...     ranks.world
         1
     """
-    import torch.distributed as dist
-
     made = False
     if env_world_size() > 1 and not (dist.is_available() and dist.is_initialized()):
         if not dist.is_available():
@@ -139,8 +180,6 @@ def quiet_other_ranks(ranks: Ranks) -> None:
     """Silence warnings on every rank but 0: the ranks compute the same results, so their
     warnings are rank 0's repeated (errors still stop the run and are shown)."""
     if not ranks.is_main:
-        import warnings
-
         warnings.simplefilter("ignore")
 
 
@@ -180,8 +219,6 @@ def sync_gradients(params: Sequence[Tensor], ranks: Ranks) -> None:
     ``grad=None`` (as alone, so optimizers skip it)."""
     if not ranks.distributed:
         return
-    import torch.distributed as dist
-
     params = list(params)
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for p in params:
@@ -203,8 +240,6 @@ def sum_across(values: Sequence[float], ranks: Ranks, device: Any = "cpu") -> li
     """The sums over the ranks of a few numbers (float64; one all-reduce)."""
     if not ranks.distributed:
         return [float(v) for v in values]
-    import torch.distributed as dist
-
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ranks.group)
     return t.tolist()
@@ -214,8 +249,6 @@ def all_gather_objects(obj: Any, ranks: Ranks) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` alone)."""
     if not ranks.distributed:
         return [obj]
-    import torch.distributed as dist
-
     out: list[Any] = [None] * ranks.world
     dist.all_gather_object(out, obj, group=ranks.group)
     return out
@@ -226,8 +259,6 @@ def broadcast_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
     with its own piece of the batch), so evaluation, tracking and the checkpoint see one model."""
     if not ranks.distributed:
         return
-    import torch.distributed as dist
-
     for b in module.buffers():
         dist.broadcast(b, src=0, group=ranks.group)
 
@@ -235,6 +266,57 @@ def broadcast_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
 def barrier(ranks: Ranks) -> None:
     """Wait for every rank (nothing alone)."""
     if ranks.distributed:
-        import torch.distributed as dist
+            dist.barrier(group=ranks.group)
 
-        dist.barrier(group=ranks.group)
+
+# ---------------------------------------------------------------------- checked collectives
+#: The kinds of failure a rank reports, most specific first (any other error is the last).
+KINDS: tuple[type[BaseException], ...] = (DataChangedError, NonFiniteCurvatureError,
+                                          HesslensInputError, Exception)
+STATUS_SLOTS = len(KINDS)
+
+
+def mark_failure(buf: Tensor, failure: BaseException | None) -> None:
+    """Zero the status slots at the end of ``buf`` (1-D) and set the one of ``failure``."""
+    status = buf[-STATUS_SLOTS:]
+    status.zero_()
+    if failure is not None:
+        status[next(i for i, kind in enumerate(KINDS) if isinstance(failure, kind))] = 1
+
+
+def remote_failure(flags: Sequence[float]) -> BaseException | None:
+    """The error this rank raises for the failures the other ranks reported, or None."""
+    for kind, count in zip(KINDS, flags):
+        if count > 0:
+            n = round(count)
+            cls = kind if kind is not Exception else RuntimeError
+            return cls(f"{n} other rank{'s' if n > 1 else ''} stopped with a "
+                       f"{kind.__name__ if kind is not Exception else 'error'} (their own "
+                       "message says why); every rank stops here instead of waiting for them "
+                       "in a collective")
+    return None
+
+
+def all_reduce_checked(buf: Tensor, failure: BaseException | None, group: Any) -> Tensor:
+    """Sum the 1-D ``buf`` (its last :data:`STATUS_SLOTS` entries the status) over ``group``
+    in place, then raise on every rank if any rank failed: ``failure`` itself on the rank that
+    had it, the same kind of error (:func:`remote_failure`) on the others."""
+    mark_failure(buf, failure)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    if failure is not None:
+        raise failure
+    error = remote_failure(buf[-STATUS_SLOTS:].tolist())
+    if error is not None:
+        raise error
+    return buf
+
+
+def all_reduce_int(value: int, group: Any, failure: BaseException | None = None) -> int:
+    """The sum of ``value`` over the ranks of ``group``; every rank raises if one has a
+    ``failure`` (:func:`all_reduce_checked`)."""
+    t = torch.zeros(1 + STATUS_SLOTS, dtype=torch.int64)
+    t[0] = value
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    all_reduce_checked(t, failure, group)
+    return int(t[0].item())

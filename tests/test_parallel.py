@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from hesslens.errors import HesslensInputError
+from hesslens.parallel import Ranks, env_world_size, shard, shard_range
 from hesslens.training import TrainConfig, train
-from hesslens.training.distributed import Ranks, env_world_size, shard, shard_range
 from hesslens.training.trainer import TensorData
 
 

@@ -1,0 +1,259 @@
+"""The estimators every curvature operator offers as methods: top eigenvalues, the trace and the
+trace of every block, the spectral density, the dense matrix and a SciPy view.
+
+They are thin fronts over :mod:`hesslens.linalg`, which knows nothing of networks: each method
+checks its arguments, calls the algorithm on the operator and keeps what an estimator may go on
+from (the trace probes already spent). The operator supplies ``dim``, ``dtype``, ``device``,
+``matmat``, ``layers``, ``layer_ranges()`` and ``layer_indices()``.
+
+Example:
+    >>> import torch, hesslens as hl
+    >>> A = hl.Hessian(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy,
+    ...                (torch.randn(6, 3), torch.randint(0, 2, (6,))))
+    >>> full, layers = A.traces(rtol=0.1)
+    >>> list(layers)
+    ['<root>']
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+
+from hesslens.curvature.layout import Permuted, contiguous_blocks
+from hesslens.errors import HesslensInputError
+from hesslens.linalg import (
+    EigenResult,
+    Spectrum,
+    TraceResult,
+    TraceState,
+    block_traces,
+    eigsh,
+    hutchinson,
+    hutchpp,
+    slq,
+)
+
+# block_traces' per-block stopping rule switched off (the full trace alone decides).
+_NO_BLOCK_RULE = 1e300
+
+
+class Estimators:
+    """Estimator methods over ``self.matmat`` (mixed into the curvature operators)."""
+
+    dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def _reset_estimators(self, version: int) -> None:
+        """Forget what the estimators kept (on construction, and after parameters changed)."""
+        self._trace_cache: dict[tuple, tuple[TraceResult, dict[str, TraceResult]]] = {}
+        self._trace_states: dict[tuple, TraceState] = {}  # where trace()'s probes stopped
+        self._version = version
+
+    def _fresh_caches(self) -> None:
+        """Drop trace results computed before the parameters last changed."""
+        if self._version != self._shared.loop.version:
+            self._reset_estimators(self._shared.loop.version)
+
+    def dense(self, max_dim: int = 20_000) -> torch.Tensor:
+        """The whole matrix, built column by column (``dim`` products): for small models."""
+        if self.dim > max_dim:
+            raise HesslensInputError(
+                f"the operator is {self.dim} x {self.dim}; dense() stops at max_dim={max_dim}"
+            )
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        cols = [self.matmat(eye[i : i + 64]) for i in range(0, self.dim, 64)]
+        M = torch.cat(cols, dim=0)
+        return (M + M.T) / 2
+
+    def to_scipy(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 (numpy in, numpy out)."""
+        def matmat(X: np.ndarray) -> np.ndarray:
+            X = np.asarray(X, dtype=np.float64)
+            if X.ndim == 1:
+                X = X[:, None]
+            V = torch.as_tensor(X.T.copy())
+            return self.matmat(V).to("cpu", torch.float64).numpy().T
+
+        return LinearOperator((self.dim, self.dim), matvec=matmat, matmat=matmat,
+                              rmatvec=matmat, rmatmat=matmat, dtype=np.float64)
+
+    # ------------------------------------------------------------------ estimators
+    def eigenvalues(
+        self,
+        k: int = 5,
+        *,
+        which: str = "LA",
+        tol: float = 1e-6,
+        max_steps: int | None = None,
+        seed: int = 0,
+        return_vectors: bool = True,
+        ncv: int | None = None,
+        basis_dtype: torch.dtype | None = None,
+        basis_device: torch.device | str | None = None,
+    ) -> EigenResult:
+        """The top-``k`` eigenvalues (``which="LA"``; also ``"SA"``, ``"LM"``) by thick-restarted
+        Lanczos with full reorthogonalisation in a basis of at most ``ncv`` vectors (in
+        ``basis_dtype`` on ``basis_device``), stopped on the a-posteriori error bound of each
+        Ritz value: see :func:`hesslens.linalg.eigsh`.
+
+        Memory, in copies of the parameters (``dim * itemsize``; what one product takes:
+        :mod:`hesslens.curvature.loop`): the snapshot (1), the basis and its step temporaries
+        (``ncv + 3``; the ``k`` Ritz vectors are formed in place in the basis, which is then
+        freed, ``k`` more for another ``basis_dtype`` or ``basis_device``; the default ``ncv``
+        of a large operator is ``min(max(2k + 8, 20), 31 - k)``, at least ``k + 2``) and one
+        product; top-5 of a 10M-parameter network: 24 + a product."""
+        _check_k(k, self.dim)
+        return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
+                     return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
+                     basis_device=basis_device)
+
+    def trace(
+        self,
+        *,
+        method: str = "hutch++",
+        rtol: float = 0.01,
+        max_hvp: int = 1000,
+        n_hvp: int | None = None,
+        distribution: str = "rademacher",
+        seed: int = 0,
+    ) -> TraceResult:
+        """The trace. ``"hutch++"`` (default): sketch-deflated Hutchinson that stops when its
+        standard error falls below ``rtol`` of the estimate (or at ``max_hvp`` products);
+        ``"hutchinson"`` and ``"hutch++-fixed"`` spend exactly ``n_hvp`` products; ``"exact"``
+        spends ``dim``.
+
+        Memory (``"hutch++"``), in copies of the parameters (one product:
+        :mod:`hesslens.curvature.loop`): the snapshot (1), the sketch basis (16), a batch of ``b``
+        probes and its products (``2 b``, ``b = min(16, 256 MiB / (2 dim itemsize))``: 3 for 10M
+        float32 parameters) and the products of that batch; about 23 + a product at 10M."""
+        self._fresh_caches()
+        if method == "hutch++":
+            key = (rtol, n_hvp or max_hvp, distribution, seed)
+            if ("blocks", *key) in self._trace_cache:  # traces() ran: its full is as good
+                return self._trace_cache[("blocks", *key)][0]
+            if ("full", *key) not in self._trace_cache:
+                # the layers' shares come from the same probes, and where the probes stopped
+                # is kept: a later traces() continues them
+                state = self._trace_states.setdefault(key, TraceState())
+                self._trace_cache[("full", *key)] = self._block_traces(
+                    *key, block_floor=_NO_BLOCK_RULE, state=state)
+            return self._trace_cache[("full", *key)][0]
+        if method == "hutchinson":
+            return hutchinson(self, n_hvp=n_hvp or 100, distribution=distribution, seed=seed)
+        if method == "hutch++-fixed":
+            return hutchpp(self, n_hvp=n_hvp or 99, distribution=distribution, seed=seed)
+        if method == "exact":
+            value = float(torch.diagonal(self.dense()).sum())
+            return TraceResult(value=value, stderr=0.0, n_hvp=self.dim, method="exact",
+                               n_samples=0, converged=True)
+        raise HesslensInputError(
+            f"unknown trace method {method!r}: use 'hutch++', 'hutchinson', 'hutch++-fixed' or "
+            "'exact'"
+        )
+
+    def traces(
+        self,
+        *,
+        rtol: float = 0.01,
+        max_hvp: int = 1000,
+        distribution: str = "rademacher",
+        seed: int = 0,
+    ) -> tuple[TraceResult, dict[str, TraceResult]]:
+        """The full trace and every layer's block trace from one shared set of probes: for
+        Rademacher ``v``, ``E[v_l . (H v)_l] = tr(H_ll)``. The layer estimates add up to the full
+        one exactly. The estimate runs until the full trace and every layer's reach ``rtol``
+        (layers below 1 % of the full trace: ``rtol`` of 1 % of it), so it may take more
+        products than :meth:`trace`, which stops on the full trace alone. After a
+        :meth:`trace` with the same arguments its products are reused: as they are when its
+        layer estimates already meet that rule, else continued with the next probes of the
+        same sequence (the result is that of a :meth:`traces` alone, for fewer products)."""
+        self._fresh_caches()
+        key = (rtol, max_hvp, distribution, seed)
+        if ("blocks", *key) in self._trace_cache:
+            return self._trace_cache[("blocks", *key)]
+        earlier = self._trace_cache.get(("full", *key))
+        if earlier is not None and _blocks_converged(earlier, rtol):
+            self._trace_cache[("blocks", *key)] = earlier
+            return earlier
+        result = self._block_traces(*key, state=self._trace_states.pop(key, None))
+        self._trace_cache[("blocks", *key)] = result
+        return result
+
+    def _block_traces(self, rtol: float, max_hvp: int, distribution: str, seed: int,
+                      block_floor: float = 0.01, state: TraceState | None = None
+                      ) -> tuple[TraceResult, dict[str, TraceResult]]:
+        ranges = self.layer_ranges()
+        if ranges is not None:  # layers are ranges of the vector already: no permutation
+            return block_traces(self, ranges, rtol=rtol, max_hvp=max_hvp,
+                                distribution=distribution, seed=seed, block_floor=block_floor,
+                                state=state)
+        perm, ranges = contiguous_blocks(self.dim, self.layer_indices())
+        return block_traces(Permuted(self, perm), ranges, rtol=rtol, max_hvp=max_hvp,
+                            distribution=distribution, seed=seed, block_floor=block_floor,
+                            state=state)
+
+    def layer_traces(self, **kwargs: Any) -> dict[str, TraceResult]:
+        """Every layer's block trace ``tr(H_ll)`` from shared full-network probes (see
+        :meth:`traces`)."""
+        return self.traces(**kwargs)[1]
+
+    def density(
+        self,
+        *,
+        n_probes: int = 8,
+        n_steps: int = 80,
+        deflate: int | EigenResult | None = 10,
+        distribution: str = "rademacher",
+        seed: int = 0,
+        reorth: str = "auto",
+        probe_chunk: int | None = None,
+    ) -> Spectrum:
+        """The spectral density by stochastic Lanczos quadrature, probes run in batches.
+        ``deflate`` (an int ``k`` or a result of :meth:`eigenvalues` with vectors) removes the
+        top eigenpairs first and adds them back exactly, which sharpens the outliers and the
+        density's mean. ``reorth`` and ``probe_chunk`` bound the memory (a stored basis only
+        for small problems; see :func:`hesslens.linalg.slq`).
+
+        Memory, in copies of the parameters (one product: :mod:`hesslens.curvature.loop`): the
+        larger of the deflation (:meth:`eigenvalues` with ``k=deflate``: 1 + 24 copies for
+        ``k=10`` on a large operator, plus one product) and the quadrature: the snapshot (1),
+        the deflation vectors (``deflate``), three vectors per probe of a group of ``g =
+        min(n_probes, 256 MiB / (3 dim itemsize))`` (2 for 10M float32 parameters) and the
+        products of the group."""
+        own_deflation = isinstance(deflate, int) and not isinstance(deflate, bool)
+        if own_deflation:
+            k = min(deflate, max(self.dim - 2, 0))
+            deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None
+            if deflate is not None and not bool(torch.as_tensor(deflate.converged).all()):
+                warnings.warn(
+                    f"density(): {int((~torch.as_tensor(deflate.converged)).sum())} of the {k} "
+                    "eigenpairs used for deflation did not converge; the outliers of the "
+                    "density are approximate (pass deflate=0, or a converged eigenvalues() "
+                    "result)", stacklevel=2)
+        spectrum, _ = slq(self, n_probes=n_probes, n_steps=min(n_steps, self.dim), seed=seed,
+                          distribution=distribution, deflate=deflate, reorth=reorth,
+                          probe_chunk=probe_chunk, overwrite_deflate=own_deflation)
+        return spectrum
+
+
+def _check_k(k: int, dim: int) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise HesslensInputError(f"k must be a positive integer, got {k!r}")
+    if k > dim:
+        raise HesslensInputError(
+            f"k={k} is larger than the operator's dimension {dim}: ask for at most {dim}"
+        )
+
+
+def _blocks_converged(result: tuple[TraceResult, dict[str, TraceResult]], rtol: float,
+                      floor: float = 0.01) -> bool:
+    """Whether every layer estimate of ``result`` meets block_traces' per-block rule."""
+    full, layers = result
+    return all(r.stderr <= rtol * max(abs(r.value), floor * abs(full.value))
+               for r in layers.values())

@@ -1,0 +1,418 @@
+"""The one data loop of the curvature operators: every product, gradient and check walks the
+data here.
+
+:class:`DataLoop` owns what every matrix shares: moving each batch to the model's device and
+dtype, its weight (its share of the loss terms), the check that the data is the same on every
+pass, each batch's loss check on first use, the cache of per-batch graphs (bounded in bytes:
+batches whose graphs do not fit are rebuilt on every pass), and the reduction step that sums the
+batches' products in one result and, under ``torch.distributed``, over the ranks (one all-reduce
+per call, with every rank's failure flag, :mod:`hesslens.parallel`), then checks it finite. A
+matrix only says what one batch contributes (:class:`WeightedBatch` gives it the batch's loss,
+outputs and cached graphs).
+
+Example:
+    >>> import torch
+    >>> from hesslens.curvature.data import BatchSource
+    >>> from hesslens.curvature.functional_model import FunctionalModel
+    >>> from hesslens.curvature.loss import BatchLoss
+    >>> net = torch.nn.Linear(3, 1)
+    >>> loop = DataLoop(FunctionalModel(net), BatchLoss(net, torch.nn.functional.mse_loss),
+    ...                 BatchSource((torch.randn(8, 3), torch.randn(8, 1))))
+    >>> loss, grad = loop.loss_and_gradient(["weight", "bias"])
+    >>> grad.shape
+    torch.Size([4])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hesslens.curvature import products
+from hesslens.curvature.data import (
+    Batch,
+    BatchSource,
+    batch_device,
+    leading_size,
+    move_batch,
+    take_rows,
+)
+from hesslens.curvature.functional_model import FunctionalModel
+from hesslens.curvature.loss import BatchLoss, check_loss
+from hesslens.errors import HesslensInputError, NonFiniteCurvatureError
+from hesslens.parallel import STATUS_SLOTS, all_reduce_checked
+
+#: Default bound on the bytes of cached per-batch graphs (per operator family).
+GRAPH_CACHE_BYTES = 4 * 2**30
+
+#: Default bound on the estimated temporaries of one chunk of vectors pushed through a batched
+#: product: it sets the chunk of a network with 10M float32 parameters to 2 vectors.
+PRODUCT_BYTES = 2**28
+
+PerBatch = Callable[["WeightedBatch", list[Tensor]], object]
+
+
+class WeightedBatch:
+    """One batch as a product sees it: its index, its weight (its share of the loss terms),
+    the batch on the model's device, and the functions of the parameters a product
+    differentiates. ``params`` overrides the model's snapshot for the parameters given."""
+
+    def __init__(self, loop: DataLoop, index: int, data: Batch | None, weight: float) -> None:
+        self._loop = loop
+        self.index = index
+        self.data = data
+        self.weight = weight
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The snapshot of every parameter (detached)."""
+        return self._loop.model.params
+
+    @property
+    def trainable(self) -> list[str]:
+        """Every trainable parameter's name, in model order (graphs built over all of them are
+        shared by every block)."""
+        return self._loop.model.trainable
+
+    @property
+    def randomness(self) -> str:
+        """``vmap``'s randomness for this model: ``"different"`` where dropout is on (each
+        vector its own mask, as a loop would give), else ``"error"``."""
+        return "different" if self._loop.model.random else "error"
+
+    def loss(self, params: dict[str, Tensor]) -> Tensor:
+        """The weighted loss ``w_b L_b``; checked a finite scalar the first time each batch is
+        evaluated outside a transform."""
+        loop = self._loop
+        value = loop.loss.loss(loop.loss.call(loop.model.bind(params), self.data), self.data)
+        if self.index not in loop.checked and not _is_traced(value):
+            check_loss(value)
+            loop.checked.add(self.index)
+        return value * self.weight
+
+    def outputs(self, params: dict[str, Tensor]) -> Tensor:
+        """The network's output tensor ``z`` (``.logits`` of a ModelOutput)."""
+        loop = self._loop
+        return loop.loss.output_tensor(loop.loss.call(loop.model.bind(params), self.data))
+
+    def loss_of_outputs(self, z: Tensor) -> Tensor:
+        """The weighted loss as a function of the output tensor ``z``."""
+        return self._loop.loss.loss_of_outputs(z, self.data) * self.weight
+
+    def check(self) -> None:
+        """Check the batch's loss once (for products that only evaluate it inside a transform,
+        where its value cannot be read)."""
+        if self.index not in self._loop.checked:
+            with torch.no_grad():
+                self.loss({})
+
+    def graph(self, kind: str, build: Callable[[WeightedBatch], Any]) -> Any:
+        """This batch's graph of ``kind`` (anything with ``nbytes``): cached, or built by
+        ``build(self)`` and cached while the cache has room."""
+        return self._loop.graph(self, kind, build)
+
+
+class DataLoop:
+    """The data loop shared by an operator, its blocks and the matrices derived from it.
+
+    Parameters
+    ----------
+    model : FunctionalModel
+        The frozen copy of the network.
+    loss : BatchLoss
+        How a batch becomes a loss (and its outputs, and its number of terms).
+    data : BatchSource
+        The batches and their weights.
+    graph_cache_bytes : int
+        The most bytes of saved activations the graph cache holds (0: none).
+    chunk_size, product_bytes : int
+        The most vectors pushed through one batched product, lowered until one chunk's
+        estimated temporaries fit in ``product_bytes`` (:meth:`vectors_per_chunk`).
+    group : torch.distributed process group, optional
+        Sum over this group's ranks (each holding a shard of the data) in the reduction step.
+    """
+
+    def __init__(self, model: FunctionalModel, loss: BatchLoss, data: BatchSource, *,
+                 graph_cache_bytes: int = GRAPH_CACHE_BYTES, chunk_size: int = 32,
+                 product_bytes: int = PRODUCT_BYTES, group: Any = None) -> None:
+        self.model = model
+        self.loss = loss
+        self.data = data
+        self.group = group
+        self.graph_cache_bytes = int(graph_cache_bytes)
+        self.chunk_size = max(1, int(chunk_size))
+        self.product_bytes = int(product_bytes)
+        self.checked: set[int] = set()
+        self.activation_bytes: int | None = None  # the most a batch's graph saved
+        self.version = 0  # counts reload()s: what operators cached before one is stale
+        self._graphs: dict[str, list[Any]] = {}
+        self._cache_used = 0
+
+    # ----------------------------------------------------------------- batches
+    def batches(self) -> Iterator[WeightedBatch]:
+        """Every batch on the model's device, with its weight: one pass."""
+        for i, (batch, weight) in enumerate(self.data):
+            if batch_device(batch) != self.model.device and not self.model.device_requested:
+                raise HesslensInputError(
+                    f"the inputs are on {batch_device(batch)} but the model is on "
+                    f"{self.model.device}: move the data, or pass device= to the operator"
+                )
+            yield WeightedBatch(self, i, move_batch(batch, self.model.device, self.model.dtype),
+                                weight)
+
+    def _pass(self, graph_kind: str | None) -> Iterator[WeightedBatch]:
+        """One pass; without touching the data when every batch's graph of ``graph_kind`` is
+        cached."""
+        if graph_kind is not None and self.graphs_complete(graph_kind):
+            for i, weight in enumerate(self.data.weights):
+                yield WeightedBatch(self, i, None, weight)
+            return
+        yield from self.batches()
+
+    # ----------------------------------------------------------------- graph cache
+    def graph(self, batch: WeightedBatch, kind: str, build: Callable[[WeightedBatch], Any]
+              ) -> Any:
+        """``batch``'s graph of ``kind``: cached ones first, else built and cached while the
+        cache (one budget for all kinds, a prefix of the batches) has room."""
+        cache = self._graphs.setdefault(kind, [])
+        if batch.index < len(cache):
+            return cache[batch.index]
+        graph = build(batch)
+        self.activation_bytes = max(self.activation_bytes or 0, graph.nbytes)
+        if batch.index == len(cache) and (
+                self._cache_used + graph.nbytes <= self.graph_cache_bytes):
+            cache.append(graph)
+            self._cache_used += graph.nbytes
+        return graph
+
+    def graphs_complete(self, kind: str) -> bool:
+        """Whether every batch's graph of ``kind`` is cached."""
+        return len(self._graphs.get(kind, ())) == len(self.data)
+
+    def build_graphs(self, kind: str, build: Callable[[WeightedBatch], Any]) -> None:
+        """Build (and cache, as room allows) every batch's graph of ``kind`` now."""
+        if self.graph_cache_bytes > 0 and not self.graphs_complete(kind):
+            for batch in self.batches():
+                batch.graph(kind, build)
+
+    # ----------------------------------------------------------------- sums and reduction
+    def sum(self, per_batch: PerBatch, vs: list[Tensor], flat: Tensor | None = None,
+            graph_kind: str | None = None) -> Tensor:
+        """``per_batch(batch, out)`` adds each batch's products into ``out`` (per-parameter
+        views of one ``(k, n)`` result shaped like ``vs``); the result (into ``flat`` if
+        given), reduced over processes and checked finite."""
+        flat, views = self._result(vs, flat)
+
+        def body() -> None:
+            for batch in self._pass(graph_kind):
+                per_batch(batch, views)
+
+        return self._finish(flat, self._guard(body))
+
+    def _result(self, vs: list[Tensor], flat: Tensor | None = None
+                ) -> tuple[Tensor, list[Tensor]]:
+        """One flat (k, n) result (zeroed ``flat`` if given) and its per-parameter views:
+        every batch adds into them. Under torch.distributed the result is the head of a buffer
+        that ends with the status slots, so that the reduction step all-reduces it in place."""
+        k, n = vs[0].shape[0], sum(v[0].numel() for v in vs)
+        if flat is not None:
+            flat.zero_()
+        elif self.group is None:
+            flat = vs[0].new_zeros(k, n)
+        else:
+            flat = vs[0].new_zeros(k * n + STATUS_SLOTS)[:k * n].view(k, n)
+        return flat, split_flat(flat, [v.shape[1:] for v in vs])
+
+    def _finish(self, flat: Tensor, failure: BaseException | None = None) -> Tensor:
+        """The reduction step for a result of :meth:`_result` (in place); checked finite."""
+        if self.group is None:
+            if failure is not None:
+                raise failure
+        elif (flat.is_contiguous() and flat.untyped_storage().nbytes() == (
+                flat.storage_offset() + flat.numel() + STATUS_SLOTS) * flat.element_size()):
+            # the status slots follow the result in its buffer: all-reduce both in place
+            buf = flat.view(-1).as_strided((flat.numel() + STATUS_SLOTS,), (1,))
+            all_reduce_checked(buf, failure, self.group)
+        else:
+            flat.copy_(self.reduce([flat], failure)[0])
+        check_finite(flat)
+        return flat
+
+    def reduce(self, parts: list[Tensor], failure: BaseException | None = None
+               ) -> list[Tensor]:
+        """The reduction step after the sum over this process's batches: the identity in one
+        process (raising ``failure`` if given); under ``torch.distributed`` one all-reduce (a
+        sum over the ranks' shards) of all parts and of the ranks' failure flags at once, so
+        every rank holds the same sums, or every rank raises."""
+        if self.group is None:
+            if failure is not None:
+                raise failure
+            return parts
+        flat = torch.cat([*(p.reshape(-1) for p in parts),
+                          parts[0].new_zeros(STATUS_SLOTS, dtype=torch.float64)])
+        all_reduce_checked(flat, failure, self.group)
+        out, start = [], 0
+        for p in parts:
+            out.append(flat[start:start + p.numel()].reshape(p.shape).to(p.dtype))
+            start += p.numel()
+        return out
+
+    def _guard(self, body: Callable[[], object]) -> BaseException | None:
+        """Run ``body``; under torch.distributed an error is returned (for the reduction step
+        to raise on every rank) instead of raised past the collective."""
+        if self.group is None:
+            body()
+            return None
+        try:
+            body()
+        except Exception as err:  # every kind goes to the other ranks
+            return err
+        return None
+
+    def agree(self, failure: BaseException | None) -> None:
+        """Under torch.distributed, one all-reduce of the ranks' failure flags: every rank
+        raises if one failed (a check of its own shard); alone, raise ``failure`` if given."""
+        self.reduce([torch.zeros(0, dtype=torch.float64)], failure)
+
+    # ----------------------------------------------------------------- chunks
+    def vectors_per_chunk(self, names: Sequence[str]) -> int:
+        """Vectors per batched product over ``names``: ``chunk_size``, lowered until one
+        chunk's estimated temporaries fit in ``product_bytes``. Per vector: three copies of the
+        parameters differentiated (the vector's tangents, its product, and one temporary of the
+        largest layer's size) and one of the saved activations of a batch (the tangents that
+        flow through the graph), measured on the first graph built, or on one forward pass of
+        the first batch where no graph is kept."""
+        if self.activation_bytes is None:
+            self.activation_bytes = self._measure_activations()
+        params = self.model.params
+        per_vector = 3 * sum(params[n].numel() * params[n].element_size() for n in names)
+        per_vector += self.activation_bytes
+        return int(max(1, min(self.chunk_size, self.product_bytes // max(per_vector, 1))))
+
+    def _measure_activations(self) -> int:
+        """The bytes one forward pass of the first batch saves for backward (parameters not
+        counted)."""
+        batch = next(self.batches())
+        with products.saved_bytes(self.model.params.values()) as saved, torch.enable_grad():
+            leaves = {n: self.model.params[n].detach().requires_grad_(True)
+                      for n in self.model.trainable}
+            batch.loss(leaves)
+        return saved[0]
+
+    # ----------------------------------------------------------------- first order
+    def loss_and_gradient(self, names: Sequence[str]) -> tuple[float, Tensor]:
+        """The mean loss and its gradient (flat) with respect to ``names``."""
+        total = [torch.zeros((), dtype=torch.float64, device=self.model.device)]
+        grads = [torch.zeros_like(self.model.params[n]) for n in names]
+
+        def body() -> None:
+            for batch in self.batches():
+                loss, g = products.gradient(batch.loss, self.model.params, names)
+                total[0] += loss.double()
+                for acc, gi in zip(grads, g):
+                    acc += gi
+
+        reduced = self.reduce([*total, *grads], self._guard(body))
+        return float(reduced[0]), join_flat([g.unsqueeze(0) for g in reduced[1:]])[0]
+
+    # ----------------------------------------------------------------- parameters
+    def reload(self, model: nn.Module) -> None:
+        """Take ``model``'s current parameters (the same network, later in training): the
+        snapshot is overwritten in place and everything derived from the old parameters (cached
+        graphs, loss checks) is dropped; the data and its weights are kept."""
+        self.model.load_from(model)
+        self._graphs.clear()
+        self._cache_used = 0
+        self.checked.clear()
+        self.version += 1
+
+    # ----------------------------------------------------------------- first batch
+    def first_batch_probe(self, wanted_modules: set[str]) -> dict[str, int]:
+        """Check the loss of a couple of samples of the first batch (a finite scalar, a mean
+        over its terms) and return the order in which ``wanted_modules`` run: one small
+        forward pass, plus two single-sample ones for the mean check."""
+        batch = next(self.batches()).data
+        head = take_rows(batch, slice(0, 2))
+        holder: dict[str, Tensor] = {}
+
+        def run() -> None:
+            with torch.no_grad():
+                holder["loss"] = self.loss.loss(self.loss.call(self.model.bind({}), head), head)
+
+        with products.named_derivative_errors():
+            order = self.model.call_order(run, wanted_modules)
+        check_loss(holder["loss"])
+        self._check_mean(head, holder["loss"])
+        return order
+
+    def _check_mean(self, head: Batch, loss: Tensor) -> None:
+        """Refuse a loss that adds its terms up instead of averaging them (the weighting of
+        several batches assumes a mean): compare the loss of two samples with the losses of
+        each. Skipped where single samples cannot be evaluated alone (batch statistics,
+        dropout) or carry no loss term."""
+        if self.model.batchnorm == "batch" or getattr(self.model, "random", False):
+            return
+        if leading_size(head) < 2:
+            return
+        try:
+            parts = []
+            for r in range(2):
+                one = take_rows(head, slice(r, r + 1))
+                n = self.loss.terms(one)
+                with torch.no_grad():
+                    value = self.loss.loss(self.loss.call(self.model.bind({}), one), one)
+                parts.append((n, float(value)))
+        except Exception:  # e.g. a model that needs two samples: nothing to conclude
+            return
+        (na, la), (nb, lb) = parts
+        both = float(loss)
+        if na <= 0 or nb <= 0 or not all(math.isfinite(x) for x in (la, lb, both)):
+            return
+        mean = (na * la + nb * lb) / (na + nb)
+        total = la + lb
+        tol = 1e-3 * max(abs(mean), abs(total), 1e-12)
+        if abs(both - mean) > tol and abs(both - total) <= tol:
+            raise HesslensInputError(
+                "the loss of a batch is the sum of its terms, not their mean (two samples give "
+                f"{both:.6g} = {la:.6g} + {lb:.6g}): over several batches the curvature is that "
+                "of the mean loss. Use a mean reduction (e.g. reduction='mean')")
+
+
+def _is_traced(t: Tensor) -> bool:
+    """Whether ``t`` is a functorch-wrapped tensor (inside vmap/grad/jvp), whose value cannot
+    be read."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def check_finite(t: Tensor) -> None:
+    """Raise :class:`NonFiniteCurvatureError` unless every entry of the products ``t`` is
+    finite."""
+    if t.numel() == 0:
+        return
+    # min and max in one pass, no temporary: torch.isfinite(t) made a float copy of t (abs)
+    # and two bool ones
+    lo, hi = torch.aminmax(t)
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+        raise NonFiniteCurvatureError(
+            "a curvature product is not finite (NaN or Inf) although the loss is: the "
+            "second derivative of the loss overflows or is undefined at these weights "
+            "(check for exploding activations, log(0), sqrt at 0, or use float64 via "
+            "dtype=torch.float64)")
+
+
+def split_flat(V: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Split a (k, n) batch of flat vectors into per-parameter (k, *shape) views."""
+    sizes = [math.prod(s) for s in shapes]
+    parts = torch.split(V, sizes, dim=1)
+    # views where V is contiguous (always for the loop's own results): products added into
+    # them land in V
+    return [p.reshape(V.shape[0], *s) for p, s in zip(parts, shapes)]
+
+
+def join_flat(parts: Sequence[Tensor]) -> Tensor:
+    """Join per-parameter (k, *shape) tensors into a (k, n) batch of flat vectors."""
+    return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
