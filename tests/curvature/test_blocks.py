@@ -87,10 +87,26 @@ def _decoder() -> nn.Module:
         nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2).eval()
 
 
+def _t5() -> nn.Module:
+    torch.manual_seed(12)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        d_model=16, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, d_kv=8,
+        vocab_size=31, decoder_start_token_id=0, pad_token_id=0)).eval()
+
+
+def _distilbert() -> nn.Module:
+    torch.manual_seed(13)
+    return transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+        dim=16, hidden_dim=32, n_layers=2, n_heads=2, vocab_size=31,
+        max_position_embeddings=16)).eval()
+
+
 MODELS = {"gpt2": _gpt2, "bert": _bert, "vit": _vit, "llama": _llama, "encoder": _encoder}
-# also recognised: interleaved (GPT-NeoX, BLOOM) and GQA-fused (Phi-3) QKV, cross-attention
+# also recognised: interleaved (GPT-NeoX, BLOOM) and GQA-fused (Phi-3) QKV, cross-attention,
+# T5's q/k/v/o (encoder-decoder) and DistilBERT's q_lin/k_lin/v_lin/out_lin
 MORE_MODELS = {"neox": _neox, "bloom": _bloom, "phi3": _phi3, "decoder": _decoder,
-               "gpt2_cross": lambda: _gpt2(add_cross_attention=True)}
+               "gpt2_cross": lambda: _gpt2(add_cross_attention=True), "t5": _t5,
+               "distilbert": _distilbert}
 LAYER_PATHS = {
     "gpt2": ["transformer.h.0", "transformer.h.1"],
     "bert": ["encoder.layer.0", "encoder.layer.1"],

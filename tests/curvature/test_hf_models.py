@@ -4,7 +4,14 @@ blocks inside the fused QKV weight, against dense float64 Hessians of the same l
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import hesslens as hl
 from hesslens.curvature.blocks import block_flat_indices
@@ -346,3 +353,101 @@ def test_finite_differences_that_did_not_settle_stop_searching(monkeypatch):
     monkeypatch.setattr(products, "gradient", counting)
     H.hvp(V[1:])
     assert len(calls) == 4 * 3
+
+
+# --------------------------------------------------------------------------- T5 and DistilBERT
+def tiny_t5():
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8,
+        vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=0)).double().eval()
+
+
+def tiny_distilbert():
+    """Weights of std 0.5: the default 0.02 leaves the attention's curvature near 1e-7."""
+    torch.manual_seed(0)
+    return DistilBertForSequenceClassification(DistilBertConfig(
+        dim=16, hidden_dim=32, n_layers=1, n_heads=2, vocab_size=VOCAB,
+        max_position_embeddings=T, num_labels=3, initializer_range=0.5)).double().eval()
+
+
+def seq2seq_batches(seed: int = 0):
+    """Uneven batches with decoder labels (some masked with -100); the model builds the decoder
+    inputs from the labels, and its own loss averages over the label tokens (no shift)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in (3, 2):
+        labels = torch.randint(1, VOCAB, (n, 4), generator=g)
+        labels[torch.rand(n, 4, generator=g) < 0.3] = -100
+        out.append({"input_ids": torch.randint(1, VOCAB, (n, T), generator=g), "labels": labels})
+    return out, [int((b["labels"] != -100).sum()) for b in out]
+
+
+def classification_batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = [{"input_ids": torch.randint(1, VOCAB, (n, T), generator=g),
+            "labels": torch.randint(0, 3, (n,), generator=g)} for n in (3, 2)]
+    return out, [3, 2]
+
+
+def dense_sub_block(model, batches, counts, names):
+    """The dense float64 sub-block of the Hessian of the model's own loss (each batch weighted
+    by its terms) at the parameters ``names``, each flattened row-major, in that order: the
+    Hessian in those parameters with every other one held, reverse over reverse on the math
+    attention kernel, as ``dense_reference``."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    sizes = [params[n].numel() for n in names]
+
+    def loss(sub):
+        values = dict(params)
+        for name, chunk in zip(names, torch.split(sub, sizes)):
+            values[name] = chunk.view(params[name].shape)
+        return sum(torch.func.functional_call(model, values, (), b).loss * (n / sum(counts))
+                   for b, n in zip(batches, counts))
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        dense = torch.func.jacrev(torch.func.grad(loss))(
+            torch.cat([params[n].reshape(-1) for n in names]))
+    return (dense + dense.T) / 2
+
+
+T5_SELF = "encoder.block.0.layer.0.SelfAttention"
+T5_CROSS = "decoder.block.0.layer.1.EncDecAttention"
+DISTILBERT_ATTN = "distilbert.transformer.layer.0.attention"
+SPLIT_CASES = {  # model, batches, {block: the parameters it must hold}
+    "t5": (tiny_t5, seq2seq_batches, {
+        "encoder.block.0.attn.q": [f"{T5_SELF}.q.weight"],
+        f"{T5_CROSS}.o": [f"{T5_CROSS}.o.weight"],
+        "decoder.block.0.attn.k": ["decoder.block.0.layer.0.SelfAttention.k.weight"]}),
+    "distilbert": (tiny_distilbert, classification_batches, {
+        "distilbert.transformer.layer.0.attn.q": [f"{DISTILBERT_ATTN}.q_lin.weight",
+                                                  f"{DISTILBERT_ATTN}.q_lin.bias"],
+        "distilbert.transformer.layer.0.attn.o": [f"{DISTILBERT_ATTN}.out_lin.weight",
+                                                  f"{DISTILBERT_ATTN}.out_lin.bias"]}),
+}
+
+
+@pytest.mark.parametrize("family", list(SPLIT_CASES))
+def test_transformer_preset_on_t5_and_distilbert_matches_dense_sub_blocks(family):
+    build, make_batches, expected = SPLIT_CASES[family]
+    model = build()
+    batches, counts = make_batches()
+    H = hl.Hessian(model, None, batches, layers="transformer")
+    assert H.num_samples == sum(counts)
+    # the blocks partition every trainable element, tied weights (T5's shared embedding) once
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    claimed = torch.cat([block_flat_indices(pieces, shapes) for pieces in H.layer_pieces.values()])
+    assert torch.equal(claimed.sort().values, torch.arange(H.dim))
+    names = list(H.layer_pieces)
+    attentions = [n[:-2] for n in names if n.endswith(".q")]
+    assert len(attentions) == (3 if family == "t5" else 1)  # T5: encoder, decoder, cross
+    for prefix in attentions:
+        assert all(f"{prefix}.{role}" in names for role in "kvo")
+    for block, params in expected.items():
+        assert [(p.param, p.dim) for p in H.layer_pieces[block]] == [(n, None) for n in params]
+        dense = dense_sub_block(model, batches, counts, params)
+        exact = torch.linalg.eigvalsh(dense)
+        assert exact.abs().max() > 1e-2  # a block the loss depends on
+        assert rel_error(H.block(block).dense(), dense) <= 1e-9
+        top = H.block(block).eigenvalues(k=1).values
+        assert torch.allclose(top, exact[-1:], rtol=1e-6, atol=0), (top, exact[-1])
