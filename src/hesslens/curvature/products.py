@@ -64,9 +64,11 @@ __all__ = [
     "jvp_reverse",
     "named_derivative_errors",
     "output_hvp",
+    "relative_step",
     "richardson_hvp",
     "saved_bytes",
     "second_difference",
+    "second_difference_step",
     "second_order_kernels",
     "vjp",
 ]
@@ -388,20 +390,39 @@ def gauss_newton_vmapped(forward: Callable[[dict[str, Tensor]], Tensor],
 
 
 # ---------------------------------------------------------------------- finite differences
-def fd_step(theta_norm: float, v_norm: float, dtype: torch.dtype, order: int) -> float:
-    """The starting step ``h`` of a finite difference along ``v``: the perturbation ``h v`` has
-    norm ``eps^(1/(order+1)) * max(||θ||, 1)``, which balances the truncation error
-    (``O(h^order)``) against the rounding error of the differences (``O(eps / h)``) when the
-    loss varies on the scale of the weights. ``0`` for a zero vector.
+def fd_step(theta_norm: float, v_norm: float, relative: float, floor: float = 1.0) -> float:
+    """The step ``h`` of a finite difference along ``v``: the perturbation ``h v`` has norm
+    ``relative * max(||θ||, floor)`` (``1`` in place of a zero ``||θ||``), the loss varying on
+    the scale of the weights. ``0`` for a zero vector.
 
     Example:
-        >>> round(fd_step(1.0, 1.0, torch.float64, 1), 10) == round(2.0 ** -26, 10)
-        True
+        >>> fd_step(4.0, 2.0, 0.01)
+        0.02
     """
     if v_norm == 0.0:
         return 0.0
-    eps = torch.finfo(dtype).eps
-    return eps ** (1.0 / (order + 1)) * max(theta_norm, 1.0) / v_norm
+    return relative * (max(theta_norm, floor) or 1.0) / v_norm
+
+
+def relative_step(dtype: torch.dtype, order: int) -> float:
+    """``eps^(1/(order+1))``: the relative step of a difference of gradients whose truncation
+    error is ``O(h^order)``, balanced against the rounding error ``O(eps / h)`` (``order=4``:
+    central differences with one Richardson step; ``order=1``: the small ``sqrt(eps)`` step
+    that crosses few ReLU kinks)."""
+    return torch.finfo(dtype).eps ** (1.0 / (order + 1))
+
+
+def second_difference_step(dtype: torch.dtype) -> float:
+    """``(48 u)^(1/4)``, ``u`` the unit round-off: the relative step of the second difference of
+    losses, balancing its truncation ``h^2/12`` against its rounding ``4 u / h^2`` (relative,
+    for a loss that curves on the scale of the weights).
+
+    Example:
+        >>> round(second_difference_step(torch.float32), 3)
+        0.041
+    """
+    u = torch.finfo(dtype).eps / 2.0
+    return (48.0 * u) ** 0.25
 
 
 def norm(parts: Sequence[Tensor]) -> float:
@@ -444,7 +465,8 @@ def richardson_hvp(gradient_at: Callable[[float], Sequence[Tensor]], v: Sequence
     scale = scale if scale is not None else StepScale()
     dtype = dtype or v[0].dtype
     v_norm = norm(v)
-    h = fd_step(theta_norm, v_norm, dtype, order) * scale.factor
+    unit = fd_step(theta_norm, v_norm, relative_step(dtype, order))  # the step at factor 1
+    h = unit * scale.factor
     if h == 0.0:
         return [torch.zeros_like(t, dtype=torch.float64) for t in v]
     tol = scale.tol if scale.tol is not None else math.sqrt(torch.finfo(dtype).eps)
@@ -460,7 +482,6 @@ def richardson_hvp(gradient_at: Callable[[float], Sequence[Tensor]], v: Sequence
 
     if order == 2:
         return central(h)
-    unit = fd_step(theta_norm, v_norm, dtype, order)  # the step at factor 1
     if scale.gave_up:  # searching again would cost as much and settle no better
         best, change = settled(h)
     else:
@@ -469,7 +490,7 @@ def richardson_hvp(gradient_at: Callable[[float], Sequence[Tensor]], v: Sequence
             # Still unsettled: the loss is not smooth on the scale of the step (ReLU or
             # max-pooling kinks). Plain central differences' step, sqrt(eps) relative,
             # crosses far fewer kinks; keep it where D(h) and D(h/2) agree better there.
-            small = fd_step(theta_norm, v_norm, dtype, 1)
+            small = fd_step(theta_norm, v_norm, relative_step(dtype, 1))
             if small < best_h / 2:
                 fallback, small_change = settled(small)
                 if small_change < change:

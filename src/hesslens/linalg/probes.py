@@ -1,7 +1,8 @@
 """Random probe vectors for stochastic estimators.
 
-Probes are always drawn on the CPU from the given generator, then cast and moved: the same seed
-gives the same probes on every device and in every dtype. Rademacher probes are drawn directly
+Probes are drawn from the given generator where it lives (the estimators' generators are on the
+CPU), then cast and moved: the same seed gives the same probes on every device and in every
+dtype. Rademacher probes are drawn directly
 in the requested dtype (``k * dim`` entries of it, no larger temporary); Gaussian ones in float64
 and then cast. Drawing Rademacher probes a few rows at a time from one generator gives the same
 rows as drawing them all at once (the estimators rely on this to bound their memory).
@@ -54,7 +55,8 @@ def random_probes(
         Rademacher: independent signs +-1 (the lowest-variance choice for Hutchinson);
         Gaussian: independent standard normals (rotation invariant).
     generator : torch.Generator, optional
-        CPU generator to draw from; ``None`` uses torch's global generator.
+        Generator to draw from, on the device it lives on; ``None`` uses torch's global CPU
+        generator.
     dtype : torch.dtype, optional
         Dtype of the result (default: torch's default dtype).
     device : torch.device or str, optional
@@ -82,12 +84,14 @@ def random_probes(
         raise HesslensInputError(f"probe sizes must be nonnegative, got k={k}, dim={dim}")
     check_distribution(distribution)
     dtype = torch.get_default_dtype() if dtype is None else dtype
+    # drawn where the generator lives (a CUDA generator draws on its GPU), then moved
+    where = generator.device if generator is not None else torch.device("cpu")
     if distribution == "rademacher":
         # drawn straight in ``dtype`` (+-1 is exact in every float dtype, and torch's randint
         # gives the same bits whatever the dtype): no float64 or int64 temporary of k * dim
         draw_dtype = dtype if dtype.is_floating_point else torch.float64
-        out = torch.randint(0, 2, (k, dim), generator=generator, dtype=draw_dtype)
+        out = torch.randint(0, 2, (k, dim), generator=generator, dtype=draw_dtype, device=where)
         out = out.mul_(2.0).sub_(1.0)
     else:
-        out = torch.randn(k, dim, generator=generator, dtype=torch.float64)
+        out = torch.randn(k, dim, generator=generator, dtype=torch.float64, device=where)
     return out.to(dtype=dtype, device=device)

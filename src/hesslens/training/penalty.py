@@ -1,170 +1,44 @@
-r"""Hessian trace regularization (HTR): a differentiable Hessian-trace estimate as a loss term.
+r"""Hessian trace regularization (HTR): a differentiable curvature-trace estimate as a loss term.
 
-Sankar et al. (AAAI 2021) add ``gamma * tr(H)`` to the training loss, with the trace estimated by
-Hutchinson's method: for probes ``v`` with ``E[v v^T] = I`` (Rademacher or Gaussian),
-``E[v^T H v] = tr(H)``. :class:`HessianTracePenalty` returns
+Sankar et al. (AAAI 2021) add ``gamma * tr(H)`` to the training loss, the trace estimated by
+Hutchinson's method: for probes ``v`` with ``E[v v^T] = I``, ``E[v^T H v] = tr(H)``.
+:class:`HessianTracePenalty` returns
 
 .. math::
     P(\theta) = \frac{1}{m} \sum_{i=1}^{m} v_i^\top H_{SS}(\theta)\, v_i,
     \qquad \mathbb{E}[P] = \sum_{l \in S} \operatorname{tr}(H_{ll}),
 
-where ``S`` is the set of chosen layers and ``H_SS`` the Hessian of the loss with respect to
-those layers' parameters only (``v`` is zero outside ``S``, so only the diagonal blocks
-``H_ll`` of the chosen layers enter the expectation). ``P`` is an ordinary differentiable
-scalar: add ``gamma * P`` to the loss and call ``backward()``; its gradient reaches every
-parameter of the model (the curvature of the middle layers depends on the first layers too), so
-it works unchanged with any optimizer, learning-rate schedule, gradient accumulation or
-mixed-precision scaler.
+``S`` the chosen layers and ``H_SS`` the Hessian in their parameters only. ``P`` is an ordinary
+differentiable scalar: add ``gamma * P`` to the loss and call ``backward()``; its gradient
+reaches every parameter, so it works with any optimizer, schedule, gradient accumulation or
+mixed-precision scaler. Differentiating with respect to the chosen parameters only lets the
+backward passes stop at the first chosen layer, so ``layers="middle"`` is cheaper than
+``layers="all"`` (the authors' code zeroed the probe outside the middle layers and saved
+nothing).
 
-Three curvatures
-----------------
-``curvature="hessian"`` (the default, the paper) is the above. The Hessian is indefinite: its
-trace can be negative (BatchNorm in training mode, saddle regions), and then minimising it
-rewards *more* negative curvature instead of flatness. The penalty keeps the last 50 values and
-warns once (:class:`NegativeCurvatureWarning`) when their mean is below zero by more than three
-standard errors (judged from 10 values on). Two positive semi-definite alternatives
-(:mod:`hesslens.training.penalty_curvature`), for outputs ``z``, batch-mean loss
-``L = ell(z) = (1/N) sum_i l_i`` and ``H_z = d2 ell / dz2``:
+The curvature (``curvature=``) and how it is computed are one small class each
+(:mod:`hesslens.training.penalty_forms`):
 
-* ``"gauss_newton"``: ``E[P] = tr(J_S^T H_z J_S)``, the chosen diagonal blocks of the
-  Gauss-Newton matrix ``G = J^T H_z J`` (``J = dz / dtheta``; ``H = G + sum_k (dell/dz_k)
-  d2 z_k / dtheta2``). For softmax cross-entropy (class indices or probability targets, no
-  class weights) and mean squared error, ``H_z = S S^T`` in closed form
-  (:func:`~hesslens.training.penalty_curvature.output_sqrt_hessian`) and the probes live in the
-  output space: ``P = mean_u ||J_S^T S u||^2`` (one reverse pass per probe, never negative).
-  Any other ``loss_fn`` takes parameter-space probes, ``P = mean_v (J_S v)^T H_z (J_S v)``
-  (``J v`` as the ``u``-derivative of ``J^T u``: two reverse passes and an output-sized one).
-  On the MNIST-1D CNN the spread of one probe is the same for both (26-27 % of the mean).
-* ``"fisher"``: ``P = (1/N) sum_i ||d l_i / dtheta_S||^2``, the trace of the chosen blocks of
-  the empirical Fisher ``(1/N) sum_i g_i g_i^T`` with the true labels, computed exactly (no
-  probes: ``n_probes`` and ``distribution`` are unused) from per-sample gradients
-  (``torch.func.vmap(grad)``; memory ``N`` times the chosen parameters). ``l_i`` is
-  ``loss_fn`` on the batch of sample ``i`` alone, so the loss must be a batch mean: a batch
-  loss other than ``mean_i l_i`` (a sum, class weights, ignored labels) is refused by name.
-  With BatchNorm in training mode a sample's loss depends on the whole batch; ``l_i`` is then
-  the ``i``-th loss term of one pass over the batch and ``g_i`` its gradient through the batch
-  statistics (``sum_i g_i = N grad L`` still), from a reverse pass vmapped over the ``N``
-  terms: ``N`` times a backward pass's arithmetic, so far slower. Jastrzebski et al. (ICML
-  2021) define ``tr(F)`` with labels sampled from the model and regularise with a mini-batch
-  estimate of it; this is the true-label (empirical) variant, exact on the batch, not the
-  squared norm of the batch-mean gradient.
+* ``"hessian"`` (the paper): ``method="hvp"`` by double backward, or ``method="fd"`` by the
+  second difference of losses ``(L(θ + hv) - 2 L(θ) + L(θ - hv)) / h^2`` (first order only;
+  ``||h v|| = fd_eps * ||θ_S||``, default ``(48 u)^(1/4)``; on ReLU networks it measures the
+  curvature of the loss smoothed over the step, and says so once). The Hessian is indefinite:
+  when the mean of the last 50 values is below zero by three standard errors the penalty
+  rewards concavity, and :class:`NegativeCurvatureWarning` says so once.
+* ``"gauss_newton"``: ``E[P] = tr(J_S^T H_z J_S)``, never negative for a loss convex in the
+  outputs; output-space probes ``||J_S^T S u||^2`` where ``H_z = S S^T`` has a closed form
+  (softmax cross-entropy, MSE), parameter-space forms otherwise.
+* ``"fisher"``: ``(1/N) sum_i ||d l_i / dθ_S||^2``, the empirical Fisher's trace (true labels)
+  exact from per-sample gradients: no probes. A batch loss other than ``mean_i l_i`` is refused
+  by name.
 
-Both re-evaluate the model on the batch (``loss_fn`` at construction, ``pen(loss, inputs=x,
-targets=y)``), with normalisation written out (:mod:`hesslens.training.norms`), running
-statistics and the random-number stream untouched; ``method="fd"`` is for the Hessian only.
-
-Two ways to compute the Hessian's
----------------------------------
-``method="hvp"`` (exact quadratic forms, double back-propagation)::
-
-    g   = autograd.grad(loss, theta_S, create_graph=True)     # first-order graph kept
-    Hv  = autograd.grad(g . v, theta_S, create_graph=True)    # Hessian-vector product
-    P   = mean over probes of  v . Hv
-
-Both ``grad`` calls differentiate with respect to the chosen layers' parameters only, so the
-backward passes stop at the first chosen layer and skip the weight gradients of the others:
-``layers="middle"`` is cheaper than ``layers="all"`` (the authors' code zeroed the probe outside
-the middle layers but still differentiated through every parameter, so it saved nothing).
-
-``method="fd"`` (no double backward): the second derivative of the loss along ``v`` by a
-symmetric finite difference,
-
-.. math::
-    v^\top H v \approx \frac{L(\theta + \varepsilon v) - 2 L(\theta) + L(\theta - \varepsilon v)}
-    {\varepsilon^2},
-
-with ``L(theta)`` the loss passed in and the two perturbed losses evaluated with
-``torch.func.functional_call`` on ``theta_S + eps v`` (differentiable with respect to the
-parameters; only the chosen layers are moved). It needs the batch: call
-``pen(loss, inputs=x, targets=y)`` and give ``loss_fn`` at construction. Cost: two extra
-forward passes and their ordinary first-order backward (see "Cost" below).
-
-Error of the finite difference. With ``phi(t) = L(theta + t v)``,
-
-* truncation: ``(phi(e) - 2 phi(0) + phi(-e)) / e^2 = phi''(0) + e^2 phi''''(0) / 12 + O(e^4)``,
-  a bias proportional to the fourth derivative along the probe;
-* round-off: each loss carries a relative rounding error of order ``u`` (unit round-off,
-  ``2^-24 ~ 6e-8`` in float32, ``2^-53 ~ 1.1e-16`` in float64) so the numerator carries an
-  absolute error of about ``4 u |L|`` and the estimate ``4 u |L| / e^2``.
-
-Step size. The step is set relative to the size of the chosen parameters: the parameter
-perturbation ``e v`` has norm ``fd_eps * ||theta_S||``, i.e.
-``e = fd_eps * ||theta_S|| / ||v||``. On the scale of the weights a network's curvature changes
-over distances comparable to ``||theta||`` (rescaling all weights by a factor ``c`` changes the
-logits by a power of ``c``), so ``phi'''' / phi'' ~ (||v|| / ||theta||)^2``: the relative
-truncation error is about ``fd_eps^2 / 12``, while the relative round-off error is about
-``4 u |L| / (fd_eps^2 ||theta||^2 h)`` with ``h = phi''(0) / ||v||^2`` the curvature along the
-unit probe direction, of order ``|L| / ||theta||^2`` by the same scaling argument. Balancing
-``fd_eps^2 / 12`` against ``4 u / fd_eps^2`` gives ``fd_eps ~ (48 u)^(1/4)``: ``0.041`` in float32
-and ``2.7e-4`` in float64. The default (``fd_eps=None``) is ``(48 u)^(1/4)`` for the dtype of the
-parameters. Measured on MNIST-1D (batch 128, softplus versions of the zoo's MLP and 1-D CNN, one
-Rademacher probe, against float64 double backward): in float32 the relative error of one
-quadratic form is 60 % / 6 % / 2 % / 0.5 % (median over probes; at most 1.6 %) at
-``fd_eps`` = 0.003 / 0.01 / 0.02 / 0.041, and 0.6 % at 0.08; random-direction curvature is
-smaller than ``|L| / ||theta||^2`` there, which makes round-off the larger term, so smaller steps
-are worse. In float64 the error is 1e-6 at ``fd_eps`` = 1e-4..1e-3 and 1e-3 at 0.041. Either way
-it is far below the Hutchinson noise of one probe (relative standard deviation
-``sqrt(2 sum_{i!=j} H_ij^2) / tr(H)``, typically tens of percent).
-
-Piecewise-linear networks (ReLU, max-pooling). There the loss is not twice differentiable:
-where a unit crosses its kink the slope jumps, which the exact (almost-everywhere) Hessian
-ignores and the finite difference does not. The finite difference then estimates the curvature
-of the loss smoothed over the step (the distributional second derivative, kinks included), not
-``v^T H v``: on the zoo's ReLU MLP for MNIST-1D the two differ by 100 % to 500 % (median over
-probes) for every ``fd_eps`` from 1e-4 to 0.04, in float64 as in float32, and agree only below
-``fd_eps ~ 1e-5``, when hardly any unit crosses its kink. The penalty's gradient, a second
-difference of gradients that jump at the kinks, is then heavy-tailed: LeNet-5 on random 32x32
-inputs (batch 64, gamma 1e-3, SGD lr 0.01, momentum 0.9) diverged within 12 steps with ``"fd"``
-and not with ``"hvp"``. So for ReLU networks ``"fd"`` regularises finite-step sharpness, not
-``tr(H)``, and may need a smaller gamma; a warning says so once. Use ``"hvp"`` where the trace
-itself matters, or smooth activations.
-
-Normalisation layers. PyTorch's fused BatchNorm (batch statistics), InstanceNorm and LayerNorm
-kernels give wrong third derivatives without an error (see :mod:`hesslens.training.norms`), and
-the gradient of ``"hvp"`` is one. When the loss's graph runs through one of them, the penalty
-re-evaluates the loss on the same batch with those layers written out in primitive operations
-(one extra forward pass; running statistics and the random-number stream untouched), so it needs
-``pen(loss, inputs=x, targets=y)`` and ``loss_fn``, and says so otherwise. ``"fd"`` uses first
-derivatives only and is not affected.
-
-The forward pass must be a deterministic function of the parameters for ``"fd"`` (no active
-dropout: the three losses would see different masks; a warning is given). Both perturbed passes
-run under the same random-number state, which is restored afterwards, and BatchNorm running
-statistics are not touched (the perturbed passes run on copies of the buffers).
-
-Cost
-----
-Measured with ``python benchmarks/bench_training.py`` (one CPU thread, one probe, batch 128;
-MNIST-1D MLP and 1-D CNN, a 5-layer MLP, LeNet-5), one step with the penalty against one plain
-SGD step: ``"hvp"`` 5-6x, ``"fd"`` 3-3.6x, ``layers="middle"`` 0.4-0.8x the all-layer cost.
-Both have floors that no implementation detail removes:
-
-* ``"fd"``: the gradient of the symmetric second difference is
-  ``(g(theta + e v) - 2 g(theta) + g(theta - e v)) / e^2`` (``g`` the loss gradient): two
-  gradient evaluations besides the one the SGD step makes anyway, so about three SGD steps less
-  the optimizer update's share. A one-sided difference ``2 (g(theta + e v) - g(theta)) / e^2``
-  would need one extra gradient and has the right expectation, but carries the zero-mean term
-  ``2 H v / e``, about ``1 / fd_eps`` (~25) times the signal: it is not offered.
-* ``"hvp"``: the penalty's gradient ``D^3 L[v, v, .]`` is a third derivative; double backward
-  for ``H v`` and one more backward through both graphs cost 5-6 SGD steps here. The forward-mode
-  alternatives (forward-over-reverse for ``H v``, or forward-over-forward for ``v^T H v``, then
-  reverse) were no faster overall in PyTorch 2.13: 0.8-2.4x the double-backward time, depending
-  on the model and the run.
-  Evaluating the penalty on half the batch saved little on the small models (per-operation
-  overhead dominates them: MNIST-1D CNN 5.9x to 4.9x, MLP unchanged) while raising the relative
-  spread of the estimate by 10-100 %, so the penalty always uses the whole batch.
-
-The other curvatures, in passes over the batch besides the SGD step's forward and backward:
-``"gauss_newton"`` (cross-entropy, MSE) one forward, one reverse pass kept for differentiation
-and its double backward; with parameter-space probes one more reverse pass and its backward;
-``"fisher"`` a vmapped forward and backward for the per-sample gradients and the double
-backward through them (``python benchmarks/bench_penalty_curvature.py`` measures all three).
-
-Use ``every`` (the trainer's ``htr_every``) to amortise: at the paper's schedule, one penalised
-step in 50, every arm costs 1.02-1.11x SGD.
-
-Probes are drawn from a ``torch.Generator`` seeded with ``seed``; the generator's state is part
-of :meth:`HessianTracePenalty.state_dict`, so a resumed training run draws the same probes.
+The last two, ``"fd"``, and ``"hvp"`` through PyTorch's fused BatchNorm, InstanceNorm or
+LayerNorm kernels (whose third derivatives are wrong: :mod:`hesslens.training.norms`)
+re-evaluate the model on the batch: give ``loss_fn`` at construction and call
+``pen(loss, inputs=x, targets=y)``; running statistics and the random-number stream stay
+untouched. Errors, steps and costs of each form, measured: ``benchmarks/README.md`` ("The
+training penalty"). Probes come from a generator seeded with ``seed`` whose state is part of
+:meth:`HessianTracePenalty.state_dict`, so a resumed run draws the same probes.
 
 Example:
     >>> import torch
@@ -194,22 +68,28 @@ import torch
 from torch import Tensor, nn
 
 from hesslens.curvature.blocks import block_parameters
-from hesslens.curvature.products import named_derivative_errors, second_order_kernels
+from hesslens.curvature.products import (
+    named_derivative_errors,
+    second_difference_step,
+    second_order_kernels,
+)
 from hesslens.errors import HesslensInputError
+from hesslens.linalg.probes import check_distribution, random_probes
 from hesslens.training.layers_select import select_blocks
 from hesslens.training.norms import DecomposedNorms, fused_norms_in_graph
-from hesslens.training.penalty_curvature import (
-    batch_statistics_modules,
-    coupled_fisher_trace,
-    empirical_fisher_trace,
-    gauss_newton_forms,
-    gauss_newton_output_forms,
-    output_sqrt_hessian,
+from hesslens.training.penalty_forms import (
+    FisherForm,
+    GaussNewtonForm,
+    HessianForm,
+    SecondDifferenceForm,
+    SidePass,
+    owning_slot,
+    parameter_slots,
+    slice_masks,
 )
 
 __all__ = ["HessianTracePenalty", "NegativeCurvatureWarning", "default_fd_eps"]
 
-_DISTRIBUTIONS = ("rademacher", "gaussian")
 _NO_DOUBLE_BACKWARD = (
     "the penalty differentiates the training loss twice; compute that loss under "
     "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) (PyTorch's fused attention kernels have "
@@ -217,26 +97,17 @@ _NO_DOUBLE_BACKWARD = (
 _METHODS = ("hvp", "fd")
 _CURVATURES = ("hessian", "gauss_newton", "fisher")
 
-
 #: How many recent Hessian penalty values the negative-curvature check averages, and how many it
 #: needs before it judges.
 _RECENT, _RECENT_MIN = 50, 10
+
+#: The default relative step of ``method="fd"``: ``(48 u)^(1/4)`` for the parameters' dtype.
+default_fd_eps = second_difference_step
 
 
 class NegativeCurvatureWarning(UserWarning):
     """The running mean of a Hessian-trace penalty is significantly below zero: the penalty then
     rewards negative curvature (it lowers the loss by making it more concave)."""
-
-
-def default_fd_eps(dtype: torch.dtype) -> float:
-    """The default relative finite-difference step ``(48 u)^(1/4)``, ``u`` the unit round-off.
-
-    Example:
-        >>> round(default_fd_eps(torch.float32), 3), f"{default_fd_eps(torch.float64):.1e}"
-        (0.041, '2.7e-04')
-    """
-    u = torch.finfo(dtype).eps / 2.0
-    return (48.0 * u) ** 0.25
 
 
 def _check_loss(loss: Any) -> None:
@@ -267,66 +138,6 @@ def _derived_seed(seed: int, draws: int) -> int:
     """A seed for the probe stream after ``draws`` probes, for a generator that cannot take
     the old one's state (another kind of device)."""
     return (seed * 6364136223846793005 + (draws + 1) * 1442695040888963407) % (2**63)
-
-
-def _slice_masks(model: nn.Module, blocks: Mapping[str, Sequence[Any]],
-                 names: Sequence[str]) -> list[Tensor | None] | None:
-    """Per chosen parameter, a 0/1 mask of the elements the blocks cover (``None``: all of
-    them); ``None`` when every block takes whole parameters."""
-    params = dict(model.named_parameters())
-    covered: dict[str, list[Any]] = {n: [] for n in names}
-    for pieces in blocks.values():
-        for piece in pieces:
-            covered[piece.param].append(piece)
-    masks: list[Tensor | None] = []
-    for n in names:
-        if any(piece.dim is None for piece in covered[n]):
-            masks.append(None)
-            continue
-        mask = torch.zeros(params[n].numel())
-        for piece in covered[n]:
-            mask[piece.flat_indices(params[n].shape)] = 1.0
-        masks.append(mask.view(params[n].shape))
-    return None if all(m is None for m in masks) else masks
-
-
-def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module owning the parameter or buffer ``name``, and its attribute name there."""
-    module_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), attr
-
-
-def _stat_buffer_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Normalisation-statistics buffers a training-mode forward pass updates in place."""
-    out = []
-    for mod_name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            for b_name, b in m.named_buffers(recurse=False):
-                if b is not None:
-                    out.append((f"{mod_name}.{b_name}" if mod_name else b_name, m, b_name))
-    return out
-
-
-def _perturbation_slots(model: nn.Module, chosen: Sequence[str]) -> list[tuple[str, int]]:
-    """``(name, i)`` for every distinct slot holding the ``i``-th chosen parameter.
-
-    A parameter shared by two modules (``b.weight = a.weight``) appears under both names, so a
-    functional call moves both uses; a module registered twice (``self.again = self.layer``)
-    appears once, since replacing the attribute of that one module moves both uses and a second
-    name would make ``functional_call`` restore the wrong tensor afterwards. The slots are passed
-    to ``functional_call(..., tie_weights=False)``, which then has nothing left to re-tie.
-    """
-    named = dict(model.named_parameters())
-    index = {id(named[n]): i for i, n in enumerate(chosen)}
-    slots, seen = [], set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        module, attr = _slot(model, name)
-        key = (id(module), attr)
-        if key in seen or id(param) not in index:
-            continue
-        seen.add(key)
-        slots.append((name, index[id(param)]))
-    return slots
 
 
 class HessianTracePenalty:
@@ -360,7 +171,7 @@ class HessianTracePenalty:
             ``(J v)^T H_z (J v)``, never negative for a loss convex in the outputs) or
             ``"fisher"`` (the empirical Fisher ``(1/N) sum_i ||grad l_i||^2``, exact: no
             probes). Both need ``loss_fn`` and ``pen(loss, inputs=x, targets=y)``; see
-            :mod:`hesslens.training.penalty_curvature`.
+            :mod:`hesslens.training.penalty_forms`.
 
     Call ``pen(loss)`` (``"hvp"``) or ``pen(loss, inputs=x, targets=y)`` (``"fd"`` and the other
     curvatures; ``loss`` must be ``loss_fn(model(x), y)``) to get the penalty, a scalar tensor to
@@ -381,36 +192,7 @@ class HessianTracePenalty:
         *,
         curvature: str = "hessian",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise HesslensInputError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}"
-            )
-        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-            raise HesslensInputError(f"n_probes must be a positive integer, got {n_probes!r}")
-        if distribution not in _DISTRIBUTIONS:
-            raise HesslensInputError(
-                f"unknown probe distribution {distribution!r}; use one of {list(_DISTRIBUTIONS)}"
-            )
-        if method not in _METHODS:
-            raise HesslensInputError(
-                f"unknown method {method!r}; use 'hvp' (double backward) or 'fd' (finite "
-                "differences)"
-            )
-        if curvature not in _CURVATURES:
-            raise HesslensInputError(
-                f"unknown curvature {curvature!r}; use one of {list(_CURVATURES)}")
-        if curvature != "hessian" and method != "hvp":
-            raise HesslensInputError(
-                f"method={method!r} is for curvature='hessian' only; curvature={curvature!r} "
-                "uses exact derivatives (leave method='hvp')")
-        if curvature != "hessian" and loss_fn is None:
-            raise HesslensInputError(
-                f"curvature={curvature!r} re-evaluates the model on the batch and needs "
-                "loss_fn(outputs, targets): pass loss_fn= to HessianTracePenalty")
-        if fd_eps is not None and not (math.isfinite(fd_eps) and fd_eps > 0):
-            raise HesslensInputError(f"fd_eps must be a positive finite number, got {fd_eps!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise HesslensInputError("loss_fn must be callable: loss_fn(outputs, targets)")
+        _check_arguments(model, n_probes, distribution, method, curvature, fd_eps, loss_fn)
         self.model = model
         self.blocks = select_blocks(model, layers, grouping)
         self.layer_params: dict[str, list[str]] = block_parameters(self.blocks)
@@ -419,14 +201,12 @@ class HessianTracePenalty:
             n for ns in self.layer_params.values() for n in ns))
         # Blocks that are slices of a parameter (q of a fused QKV weight): the probe is zero
         # outside the slice, so v^T H v estimates the trace of the slice's block alone.
-        self._masks = _slice_masks(model, self.blocks, self.param_names)
+        self._masks = slice_masks(model, self.blocks, self.param_names)
         # (module, attribute) of each chosen parameter: a lookup per call that stays right after
         # model.to(), without walking named_parameters() on every training step.
-        self._param_slots = [_slot(model, n) for n in self.param_names]
-        self._stat_slots = _stat_buffer_slots(model)
-        # Every (module, attribute) slot that holds a chosen parameter, for the perturbed
-        # passes of "fd": a parameter shared by two modules is moved in both.
-        self._fd_slots = _perturbation_slots(model, self.param_names)
+        self._param_slots = [owning_slot(model, n) for n in self.param_names]
+        # every place that holds a chosen parameter: a shared one is moved in both
+        self._side_pass = SidePass(model, parameter_slots(model, self.param_names))
         self._dropouts = [m for m in model.modules()
                           if isinstance(m, nn.modules.dropout._DropoutNd)]
         self.curvature = curvature
@@ -435,6 +215,10 @@ class HessianTracePenalty:
         self.method = method
         self.fd_eps = fd_eps
         self.loss_fn = loss_fn
+        self._hessian_form = HessianForm()
+        self._fd_form = SecondDifferenceForm(self._side_pass, loss_fn) if loss_fn else None
+        self._gn_form = GaussNewtonForm(self._side_pass, loss_fn) if loss_fn else None
+        self._fisher_form = FisherForm(self._side_pass, loss_fn) if loss_fn else None
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.seed = int(seed)
@@ -447,9 +231,12 @@ class HessianTracePenalty:
         self._warned_negative = False
         self._warned_coupled = False
         self._recent: deque[float] = deque(maxlen=_RECENT)
-        self.last_fd_steps: list[float] = []
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def last_fd_steps(self) -> list[float]:
+        """The finite-difference steps of the last ``method="fd"`` call."""
+        return self._fd_form.last_steps if self._fd_form is not None else []
+
     def __repr__(self) -> str:
         return (
             f"HessianTracePenalty(layers={self.layers}, curvature={self.curvature!r}, "
@@ -461,6 +248,7 @@ class HessianTracePenalty:
         """The chosen layers' parameters (looked up on every call, so ``model.to()`` is safe)."""
         return [getattr(module, attr) for module, attr in self._param_slots]
 
+    # ------------------------------------------------------------------ probes
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is not None and self._generator.device == device:
             return self._generator
@@ -480,28 +268,33 @@ class HessianTracePenalty:
         return g
 
     def sample_probes(self, n: int | None = None) -> list[list[Tensor]]:
-        """Draw ``n`` (default ``n_probes``) probes, each a list shaped like the chosen params."""
+        """Draw ``n`` (default ``n_probes``) probes, each a list shaped like the chosen params
+        (zero outside the chosen slices)."""
         params = self.parameters()
         n = self.n_probes if n is None else n
         g = self._gen(params[0].device)
         sizes = [p.numel() for p in params]
-        total = sum(sizes)
-        dtype, device = params[0].dtype, params[0].device
-        probes = []
         self._draws += n
+        probes = []
         for _ in range(n):
-            # One draw for all parameters, then views: few kernel launches per probe.
-            if self.distribution == "rademacher":
-                flat = torch.randint(0, 2, (total,), generator=g, device=device, dtype=dtype)
-                flat.mul_(2).sub_(1)
-            else:
-                flat = torch.randn(total, generator=g, device=device, dtype=dtype)
+            # one draw for all parameters, then views: few kernel launches per probe
+            flat = random_probes(1, sum(sizes), self.distribution, generator=g,
+                                 dtype=params[0].dtype, device=params[0].device)[0]
             probe = [chunk.view(p.shape).to(p.dtype) for chunk, p in zip(flat.split(sizes), params)]
             if self._masks is not None:
                 probe = [v if m is None else v * m.to(v.device, v.dtype)
                          for v, m in zip(probe, self._masks)]
             probes.append(probe)
         return probes
+
+    def sample_output_probes(self, like: Tensor, n: int | None = None) -> list[Tensor]:
+        """``n`` (default ``n_probes``) probes shaped like the model's outputs ``like``, from the
+        same generator as :meth:`sample_probes` (Gauss-Newton's output-space forms)."""
+        n = self.n_probes if n is None else n
+        g = self._gen(like.device)
+        self._draws += n
+        return [random_probes(1, like.numel(), self.distribution, generator=g, dtype=like.dtype,
+                              device=like.device)[0].view(like.shape) for _ in range(n)]
 
     def state_dict(self) -> dict[str, Any]:
         """The probe generator's state and the recent Hessian penalty values (tensors, ints,
@@ -547,28 +340,57 @@ class HessianTracePenalty:
         ``(J_S v)^T H_z (J_S v)``; ``"fisher"`` takes none).
         """
         _check_loss(loss)
+        if probes is not None and len(probes) == 0:
+            raise HesslensInputError("probes is empty; pass at least one probe or None")
         if self.curvature == "fisher":
             if probes is not None:
                 raise HesslensInputError(
                     "curvature='fisher' is exact and takes no probes; call pen(loss, inputs=x, "
                     "targets=y)")
+            self._batch_needed(inputs, targets)
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
-                return self._fisher(loss, inputs, targets).reshape(())
-        if probes is not None and len(probes) == 0:
-            raise HesslensInputError("probes is empty; pass at least one probe or None")
+                return self._fisher_form(loss, self.parameters(), inputs, targets, self._masks,
+                                         self._dropout_active(),
+                                         lambda modules: self._warn_coupled(modules, inputs)
+                                         ).reshape(())
         if self.curvature == "gauss_newton":
+            self._batch_needed(inputs, targets)
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
-                return self._gauss_newton(inputs, targets, probes).reshape(())
+                return self._gn_form(self.parameters(), inputs, targets,
+                                     self.sample_output_probes, self.sample_probes, probes,
+                                     self._masks).reshape(())
         drawn = probes is None
         if probes is None:
             probes = self.sample_probes()
         if self.method == "hvp":
             with named_derivative_errors(_NO_DOUBLE_BACKWARD):
-                out = self._hvp(self._loss_for_third_derivatives(loss, inputs, targets), probes)
+                out = self._hessian_form(self._loss_for_third_derivatives(loss, inputs, targets),
+                                         self.parameters(), probes)
         else:
-            out = self._fd(loss, inputs, targets, probes, probes_drawn=drawn)
+            out = self._second_difference(loss, inputs, targets, probes, drawn)
         self._watch_sign(out)
         return out.reshape(())
+
+    def _second_difference(self, loss: Tensor, inputs: Any, targets: Any,
+                           probes: Sequence[Sequence[Tensor]], drawn: bool) -> Tensor:
+        if self.loss_fn is None:
+            raise HesslensInputError(
+                "method='fd' re-evaluates the loss at perturbed parameters and needs "
+                "loss_fn(outputs, targets): pass loss_fn= to HessianTracePenalty"
+            )
+        if inputs is None or targets is None:
+            raise HesslensInputError(
+                "method='fd' needs the batch the loss was computed on: call "
+                "pen(loss, inputs=x, targets=y)"
+            )
+        self._warn_dropout()
+        self._warn_piecewise_linear()
+        params = self.parameters()
+        relative = self.fd_eps if self.fd_eps is not None else default_fd_eps(params[0].dtype)
+        # drawn Rademacher probes have entries +-1: their norm is known
+        unit = (math.sqrt(sum(p.numel() for p in params))
+                if self.distribution == "rademacher" and drawn else None)
+        return self._fd_form(loss, params, probes, inputs, targets, relative, unit)
 
     @property
     def running_trace(self) -> float | None:
@@ -599,72 +421,6 @@ class HessianTracePenalty:
                 f"curvature={self.curvature!r} re-evaluates the model on the batch: call "
                 "pen(loss, inputs=x, targets=y)")
 
-    def _gauss_newton(self, inputs: Any, targets: Any,
-                      probes: Sequence[Sequence[Tensor]] | None) -> Tensor:
-        """The Gauss-Newton penalty on a re-evaluation of the batch: output-space forms
-        ``||J_S^T S u||^2`` where ``H_z = S S^T`` has a closed form (cross-entropy, MSE), else
-        (and for given parameter-space ``probes``) ``(J_S v)^T H_z (J_S v)``."""
-        self._batch_needed(inputs, targets)
-        params = self.parameters()
-        buffers, devices = self._side_pass_state(params)
-        with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
-            outputs = torch.func.functional_call(self.model, buffers, (inputs,),
-                                                 tie_weights=False)
-            if not isinstance(outputs, Tensor):
-                raise HesslensInputError(
-                    "curvature='gauss_newton' needs the model's output as one tensor, got "
-                    f"{type(outputs).__name__}; wrap the model so that it returns its logits")
-            loss = self.loss_fn(outputs, targets)
-        sqrt_h = output_sqrt_hessian(self.loss_fn, outputs, targets) if probes is None else None
-        if sqrt_h is not None:
-            return gauss_newton_output_forms(outputs, params, sqrt_h,
-                                             self.sample_output_probes(outputs), self._masks)
-        return gauss_newton_forms(outputs, loss, params,
-                                  self.sample_probes() if probes is None else probes)
-
-    def sample_output_probes(self, like: Tensor, n: int | None = None) -> list[Tensor]:
-        """``n`` (default ``n_probes``) probes shaped like the model's outputs ``like``, from the
-        same generator as :meth:`sample_probes` (Gauss-Newton's output-space forms)."""
-        n = self.n_probes if n is None else n
-        g = self._gen(like.device)
-        self._draws += n
-        if self.distribution == "rademacher":
-            return [torch.randint(0, 2, like.shape, generator=g, device=like.device,
-                                  dtype=like.dtype).mul_(2).sub_(1) for _ in range(n)]
-        return [torch.randn(like.shape, generator=g, device=like.device, dtype=like.dtype)
-                for _ in range(n)]
-
-    def _fisher(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
-        """``(1/N) sum_i ||d l_i / d theta_S||^2`` from per-sample gradients of the batch."""
-        self._batch_needed(inputs, targets)
-        params = self.parameters()
-        buffers, devices = self._side_pass_state(params)
-        with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
-            coupled = batch_statistics_modules(self.model)
-            if coupled:
-                self._warn_coupled(coupled, inputs)
-                outputs = torch.func.functional_call(self.model, buffers, (inputs,),
-                                                     tie_weights=False)
-                trace, mean_loss = coupled_fisher_trace(outputs, targets, self.loss_fn, params,
-                                                        self._masks)
-            else:
-                trace, mean_loss = empirical_fisher_trace(self.model, self._fd_slots, params,
-                                                          inputs, targets, self.loss_fn,
-                                                          self._masks)
-        dropout = self.model.training and any(m.training and m.p > 0 for m in self._dropouts)
-        batch_loss = float(loss.detach().reshape(()))
-        per_sample = float(mean_loss)
-        # loose enough for the rounding of half-precision losses, tight enough for a sum or
-        # class weights
-        tol = max(1e-3, 8 * torch.finfo(loss.dtype).eps) * max(1.0, abs(batch_loss))
-        if not dropout and not abs(per_sample - batch_loss) <= tol:
-            raise HesslensInputError(
-                f"the loss ({batch_loss:.6g}) is not the mean of the per-sample losses "
-                f"loss_fn(outputs[i:i+1], y[i:i+1]) ({per_sample:.6g}); curvature='fisher' "
-                "needs a batch-mean loss (reduction='mean', no class weights, no ignored "
-                "labels) and the loss of this batch")
-        return trace
-
     def _loss_for_third_derivatives(self, loss: Tensor, inputs: Any, targets: Any) -> Tensor:
         """``loss``, or the same loss re-evaluated where fused normalisation kernels would make
         the penalty's gradient wrong (see :mod:`hesslens.training.norms`)."""
@@ -680,105 +436,16 @@ class HessianTracePenalty:
                 "so that the penalty re-evaluates the loss with differentiable normalisation, "
                 "or use method='fd'"
             )
-        # Batch statistics as in the training pass, on copies of the running statistics; the
-        # global random-number stream is left where the training pass left it.
-        buffers, devices = self._side_pass_state(self.parameters())
-        # re-evaluated on attention kernels that have double backward, too
-        with torch.random.fork_rng(devices=devices), DecomposedNorms(), second_order_kernels():
-            out = torch.func.functional_call(self.model, buffers, (inputs,), tie_weights=False)
+        # batch statistics as in the training pass, on copies of the running statistics;
+        # attention on kernels that have double backward
+        params = self.parameters()
+        out = self._side_pass.outputs(params, inputs)
+        with torch.random.fork_rng(devices=SidePass.devices(params)), DecomposedNorms(), \
+                second_order_kernels():
             return self.loss_fn(out, targets)
 
-    def _hvp(self, loss: Tensor, probes: Sequence[Sequence[Tensor]]) -> Tensor:
-        params = self.parameters()
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        pairs = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if not pairs:
-            # The loss is at most linear in the chosen parameters: the block is zero.
-            return loss * 0.0
-        g_used = [g for g, _ in pairs]
-        idx = [i for _, i in pairs]
-        p_used = [params[i] for i in idx]
-        total: Tensor | None = None
-        for v in probes:
-            v_used = [v[i] for i in idx]
-            # H v as the vector-Jacobian product of the gradient with v (H is symmetric): no
-            # dot-product nodes between the first and second backward pass.
-            hv = torch.autograd.grad(g_used, p_used, grad_outputs=v_used, create_graph=True,
-                                     allow_unused=True)
-            q = sum(
-                (h * vi).sum() for h, vi in zip(hv, v_used) if h is not None
-            )
-            if not isinstance(q, Tensor):
-                q = loss * 0.0
-            total = q if total is None else total + q
-        assert total is not None
-        return total / len(probes)
-
-    def _fd(self, loss: Tensor, inputs: Any, targets: Any,
-            probes: Sequence[Sequence[Tensor]], probes_drawn: bool = False) -> Tensor:
-        if self.loss_fn is None:
-            raise HesslensInputError(
-                "method='fd' re-evaluates the loss at perturbed parameters and needs "
-                "loss_fn(outputs, targets): pass loss_fn= to HessianTracePenalty"
-            )
-        if inputs is None or targets is None:
-            raise HesslensInputError(
-                "method='fd' needs the batch the loss was computed on: call "
-                "pen(loss, inputs=x, targets=y)"
-            )
-        self._warn_dropout()
-        self._warn_piecewise_linear()
-        params = self.parameters()
-        with torch.no_grad():
-            theta_norm = float(torch.stack([p.detach().pow(2).sum() for p in params]).sum().sqrt())
-        rel = self.fd_eps if self.fd_eps is not None else default_fd_eps(params[0].dtype)
-        scale = theta_norm if theta_norm > 0 else 1.0
-        n_entries = sum(p.numel() for p in params)
-        buffers, devices = self._side_pass_state(params)
-        self.last_fd_steps = []
-        total: Tensor | None = None
-        for v in probes:
-            if self.distribution == "rademacher" and probes_drawn:
-                v_norm = math.sqrt(n_entries)  # entries are +-1
-            else:
-                with torch.no_grad():
-                    v_norm = float(torch.stack([vi.pow(2).sum() for vi in v]).sum().sqrt())
-            if v_norm == 0:
-                continue
-            eps = rel * scale / v_norm
-            self.last_fd_steps.append(eps)
-            with torch.random.fork_rng(devices=devices):
-                cpu_state = torch.get_rng_state()
-                cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-                losses = []
-                for sign in (1.0, -1.0):
-                    torch.set_rng_state(cpu_state)
-                    for d, s in zip(devices, cuda_states):
-                        torch.cuda.set_rng_state(s, d)
-                    shifted = [torch.add(p, vi, alpha=sign * eps) for p, vi in zip(params, v)]
-                    moved = {n: shifted[i] for n, i in self._fd_slots}
-                    moved.update(buffers)
-                    out = torch.func.functional_call(self.model, moved, (inputs,),
-                                                     tie_weights=False)
-                    losses.append(self.loss_fn(out, targets))
-            q = (losses[0] - 2.0 * loss + losses[1]) / (eps * eps)
-            total = q if total is None else total + q
-        if total is None:
-            return loss * 0.0
-        return total / len(probes)
-
-    def _side_pass_state(self, params: Sequence[Tensor]) -> tuple[dict[str, Tensor], list]:
-        """For a forward pass of our own beside the training pass: copies of the buffers a
-        training-mode pass updates in place (normalisation statistics; none in eval mode), so
-        the model's stay untouched, and the CUDA devices whose random state to fork."""
-        buffers: dict[str, Tensor] = {}
-        if self.model.training:
-            for full_name, module, attr in self._stat_slots:
-                b = getattr(module, attr, None)
-                if isinstance(b, Tensor):
-                    buffers[full_name] = b.clone()
-        devices = sorted({p.device for p in params if p.device.type == "cuda"}, key=str)
-        return buffers, devices
+    def _dropout_active(self) -> bool:
+        return self.model.training and any(m.training and m.p > 0 for m in self._dropouts)
 
     def _warn_coupled(self, modules: list[str], inputs: Any) -> None:
         if self._warned_coupled:
@@ -823,3 +490,35 @@ class HessianTracePenalty:
                 )
                 self._warned_dropout = True
                 return
+
+
+def _check_arguments(model: Any, n_probes: Any, distribution: str, method: str, curvature: str,
+                     fd_eps: float | None, loss_fn: Any) -> None:
+    """Refuse, by name, arguments the penalty cannot work with."""
+    if not isinstance(model, nn.Module):
+        raise HesslensInputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
+        raise HesslensInputError(f"n_probes must be a positive integer, got {n_probes!r}")
+    check_distribution(distribution)
+    if method not in _METHODS:
+        raise HesslensInputError(
+            f"unknown method {method!r}; use 'hvp' (double backward) or 'fd' (finite "
+            "differences)"
+        )
+    if curvature not in _CURVATURES:
+        raise HesslensInputError(
+            f"unknown curvature {curvature!r}; use one of {list(_CURVATURES)}")
+    if curvature != "hessian" and method != "hvp":
+        raise HesslensInputError(
+            f"method={method!r} is for curvature='hessian' only; curvature={curvature!r} "
+            "uses exact derivatives (leave method='hvp')")
+    if curvature != "hessian" and loss_fn is None:
+        raise HesslensInputError(
+            f"curvature={curvature!r} re-evaluates the model on the batch and needs "
+            "loss_fn(outputs, targets): pass loss_fn= to HessianTracePenalty")
+    if fd_eps is not None and not (math.isfinite(fd_eps) and fd_eps > 0):
+        raise HesslensInputError(f"fd_eps must be a positive finite number, got {fd_eps!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise HesslensInputError("loss_fn must be callable: loss_fn(outputs, targets)")

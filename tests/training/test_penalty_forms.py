@@ -15,7 +15,7 @@ from hesslens.errors import HesslensInputError
 from hesslens.training.config import TrainConfig, arm_key, arm_label
 from hesslens.training.layers_select import select_layers
 from hesslens.training.penalty import HessianTracePenalty, NegativeCurvatureWarning
-from hesslens.training.penalty_curvature import coupled_fisher_trace, empirical_fisher_trace
+from hesslens.training.penalty_forms import coupled_fisher_trace, empirical_fisher_trace
 from tests.training._htr_dense import DenseCurvature, tanh_mlp
 
 CE = nn.functional.cross_entropy
