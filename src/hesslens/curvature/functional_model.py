@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from hesslens.curvature.layers import record_call_order
 from hesslens.errors import HesslensInputError
 
 BatchNormMode = Literal["eval", "batch"]
@@ -136,20 +137,7 @@ class FunctionalModel:
     def call_order(self, run: Callable[[], object], wanted: set[str]) -> dict[str, int]:
         """Run ``run()`` (a forward pass of this copy) and record when each wanted module is
         first called; the copy's module names are the user's model's."""
-        order: dict[str, int] = {}
-        handles = []
-        for name, module in self.module.named_modules():
-            if name in wanted:
-                def record(_module, _inputs, key=name):
-                    order.setdefault(key, len(order))
-
-                handles.append(module.register_forward_pre_hook(record))
-        try:
-            run()
-        finally:
-            for handle in handles:
-                handle.remove()
-        return order
+        return record_call_order(self.module, run, wanted)
 
 
 def _active_dropout(m: nn.Module) -> bool:

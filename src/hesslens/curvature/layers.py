@@ -101,12 +101,41 @@ def _call_order(model: nn.Module, example_inputs: object, wanted: set[str]) -> d
     each wanted module runs. The modules' train/eval flags are restored afterwards; in eval mode
     BatchNorm leaves its statistics alone and dropout is off. No copy of the model is made (a
     deep copy of a 124M-parameter GPT-2 took 4 s and doubled its memory)."""
-    probe = model
-    modes = [(module, module.training) for module in probe.modules()]
-    probe.eval()
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            if isinstance(example_inputs, (tuple, list)):
+                model(*example_inputs)
+            elif isinstance(example_inputs, Mapping):  # a Hugging Face style batch
+                model(**example_inputs)
+            else:
+                model(example_inputs)
+
+    try:
+        order = record_call_order(model, run, wanted)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if ROOT_LAYER in wanted:
+        order[ROOT_LAYER] = -1
+    return order
+
+
+def record_call_order(model: nn.Module, run: Callable[[], object], wanted: set[str]
+                      ) -> dict[str, int]:
+    """Run ``run()`` (a forward pass of ``model``) and record the rank at which each wanted
+    module (by name, ``ROOT_LAYER`` for the model itself) is first called.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+        >>> record_call_order(net, lambda: net(torch.zeros(1, 2)), {"1", "0"})
+        {'0': 0, '1': 1}
+    """
     order: dict[str, int] = {}
     handles = []
-    for name, module in probe.named_modules():
+    for name, module in model.named_modules():
         key = name or ROOT_LAYER
         if key in wanted:
 
@@ -115,20 +144,10 @@ def _call_order(model: nn.Module, example_inputs: object, wanted: set[str]) -> d
 
             handles.append(module.register_forward_pre_hook(record))
     try:
-        with torch.no_grad():
-            if isinstance(example_inputs, (tuple, list)):
-                probe(*example_inputs)
-            elif isinstance(example_inputs, Mapping):  # a Hugging Face style batch
-                probe(**example_inputs)
-            else:
-                probe(example_inputs)
+        run()
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
-    if ROOT_LAYER in wanted:
-        order[ROOT_LAYER] = -1
     return order
 
 
@@ -154,31 +173,35 @@ def middle_indices(n: int) -> range:
     return range(lo, max(hi, lo + 1))
 
 
-def select_layers(layers: Mapping[str, Sequence[object]], names: str | Sequence[str]) -> list[str]:
-    """Resolve a layer selection: ``"all"``, ``"middle"``, one name, or a list of names.
-
-    ``layers`` is any mapping keyed by layer name in forward order: {layer: parameter names}, or
-    the blocks of :func:`hesslens.curvature.blocks.resolve_blocks` (values are not looked at).
-    ``"middle"`` is the layers :func:`middle_indices` picks among the ``n`` layers in forward
-    order: the middle half of the network.
+def select_layers(layers: Mapping[str, object], names: str | Sequence[str], *,
+                  what: str = "layer", valid: str | None = None) -> list[str]:
+    """The one layer-selection rule: ``"all"``, ``"middle"``, one name, a list of names or a
+    comma-separated string of them (as the command line passes it), resolved among ``layers``
+    (any mapping keyed by name in forward order; its values are not looked at) and returned in
+    forward order without duplicates. ``"middle"`` is :func:`middle_indices` of the ``n`` layers.
+    ``what`` and ``valid`` word the errors (``valid``: what the names are).
 
     Example:
-        >>> select_layers({"a": ["a.w"], "b": ["b.w"], "c": ["c.w"], "d": ["d.w"]}, "middle")
-        ['b', 'c']
+        >>> found = {"a": ["a.w"], "b": ["b.w"], "c": ["c.w"], "d": ["d.w"]}
+        >>> select_layers(found, "middle"), select_layers(found, "d, a")
+        (['b', 'c'], ['a', 'd'])
     """
     all_names = list(layers)
+    valid = valid or f"the {what}s of this model are {all_names}"
     if isinstance(names, str):
-        if names == "all":
+        key = names.strip()
+        if key == "all":
             return all_names
-        if names == "middle":
+        if key == "middle":
             return [all_names[i] for i in middle_indices(len(all_names))]
-        names = [names]
-    unknown = [name for name in names if name not in layers]
+        names = [key] if key in layers else [s.strip() for s in key.split(",") if s.strip()]
+    chosen = list(names)
+    if not chosen:
+        raise HesslensInputError(
+            f"no {what}s selected; pass 'all', 'middle' or some of the names: {valid}")
+    unknown = [name for name in chosen if name not in layers]
     if unknown:
         raise HesslensInputError(
-            f"unknown layer name(s) {unknown}; the layers of this model are {all_names} "
-            "(or use 'all' or 'middle')"
-        )
-    if not names:
-        raise HesslensInputError("the layer selection is empty: name at least one layer")
-    return list(dict.fromkeys(names))
+            f"unknown {what} name(s) {unknown}; {valid}, or use 'all' or 'middle'")
+    wanted = set(chosen)
+    return [name for name in all_names if name in wanted]

@@ -4,9 +4,9 @@ A *layer* is a module that owns trainable parameters directly (a ``Linear``'s we
 together, a ``BatchNorm``'s affine weight and bias together), named as in
 ``model.named_modules()``. Layers are listed in forward order; hesslens takes the order in which
 the modules were registered, which is the forward order of every model of the zoo and of any
-``nn.Sequential``. :func:`discover_layers` uses the curvature package's
-``hesslens.curvature.layers.discover_layers`` when it is importable and an equivalent local
-fallback otherwise, so that the penalty and the Hessian operator agree on names.
+``nn.Sequential``. Discovery and selection are the curvature operators' own
+(:mod:`hesslens.curvature.layers`), so the penalty and the Hessian operator agree on names and
+on what ``"middle"`` means.
 
 The middle layers
 -----------------
@@ -31,6 +31,7 @@ from torch import nn
 
 from hesslens.curvature.blocks import PRESETS, Blocks, ParamSlice, resolve_blocks
 from hesslens.curvature.layers import discover_layers, middle_indices
+from hesslens.curvature.layers import select_layers as choose
 from hesslens.errors import HesslensInputError
 
 __all__ = ["discover_layers", "middle_indices", "select_blocks", "select_layers"]
@@ -61,7 +62,8 @@ def select_blocks(
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     blocks = resolve_blocks(model, grouping, trainable)
     shown = f"{list(blocks)[:12]}{' ...' if len(blocks) > 12 else ''}"
-    return _choose(blocks, layers, "block", f"the blocks of this grouping are {shown}")
+    return {name: blocks[name] for name in choose(
+        blocks, layers, what="block", valid=f"the blocks of this grouping are {shown}")}
 
 
 def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict[str, list[str]]:
@@ -77,32 +79,6 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] = "all") -> dict
             "the model has no trainable parameters; a Hessian-trace penalty needs some "
             "(check requires_grad on the model's parameters)"
         )
-    return _choose(found, layers, "layer",
-                   f"valid layer names (modules owning trainable parameters, forward order) "
-                   f"are {list(found)}")
-
-
-def _choose(found: Mapping[str, Any], layers: str | Sequence[str], what: str,
-            valid: str) -> dict[str, Any]:
-    """``"all"``, ``"middle"``, a list of names or a comma-separated string of them, resolved
-    among ``found`` (in forward order): the one selection rule for layers and blocks."""
-    names = list(found)
-    if isinstance(layers, str):
-        key = layers.strip()
-        if key == "all":
-            return dict(found)
-        if key == "middle":
-            return {names[i]: found[names[i]] for i in middle_indices(len(names))}
-        # A comma-separated string of names, as the command line passes it.
-        layers = [s.strip() for s in key.split(",") if s.strip()]
-    chosen = list(layers)
-    if not chosen:
-        raise HesslensInputError(
-            f"no {what}s selected; pass 'all', 'middle' or some of the names: {valid}")
-    unknown = [c for c in chosen if c not in found]
-    if unknown:
-        raise HesslensInputError(
-            f"unknown {what} name(s) {unknown}; {valid}, or use 'all' or 'middle'")
-    # Keep forward order and drop duplicates.
-    wanted = set(chosen)
-    return {n: found[n] for n in names if n in wanted}
+    return {name: found[name] for name in choose(
+        found, layers, valid=f"valid layer names (modules owning trainable parameters, forward "
+                             f"order) are {list(found)}")}
