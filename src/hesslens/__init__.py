@@ -19,8 +19,7 @@ from hesslens.curvature import (
 )
 from hesslens.errors import HesslensError, HesslensInputError
 from hesslens.linalg import EigenResult, Spectrum, TraceResult
-
-__version__ = "0.1.0"
+from hesslens.version import __version__
 
 __all__ = [
     "CurvatureOperator",

@@ -15,8 +15,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from hesslens import __version__
 from hesslens.errors import HesslensError
+from hesslens.version import __version__
 
 # subcommand -> (module, add-arguments function, run function, one-line help)
 COMMANDS = {

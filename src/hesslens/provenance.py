@@ -32,7 +32,12 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
+import matplotlib
 import numpy as np
+import scipy
+import torch
+
+from hesslens.version import __version__
 
 __all__ = [
     "bit_exactness",
@@ -99,7 +104,6 @@ def dataset_fingerprint(dataset: Any, name: str | None = None) -> dict[str, Any]
 
 
 def _device_name(device: Any) -> str | None:
-    import torch
 
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
@@ -117,11 +121,6 @@ def versions(device: Any = None) -> dict[str, Any]:
     >>> v["device"], sorted(v)[:3]
     ('cpu', ['device', 'device_name', 'hesslens'])
     """
-    import scipy
-    import torch
-
-    from hesslens import __version__
-
     out: dict[str, Any] = {
         "hesslens": __version__,
         "python": platform.python_version(),
@@ -132,12 +131,7 @@ def versions(device: Any = None) -> dict[str, Any]:
         "device": str(torch.device("cpu" if device in (None, "") else device)),
     }
     out["device_name"] = _device_name(out["device"])
-    try:
-        import matplotlib
-
-        out["matplotlib"] = matplotlib.__version__
-    except ImportError:  # pragma: no cover - a dependency
-        pass
+    out["matplotlib"] = matplotlib.__version__
     return out
 
 
@@ -150,7 +144,6 @@ def bit_exactness(device: Any = None) -> dict[str, Any]:
     >>> bit_exactness()["threads"] == torch.get_num_threads()
     True
     """
-    import torch
 
     return {
         "threads": int(torch.get_num_threads()),

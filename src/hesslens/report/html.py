@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
+from hesslens.version import __version__
 
 __all__ = [
     "Badge",
@@ -300,8 +301,6 @@ class Report:
 
     def render(self) -> str:
         """The whole page as a string."""
-        from hesslens import __version__
-
         nav = " ".join(
             f'<a href="#{_html.escape(s.anchor(i), quote=True)}">{_html.escape(s.title)}</a>'
             for i, s in enumerate(self.sections))
