@@ -30,9 +30,9 @@ from __future__ import annotations
 import hashlib
 import platform
 from collections.abc import Mapping
+from importlib import metadata
 from typing import Any
 
-import matplotlib
 import numpy as np
 import scipy
 import torch
@@ -131,7 +131,7 @@ def versions(device: Any = None) -> dict[str, Any]:
         "device": str(torch.device("cpu" if device in (None, "") else device)),
     }
     out["device_name"] = _device_name(out["device"])
-    out["matplotlib"] = matplotlib.__version__
+    out["matplotlib"] = metadata.version("matplotlib")  # without importing it
     return out
 
 
