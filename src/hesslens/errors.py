@@ -33,3 +33,9 @@ class NonFiniteCurvatureError(HesslensError, ArithmeticError):
 
 class BudgetWarning(UserWarning):
     """An estimator stopped on its product budget before reaching the accuracy asked for."""
+
+
+class PrecisionWarning(UserWarning):
+    """An estimate could not reach the accuracy asked for because the products are computed in
+    too coarse a precision (bfloat16, float16): the values are as good as that precision allows
+    and are reported ``converged=False``; analyse a float32 or float64 copy instead."""

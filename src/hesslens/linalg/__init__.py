@@ -16,7 +16,10 @@ Memory does not grow with the number of steps: each estimator's docstring gives 
 formula in copies of ``dim`` (float32 vectors for a float32 operator, float64 for float64).
 Every product is checked: a NaN or infinite one raises
 :class:`~hesslens.errors.NonFiniteCurvatureError`; an estimator that runs out of its product
-budget before its tolerance warns with :class:`~hesslens.errors.BudgetWarning`.
+budget before its tolerance warns with :class:`~hesslens.errors.BudgetWarning`. The stopping
+rules derive from the precision the products are computed in (:func:`product_eps`): bfloat16 or
+float16 products never give a value marked converged beyond what they can resolve
+(:mod:`hesslens.linalg.precision`, :class:`~hesslens.errors.PrecisionWarning`).
 
 Example
 -------
@@ -36,6 +39,7 @@ from hesslens.linalg.operator import (
     MatrixOperator,
     SymmetricOperator,
     as_operator,
+    product_eps,
 )
 from hesslens.linalg.probes import DISTRIBUTIONS, random_probes
 from hesslens.linalg.results import EigenResult, TraceResult
@@ -61,6 +65,7 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos",
+    "product_eps",
     "random_probes",
     "slq",
 ]

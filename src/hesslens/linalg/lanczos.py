@@ -36,9 +36,10 @@ from scipy.linalg import eigh as scipy_eigh
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.errors import BudgetWarning, HesslensInputError, PrecisionWarning
 from hesslens.linalg.budget import BASIS_VECTORS
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
+from hesslens.linalg.precision import Precision
 from hesslens.linalg.probes import random_probes
 from hesslens.linalg.results import EigenResult
 
@@ -46,11 +47,6 @@ __all__ = ["WHICH", "LanczosRun", "eigsh", "lanczos"]
 
 #: The parts of the spectrum :func:`eigsh` can target (as in scipy's eigsh).
 WHICH = ("LA", "SA", "LM")
-
-# Once the error bound of a Ritz value is this many machine epsilons (of the operator's dtype)
-# times the largest |Ritz value|, it is at the rounding level of the products themselves:
-# accept it as converged even if tol * |theta| is smaller (eigenvalues at or near zero).
-_NOISE_FLOOR_EPS = 100.0
 
 # eigsh(ncv=None) keeps every Lanczos vector (no restart, the fewest products) while that basis
 # takes at most this many bytes; beyond, it restarts in a basis of max(2k + 8, 20) vectors.
@@ -176,10 +172,10 @@ class _BatchLanczos:
         rank = 0 if deflation is None else int(deflation.shape[0])
         self.limit = self.dim - rank
         self.max_steps = min(int(max_steps), self.limit)
-        eps = torch.finfo(op.dtype).eps
         # 10 eps: a residual that small is rounding noise of the products; a larger threshold
         # cut float32 runs short when the largest eigenvalue is ~1e5 times the bulk.
-        self.breakdown_tol = 10.0 * eps if breakdown_tol is None else float(breakdown_tol)
+        self.breakdown_tol = (Precision.of(op).breakdown_tol if breakdown_tol is None
+                              else float(breakdown_tol))
         if self.max_steps < 1:
             raise HesslensInputError("nothing to do: the deflation basis spans the whole space")
 
@@ -417,7 +413,7 @@ class _RestartedLanczos:
         self.max_steps = int(max_steps)
         self.dtype = dtype
         self.device = device
-        self.breakdown_tol = 10.0 * torch.finfo(op.dtype).eps
+        self.breakdown_tol = Precision.of(op).restart_tol
         v = start.reshape(1, -1).to(dtype=torch.float64)
         norm = float(v.norm())
         if norm == 0:
@@ -649,7 +645,9 @@ def lanczos(
     breakdown_tol : float, optional
         The process stops early, on an invariant subspace, when the new residual norm is at
         most ``breakdown_tol`` times the largest ``||A q_j||`` seen. Default:
-        ``10 * eps`` of ``op.dtype``.
+        :attr:`~hesslens.linalg.precision.Precision.breakdown_tol` of the products' precision
+        (``10 eps``; for bfloat16 or float16 products, whose rounding alone leaves residuals
+        that small, ``10 eps`` of float32).
 
     Returns
     -------
@@ -718,6 +716,52 @@ def _error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
     return np.minimum(resid, quad)
 
 
+def _convergence(theta: np.ndarray, bounds: np.ndarray, resid: np.ndarray, tol: float,
+                 precision: Precision, final: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(ok, settled)`` per Ritz value: ``ok`` converged to ``tol`` (its bound, plus what the
+    products' rounding may add, within the accepted error, and its residual ``r <= sqrt(tol)
+    |theta|``: the quadratic bound ``r^2 / gap`` is only as good as a gap the Ritz values may
+    still overstate); ``settled`` no more steps can make it better (``ok``, or its bound at the
+    rounding level of the products, or the search ``final``: its space is invariant). For
+    fine products the two are the same."""
+    scale = float(np.max(np.abs(theta)))
+    floor = precision.floor(scale)
+    accepted = (np.maximum(tol * np.abs(theta), floor) if precision.fine
+                else tol * np.abs(theta))
+    resid_ok = np.maximum(math.sqrt(tol) * np.abs(theta), floor)
+    if precision.fine:
+        ok = (bounds <= accepted) & (resid <= resid_ok)
+        return ok, ok
+    ok = (bounds + precision.noise(scale) <= accepted) & (resid <= math.sqrt(tol) * np.abs(theta))
+    if final:
+        return ok, np.ones_like(ok)
+    return ok, (bounds <= floor) & (resid <= resid_ok)
+
+
+def _warn_unconverged(theta: np.ndarray, bounds: np.ndarray, converged: np.ndarray,
+                      settled: np.ndarray, k: int, tol: float, max_steps: int,
+                      precision: Precision) -> None:
+    """Say why values are not converged: the product budget (BudgetWarning) or the precision
+    of the products (PrecisionWarning)."""
+    limited = ~converged & settled
+    if limited.any():
+        warnings.warn(precision.message(
+            f"eigsh: {int(limited.sum())} of {k} eigenvalues", f"tol={tol:g}"),
+            PrecisionWarning, stacklevel=3)
+    short = ~converged & ~settled
+    if short.any():
+        scale = float(np.max(np.abs(theta))) if theta.size else 0.0
+        worst = float(np.max(bounds[short] / np.maximum(np.abs(theta[short]),
+                                                         precision.floor(scale))))
+        warnings.warn(
+            f"eigsh stopped at max_steps={max_steps} products with {int(short.sum())} "
+            f"of {k} eigenvalues not converged (relative error bound up to {worst:.2g} > "
+            f"tol={tol:g}): raise max_steps or tol",
+            BudgetWarning,
+            stacklevel=3,
+        )
+
+
 def _better(x: float, ref: float, which: str, margin: float) -> bool:
     """Whether the value ``x`` beats ``ref`` (by more than ``margin``) for ``which``."""
     if which == "LA":
@@ -760,8 +804,14 @@ def eigsh(
     Kato-Temple-type bound for a well separated value; with a single Ritz value ``e = r``).
     The process stops as soon as every wanted value has converged, that is
     ``e_i <= tol * |theta_i|`` and ``r_i <= sqrt(tol) * |theta_i|``, or both at most
-    ``100 * eps * max|theta|`` (``eps`` of ``op.dtype``: the rounding level of the products,
-    which lets zero eigenvalues converge). ``gap_i`` discounts each neighbour's own residual.
+    ``100 * eps * max|theta|`` (``eps`` the precision of the products,
+    :func:`~hesslens.linalg.operator.product_eps`: their rounding level, which lets zero
+    eigenvalues converge). ``gap_i`` discounts each neighbour's own residual. Products in
+    bfloat16 or float16 are too coarse for that floor (:mod:`hesslens.linalg.precision`): the
+    values are refined as far as the products allow, and one converges only when ``r_i`` plus
+    what rounding may move it by (``2 eps max|theta|``) is within ``tol * |theta_i|``; the
+    others are returned with ``converged`` False and a
+    :class:`~hesslens.errors.PrecisionWarning`.
     For ``k > 1`` the ``k+1``-th value must converge too (a guard): the gap is only as good as
     the Ritz value that defines it, and a near-degenerate pair at the ``k``-th place is then
     resolved before the process stops (on an MLP Hessian whose 5th and 6th eigenvalues differ
@@ -856,6 +906,9 @@ def eigsh(
     BudgetWarning
         When ``max_steps`` products are spent before every wanted value converged (the
         result then has ``converged`` False for those values).
+    PrecisionWarning
+        When the products' precision (bfloat16, float16) cannot deliver ``tol`` for some
+        values (``converged`` False for them).
 
     Examples
     --------
@@ -907,7 +960,7 @@ def eigsh(
         op, _start_vector(op, None, seed, gen), ncv, max_steps, basis_dtype, basis_device,
         head=k if return_vectors else 0,
     )
-    floor_eps = _NOISE_FLOOR_EPS * torch.finfo(op.dtype).eps
+    precision = Precision.of(op)
     # the values a restart keeps in the open block: the wanted ones, the guard, and half of
     # the free space (Wu and Simon's choice)
     n_guard = min(k + (k > 1), n)
@@ -920,27 +973,30 @@ def eigsh(
         blocks = engine.blocks()
         n_closed = sum(b[2].shape[0] for b in blocks[:-1])
         theta_c = blocks[-1][2]
-        exact_c = status in ("breakdown", "exhausted")
+        # an invariant block's values are exact for fine products; coarse ones keep their
+        # residual bounds (the block closed on a residual at the products' rounding level)
+        exact_c = status in ("breakdown", "exhausted") and precision.fine
 
         theta = np.concatenate([b[2] for b in blocks])
         resid = np.concatenate([b[4] for b in blocks])
-        bounds = _error_bounds(theta, resid)
-        bounds[:n_closed] = 0.0
+        bounds = _error_bounds(theta, resid) if precision.fine else resid.copy()
+        if precision.fine:
+            bounds[:n_closed] = 0.0
         if exact_c:
             bounds[n_closed:] = 0.0
         scale = float(np.max(np.abs(theta)))
-        floor = floor_eps * scale
         # The quadratic bound r^2 / gap is only as good as the gap, which the Ritz values seen
         # so far may overstate (an eigenvalue the Krylov space has not reached yet): also ask
         # the residual itself to be small, r <= sqrt(tol) |theta|, which the quadratic test
         # implies whenever the gap is no larger than |theta| (float32, one eigenvalue 1e3 above
         # an N(0, 1) bulk: the smallest was taken as converged after 2 steps, 3.4 off).
         resid_open = resid.copy()
-        resid_open[:n_closed] = 0.0
+        if precision.fine:
+            resid_open[:n_closed] = 0.0
         if exact_c:
             resid_open[n_closed:] = 0.0
-        ok = (bounds <= np.maximum(tol * np.abs(theta), floor)) & (
-            resid_open <= np.maximum(math.sqrt(tol) * np.abs(theta), floor))
+        ok, settled = _convergence(theta, bounds, resid_open, tol, precision,
+                                   final=status != "live" and status != "budget")
         wanted = _select(theta, k, which)
         if callback is not None:
             order = wanted[np.argsort(-theta[wanted], kind="stable")]
@@ -948,14 +1004,14 @@ def eigsh(
 
         if status == "live":
             extremes_ok = n_closed == 0 or all(
-                ok[n_closed + i] for i in _block_extremes(theta_c, which)
+                settled[n_closed + i] for i in _block_extremes(theta_c, which)
             )
             # For k > 1, one more Ritz value than asked must converge too: a value next to the
             # k-th one that is still moving may be a near-degenerate eigenvalue not yet
             # resolved. For k = 1 the guard cost 12 -> 20 products on ResNet-20 (its second
             # eigenvalue converges slowly) and is left out; ask k=2 for a guarded top value.
             guarded = _select(theta, min(n_guard, theta.shape[0]), which)
-            if bool(ok[guarded].all()) and extremes_ok:
+            if bool(settled[guarded].all()) and extremes_ok:
                 break
             if m >= ncv:
                 _compress(engine, blocks, theta, which, n_guard)
@@ -969,7 +1025,7 @@ def eigsh(
                 again = True
             else:
                 kth = float(prev[_select(prev, k, which)[-1]])
-                margin = max(tol * abs(kth), floor_eps * scale)
+                margin = max(tol * abs(kth), precision.floor(scale))
                 again = any(
                     _better(float(theta_c[i]), kth, which, margin)
                     for i in _block_extremes(theta_c, which)
@@ -983,8 +1039,9 @@ def eigsh(
                 blocks = engine.blocks()  # nothing more to find: report what is kept
                 theta = np.concatenate([b[2] for b in blocks])
                 resid = np.concatenate([b[4] for b in blocks])
-                bounds = np.zeros_like(theta)
-                ok = np.ones(theta.shape[0], dtype=bool)
+                bounds = np.zeros_like(theta) if precision.fine else resid.copy()
+                ok, settled = _convergence(theta, bounds, bounds if precision.fine else resid,
+                                           tol, precision, final=True)
                 wanted = _select(theta, k, which)
         break  # exhausted, budget, or an invariant block with nothing more to find
 
@@ -1004,16 +1061,8 @@ def eigsh(
             vectors[row] /= vectors[row].norm()
 
     converged = ok[order]
-    if not bool(converged.all()):
-        worst = float(np.max(bounds[order][~converged] / np.maximum(np.abs(theta[order][
-            ~converged]), floor)))
-        warnings.warn(
-            f"eigsh stopped at max_steps={max_steps} products with {int((~converged).sum())} "
-            f"of {k} eigenvalues not converged (relative error bound up to {worst:.2g} > "
-            f"tol={tol:g}): raise max_steps or tol",
-            BudgetWarning,
-            stacklevel=2,
-        )
+    _warn_unconverged(theta[order], bounds[order], converged, settled[order], k, tol,
+                      max_steps, precision)
     return EigenResult(
         values=torch.as_tensor(theta[order], dtype=torch.float64),
         vectors=vectors,

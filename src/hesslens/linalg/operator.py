@@ -37,6 +37,7 @@ __all__ = [
     "as_operator",
     "check_finite",
     "matmat_as",
+    "product_eps",
 ]
 
 
@@ -57,7 +58,9 @@ class SymmetricOperator(Protocol):
     -----
     ``matmat(V)`` takes a ``(k, dim)`` batch of row vectors and returns the ``(k, dim)``
     batch whose row ``i`` is ``A @ V[i]``. The algorithms count cost in products: one row
-    of ``V`` is one product.
+    of ``V`` is one product. An operator whose products are computed in a lower precision
+    than ``dtype`` (a bfloat16 network fed float32 vectors) declares it as a float attribute
+    ``product_eps``: every stopping rule derives from it (:func:`product_eps`).
     """
 
     dim: int
@@ -67,6 +70,26 @@ class SymmetricOperator(Protocol):
     def matmat(self, V: Tensor) -> Tensor:
         """Return the batch ``A @ V[i]`` for every row ``i`` of the ``(k, dim)`` tensor."""
         ...
+
+
+def product_eps(op: object) -> float:
+    """The relative precision of ``op``'s products: ``op.product_eps`` when the operator
+    declares it (products computed in a lower precision than their vectors), else the machine
+    epsilon of ``op.dtype``.
+
+    >>> import torch
+    >>> product_eps(MatrixOperator(torch.eye(2)))
+    1.1920928955078125e-07
+    """
+    declared = getattr(op, "product_eps", None)
+    if declared is None:
+        return float(torch.finfo(op.dtype).eps)
+    eps = float(declared)
+    if not 0.0 < eps < 1.0:
+        raise HesslensInputError(
+            f"{type(op).__name__}.product_eps must be a relative precision in (0, 1), got "
+            f"{declared!r}")
+    return eps
 
 
 def _check_batch(V: Tensor, dim: int) -> None:
@@ -154,6 +177,7 @@ class CountingOperator:
         self.dim = op.dim
         self.dtype = op.dtype
         self.device = op.device
+        self.product_eps = product_eps(op)
         self.n_products = 0
         self.n_calls = 0
 
@@ -204,6 +228,7 @@ class DeflatedOperator:
         self.dim = op.dim
         self.dtype = op.dtype
         self.device = op.device
+        self.product_eps = product_eps(op)
         self.basis = basis.to(device=op.device, dtype=torch.float64)
 
     def _project(self, V: Tensor) -> Tensor:

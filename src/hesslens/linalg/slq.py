@@ -44,6 +44,7 @@ from hesslens.linalg.lanczos import (
     _work_dtype,
 )
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat_as
+from hesslens.linalg.precision import Precision
 from hesslens.linalg.probes import check_distribution, random_probes
 from hesslens.linalg.results import EigenResult
 from hesslens.linalg.spectrum import Spectrum
@@ -73,10 +74,12 @@ def _recurrence(
 
     No basis is kept: ``q_prev``, ``q`` and ``w = A q`` per probe (plus the deflation basis
     ``U``, against which ``w`` is projected after every product). A run stops after
-    ``n_steps`` steps or on breakdown (``beta <= 10 eps max ||A q||``: an invariant Krylov
-    space, whose quadrature is exact). ``on_step(k)`` is told the products of each step.
+    ``n_steps`` steps or on breakdown (``beta`` below
+    :attr:`~hesslens.linalg.precision.Precision.breakdown_tol` times ``max ||A q||``: an
+    invariant Krylov space, whose quadrature is exact). ``on_step(k)`` is told the products
+    of each step.
     """
-    eps = torch.finfo(op.dtype).eps
+    breakdown_tol = Precision.of(op).breakdown_tol
     q = make_probes().to(dtype=dtype, device=device)
     n_runs = int(q.shape[0])
     coeffs: list[tuple[list[float], list[float]]] = [([], []) for _ in range(n_runs)]
@@ -111,7 +114,7 @@ def _recurrence(
             coeffs[i][0].append(alpha_l[row])
             coeffs[i][1].append(beta_l[row])
             anorm[i] = max(anorm[i], wnorm[row])
-            if beta_l[row] > 10.0 * eps * anorm[i]:
+            if beta_l[row] > breakdown_tol * anorm[i]:
                 keep.append(row)
         if not keep:
             break

@@ -33,10 +33,11 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.errors import BudgetWarning, HesslensInputError, PrecisionWarning
 from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, _work_dtype
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
+from hesslens.linalg.precision import Precision
 from hesslens.linalg.probes import check_distribution, random_probes
 from hesslens.linalg.results import TraceResult
 
@@ -70,10 +71,17 @@ def _apply(
     return torch.cat(out)
 
 
+def _segment_sq(W: Tensor, segs: list[tuple[int, int]]) -> Tensor:
+    """Squared norms of each segment of each row of ``W`` (float64 CPU, ``(rows, segments)``)."""
+    return torch.stack([_rowdot(W[:, a:b], W[:, a:b]) for a, b in segs], dim=1)
+
+
 def _exact_diagonal(
-    op: SymmetricOperator, batch_size: int, progress: ProgressFn | None = None
+    op: SymmetricOperator, batch_size: int, progress: ProgressFn | None = None,
+    sq: list[Tensor] | None = None,
 ) -> Tensor:
-    """The diagonal of ``A`` from ``dim`` products with unit vectors (float64, CPU)."""
+    """The diagonal of ``A`` from ``dim`` products with unit vectors (float64, CPU); with a
+    list ``sq``, the squared norms ``||A e_i||^2`` are appended to it (coarse products)."""
     n = op.dim
     diag = torch.empty(n, dtype=torch.float64)
     used = [0]
@@ -84,13 +92,37 @@ def _exact_diagonal(
         E[rows, rows + s] = 1.0
         AE = _apply(op, E.to(op.device), batch_size, used, progress).cpu()
         diag[s:e] = AE[rows, rows + s]
+        if sq is not None:
+            sq.append(_rowdot(AE, AE))
     return diag
 
 
 def _exact(op: SymmetricOperator, batch_size: int) -> TraceResult:
-    value = float(_exact_diagonal(op, batch_size).sum())
-    return TraceResult(value=value, stderr=0.0, n_hvp=op.dim, method="exact", n_samples=0,
+    precision = Precision.of(op)
+    sq: list[Tensor] | None = None if precision.fine else []
+    value = float(_exact_diagonal(op, batch_size, sq=sq).sum())
+    stderr = 0.0 if sq is None else precision.rounding_stderr(float(torch.cat(sq).sum()))
+    return TraceResult(value=value, stderr=stderr, n_hvp=op.dim, method="exact", n_samples=0,
                        converged=True)
+
+
+def _with_rounding(stderr: float, rounding: float) -> float:
+    """A statistical standard error combined with the rounding error of coarse products."""
+    return stderr if rounding == 0.0 else math.hypot(stderr, rounding)
+
+
+def _rounding_parts(precision: Precision, low_sq: list[Tensor], sq: list[Tensor] | None,
+                    n_segments: int) -> tuple[list[float], float]:
+    """The rounding error of each segment's estimate and of the full one (zeros for fine
+    products): :meth:`Precision.rounding_stderr` of ``||A_l||_F^2``, estimated as twice the
+    sketch's ``||Z_l||^2`` plus the mean ``||w_l||^2`` of the residual products."""
+    if precision.fine or not sq:
+        return [0.0] * n_segments, 0.0
+    inner = torch.cat(sq).mean(dim=0)
+    if low_sq:
+        inner = inner + 2.0 * torch.stack(low_sq).sum(dim=0)
+    parts = [precision.rounding_stderr(float(x)) for x in inner]
+    return parts, precision.rounding_stderr(float(inner.sum()))
 
 
 def _mean_stderr(x: Tensor) -> tuple[float, float]:
@@ -139,9 +171,11 @@ def _low_rank_parts(
     batch_size: int,
     used: list[int],
     progress: ProgressFn | None,
+    sq: list[Tensor] | None = None,
 ) -> list[float]:
     """:func:`_low_rank_traces` with ``Z = U A`` taken a batch of rows at a time (never
-    stored): ``<U_l, Z_l>`` and ``M = Z U^T`` are accumulated per batch."""
+    stored): ``<U_l, Z_l>`` and ``M = Z U^T`` are accumulated per batch (and, with a list
+    ``sq``, each batch's squared segment norms of ``Z`` summed over its rows)."""
     r = U.shape[0]
     M = torch.zeros(r, r, dtype=torch.float64)
     uz = [0.0] * len(segs)
@@ -154,6 +188,8 @@ def _low_rank_parts(
         M[s : s + Ub.shape[0]] = _gram64(Zb, U)
         for i, (a, b) in enumerate(segs):
             uz[i] += float(_rowdot(Ub[:, a:b], Zb[:, a:b]).sum())
+        if sq is not None:
+            sq.append(_segment_sq(Zb, segs).sum(dim=0))
         del Zb
     M = (M + M.T) / 2
     return [2.0 * uz[i] - float((M * _gram64(U[:, a:b], U[:, a:b])).sum())
@@ -161,10 +197,12 @@ def _low_rank_parts(
 
 
 def _residual_samples(
-    op: SymmetricOperator, G: Tensor, U: Tensor | None, segs: list[tuple[int, int]]
+    op: SymmetricOperator, G: Tensor, U: Tensor | None, segs: list[tuple[int, int]],
+    sq: list[Tensor] | None = None,
 ) -> Tensor:
     """Samples ``<g_l, ((I - P) A (I - P) g)_l>`` per segment ``l`` (float64 CPU,
-    ``(batch, n_segments)``), ``P = U^T U`` (none when ``U`` is None).
+    ``(batch, n_segments)``), ``P = U^T U`` (none when ``U`` is None). With a list ``sq``,
+    the squared segment norms of the products ``(I - P) A (I - P) g`` are appended to it.
 
     ``(I - P) g`` is formed in ``G``'s own storage and undone after the product, so a batch
     costs two buffers (``G`` and ``A (I - P) G``)."""
@@ -175,6 +213,8 @@ def _residual_samples(
     if U is not None:
         W.addmm_(_gram64(W, U).to(dtype=W.dtype, device=W.device), U, alpha=-1.0)
         G.addmm_(C, U)
+    if sq is not None:
+        sq.append(_segment_sq(W, segs))
     return torch.stack([_rowdot(G[:, a:b], W[:, a:b]) for a, b in segs], dim=1)
 
 
@@ -236,12 +276,15 @@ def hutchinson(
     dtype = _work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
     gen = torch.Generator().manual_seed(seed)
+    precision = Precision.of(op)
+    sq: list[Tensor] | None = None if precision.fine else []
     samples = []
     for s in range(0, n_hvp, batch_size):
         G = random_probes(min(batch_size, n_hvp - s), op.dim, distribution, gen, dtype, op.device)
-        samples.append(_residual_samples(op, G, None, [(0, op.dim)])[:, 0])
+        samples.append(_residual_samples(op, G, None, [(0, op.dim)], sq)[:, 0])
         del G
     value, stderr = _mean_stderr(torch.cat(samples))
+    stderr = _with_rounding(stderr, _rounding_parts(precision, [], sq, 1)[1])
     return TraceResult(
         value=value, stderr=stderr, n_hvp=n_hvp, method="hutchinson", n_samples=n_hvp
     )
@@ -313,18 +356,23 @@ def hutchpp(
     dtype = _work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
     gen = torch.Generator().manual_seed(seed)
+    precision = Precision.of(op)
+    low_sq: list[Tensor] = []
+    sq: list[Tensor] | None = None if precision.fine else []
     used = [0]
     U = _sketch(op, n_sketch, distribution, gen, dtype, batch_size, used, None)
-    low_rank = _low_rank_parts(op, U, [(0, op.dim)], batch_size, used, None)[0]
+    low_rank = _low_rank_parts(op, U, [(0, op.dim)], batch_size, used, None,
+                               None if sq is None else low_sq)[0]
     samples = []
     for s in range(0, n_probe, batch_size):
         G = random_probes(min(batch_size, n_probe - s), op.dim, distribution, gen, dtype,
                           op.device)
         # tr((I-P) A (I-P)) by probes g: <g, (I-P) A (I-P) g> = <(I-P) g, A (I-P) g>
-        samples.append(_residual_samples(op, G, U, [(0, op.dim)])[:, 0])
+        samples.append(_residual_samples(op, G, U, [(0, op.dim)], sq)[:, 0])
         used[0] += G.shape[0]
         del G
     mean, stderr = _mean_stderr(torch.cat(samples))
+    stderr = _with_rounding(stderr, _rounding_parts(precision, low_sq, sq, 1)[1])
     return TraceResult(
         value=low_rank + mean, stderr=stderr, n_hvp=used[0], method="hutch++", n_samples=n_probe
     )
@@ -403,6 +451,8 @@ class TraceState:
         self.low: list[float] = []
         self.chunks: list[Tensor] = []
         self.basis: Tensor | None = None
+        self.low_sq: list[Tensor] = []  # coarse products: the rounding error's inputs
+        self.sq: list[Tensor] | None = None
 
 
 def block_traces(
@@ -540,16 +590,28 @@ def block_traces(
     blocks = _check_slices(slices, n)
     segs = _segments(blocks, n)
     names = list(blocks)
+    precision = Precision.of(op)
 
     def exact_traces(spent: int) -> tuple[TraceResult, dict[str, TraceResult]]:
-        diag = _exact_diagonal(op, batch_size, progress)
+        colsq: list[Tensor] | None = None if precision.fine else []
+        diag = _exact_diagonal(op, batch_size, progress, colsq)
         vals = [float(diag[a:b].sum()) for a, b in segs]
+        err = [0.0] * len(segs)
+        if colsq is not None:
+            c = torch.cat(colsq)
+            err = [precision.rounding_stderr(float(c[a:b].sum())) for a, b in segs]
+        full_err = math.sqrt(sum(e * e for e in err))
 
-        def exact(v: float) -> TraceResult:
-            return TraceResult(value=v, stderr=0.0, n_hvp=spent + n, method="exact",
-                               n_samples=0, converged=True)
+        def exact(v: float, e: float, target: float) -> TraceResult:
+            return TraceResult(value=v, stderr=e, n_hvp=spent + n, method="exact",
+                               n_samples=0, converged=bool(e <= target))
 
-        return exact(sum(vals)), {nm: exact(v) for nm, v in zip(names, vals)}
+        full_v = sum(vals)
+        full = exact(full_v, full_err, rtol * abs(full_v))
+        parts = {nm: exact(v, e, rtol * max(abs(v), block_floor * abs(full_v)))
+                 for nm, v, e in zip(names, vals, err)}
+        _warn_trace(full, parts, rtol, max_hvp, precision, limited=True)
+        return full, parts
 
     if n <= 2 * sketch_rank + min_probes:
         return exact_traces(0)
@@ -562,6 +624,8 @@ def block_traces(
     low = [0.0] * len(segs)
     U: Tensor | None = None
     chunks: list[Tensor] = []  # (batch, n_segments) samples
+    low_sq: list[Tensor] = []
+    sq: list[Tensor] | None = None if precision.fine else []
     resumed = state is not None and state.key == key
     if resumed:  # continue the same probe sequence where the earlier run stopped
         U = state.basis
@@ -569,15 +633,17 @@ def block_traces(
             U = _sketch(op, sketch_rank, distribution, gen, dtype, batch_size, [0], None)
         gen.set_state(state.generator)
         used[0], low, chunks = state.used, list(state.low), list(state.chunks)
+        low_sq, sq = list(state.low_sq), None if state.sq is None else list(state.sq)
     elif sketch_rank > 0:
         U = _sketch(op, sketch_rank, distribution, gen, dtype, batch_size, used, progress)
-        low = _low_rank_parts(op, U, segs, batch_size, used, progress)
+        low = _low_rank_parts(op, U, segs, batch_size, used, progress,
+                              None if sq is None else low_sq)
 
     while used[0] < max_hvp or resumed:
         if not resumed:
             nb = min(batch_size, max_hvp - used[0])
             G = random_probes(nb, n, distribution, gen, dtype, op.device)
-            chunks.append(_residual_samples(op, G, U, segs))
+            chunks.append(_residual_samples(op, G, U, segs, sq))
             del G
             used[0] += nb
             if progress is not None:
@@ -590,9 +656,11 @@ def block_traces(
         values = [lo + mu for lo, (mu, _) in zip(low, stats)]
         full_value = sum(values)
         full_se = _mean_stderr(X.sum(dim=1))[1]
+        rounding, full_rounding = _rounding_parts(precision, low_sq, sq, len(segs))
         floor = block_floor * abs(full_value)
-        targets = [(full_se, rtol * abs(full_value))] + [
-            (stats[i][1], rtol * max(abs(values[i]), floor)) for i in range(len(names))
+        targets = [(full_se, _goal(rtol * abs(full_value), full_rounding))] + [
+            (stats[i][1], _goal(rtol * max(abs(values[i]), floor), rounding[i]))
+            for i in range(len(names))
         ]
         if all(se <= target for se, target in targets):
             break
@@ -607,10 +675,11 @@ def block_traces(
         itemsize = torch.finfo(dtype).bits // 8
         keep = U is not None and U.numel() * itemsize <= WORK_BYTES
         state.__dict__.update(key=key, generator=gen.get_state(), used=used[0], low=low,
-                              chunks=chunks, basis=U if keep else None)
+                              chunks=chunks, basis=U if keep else None, low_sq=low_sq, sq=sq)
     X = torch.cat(chunks)
     stats = [_mean_stderr(X[:, i]) for i in range(len(segs))]
     values = [lo + mu for lo, (mu, _) in zip(low, stats)]
+    rounding, full_rounding = _rounding_parts(precision, low_sq, sq, len(segs))
     method = "hutch++" if U is not None else "hutchinson"
     n_samples = int(X.shape[0])
 
@@ -622,17 +691,45 @@ def block_traces(
 
     full_value = sum(values)
     floor = block_floor * abs(full_value)
-    full = result(full_value, _mean_stderr(X.sum(dim=1))[1], rtol * abs(full_value))
-    parts = {nm: result(values[i], stats[i][1], rtol * max(abs(values[i]), floor))
+    full_stat = _mean_stderr(X.sum(dim=1))[1]
+    full = result(full_value, _with_rounding(full_stat, full_rounding), rtol * abs(full_value))
+    parts = {nm: result(values[i], _with_rounding(stats[i][1], rounding[i]),
+                        rtol * max(abs(values[i]), floor))
              for i, nm in enumerate(names)}
-    open_blocks = [nm for nm, r in parts.items() if not r.converged]
-    if rtol > 0 and (not full.converged or open_blocks):
-        rel = full.stderr / abs(full.value) if full.value else math.inf
-        which = f"; {len(open_blocks)} of {len(parts)} blocks above it too" if open_blocks else ""
-        warnings.warn(
-            f"trace stopped at max_hvp={max_hvp} products with relative standard error "
-            f"{rel:.2%} (rtol={rtol:.2%}{which}): raise max_hvp or rtol",
-            BudgetWarning,
-            stacklevel=2,
-        )
+    limited = all(se <= goal for se, goal in [
+        (full_stat, _goal(rtol * abs(full_value), full_rounding))] + [
+        (stats[i][1], _goal(rtol * max(abs(values[i]), floor), rounding[i]))
+        for i in range(len(names))])
+    _warn_trace(full, parts, rtol, max_hvp, precision, limited)
     return full, parts
+
+
+def _goal(target: float, rounding: float) -> float:
+    """What the statistical standard error must reach for the total (with the rounding error
+    of coarse products) to meet ``target``; where rounding alone exceeds it, the rounding
+    error itself (more probes could not help)."""
+    if rounding == 0.0:
+        return target
+    return max(math.sqrt(max(target * target - rounding * rounding, 0.0)), rounding)
+
+
+def _warn_trace(full: TraceResult, parts: dict[str, TraceResult], rtol: float, max_hvp: int,
+                precision: Precision, limited: bool) -> None:
+    """Warn when an estimate missed ``rtol``: on the product budget (BudgetWarning) or, when
+    the statistical error met its goal, on the products' precision (PrecisionWarning)."""
+    open_blocks = [nm for nm, r in parts.items() if not r.converged]
+    if rtol <= 0 or (full.converged and not open_blocks):
+        return
+    rel = full.stderr / abs(full.value) if full.value else math.inf
+    which = f"; {len(open_blocks)} of {len(parts)} blocks above it too" if open_blocks else ""
+    if limited and not precision.fine:
+        warnings.warn(precision.message(
+            f"the trace (relative standard error {rel:.2%}{which})", f"rtol={rtol:.2%}"),
+            PrecisionWarning, stacklevel=3)
+        return
+    warnings.warn(
+        f"trace stopped at max_hvp={max_hvp} products with relative standard error "
+        f"{rel:.2%} (rtol={rtol:.2%}{which}): raise max_hvp or rtol",
+        BudgetWarning,
+        stacklevel=3,
+    )
