@@ -40,7 +40,7 @@ from hesslens.errors import BudgetWarning, HesslensInputError, PrecisionWarning
 from hesslens.linalg.budget import BASIS_VECTORS
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.precision import Precision
-from hesslens.linalg.probes import random_probes
+from hesslens.linalg.probes import generator, random_probes
 from hesslens.linalg.results import EigenResult
 
 __all__ = ["WHICH", "LanczosRun", "eigsh", "lanczos"]
@@ -610,10 +610,10 @@ class LanczosRun:
 
 
 def _start_vector(
-    op: SymmetricOperator, start: Tensor | None, seed: int, generator: torch.Generator | None
+    op: SymmetricOperator, start: Tensor | None, seed: int, gen: torch.Generator | None
 ) -> Tensor:
     if start is None:
-        gen = torch.Generator().manual_seed(seed) if generator is None else generator
+        gen = generator(seed) if gen is None else gen
         return random_probes(1, op.dim, "gaussian", gen, torch.float64, op.device)
     start = torch.as_tensor(start).reshape(-1)
     if start.numel() != op.dim:
@@ -955,7 +955,7 @@ def eigsh(
     max_steps = int(max_steps) if ncv < n else min(int(max_steps), n)
     ncv = min(ncv, max_steps)  # never more rows than steps: the basis is allocated at once
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     engine = _RestartedLanczos(
         op, _start_vector(op, None, seed, gen), ncv, max_steps, basis_dtype, basis_device,
         head=k if return_vectors else 0,

@@ -45,7 +45,7 @@ from hesslens.linalg.lanczos import (
 )
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat_as
 from hesslens.linalg.precision import Precision
-from hesslens.linalg.probes import check_distribution, random_probes
+from hesslens.linalg.probes import check_distribution, generator, random_probes
 from hesslens.linalg.results import EigenResult
 from hesslens.linalg.spectrum import Spectrum
 
@@ -286,7 +286,7 @@ def slq(
                 U = Linv.to(device=device, dtype=dtype) @ V
         del V
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     nodes, weights = [], []
     used = [0]
 

@@ -38,7 +38,7 @@ from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, _work_dtype
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.precision import Precision
-from hesslens.linalg.probes import check_distribution, random_probes
+from hesslens.linalg.probes import check_distribution, generator, random_probes
 from hesslens.linalg.results import TraceResult
 
 __all__ = ["TraceState", "block_traces", "hutchinson", "hutchpp"]
@@ -271,11 +271,11 @@ def hutchinson(
     op = as_operator(op)
     _check_positive(n_hvp=n_hvp, batch_size=batch_size)
     check_distribution(distribution)
+    gen = generator(seed)
     if op.dim <= n_hvp:
         return _exact(op, batch_size)
     dtype = _work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
-    gen = torch.Generator().manual_seed(seed)
     precision = Precision.of(op)
     sq: list[Tensor] | None = None if precision.fine else []
     samples = []
@@ -347,6 +347,7 @@ def hutchpp(
     op = as_operator(op)
     _check_positive(n_hvp=n_hvp, batch_size=batch_size)
     check_distribution(distribution)
+    gen = generator(seed)
     if op.dim <= n_hvp:
         return _exact(op, batch_size)
     n_sketch = n_hvp // 3
@@ -355,7 +356,6 @@ def hutchpp(
     n_probe = n_hvp - 2 * n_sketch
     dtype = _work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
-    gen = torch.Generator().manual_seed(seed)
     precision = Precision.of(op)
     low_sq: list[Tensor] = []
     sq: list[Tensor] | None = None if precision.fine else []
@@ -587,6 +587,7 @@ def block_traces(
             f"max_hvp={max_hvp} is below 2 * sketch_rank + min_probes = "
             f"{2 * sketch_rank + min_probes}: raise max_hvp or lower sketch_rank / min_probes"
         )
+    gen = generator(seed)
     blocks = _check_slices(slices, n)
     segs = _segments(blocks, n)
     names = list(blocks)
@@ -619,7 +620,6 @@ def block_traces(
     dtype = _work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
     key = (n, tuple(segs), distribution, seed, sketch_rank, batch_size, dtype)
-    gen = torch.Generator().manual_seed(seed)
     used = [0]
     low = [0.0] * len(segs)
     U: Tensor | None = None
