@@ -6,8 +6,9 @@ too. On top of it:
 
 * :func:`lanczos`, :func:`eigsh` -- Lanczos with full reorthogonalisation; extreme eigenvalues
   with a-posteriori error bounds, thick-restarted in a basis of at most ``ncv`` vectors.
-* :func:`hutchinson`, :func:`hutchpp`, :func:`block_traces` -- trace estimators; the trace of
-  every diagonal block from one shared set of probes.
+* :func:`hutchinson`, :func:`hutchpp`, :class:`BlockTraceEstimator` -- trace estimators; the
+  trace of every diagonal block from one shared set of probes, as an object that goes on with
+  more probes when asked for more (:func:`block_traces`: one run of it).
 * :func:`slq`, :class:`Spectrum` -- stochastic Lanczos quadrature (no stored basis for large
   problems) and spectral measures (densities, moments, Wasserstein and Jensen-Shannon
   distances).
@@ -45,11 +46,18 @@ from hesslens.linalg.probes import DISTRIBUTIONS, random_probes
 from hesslens.linalg.results import EigenResult, TraceResult
 from hesslens.linalg.slq import slq
 from hesslens.linalg.spectrum import Spectrum
-from hesslens.linalg.trace import TraceState, block_traces, hutchinson, hutchpp
+from hesslens.linalg.trace import (
+    BlockTraceEstimator,
+    TraceState,
+    block_traces,
+    hutchinson,
+    hutchpp,
+)
 
 __all__ = [
     "DISTRIBUTIONS",
     "WHICH",
+    "BlockTraceEstimator",
     "CountingOperator",
     "DeflatedOperator",
     "EigenResult",
