@@ -543,6 +543,7 @@ class BlockTraceEstimator:
         self._low_sq: list[Tensor] = []  # coarse products: inputs of the rounding error
         self._sq: list[Tensor] | None = None if self.precision.fine else []
         self._exact: tuple[list[float], list[float], int] | None = None
+        self._stacklevel = 4  # where warnings point: the caller of run()
 
     # ------------------------------------------------------------------ the public step
     def run(
@@ -693,7 +694,7 @@ class BlockTraceEstimator:
         full = exact(full_value, full_error, rule.full_target(full_value))
         parts = {nm: exact(values[i], errors[i], rule.block_target(values[i], full_value))
                  for i, nm in enumerate(self.names)}
-        _warn_trace(full, parts, rule.rtol, max_hvp, self.precision, limited=True)
+        _warn_trace(full, parts, rule.rtol, max_hvp, self.precision, True, self._stacklevel)
         return full, parts
 
     def _release_basis(self) -> None:
@@ -720,7 +721,7 @@ class BlockTraceEstimator:
                             rule.block_target(est.values[i], est.full_value))
                  for i, nm in enumerate(self.names)}
         limited = all(se <= goal for se, goal in self._goals(rule))
-        _warn_trace(full, parts, rule.rtol, max_hvp, self.precision, limited)
+        _warn_trace(full, parts, rule.rtol, max_hvp, self.precision, limited, self._stacklevel)
         return full, parts
 
 
@@ -763,7 +764,7 @@ def _goal(target: float, rounding: float) -> float:
 
 
 def _warn_trace(full: TraceResult, parts: dict[str, TraceResult], rtol: float, max_hvp: int,
-                precision: Precision, limited: bool) -> None:
+                precision: Precision, limited: bool, stacklevel: int) -> None:
     """Warn when an estimate missed ``rtol``: on the product budget (BudgetWarning) or, when
     the statistical error met its goal, on the products' precision (PrecisionWarning)."""
     open_blocks = [nm for nm, r in parts.items() if r.converged is False]
@@ -774,13 +775,13 @@ def _warn_trace(full: TraceResult, parts: dict[str, TraceResult], rtol: float, m
     if limited and not precision.fine:
         warnings.warn(precision.message(
             f"the trace (relative standard error {rel:.2%}{which})", f"rtol={rtol:.2%}"),
-            PrecisionWarning, stacklevel=4)
+            PrecisionWarning, stacklevel=stacklevel)
         return
     warnings.warn(
         f"trace stopped at max_hvp={max_hvp} products with relative standard error "
         f"{rel:.2%} (rtol={rtol:.2%}{which}): raise max_hvp or rtol",
         BudgetWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 
@@ -868,13 +869,14 @@ def block_traces(
                                    distribution=distribution, seed=seed,
                                    batch_size=batch_size, progress=progress)
 
-    if state is None:
-        return make().run(rtol, max_hvp, block_floor)
     estimator = make()
+    estimator._stacklevel = 5  # warnings point at the caller of block_traces
+    if state is None:
+        return estimator.run(rtol, max_hvp, block_floor)
     key = (op.dim, tuple(estimator._segs), distribution, seed, sketch_rank,
            estimator._batch, estimator._dtype)
     if state.key == key and state.estimator is not None:
         estimator = state.estimator
-        estimator.op, estimator.progress = op, progress
+        estimator.op, estimator.progress, estimator._stacklevel = op, progress, 5
     state.key, state.estimator = key, estimator
     return estimator.run(rtol, max_hvp, block_floor)
