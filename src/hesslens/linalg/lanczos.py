@@ -52,6 +52,11 @@ WHICH = ("LA", "SA", "LM")
 # takes at most this many bytes; beyond, it restarts in a basis of max(2k + 8, 20) vectors.
 _AUTO_NCV_BYTES = 2**26
 
+# The relative size of the random vector added to a warm start (see eigsh's v0): enough that
+# start vectors which are exact eigenvectors do not make the Krylov space invariant at once
+# (whose restart from a random vector costs a cold start), small enough to cost ~nothing.
+_WARM_RANDOM = 1e-3
+
 
 def _tridiag_eig(alpha: np.ndarray, offdiag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal matrix."""
@@ -622,6 +627,29 @@ def _start_vector(
     return start.reshape(1, -1)
 
 
+def _warm_start(op: SymmetricOperator, v0: Tensor, gen: torch.Generator) -> Tensor:
+    """The start vector from ``v0`` (one vector, or the rows of a ``(m, dim)`` block): the sum of
+    its unit rows plus a seeded random vector of relative size :data:`_WARM_RANDOM`."""
+    if not isinstance(v0, Tensor):
+        v0 = torch.as_tensor(np.asarray(v0))
+    V = v0.reshape(1, -1) if v0.ndim == 1 else v0
+    if V.ndim != 2 or V.shape[1] != op.dim or V.shape[0] == 0 or not V.is_floating_point():
+        raise HesslensInputError(
+            f"v0 must be a vector of {op.dim} floats or a (m, {op.dim}) block of them, got "
+            f"{tuple(v0.shape)} {v0.dtype}")
+    V = V.detach().to(dtype=torch.float64, device=op.device)
+    norms = V.norm(dim=1)
+    if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+        raise HesslensInputError("v0 has a zero or non-finite row: pass the vectors to start "
+                                 "from (e.g. the eigenvectors of an earlier result)")
+    v = (V / norms[:, None]).sum(dim=0)
+    if float(v.norm()) <= 1e-8 * V.shape[0] ** 0.5:
+        raise HesslensInputError("the rows of v0 cancel out: pass linearly independent vectors")
+    g = random_probes(1, op.dim, "gaussian", gen, torch.float64, op.device)[0]
+    v = v / v.norm() + _WARM_RANDOM * g / g.norm()
+    return v.reshape(1, -1)
+
+
 def lanczos(
     op: SymmetricOperator | Tensor,
     num_steps: int,
@@ -792,6 +820,7 @@ def eigsh(
     ncv: int | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    v0: Tensor | None = None,
 ) -> EigenResult:
     """Extreme eigenvalues of a symmetric operator by thick-restarted Lanczos.
 
@@ -846,6 +875,16 @@ def eigsh(
     basis_device : torch.device or str, optional
         Device of the basis (default: the operator's). ``basis_device="cpu"`` keeps it off a
         GPU; every product then moves one vector there and back.
+    v0 : Tensor, optional
+        A warm start: a vector of ``dim`` entries or a ``(m, dim)`` block, e.g. the
+        eigenvectors of an earlier result on a nearby operator (the previous record while
+        training). The run starts from the sum of its unit rows plus a seeded random vector of
+        relative size ``1e-3`` (so that exact eigenvectors do not make the first Krylov space
+        invariant). It converges to the same values in fewer products where the operator moved
+        little; pass the top ``k`` vectors for ``k = 1`` and ``k + 1`` for ``k > 1`` (the guard
+        value starts warm too). A warm start finds the eigenvalues its vectors point to: a new
+        top direction nearly orthogonal to them can be missed (no small random part prevents
+        it: ``benchmarks/README.md``), so start cold now and then.
 
     Returns
     -------
@@ -891,13 +930,18 @@ def eigsh(
     >>> small = eigsh(MatrixOperator(A), k=2, which="SA", ncv=8)  # restarted, 9 vectors
     >>> [round(v, 4) for v in small.values.tolist()]
     [-1.9388, -2.0]
+    >>> top = eigsh(A, k=1)
+    >>> again = eigsh(A + 1e-3 * torch.eye(50, dtype=torch.float64), k=1, v0=top.vectors)
+    >>> round(float(again.values[0]), 4), again.n_hvp < top.n_hvp
+    (1.001, True)
     """
     op = as_operator(op)
     plan = _Plan.of(op, k, which, tol, max_steps, ncv, basis_dtype, basis_device)
     gen = generator(seed)
+    start = _start_vector(op, None, seed, gen) if v0 is None else _warm_start(op, v0, gen)
     engine = _RestartedLanczos(
-        op, _start_vector(op, None, seed, gen), plan.ncv, plan.max_steps, plan.basis_dtype,
-        plan.basis_device, head=plan.k if return_vectors else 0,
+        op, start, plan.ncv, plan.max_steps, plan.basis_dtype, plan.basis_device,
+        head=plan.k if return_vectors else 0,
     )
     precision = Precision.of(op)
     while True:
