@@ -33,3 +33,15 @@ class NonFiniteCurvatureError(HesslensError, ArithmeticError):
 
 class BudgetWarning(UserWarning):
     """An estimator stopped on its product budget before reaching the accuracy asked for."""
+
+
+class PrecisionWarning(UserWarning):
+    """An estimate could not reach the accuracy asked for because the products are computed in
+    too coarse a precision (bfloat16, float16): the values are as good as that precision allows
+    and are reported ``converged=False``; analyse a float32 or float64 copy instead."""
+
+
+class CurvatureUnderflowError(HesslensInputError):
+    """The curvature lies below the normal range of the dtype its products are computed in
+    (subnormal numbers, e.g. a float32 loss scaled by 1e-40): its products have lost their
+    precision. Rescale the loss, or analyse a float64 copy."""

@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 import hesslens as hl
-from hesslens.errors import HesslensInputError
+from hesslens.errors import CurvatureUnderflowError, HesslensInputError
 from tests.reference import classification_batches, mlp
 
 
@@ -100,3 +100,35 @@ def test_inputs_and_model_on_different_devices():
 def test_mismatched_batch():
     with pytest.raises(HesslensInputError, match="rows"):
         hl.Hessian(mlp(), cross_entropy, (torch.randn(3, 6), torch.zeros(4, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("estimate", [
+    lambda H, s: H.trace(seed=s),
+    lambda H, s: H.traces(seed=s),
+    lambda H, s: H.trace(method="hutchinson", seed=s),
+    lambda H, s: H.eigenvalues(k=2, seed=s),
+    lambda H, s: H.density(seed=s, n_probes=2, n_steps=5),
+], ids=["trace", "traces", "hutchinson", "eigenvalues", "density"])
+@pytest.mark.parametrize("seed", [2**70, 2**32, -1])
+def test_seed_outside_every_library_s_range(estimate, seed):
+    H = hl.Hessian(mlp(), cross_entropy, _data())
+    with pytest.raises(HesslensInputError, match=r"seed must be an integer from 0 to 4294967295"):
+        estimate(H, seed)
+
+
+@pytest.mark.parametrize("estimate", [
+    lambda H: H.trace(),
+    lambda H: H.traces(),
+    lambda H: H.eigenvalues(k=2),
+    lambda H: H.density(n_probes=2, n_steps=5),
+], ids=["trace", "traces", "eigenvalues", "density"])
+def test_loss_in_float32_subnormal_range(estimate):
+    H = hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * 1e-40, _data())
+    with pytest.raises(CurvatureUnderflowError, match=r"below the normal range of float32"):
+        estimate(H)
+    # the float64 copy has the same curvature inside its normal range: the right result
+    H64 = hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * 1e-40, _data(),
+                     dtype=torch.float64)
+    ref = hl.Hessian(mlp(), cross_entropy, _data(), dtype=torch.float64)
+    assert H64.eigenvalues(k=1).values[0] == pytest.approx(
+        1e-40 * float(ref.eigenvalues(k=1).values[0]), rel=1e-6)

@@ -36,10 +36,11 @@ from scipy.linalg import eigh as scipy_eigh
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor
 
-from hesslens.errors import BudgetWarning, HesslensInputError
+from hesslens.errors import BudgetWarning, HesslensInputError, PrecisionWarning
 from hesslens.linalg.budget import BASIS_VECTORS
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
-from hesslens.linalg.probes import random_probes
+from hesslens.linalg.precision import Precision
+from hesslens.linalg.probes import generator, random_probes
 from hesslens.linalg.results import EigenResult
 
 __all__ = ["WHICH", "LanczosRun", "eigsh", "lanczos"]
@@ -47,14 +48,14 @@ __all__ = ["WHICH", "LanczosRun", "eigsh", "lanczos"]
 #: The parts of the spectrum :func:`eigsh` can target (as in scipy's eigsh).
 WHICH = ("LA", "SA", "LM")
 
-# Once the error bound of a Ritz value is this many machine epsilons (of the operator's dtype)
-# times the largest |Ritz value|, it is at the rounding level of the products themselves:
-# accept it as converged even if tol * |theta| is smaller (eigenvalues at or near zero).
-_NOISE_FLOOR_EPS = 100.0
-
 # eigsh(ncv=None) keeps every Lanczos vector (no restart, the fewest products) while that basis
 # takes at most this many bytes; beyond, it restarts in a basis of max(2k + 8, 20) vectors.
 _AUTO_NCV_BYTES = 2**26
+
+# The relative size of the random vector added to a warm start (see eigsh's v0): enough that
+# start vectors which are exact eigenvectors do not make the Krylov space invariant at once
+# (whose restart from a random vector costs a cold start), small enough to cost ~nothing.
+_WARM_RANDOM = 1e-3
 
 
 def _tridiag_eig(alpha: np.ndarray, offdiag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,9 +134,8 @@ def _orthonormalize_rows_(Y: Tensor) -> Tensor:
 
 def _coef(W: Tensor, Q: Tensor) -> Tensor:
     """Gram-Schmidt coefficients ``W Q^T`` in ``W``'s dtype and device, accumulated in float64
-    for lower precisions: a float32 dot product over a million entries is off by ~1e-4
-    relative, which left float32 bases that far from orthogonal and the Ritz values 1e-5 off
-    (a float32 diagonal operator of dim 2e5: 49.9994 for 50)."""
+    for lower precisions: long float32 dot products leave float32 bases far from orthogonal
+    (``benchmarks/README.md``, linear algebra)."""
     if W.dtype == torch.float64:
         return W @ Q.T
     return _gram64(W, Q).to(dtype=W.dtype, device=W.device)
@@ -176,10 +176,10 @@ class _BatchLanczos:
         rank = 0 if deflation is None else int(deflation.shape[0])
         self.limit = self.dim - rank
         self.max_steps = min(int(max_steps), self.limit)
-        eps = torch.finfo(op.dtype).eps
         # 10 eps: a residual that small is rounding noise of the products; a larger threshold
         # cut float32 runs short when the largest eigenvalue is ~1e5 times the bulk.
-        self.breakdown_tol = 10.0 * eps if breakdown_tol is None else float(breakdown_tol)
+        self.breakdown_tol = (Precision.of(op).breakdown_tol if breakdown_tol is None
+                              else float(breakdown_tol))
         if self.max_steps < 1:
             raise HesslensInputError("nothing to do: the deflation basis spans the whole space")
 
@@ -417,7 +417,7 @@ class _RestartedLanczos:
         self.max_steps = int(max_steps)
         self.dtype = dtype
         self.device = device
-        self.breakdown_tol = 10.0 * torch.finfo(op.dtype).eps
+        self.breakdown_tol = Precision.of(op).restart_tol
         v = start.reshape(1, -1).to(dtype=torch.float64)
         norm = float(v.norm())
         if norm == 0:
@@ -614,10 +614,10 @@ class LanczosRun:
 
 
 def _start_vector(
-    op: SymmetricOperator, start: Tensor | None, seed: int, generator: torch.Generator | None
+    op: SymmetricOperator, start: Tensor | None, seed: int, gen: torch.Generator | None
 ) -> Tensor:
     if start is None:
-        gen = torch.Generator().manual_seed(seed) if generator is None else generator
+        gen = generator(seed) if gen is None else gen
         return random_probes(1, op.dim, "gaussian", gen, torch.float64, op.device)
     start = torch.as_tensor(start).reshape(-1)
     if start.numel() != op.dim:
@@ -625,6 +625,29 @@ def _start_vector(
             f"start vector has {start.numel()} entries, the operator has dim {op.dim}"
         )
     return start.reshape(1, -1)
+
+
+def _warm_start(op: SymmetricOperator, v0: Tensor, gen: torch.Generator) -> Tensor:
+    """The start vector from ``v0`` (one vector, or the rows of a ``(m, dim)`` block): the sum of
+    its unit rows plus a seeded random vector of relative size :data:`_WARM_RANDOM`."""
+    if not isinstance(v0, Tensor):
+        v0 = torch.as_tensor(np.asarray(v0))
+    V = v0.reshape(1, -1) if v0.ndim == 1 else v0
+    if V.ndim != 2 or V.shape[1] != op.dim or V.shape[0] == 0 or not V.is_floating_point():
+        raise HesslensInputError(
+            f"v0 must be a vector of {op.dim} floats or a (m, {op.dim}) block of them, got "
+            f"{tuple(v0.shape)} {v0.dtype}")
+    V = V.detach().to(dtype=torch.float64, device=op.device)
+    norms = V.norm(dim=1)
+    if not bool(torch.isfinite(norms).all()) or bool((norms == 0).any()):
+        raise HesslensInputError("v0 has a zero or non-finite row: pass the vectors to start "
+                                 "from (e.g. the eigenvectors of an earlier result)")
+    v = (V / norms[:, None]).sum(dim=0)
+    if float(v.norm()) <= 1e-8 * V.shape[0] ** 0.5:
+        raise HesslensInputError("the rows of v0 cancel out: pass linearly independent vectors")
+    g = random_probes(1, op.dim, "gaussian", gen, torch.float64, op.device)[0]
+    v = v / v.norm() + _WARM_RANDOM * g / g.norm()
+    return v.reshape(1, -1)
 
 
 def lanczos(
@@ -649,7 +672,9 @@ def lanczos(
     breakdown_tol : float, optional
         The process stops early, on an invariant subspace, when the new residual norm is at
         most ``breakdown_tol`` times the largest ``||A q_j||`` seen. Default:
-        ``10 * eps`` of ``op.dtype``.
+        :attr:`~hesslens.linalg.precision.Precision.breakdown_tol` of the products' precision
+        (``10 eps``; for bfloat16 or float16 products, whose rounding alone leaves residuals
+        that small, ``10 eps`` of float32).
 
     Returns
     -------
@@ -705,7 +730,7 @@ def _error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
     converged yet (a close eigenvalue not yet resolved) shrinks the gap, and where the gap is no
     larger than ``r_i`` the bound falls back to ``r_i``. Using the bare distance to the nearest
     Ritz value instead declares a value converged while a near-degenerate neighbour still hides
-    behind it (seen on an MLP Hessian: relative error 2e-4 reported as converged at tol 1e-6).
+    behind it (``benchmarks/README.md``, linear algebra).
     """
     n = theta.shape[0]
     if n < 2:
@@ -716,6 +741,52 @@ def _error_bounds(theta: np.ndarray, resid: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         quad = np.where(gap > resid, resid**2 / np.where(gap > 0, gap, 1.0), np.inf)
     return np.minimum(resid, quad)
+
+
+def _convergence(theta: np.ndarray, bounds: np.ndarray, resid: np.ndarray, tol: float,
+                 precision: Precision, final: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(ok, settled)`` per Ritz value: ``ok`` converged to ``tol`` (its bound, plus what the
+    products' rounding may add, within the accepted error, and its residual ``r <= sqrt(tol)
+    |theta|``: the quadratic bound ``r^2 / gap`` is only as good as a gap the Ritz values may
+    still overstate); ``settled`` no more steps can make it better (``ok``, or its bound at the
+    rounding level of the products, or the search ``final``: its space is invariant). For
+    fine products the two are the same."""
+    scale = float(np.max(np.abs(theta)))
+    floor = precision.floor(scale)
+    accepted = (np.maximum(tol * np.abs(theta), floor) if precision.fine
+                else tol * np.abs(theta))
+    resid_ok = np.maximum(math.sqrt(tol) * np.abs(theta), floor)
+    if precision.fine:
+        ok = (bounds <= accepted) & (resid <= resid_ok)
+        return ok, ok
+    ok = (bounds + precision.noise(scale) <= accepted) & (resid <= math.sqrt(tol) * np.abs(theta))
+    if final:
+        return ok, np.ones_like(ok)
+    return ok, (bounds <= floor) & (resid <= resid_ok)
+
+
+def _warn_unconverged(theta: np.ndarray, bounds: np.ndarray, converged: np.ndarray,
+                      settled: np.ndarray, k: int, tol: float, max_steps: int,
+                      precision: Precision) -> None:
+    """Say why values are not converged: the product budget (BudgetWarning) or the precision
+    of the products (PrecisionWarning)."""
+    limited = ~converged & settled
+    if limited.any():
+        warnings.warn(precision.message(
+            f"eigsh: {int(limited.sum())} of {k} eigenvalues", f"tol={tol:g}"),
+            PrecisionWarning, stacklevel=4)
+    short = ~converged & ~settled
+    if short.any():
+        scale = float(np.max(np.abs(theta))) if theta.size else 0.0
+        worst = float(np.max(bounds[short] / np.maximum(np.abs(theta[short]),
+                                                         precision.floor(scale))))
+        warnings.warn(
+            f"eigsh stopped at max_steps={max_steps} products with {int(short.sum())} "
+            f"of {k} eigenvalues not converged (relative error bound up to {worst:.2g} > "
+            f"tol={tol:g}): raise max_steps or tol",
+            BudgetWarning,
+            stacklevel=4,
+        )
 
 
 def _better(x: float, ref: float, which: str, margin: float) -> bool:
@@ -749,49 +820,27 @@ def eigsh(
     ncv: int | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    v0: Tensor | None = None,
 ) -> EigenResult:
     """Extreme eigenvalues of a symmetric operator by thick-restarted Lanczos.
 
     The ``k`` wanted eigenvalues are the Ritz values of one growing Krylov space (not power
-    iteration with deflation). After every step, once there are ``k`` Ritz values, each Ritz
-    value ``theta_i`` gets the residual norm ``r_i = |beta_m s_{m,i}|`` (``s_i`` the
-    eigenvector of ``T``) and the error bound ``e_i = min(r_i, r_i**2 / gap_i)``, ``gap_i``
-    the distance to the nearest other Ritz value (the second form is the sharper
-    Kato-Temple-type bound for a well separated value; with a single Ritz value ``e = r``).
-    The process stops as soon as every wanted value has converged, that is
-    ``e_i <= tol * |theta_i|`` and ``r_i <= sqrt(tol) * |theta_i|``, or both at most
-    ``100 * eps * max|theta|`` (``eps`` of ``op.dtype``: the rounding level of the products,
-    which lets zero eigenvalues converge). ``gap_i`` discounts each neighbour's own residual.
-    For ``k > 1`` the ``k+1``-th value must converge too (a guard): the gap is only as good as
-    the Ritz value that defines it, and a near-degenerate pair at the ``k``-th place is then
-    resolved before the process stops (on an MLP Hessian whose 5th and 6th eigenvalues differ
-    by 2e-4 relative, top-5 stopped with the 6th standing in for the 5th; one guard value fixed
-    it for 12 more products). For ``k = 1`` the guard is left out: on ResNet-20 it took the
-    top eigenvalue from 12 to 20 products, while what it protects against, a second eigenvalue
-    within ``delta`` relative of the first, leaves the value off by at most about ``delta``
-    under an optimistic bound (in a 1350-case stress run of pairs and clusters spaced 1e-8 to
-    1e-3, at most 3.7e-4 at ``tol=1e-6``): ask ``k=2`` for a guarded top value. Eigenvalues
-    closer together than the Krylov space can tell apart (a cluster of several within ``1e-4``
-    relative) can be merged whatever ``k``: a second ``seed`` is the check.
+    iteration with deflation), each stopped on its a-posteriori error bound
+    ``e_i = min(r_i, r_i**2 / gap_i)`` (``r_i`` the residual norm, ``gap_i`` the distance to the
+    other Ritz values less their own residuals): a value has converged when
+    ``e_i <= tol |theta_i|`` and ``r_i <= sqrt(tol) |theta_i|``, or both are at the products'
+    rounding level ``100 eps max|theta|`` (:mod:`hesslens.linalg.precision`; bfloat16 and
+    float16 products, too coarse for that, converge a value only when ``r_i`` plus their
+    rounding is within ``tol |theta_i|``). For ``k > 1`` one more value than asked must
+    converge too (a guard against a near-degenerate pair at the ``k``-th place); for ``k = 1``
+    it is left out, as it is costly and a value within ``delta`` of the top one moves it by
+    about ``delta`` at most: ask ``k=2`` for a guarded top value.
 
-    When the Krylov space becomes invariant before it fills the space (the operator has few
-    distinct eigenvalues, e.g. repeated ones), its Ritz values are exact, but a single Krylov
-    space holds only one vector of each eigenspace. The process then restarts from a random
-    vector orthogonal to the basis (a new block of ``T``) as long as the new block brings a
-    value better than the ``k``-th found so far, and a restarted block must also have
-    converged its own extreme value before the process stops: so repeated eigenvalues are
-    returned with their multiplicity. Repeated eigenvalues inside a space that is not
-    invariant cannot be resolved by a single-vector method (nor by ARPACK's).
-
-    The basis holds at most ``ncv`` vectors. When it is full and the values have not
-    converged, the process restarts thick (Wu and Simon 2000; the symmetric Krylov-Schur
-    restart, as ARPACK's ``ncv``): it keeps the Ritz vectors of the ``k`` wanted values, the
-    guard and half of the remaining space (best first), and the residual direction, so that
-    ``T`` becomes an arrowhead and the Krylov space goes on growing from there. Exact values
-    of invariant blocks are locked. Until the basis is full the run is exactly the
-    unrestarted one (same products, same stopping step); after a restart convergence can be
-    slower, most for values inside a dense part of the spectrum (``which="SA"`` on a PSD-like
-    Hessian).
+    An invariant Krylov space (few distinct eigenvalues) restarts from a random vector so that
+    repeated eigenvalues come with their multiplicity; a full basis of ``ncv`` vectors is
+    thick-restarted (Wu and Simon 2000, as ARPACK's ``ncv``), keeping the wanted Ritz vectors.
+    Until the basis is full the run is exactly the unrestarted one. The evidence behind these
+    choices is in ``benchmarks/README.md`` (linear algebra).
 
     Parameters
     ----------
@@ -826,6 +875,16 @@ def eigsh(
     basis_device : torch.device or str, optional
         Device of the basis (default: the operator's). ``basis_device="cpu"`` keeps it off a
         GPU; every product then moves one vector there and back.
+    v0 : Tensor, optional
+        A warm start: a vector of ``dim`` entries or a ``(m, dim)`` block, e.g. the
+        eigenvectors of an earlier result on a nearby operator (the previous record while
+        training). The run starts from the sum of its unit rows plus a seeded random vector of
+        relative size ``1e-3`` (so that exact eigenvectors do not make the first Krylov space
+        invariant). It converges to the same values in fewer products where the operator moved
+        little; pass the top ``k`` vectors for ``k = 1`` and ``k + 1`` for ``k > 1`` (the guard
+        value starts warm too). A warm start finds the eigenvalues its vectors point to: a new
+        top direction nearly orthogonal to them can be missed (no small random part prevents
+        it: ``benchmarks/README.md``), so start cold now and then.
 
     Returns
     -------
@@ -856,6 +915,9 @@ def eigsh(
     BudgetWarning
         When ``max_steps`` products are spent before every wanted value converged (the
         result then has ``converged`` False for those values).
+    PrecisionWarning
+        When the products' precision (bfloat16, float16) cannot deliver ``tol`` for some
+        values (``converged`` False for them).
 
     Examples
     --------
@@ -868,161 +930,197 @@ def eigsh(
     >>> small = eigsh(MatrixOperator(A), k=2, which="SA", ncv=8)  # restarted, 9 vectors
     >>> [round(v, 4) for v in small.values.tolist()]
     [-1.9388, -2.0]
+    >>> top = eigsh(A, k=1)
+    >>> again = eigsh(A + 1e-3 * torch.eye(50, dtype=torch.float64), k=1, v0=top.vectors)
+    >>> round(float(again.values[0]), 4), again.n_hvp < top.n_hvp
+    (1.001, True)
     """
     op = as_operator(op)
-    n = op.dim
-    if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
-        raise HesslensInputError(f"k must be an integer in [1, dim]: got k={k} for dim={n}")
-    k = int(k)
-    if which not in WHICH:
-        raise HesslensInputError(f"which must be one of {WHICH}, got {which!r}")
-    if not tol > 0:
-        raise HesslensInputError(f"tol must be positive, got {tol}")
-    basis_dtype = _work_dtype(op.dtype) if basis_dtype is None else basis_dtype
-    if not basis_dtype.is_floating_point:
-        raise HesslensInputError(f"basis_dtype must be a floating dtype, got {basis_dtype}")
-    basis_device = op.device if basis_device is None else torch.device(basis_device)
-    steps = min(n, max(100, 30 * k)) if max_steps is None else min(n, int(max_steps))
-    itemsize = torch.finfo(basis_dtype).bits // 8
-    if ncv is None and (steps + 1) * n * itemsize <= _AUTO_NCV_BYTES:
-        ncv = n  # a basis of every step is small: no restart
-    if ncv is None:
-        # the basis and the k Ritz vectors returned within BASIS_VECTORS (not below k + 2)
-        ncv = min(n, max(k + 2, min(max(2 * k + 8, 20), BASIS_VECTORS - 1 - k)))
-    elif isinstance(ncv, bool) or int(ncv) != ncv or not min(n, k + 2) <= ncv:
-        raise HesslensInputError(
-            f"ncv={ncv} is too small: the basis needs at least k + 2 = {k + 2} vectors "
-            f"(or dim={n}); raise ncv"
-        )
-    ncv = min(int(ncv), n)
-    if max_steps is None:
-        max_steps = max(100, 30 * k) if ncv < n else min(n, max(100, 30 * k))
-    elif int(max_steps) < k:
-        raise HesslensInputError(f"max_steps={max_steps} is smaller than k={k}")
-    max_steps = int(max_steps) if ncv < n else min(int(max_steps), n)
-    ncv = min(ncv, max_steps)  # never more rows than steps: the basis is allocated at once
-
-    gen = torch.Generator().manual_seed(seed)
+    plan = _Plan.of(op, k, which, tol, max_steps, ncv, basis_dtype, basis_device)
+    gen = generator(seed)
+    start = _start_vector(op, None, seed, gen) if v0 is None else _warm_start(op, v0, gen)
     engine = _RestartedLanczos(
-        op, _start_vector(op, None, seed, gen), ncv, max_steps, basis_dtype, basis_device,
-        head=k if return_vectors else 0,
+        op, start, plan.ncv, plan.max_steps, plan.basis_dtype, plan.basis_device,
+        head=plan.k if return_vectors else 0,
     )
-    floor_eps = _NOISE_FLOOR_EPS * torch.finfo(op.dtype).eps
-    # the values a restart keeps in the open block: the wanted ones, the guard, and half of
-    # the free space (Wu and Simon's choice)
-    n_guard = min(k + (k > 1), n)
-
+    precision = Precision.of(op)
     while True:
         engine.step()
-        status, m = engine.status, engine.m
-        if status == "live" and m < k:
+        if engine.status == "live" and engine.m < plan.k:
             continue
+        check = _Check.of(engine, plan, precision)
+        if callback is not None:
+            order = check.order()
+            callback(engine.n_hvp, check.theta[order].copy(), check.bounds[order].copy())
+        if engine.status == "live":
+            if check.done(plan):
+                break
+            if engine.m >= plan.ncv:
+                _compress(engine, check.blocks, check.theta, plan.which, plan.n_guard)
+            continue
+        if engine.status == "breakdown" and check.worth_restart(plan, precision) and (
+                engine.n_hvp < plan.max_steps):
+            if engine.m >= plan.ncv:
+                _compress(engine, check.blocks, check.theta, plan.which, plan.n_guard)
+            v = random_probes(1, op.dim, "gaussian", gen, torch.float64, op.device)
+            if engine.restart(v):
+                continue
+            check = _Check.of(engine, plan, precision, final=True)  # nothing more to find
+        break  # exhausted, budget, or an invariant block with nothing more to find
+    return _result(engine, check, plan, precision, return_vectors)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`eigsh` was asked for, checked, with the sizes derived from it."""
+
+    k: int
+    which: str
+    tol: float
+    max_steps: int
+    ncv: int
+    basis_dtype: torch.dtype
+    basis_device: torch.device
+    n_guard: int  # the values that must converge: the wanted ones and, for k > 1, one more
+
+    @classmethod
+    def of(cls, op: SymmetricOperator, k: int, which: str, tol: float, max_steps: int | None,
+           ncv: int | None, basis_dtype: torch.dtype | None,
+           basis_device: torch.device | str | None) -> _Plan:
+        n = op.dim
+        if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
+            raise HesslensInputError(f"k must be an integer in [1, dim]: got k={k} for dim={n}")
+        k = int(k)
+        if which not in WHICH:
+            raise HesslensInputError(f"which must be one of {WHICH}, got {which!r}")
+        if not tol > 0:
+            raise HesslensInputError(f"tol must be positive, got {tol}")
+        basis_dtype = _work_dtype(op.dtype) if basis_dtype is None else basis_dtype
+        if not basis_dtype.is_floating_point:
+            raise HesslensInputError(f"basis_dtype must be a floating dtype, got {basis_dtype}")
+        basis_device = op.device if basis_device is None else torch.device(basis_device)
+        ncv = cls._ncv(n, k, max_steps, ncv, basis_dtype)
+        if max_steps is None:
+            max_steps = max(100, 30 * k) if ncv < n else min(n, max(100, 30 * k))
+        elif int(max_steps) < k:
+            raise HesslensInputError(f"max_steps={max_steps} is smaller than k={k}")
+        max_steps = int(max_steps) if ncv < n else min(int(max_steps), n)
+        ncv = min(ncv, max_steps)  # never more rows than steps: the basis is allocated at once
+        return cls(k, which, float(tol), max_steps, ncv, basis_dtype, basis_device,
+                   min(k + (k > 1), n))
+
+    @staticmethod
+    def _ncv(n: int, k: int, max_steps: int | None, ncv: int | None,
+             basis_dtype: torch.dtype) -> int:
+        """The basis size: every step while that is small, else a bounded basis."""
+        steps = min(n, max(100, 30 * k)) if max_steps is None else min(n, int(max_steps))
+        itemsize = torch.finfo(basis_dtype).bits // 8
+        if ncv is None and (steps + 1) * n * itemsize <= _AUTO_NCV_BYTES:
+            return n  # a basis of every step is small: no restart
+        if ncv is None:
+            # the basis and the k Ritz vectors returned within BASIS_VECTORS (not below k + 2)
+            return min(n, max(k + 2, min(max(2 * k + 8, 20), BASIS_VECTORS - 1 - k)))
+        if isinstance(ncv, bool) or int(ncv) != ncv or not min(n, k + 2) <= ncv:
+            raise HesslensInputError(
+                f"ncv={ncv} is too small: the basis needs at least k + 2 = {k + 2} vectors "
+                f"(or dim={n}); raise ncv")
+        return min(int(ncv), n)
+
+
+@dataclass(frozen=True, eq=False)
+class _Check:
+    """The convergence check after a step: every Ritz value of the basis (closed blocks first,
+    the open block last) with its residual, error bound, and whether it has converged (``ok``)
+    or cannot get better (``settled``; see :func:`_convergence`)."""
+
+    blocks: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]
+    n_closed: int
+    theta: np.ndarray
+    resid: np.ndarray
+    bounds: np.ndarray
+    ok: np.ndarray
+    settled: np.ndarray
+    wanted: np.ndarray
+
+    @classmethod
+    def of(cls, engine: _RestartedLanczos, plan: _Plan, precision: Precision,
+           final: bool = False) -> _Check:
+        """``final``: the search is over (its values are what is kept)."""
         blocks = engine.blocks()
         n_closed = sum(b[2].shape[0] for b in blocks[:-1])
-        theta_c = blocks[-1][2]
-        exact_c = status in ("breakdown", "exhausted")
-
         theta = np.concatenate([b[2] for b in blocks])
         resid = np.concatenate([b[4] for b in blocks])
-        bounds = _error_bounds(theta, resid)
-        bounds[:n_closed] = 0.0
-        if exact_c:
-            bounds[n_closed:] = 0.0
-        scale = float(np.max(np.abs(theta)))
-        floor = floor_eps * scale
-        # The quadratic bound r^2 / gap is only as good as the gap, which the Ritz values seen
-        # so far may overstate (an eigenvalue the Krylov space has not reached yet): also ask
-        # the residual itself to be small, r <= sqrt(tol) |theta|, which the quadratic test
-        # implies whenever the gap is no larger than |theta| (float32, one eigenvalue 1e3 above
-        # an N(0, 1) bulk: the smallest was taken as converged after 2 steps, 3.4 off).
+        stopped = engine.status != "live" and engine.status != "budget"
+        # an invariant block's values are exact for fine products; coarse ones keep their
+        # residual bounds (the block closed on a residual at the products' rounding level)
+        exact_open = (final or engine.status in ("breakdown", "exhausted")) and precision.fine
+        bounds = _error_bounds(theta, resid) if precision.fine else resid.copy()
         resid_open = resid.copy()
-        resid_open[:n_closed] = 0.0
-        if exact_c:
-            resid_open[n_closed:] = 0.0
-        ok = (bounds <= np.maximum(tol * np.abs(theta), floor)) & (
-            resid_open <= np.maximum(math.sqrt(tol) * np.abs(theta), floor))
-        wanted = _select(theta, k, which)
-        if callback is not None:
-            order = wanted[np.argsort(-theta[wanted], kind="stable")]
-            callback(engine.n_hvp, theta[order].copy(), bounds[order].copy())
+        if precision.fine:  # closed blocks are invariant: exact
+            bounds[:n_closed] = resid_open[:n_closed] = 0.0
+        if exact_open:
+            bounds[n_closed:] = resid_open[n_closed:] = 0.0
+        ok, settled = _convergence(theta, bounds, resid_open, plan.tol, precision,
+                                   final=final or stopped)
+        return cls(blocks, n_closed, theta, resid, bounds, ok, settled,
+                   _select(theta, plan.k, plan.which))
 
-        if status == "live":
-            extremes_ok = n_closed == 0 or all(
-                ok[n_closed + i] for i in _block_extremes(theta_c, which)
-            )
-            # For k > 1, one more Ritz value than asked must converge too: a value next to the
-            # k-th one that is still moving may be a near-degenerate eigenvalue not yet
-            # resolved. For k = 1 the guard cost 12 -> 20 products on ResNet-20 (its second
-            # eigenvalue converges slowly) and is left out; ask k=2 for a guarded top value.
-            guarded = _select(theta, min(n_guard, theta.shape[0]), which)
-            if bool(ok[guarded].all()) and extremes_ok:
-                break
-            if m >= ncv:
-                _compress(engine, blocks, theta, which, n_guard)
-            continue
-        if status == "breakdown":
-            # The block is invariant. Restart if it brought something better than the k-th
-            # value of the earlier blocks (it may hide a repeated eigenvalue), or if there are
-            # fewer than k values yet.
-            prev = theta[:n_closed]
-            if prev.shape[0] < k:
-                again = True
-            else:
-                kth = float(prev[_select(prev, k, which)[-1]])
-                margin = max(tol * abs(kth), floor_eps * scale)
-                again = any(
-                    _better(float(theta_c[i]), kth, which, margin)
-                    for i in _block_extremes(theta_c, which)
-                )
-            if again and engine.n_hvp < max_steps:
-                if m >= ncv:
-                    _compress(engine, blocks, theta, which, n_guard)
-                v = random_probes(1, n, "gaussian", gen, torch.float64, op.device)
-                if engine.restart(v):
-                    continue
-                blocks = engine.blocks()  # nothing more to find: report what is kept
-                theta = np.concatenate([b[2] for b in blocks])
-                resid = np.concatenate([b[4] for b in blocks])
-                bounds = np.zeros_like(theta)
-                ok = np.ones(theta.shape[0], dtype=bool)
-                wanted = _select(theta, k, which)
-        break  # exhausted, budget, or an invariant block with nothing more to find
+    def order(self) -> np.ndarray:
+        """The wanted values' indices, by value descending."""
+        return self.wanted[np.argsort(-self.theta[self.wanted], kind="stable")]
 
-    owner = np.concatenate([np.full(b[2].shape[0], j) for j, b in enumerate(blocks)])
-    local = np.concatenate([np.arange(b[2].shape[0]) for b in blocks])
-    order = wanted[np.argsort(-theta[wanted], kind="stable")]
+    def done(self, plan: _Plan) -> bool:
+        """Whether a live run may stop: the wanted values and the guard settled, and each
+        restarted block's own extreme value too (it may hold a copy of a repeated one)."""
+        open_block = self.blocks[-1][2]
+        extremes = self.n_closed == 0 or all(
+            self.settled[self.n_closed + i] for i in _block_extremes(open_block, plan.which))
+        guarded = _select(self.theta, min(plan.n_guard, self.theta.shape[0]), plan.which)
+        return bool(self.settled[guarded].all()) and extremes
 
+    def worth_restart(self, plan: _Plan, precision: Precision) -> bool:
+        """After an invariant block: restart if there are fewer than ``k`` values yet, or if the
+        block brought one better than the ``k``-th of the earlier blocks (it may hide a
+        repeated eigenvalue)."""
+        prev = self.theta[: self.n_closed]
+        if prev.shape[0] < plan.k:
+            return True
+        kth = float(prev[_select(prev, plan.k, plan.which)[-1]])
+        scale = float(np.max(np.abs(self.theta)))
+        margin = max(plan.tol * abs(kth), precision.floor(scale))
+        open_block = self.blocks[-1][2]
+        return any(_better(float(open_block[i]), kth, plan.which, margin)
+                   for i in _block_extremes(open_block, plan.which))
+
+
+def _result(engine: _RestartedLanczos, check: _Check, plan: _Plan, precision: Precision,
+            return_vectors: bool) -> EigenResult:
+    """The wanted values, their bounds and (in place in the basis) their Ritz vectors."""
+    order = check.order()
     vectors = None
     if return_vectors:
-        # The Ritz vectors, computed in place into the basis's first rows (no k more rows).
+        owner = np.concatenate([np.full(b[2].shape[0], j) for j, b in enumerate(check.blocks)])
+        local = np.concatenate([np.arange(b[2].shape[0]) for b in check.blocks])
         C = np.zeros((len(order), engine.m))
         for row, g in enumerate(order):
-            b0, b1, _, S, _ = blocks[owner[g]]
+            b0, b1, _, S, _ = check.blocks[owner[g]]
             C[row, b0:b1] = S[:, local[g]]
+        op = engine.op
         vectors = engine.basis.take(C).to(dtype=op.dtype, device=op.device)
         for row in range(vectors.shape[0]):
             vectors[row] /= vectors[row].norm()
-
-    converged = ok[order]
-    if not bool(converged.all()):
-        worst = float(np.max(bounds[order][~converged] / np.maximum(np.abs(theta[order][
-            ~converged]), floor)))
-        warnings.warn(
-            f"eigsh stopped at max_steps={max_steps} products with {int((~converged).sum())} "
-            f"of {k} eigenvalues not converged (relative error bound up to {worst:.2g} > "
-            f"tol={tol:g}): raise max_steps or tol",
-            BudgetWarning,
-            stacklevel=2,
-        )
+    converged = check.ok[order]
+    _warn_unconverged(check.theta[order], check.bounds[order], converged, check.settled[order],
+                      plan.k, plan.tol, plan.max_steps, precision)
     return EigenResult(
-        values=torch.as_tensor(theta[order], dtype=torch.float64),
+        values=torch.as_tensor(check.theta[order], dtype=torch.float64),
         vectors=vectors,
-        residuals=torch.as_tensor(resid[order], dtype=torch.float64),
+        residuals=torch.as_tensor(check.resid[order], dtype=torch.float64),
         converged=torch.as_tensor(converged, dtype=torch.bool),
         n_hvp=engine.n_hvp,
         n_steps=engine.n_hvp,
-        which=which,
-        bounds=torch.as_tensor(bounds[order], dtype=torch.float64),
+        which=plan.which,
+        bounds=torch.as_tensor(check.bounds[order], dtype=torch.float64),
     )
 
 

@@ -21,13 +21,18 @@ tensor([[3., 0.],
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hesslens.errors import HesslensInputError, NonFiniteCurvatureError
+from hesslens.errors import (
+    CurvatureUnderflowError,
+    HesslensInputError,
+    NonFiniteCurvatureError,
+)
 
 __all__ = [
     "CountingOperator",
@@ -36,7 +41,9 @@ __all__ = [
     "SymmetricOperator",
     "as_operator",
     "check_finite",
+    "check_normal_range",
     "matmat_as",
+    "product_eps",
 ]
 
 
@@ -57,7 +64,9 @@ class SymmetricOperator(Protocol):
     -----
     ``matmat(V)`` takes a ``(k, dim)`` batch of row vectors and returns the ``(k, dim)``
     batch whose row ``i`` is ``A @ V[i]``. The algorithms count cost in products: one row
-    of ``V`` is one product.
+    of ``V`` is one product. An operator whose products are computed in a lower precision
+    than ``dtype`` (a bfloat16 network fed float32 vectors) declares it as a float attribute
+    ``product_eps``: every stopping rule derives from it (:func:`product_eps`).
     """
 
     dim: int
@@ -67,6 +76,26 @@ class SymmetricOperator(Protocol):
     def matmat(self, V: Tensor) -> Tensor:
         """Return the batch ``A @ V[i]`` for every row ``i`` of the ``(k, dim)`` tensor."""
         ...
+
+
+def product_eps(op: object) -> float:
+    """The relative precision of ``op``'s products: ``op.product_eps`` when the operator
+    declares it (products computed in a lower precision than their vectors), else the machine
+    epsilon of ``op.dtype``.
+
+    >>> import torch
+    >>> product_eps(MatrixOperator(torch.eye(2)))
+    1.1920928955078125e-07
+    """
+    declared = getattr(op, "product_eps", None)
+    if declared is None:
+        return float(torch.finfo(op.dtype).eps)
+    eps = float(declared)
+    if not 0.0 < eps < 1.0:
+        raise HesslensInputError(
+            f"{type(op).__name__}.product_eps must be a relative precision in (0, 1), got "
+            f"{declared!r}")
+    return eps
 
 
 def _check_batch(V: Tensor, dim: int) -> None:
@@ -154,6 +183,7 @@ class CountingOperator:
         self.dim = op.dim
         self.dtype = op.dtype
         self.device = op.device
+        self.product_eps = product_eps(op)
         self.n_products = 0
         self.n_calls = 0
 
@@ -204,6 +234,7 @@ class DeflatedOperator:
         self.dim = op.dim
         self.dtype = op.dtype
         self.device = op.device
+        self.product_eps = product_eps(op)
         self.basis = basis.to(device=op.device, dtype=torch.float64)
 
     def _project(self, V: Tensor) -> Tensor:
@@ -280,8 +311,8 @@ def check_finite(out: Tensor) -> Tensor:
     """Return ``out`` if every entry is finite, else raise :class:`NonFiniteCurvatureError`.
 
     Every estimator of :mod:`hesslens.linalg` multiplies through :func:`matmat64` or
-    :func:`matmat_as`, which call this on each product: a NaN or infinite product stops the
-    estimate with an error instead of a NaN result (or a ``converged=True`` on garbage).
+    :func:`matmat_as`, which make this check on each product: a NaN or infinite product stops
+    the estimate with an error instead of a NaN result (or a ``converged=True`` on garbage).
 
     Examples
     --------
@@ -298,6 +329,10 @@ def check_finite(out: Tensor) -> Tensor:
     lo, hi = torch.aminmax(out)  # one pass, no temporary; NaN and +-Inf propagate
     if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
         return out
+    _raise_non_finite(out)
+
+
+def _raise_non_finite(out: Tensor) -> None:
     n_nan = int(torch.isnan(out).sum())
     n_inf = int(torch.isinf(out).sum())
     raise NonFiniteCurvatureError(
@@ -305,6 +340,52 @@ def check_finite(out: Tensor) -> Tensor:
         f"{out.numel()}): the loss is finite but its second derivative is not; check the model "
         "for operations whose second derivative blows up at these parameters (sqrt, log or a "
         "division near 0, overflow in float16/bfloat16), or evaluate in float32/float64"
+    )
+
+
+def check_normal_range(out: Tensor, V: Tensor) -> Tensor:
+    """Return ``out = A V`` unless the operator is below the normal range of ``out.dtype``.
+
+    When the largest ``|entry|`` of ``out`` over that of ``V`` (the operator's size along
+    ``V``) is below the dtype's smallest normal number, its products are subnormal, their
+    precision is lost (float32 keeps ~7 fewer bits at 1e-40) and the algorithms' small dense
+    problems fail or come out as noise: raise :class:`CurvatureUnderflowError` instead. A
+    product that is exactly zero passes (a zero operator's estimates are right).
+
+    Examples
+    --------
+    >>> import torch
+    >>> check_normal_range(torch.full((1, 2), 1e-40), torch.ones(1, 2))
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.CurvatureUnderflowError: the curvature is below the normal range of ...
+    """
+    if out.numel() == 0 or not out.is_floating_point():
+        return out
+    return _check_range(out, V, *map(float, torch.aminmax(out)))
+
+
+def _largest_abs(X: Tensor) -> float:
+    """``max |X|`` in one pass without a temporary of ``X``'s size."""
+    lo, hi = torch.aminmax(X)
+    return max(-float(lo), float(hi))
+
+
+def _check_range(out: Tensor, V: Tensor, lo: float, hi: float) -> Tensor:
+    """:func:`check_normal_range` given ``out``'s smallest and largest entries."""
+    tiny = torch.finfo(out.dtype).tiny
+    top = max(-lo, hi)
+    if top == 0.0 or top >= tiny:
+        return out
+    size = top / max(_largest_abs(V), tiny)
+    if size >= tiny:
+        return out
+    raise CurvatureUnderflowError(
+        f"the curvature is below the normal range of {str(out.dtype).removeprefix('torch.')} "
+        f"(products of size {size:.2g} per unit input, smallest normal number {tiny:.2g}): "
+        "its products are subnormal and have lost their precision; scale the loss up (e.g. "
+        "multiply it by a power of 10 and divide the results by it) or analyse a float64 copy "
+        "(dtype=torch.float64)"
     )
 
 
@@ -318,7 +399,8 @@ def matmat_as(
 
     The vectors are cast to ``op.dtype`` (and moved to ``op.device``) only for the product; the
     result is checked for NaN/Inf (:func:`check_finite`) and its shape, and never shares
-    memory with ``V`` (the algorithms update products in place). ``device=None`` keeps the
+    memory with ``V`` (the algorithms update products in place); an operator below its dtype's
+    normal range raises (:func:`check_normal_range`). ``device=None`` keeps the
     operator's device. This is the one place where the algorithms call ``op.matmat``.
 
     Examples
@@ -335,7 +417,11 @@ def matmat_as(
         raise HesslensInputError(
             f"operator returned shape {shape} for a batch of shape {tuple(V.shape)}"
         )
-    check_finite(out)
+    if out.numel():
+        lo, hi = (float(x) for x in torch.aminmax(out))  # one pass for both checks
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            _raise_non_finite(out)
+        _check_range(out, Vc, lo, hi)
     out = out.to(dtype=dtype, device=op.device if device is None else device)
     if out.untyped_storage().data_ptr() in (
         Vc.untyped_storage().data_ptr(),

@@ -21,12 +21,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
 
-__all__ = ["DISTRIBUTIONS", "check_distribution", "random_probes"]
+__all__ = ["DISTRIBUTIONS", "check_distribution", "generator", "random_probes"]
 
 #: The probe distributions :func:`random_probes` knows: both have ``E[v v^T] = I``.
 DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: the one place :mod:`hesslens.linalg` makes its
+    generators, so every estimator refuses a seed outside ``0 .. 2**32 - 1`` by name
+    (:func:`hesslens.checks.check_seed`) instead of overflowing inside torch.
+
+    >>> generator(0).initial_seed()
+    0
+    >>> generator(2**70)
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.HesslensInputError: seed must be an integer from 0 to 4294967295 ...
+    """
+    return torch.Generator().manual_seed(check_seed(seed))
 
 
 def check_distribution(distribution: str) -> None:

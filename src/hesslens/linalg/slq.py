@@ -44,7 +44,8 @@ from hesslens.linalg.lanczos import (
     _work_dtype,
 )
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat_as
-from hesslens.linalg.probes import check_distribution, random_probes
+from hesslens.linalg.precision import Precision
+from hesslens.linalg.probes import check_distribution, generator, random_probes
 from hesslens.linalg.results import EigenResult
 from hesslens.linalg.spectrum import Spectrum
 
@@ -73,10 +74,12 @@ def _recurrence(
 
     No basis is kept: ``q_prev``, ``q`` and ``w = A q`` per probe (plus the deflation basis
     ``U``, against which ``w`` is projected after every product). A run stops after
-    ``n_steps`` steps or on breakdown (``beta <= 10 eps max ||A q||``: an invariant Krylov
-    space, whose quadrature is exact). ``on_step(k)`` is told the products of each step.
+    ``n_steps`` steps or on breakdown (``beta`` below
+    :attr:`~hesslens.linalg.precision.Precision.breakdown_tol` times ``max ||A q||``: an
+    invariant Krylov space, whose quadrature is exact). ``on_step(k)`` is told the products
+    of each step.
     """
-    eps = torch.finfo(op.dtype).eps
+    breakdown_tol = Precision.of(op).breakdown_tol
     q = make_probes().to(dtype=dtype, device=device)
     n_runs = int(q.shape[0])
     coeffs: list[tuple[list[float], list[float]]] = [([], []) for _ in range(n_runs)]
@@ -111,7 +114,7 @@ def _recurrence(
             coeffs[i][0].append(alpha_l[row])
             coeffs[i][1].append(beta_l[row])
             anorm[i] = max(anorm[i], wnorm[row])
-            if beta_l[row] > 10.0 * eps * anorm[i]:
+            if beta_l[row] > breakdown_tol * anorm[i]:
                 keep.append(row)
         if not keep:
             break
@@ -252,7 +255,6 @@ def slq(
         raise HesslensInputError(f"probe_chunk must be a positive integer, got {probe_chunk!r}")
     probe_chunk = int(probe_chunk)
 
-    U = None
     defl_values = np.zeros(0)
     if deflate is not None:
         if deflate.vectors is None:
@@ -266,24 +268,11 @@ def slq(
         reorth = "full" if probe_chunk * steps * n * 8 <= _AUTO_FULL_BYTES else "none"
     if reorth == "full":  # the bases of the full path are float64 on the operator's device
         dtype, device = torch.float64, op.device
+    U = None
     if deflate is not None and rank < n:
-        # orthonormal rows by Cholesky QR in float64 (r x r Gram matrix), kept in the
-        # working dtype: (r, n) once, not an n x r float64 QR
-        V = deflate.vectors.to(device=device, dtype=dtype)
-        eye = torch.eye(rank, dtype=torch.float64)
-        gram = _gram64(V, V)
-        if float((gram - eye).abs().max()) <= 10.0 * rank * torch.finfo(dtype).eps:
-            U = V  # orthonormal to rounding already: no copy
-        else:
-            L = torch.linalg.cholesky(gram + 1e-14 * eye)
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            if overwrite_deflate or V is not deflate.vectors:  # V is ours: in place
-                U = _combine_rows_(V, Linv)
-            else:
-                U = Linv.to(device=device, dtype=dtype) @ V
-        del V
+        U = _deflation_basis(deflate.vectors, dtype, device, overwrite_deflate)
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     nodes, weights = [], []
     used = [0]
 
@@ -295,31 +284,62 @@ def slq(
     if rank < n:
         for s in range(0, n_probes, probe_chunk):
             c = min(probe_chunk, n_probes - s)
-            if reorth == "full":
-                probes = random_probes(c, n, distribution, gen, torch.float64, device)
-                engine = _BatchLanczos(op, probes, steps, deflation=U)
-                del probes
-                while engine.active:
-                    before = engine.n_hvp
-                    engine.step()
-                    on_step(engine.n_hvp - before)
-                runs = list(zip(engine.alpha, engine.beta))
-                del engine
-            else:
-                def draw(c: int = c) -> Tensor:
-                    return random_probes(c, n, distribution, gen, dtype, device)
+            def draw(c: int = c) -> Tensor:
+                return random_probes(c, n, distribution, gen, dtype, device)
 
+            if reorth == "full":  # dtype is float64 here
+                runs = _full_runs(op, draw, steps, U, on_step)
+            else:
                 runs = _recurrence(op, draw, steps, U, dtype, device, on_step)
             for alpha, beta in runs:
                 theta, S = _tridiag_eig(np.array(alpha), np.array(beta[:-1]))
                 nodes.append(theta)
                 weights.append(S[0] ** 2)
-    n_hvp = used[0]
+    return _measure(nodes, weights, defl_values, n_probes, n), used[0]
+
+
+def _deflation_basis(vectors: Tensor, dtype: torch.dtype, device: torch.device,
+                     overwrite: bool) -> Tensor:
+    """Orthonormal rows spanning the deflation ``vectors``, in the working dtype: by Cholesky QR
+    in float64 (an ``r x r`` Gram matrix: ``(r, n)`` once, not an ``n x r`` float64 QR), or the
+    vectors themselves when they are orthonormal to rounding already (in place when
+    ``overwrite`` or when the cast made a copy)."""
+    rank = vectors.shape[0]
+    V = vectors.to(device=device, dtype=dtype)
+    eye = torch.eye(rank, dtype=torch.float64)
+    gram = _gram64(V, V)
+    if float((gram - eye).abs().max()) <= 10.0 * rank * torch.finfo(dtype).eps:
+        return V  # orthonormal to rounding already: no copy
+    L = torch.linalg.cholesky(gram + 1e-14 * eye)
+    Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+    if overwrite or V is not vectors:  # V is ours: in place
+        return _combine_rows_(V, Linv)
+    return Linv.to(device=device, dtype=dtype) @ V
+
+
+def _full_runs(op: SymmetricOperator, make_probes: Callable[[], Tensor], steps: int,
+               U: Tensor | None, on_step: Callable[[int], None]
+               ) -> list[tuple[list[float], list[float]]]:
+    """The Lanczos coefficients from every probe ``make_probes()`` draws, each run fully
+    reorthogonalised against its own float64 basis (and the deflation ``U``); the probes are
+    copied into the bases and freed."""
+    engine = _BatchLanczos(op, make_probes(), steps, deflation=U)
+    while engine.active:
+        before = engine.n_hvp
+        engine.step()
+        on_step(engine.n_hvp - before)
+    return list(zip(engine.alpha, engine.beta))
+
+
+def _measure(nodes: list[np.ndarray], weights: list[np.ndarray], defl_values: np.ndarray,
+             n_probes: int, n: int) -> Spectrum:
+    """The quadrature of the runs mixed with the deflated eigenvalues (weight ``1/n`` each)."""
+    rank = defl_values.shape[0]
     if not nodes:  # everything deflated
-        return Spectrum.from_eigenvalues(defl_values), n_hvp
+        return Spectrum.from_eigenvalues(defl_values)
     slq_weights = np.concatenate(weights) / n_probes
     if rank == 0:
-        return Spectrum(np.concatenate(nodes), slq_weights), n_hvp
+        return Spectrum(np.concatenate(nodes), slq_weights)
     all_nodes = np.concatenate([defl_values, *nodes])
     all_weights = np.concatenate([np.full(rank, 1.0 / n), (n - rank) / n * slq_weights])
-    return Spectrum(all_nodes, all_weights), n_hvp
+    return Spectrum(all_nodes, all_weights)
