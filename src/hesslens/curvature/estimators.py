@@ -27,19 +27,15 @@ from scipy.sparse.linalg import LinearOperator
 from hesslens.curvature.layout import Permuted, contiguous_blocks
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import (
+    BlockTraceEstimator,
     EigenResult,
     Spectrum,
     TraceResult,
-    TraceState,
-    block_traces,
     eigsh,
     hutchinson,
     hutchpp,
     slq,
 )
-
-# block_traces' per-block stopping rule switched off (the full trace alone decides).
-_NO_BLOCK_RULE = 1e300
 
 
 class Estimators:
@@ -51,14 +47,26 @@ class Estimators:
 
     def _reset_estimators(self, version: int) -> None:
         """Forget what the estimators kept (on construction, and after parameters changed)."""
-        self._trace_cache: dict[tuple, tuple[TraceResult, dict[str, TraceResult]]] = {}
-        self._trace_states: dict[tuple, TraceState] = {}  # where trace()'s probes stopped
+        self._trace_estimators: dict[tuple, BlockTraceEstimator] = {}
         self._version = version
 
-    def _fresh_caches(self) -> None:
-        """Drop trace results computed before the parameters last changed."""
-        if self._version != self._shared.loop.version:
+    def _trace_estimator(self, rtol: float, max_hvp: int, distribution: str, seed: int
+                         ) -> BlockTraceEstimator:
+        """The estimator of the full and every layer's trace for these arguments: it keeps its
+        probes, so :meth:`trace` and :meth:`traces` go on from where the other stopped."""
+        if self._version != self._shared.loop.version:  # the parameters changed since
             self._reset_estimators(self._shared.loop.version)
+        key = (rtol, max_hvp, distribution, seed)
+        if key not in self._trace_estimators:
+            ranges = self.layer_ranges()
+            view: Any = self
+            if ranges is None:  # layers are not ranges of the vector: permute them into ranges
+                perm, ranges = contiguous_blocks(self.dim, self.layer_indices())
+                view = Permuted(self, perm)
+            self._trace_estimators[key] = BlockTraceEstimator(view, ranges,
+                                                              distribution=distribution,
+                                                              seed=seed)
+        return self._trace_estimators[key]
 
     def dense(self, max_dim: int = 20_000) -> torch.Tensor:
         """The whole matrix, built column by column (``dim`` products): for small models."""
@@ -96,11 +104,13 @@ class Estimators:
         ncv: int | None = None,
         basis_dtype: torch.dtype | None = None,
         basis_device: torch.device | str | None = None,
+        v0: torch.Tensor | None = None,
     ) -> EigenResult:
         """The top-``k`` eigenvalues (``which="LA"``; also ``"SA"``, ``"LM"``) by thick-restarted
         Lanczos with full reorthogonalisation in a basis of at most ``ncv`` vectors (in
         ``basis_dtype`` on ``basis_device``), stopped on the a-posteriori error bound of each
-        Ritz value: see :func:`hesslens.linalg.eigsh`.
+        Ritz value: see :func:`hesslens.linalg.eigsh`. ``v0`` (a vector, or ``(m, dim)``
+        vectors such as an earlier result's ``.vectors``) warm-starts the run near them.
 
         Memory, in copies of the parameters (``dim * itemsize``; what one product takes:
         :mod:`hesslens.curvature.loop`): the snapshot (1), the basis and its step temporaries
@@ -111,7 +121,7 @@ class Estimators:
         _check_k(k, self.dim)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
-                     basis_device=basis_device)
+                     basis_device=basis_device, v0=v0)
 
     def trace(
         self,
@@ -132,18 +142,12 @@ class Estimators:
         :mod:`hesslens.curvature.loop`): the snapshot (1), the sketch basis (16), a batch of ``b``
         probes and its products (``2 b``, ``b = min(16, 256 MiB / (2 dim itemsize))``: 3 for 10M
         float32 parameters) and the products of that batch; about 23 + a product at 10M."""
-        self._fresh_caches()
         if method == "hutch++":
-            key = (rtol, n_hvp or max_hvp, distribution, seed)
-            if ("blocks", *key) in self._trace_cache:  # traces() ran: its full is as good
-                return self._trace_cache[("blocks", *key)][0]
-            if ("full", *key) not in self._trace_cache:
-                # the layers' shares come from the same probes, and where the probes stopped
-                # is kept: a later traces() continues them
-                state = self._trace_states.setdefault(key, TraceState())
-                self._trace_cache[("full", *key)] = self._block_traces(
-                    *key, block_floor=_NO_BLOCK_RULE, state=state)
-            return self._trace_cache[("full", *key)][0]
+            budget = n_hvp or max_hvp
+            # the full trace alone decides; the layers' shares come from the same probes, and
+            # a later traces() goes on from them
+            return self._trace_estimator(rtol, budget, distribution, seed).run(
+                rtol, budget, block_floor=None)[0]
         if method == "hutchinson":
             return hutchinson(self, n_hvp=n_hvp or 100, distribution=distribution, seed=seed)
         if method == "hutch++-fixed":
@@ -173,30 +177,7 @@ class Estimators:
         :meth:`trace` with the same arguments its products are reused: as they are when its
         layer estimates already meet that rule, else continued with the next probes of the
         same sequence (the result is that of a :meth:`traces` alone, for fewer products)."""
-        self._fresh_caches()
-        key = (rtol, max_hvp, distribution, seed)
-        if ("blocks", *key) in self._trace_cache:
-            return self._trace_cache[("blocks", *key)]
-        earlier = self._trace_cache.get(("full", *key))
-        if earlier is not None and _blocks_converged(earlier, rtol):
-            self._trace_cache[("blocks", *key)] = earlier
-            return earlier
-        result = self._block_traces(*key, state=self._trace_states.pop(key, None))
-        self._trace_cache[("blocks", *key)] = result
-        return result
-
-    def _block_traces(self, rtol: float, max_hvp: int, distribution: str, seed: int,
-                      block_floor: float = 0.01, state: TraceState | None = None
-                      ) -> tuple[TraceResult, dict[str, TraceResult]]:
-        ranges = self.layer_ranges()
-        if ranges is not None:  # layers are ranges of the vector already: no permutation
-            return block_traces(self, ranges, rtol=rtol, max_hvp=max_hvp,
-                                distribution=distribution, seed=seed, block_floor=block_floor,
-                                state=state)
-        perm, ranges = contiguous_blocks(self.dim, self.layer_indices())
-        return block_traces(Permuted(self, perm), ranges, rtol=rtol, max_hvp=max_hvp,
-                            distribution=distribution, seed=seed, block_floor=block_floor,
-                            state=state)
+        return self._trace_estimator(rtol, max_hvp, distribution, seed).run(rtol, max_hvp)
 
     def layer_traces(self, **kwargs: Any) -> dict[str, TraceResult]:
         """Every layer's block trace ``tr(H_ll)`` from shared full-network probes (see
@@ -249,11 +230,3 @@ def _check_k(k: int, dim: int) -> None:
         raise HesslensInputError(
             f"k={k} is larger than the operator's dimension {dim}: ask for at most {dim}"
         )
-
-
-def _blocks_converged(result: tuple[TraceResult, dict[str, TraceResult]], rtol: float,
-                      floor: float = 0.01) -> bool:
-    """Whether every layer estimate of ``result`` meets block_traces' per-block rule."""
-    full, layers = result
-    return all(r.stderr <= rtol * max(abs(r.value), floor * abs(full.value))
-               for r in layers.values())

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from hesslens.curvature.blocks import Blocks, ParamSlice, block_flat_indices
+from hesslens.linalg.operator import product_eps
 
 
 class FlatLayout:
@@ -101,6 +102,7 @@ class Permuted:
         self.inverse = torch.empty_like(self.perm)
         self.inverse[self.perm] = torch.arange(len(perm), device=op.device)
         self.dim, self.dtype, self.device = op.dim, op.dtype, op.device
+        self.product_eps = product_eps(op)
 
     def matmat(self, V: Tensor) -> Tensor:
         V = V.to(device=self.device, dtype=self.dtype)
