@@ -73,14 +73,15 @@ from hesslens.curvature.preconditioned import Preconditioned
 from hesslens.errors import BudgetWarning, HesslensInputError
 from hesslens.files import write_csv, write_json
 
-__all__ = ["SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder", "flat_row"]
+__all__ = ["SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder", "flat_row",
+           "read_history"]
 
 #: Identifier of the layout of ``sharpness.json``.
 SCHEMA = "hesslens.sharpness_history/1"
 SHARPNESS_JSON = "sharpness.json"
 SHARPNESS_CSV = "sharpness.csv"
 
-# the numbers of a record that loggers (TensorBoard, W&B, MLflow) get
+#: The numbers of a record that the framework callbacks send to the loggers.
 SCALARS = ("sharpness", "threshold", "ratio", "preconditioned_sharpness",
            "directional_sharpness", "gradient_share", "overlap", "loss", "n_hvp", "seconds")
 
