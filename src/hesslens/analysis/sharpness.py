@@ -145,7 +145,7 @@ class SharpnessRecorder:
         k: int = 1,
         out: str | Path | None = None,
         *,
-        tol: float = 1e-3,
+        tol: float = 1e-4,
         seed: int = 0,
         warm_start: bool = True,
         direction: bool = True,
