@@ -284,6 +284,7 @@ class SharpnessRecorder:
             op = self._operator()
             n0 = op.n_products
             top = self._top(op, self._previous if self.warm_start else None)
+            n_top = op.n_products - n0
             V = top.vectors.to(torch.float64)
             rec: dict[str, Any] = {
                 "sharpness": float(top.values[0]),
@@ -301,8 +302,12 @@ class SharpnessRecorder:
             rec["gradient_norm"] = math.sqrt(g2)
             rec["gradient_share"] = float(((V @ g) ** 2).sum()) / g2 if g2 > 0 else None
             rec["directional_sharpness"] = self._directional(op)
+            n1 = op.n_products
             rec.update(self._stability(op, rec["sharpness"]))
             rec["n_hvp"] = int(op.n_products - n0)
+            rec["n_hvp_sharpness"] = int(n_top)
+            if rec["preconditioned_sharpness"] is not None:
+                rec["n_hvp_preconditioned"] = int(op.n_products - n1)
         self._previous = top.vectors
         rec["seconds"] = time.perf_counter() - t0
         return rec
