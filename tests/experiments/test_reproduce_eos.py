@@ -71,7 +71,7 @@ def test_the_setting_lands_in_the_report(tmp_path):
     from hesslens.experiments.reproduce_report import write_reproduce_report
     from hesslens.experiments.reproduce_study import EXTRA, study_sizes
     from hesslens.training import TrainConfig
-    from tests.experiments.test_reproduce_findings import C, MIDDLE, _layers, _state, _write_run
+    from tests.experiments.test_reproduce_findings import MIDDLE, C, _layers, _state, _write_run
 
     runs = {}
     for s in (0, 1):
