@@ -287,3 +287,38 @@ def test_no_optimizer_and_bad_arguments():
         mon.record(0, info={"sharpness": 1.0})
     with pytest.raises(HesslensInputError, match="nothing recorded yet"):
         mon.write_report("unused")
+
+
+def test_the_update_is_kept_only_before_a_step_a_record_follows():
+    model = _net(7)
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = hl.SharpnessMonitor(model, MSE, (x, y), opt, every=3)
+    copies = []
+    real = mon._before_step
+
+    def spy(*args):
+        real(*args)
+        copies.append(mon._captured)
+
+    mon._hook.remove()
+    mon._hook = opt.register_step_pre_hook(spy)
+    for step in range(6):
+        opt.zero_grad()
+        MSE(model(x), y).backward()
+        opt.step()
+        mon.update(step)
+    # a copy before steps 0 and 3 (records follow), none before the others
+    assert copies == [True, False, False, True, False, False]
+    mon.keep_next_step = False
+    opt.step()
+    assert mon.record()["directional_sharpness"] is None
+
+
+def test_groups_that_differ_in_momentum_are_refused_when_the_monitor_is_made():
+    model = _net(8)
+    x, y = _data()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "momentum": 0.9},
+                           {"params": list(model[2:].parameters())}], lr=0.1)
+    with pytest.raises(HesslensInputError, match="differ in 'momentum'"):
+        hl.SharpnessMonitor(model, MSE, (x, y), opt)

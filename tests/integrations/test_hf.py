@@ -133,6 +133,7 @@ def test_sharpness_records_reach_the_trainers_loggers(tmp_path):
     opt = trainer.optimizer.optimizer
     assert isinstance(opt, torch.optim.AdamW)
     assert last["compared"] == "preconditioned_sharpness"
+    assert all(r["directional_sharpness"] is not None for r in callback.history)
     assert last["threshold"] == pytest.approx(38 / 1e-3)
     H = hl.Hessian(model.eval(), None, probe)
     assert last["sharpness"] == pytest.approx(float(H.eigenvalues(k=1).values[0]), rel=1e-4)

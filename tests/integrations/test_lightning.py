@@ -103,6 +103,7 @@ def test_sharpness_is_logged_with_log_dict_and_leaves_training_unchanged(tmp_pat
     assert [r["step"] for r in callback.history] == [2, 4, 6, 8]
     last = callback.history[-1]
     assert last["threshold"] == pytest.approx(38.0) and last["compared"] == "sharpness"
+    assert all(r["directional_sharpness"] is not None for r in callback.history)
     H = hl.Hessian(module.eval(), LOSS, (x[:24], y[:24]))
     assert last["sharpness"] == pytest.approx(float(H.eigenvalues(k=1).values[0]), rel=1e-3)
     import csv

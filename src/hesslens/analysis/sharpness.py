@@ -190,8 +190,14 @@ class SharpnessRecorder:
             raise HesslensInputError(
                 "the model has no trainable parameters (all have requires_grad=False): there "
                 "is no sharpness to record")
-        if optimizer is not None and self.direction:
-            self._hook = optimizer.register_step_pre_hook(self._before_step)
+        if optimizer is not None:
+            stability_rule(optimizer, [p for _, p in self._named], warn=False)  # fail early
+            if self.direction:
+                self._hook = optimizer.register_step_pre_hook(self._before_step)
+        #: Whether to copy the parameters before the next optimizer step (for the next
+        #: record's update direction): ``None`` (default) copies when the next :meth:`update`
+        #: records; a loop that calls :meth:`record` itself may set it before each step.
+        self.keep_next_step: bool | None = None
         self.out = None if out is None else Path(out)
         if self.out is not None:
             if self.out.exists() and not self.out.is_dir():
@@ -249,7 +255,7 @@ class SharpnessRecorder:
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Step pre-hook: keep the parameters as they are before a step a record follows."""
-        if not self.due():
+        if not (self.due() if self.keep_next_step is None else self.keep_next_step):
             return
         with torch.no_grad():
             for name, p in self._named:

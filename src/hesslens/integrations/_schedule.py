@@ -142,6 +142,14 @@ class TrackerCallbackBase:
                 info.update(lr=rule.lr, threshold=rule.threshold)
         return self.tracker.record(step, info=info)
 
+    def expect_step(self, global_step: int) -> None:
+        """Before optimizer step ``global_step``: the sharpness monitor keeps the parameters
+        (for the update direction) only before a step a record follows by steps, or before
+        every step where records also follow epochs."""
+        if self.sharpness and isinstance(self.tracker, SharpnessMonitor):
+            self.tracker.keep_next_step = (self.schedule.every_n_epochs is not None
+                                           or self.schedule.step_due(global_step))
+
     @staticmethod
     def log_values(record: Mapping[str, Any]) -> dict[str, float]:
         """A sharpness record's numbers for a framework's loggers: ``{"hesslens/<key>":

@@ -113,6 +113,9 @@ class CurvatureCallback(TrackerCallbackBase, TrainerCallback):
         if self.at_start:
             self._record(args, state, control)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.expect_step(int(state.global_step) + 1)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.schedule.step_due(int(state.global_step)):
             self._record(args, state, control)

@@ -91,6 +91,10 @@ class CurvatureCallback(TrackerCallbackBase, Callback):
         if self.at_start:
             self.record(int(trainer.global_step), {"epoch": int(trainer.current_epoch)})
 
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        self.expect_step(int(trainer.global_step) + 1)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = int(trainer.global_step)
