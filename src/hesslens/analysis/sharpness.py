@@ -133,6 +133,8 @@ class SharpnessRecorder:
         history: the records, oldest first (see the module docstring for the keys).
         rule: the optimizer's :class:`~hesslens.analysis.thresholds.StabilityRule` at the last
             record.
+        keep_next_step: ``None`` (default: when the next :meth:`update` records), ``True`` or
+            ``False``: whether the step pre-hook copies the parameters before the next step.
     """
 
     def __init__(
