@@ -33,6 +33,7 @@ __all__ = [
     "HesslensError",
     "HesslensInputError",
     "NegativeCurvatureWarning",
+    "SharpnessMonitor",
     "Spectrum",
     "TraceResult",
     "__version__",
@@ -54,4 +55,9 @@ def __getattr__(name: str):
         from hesslens.training.tracker import CurvatureTracker
 
         return CurvatureTracker
+    if name == "SharpnessMonitor":
+        # the recorder (analysis) with its report (report layer), which draws with matplotlib
+        from hesslens.report.sharpness import SharpnessMonitor
+
+        return SharpnessMonitor
     raise AttributeError(f"module 'hesslens' has no attribute {name!r}")

@@ -39,6 +39,8 @@ def test_defaults_and_full_option_set(tmp_path):
     cfg = config_from_args(args)
     assert (cfg.model, cfg.data, cfg.htr_gamma, cfg.sam_rho, cfg.track_every) == (
         "cnn1d", "mnist1d", 0.0, 0.0, 1)  # curvature tracked every epoch by default
+    assert cfg.track_layers is False  # ... the sharpness; per layer with --track-layers
+    assert config_from_args(_parse(["--out", "x", "--track-layers"])).track_layers is True
     args = _parse([
         "--model", "mlp", "--data", "digits", "--epochs", "4", "--batch-size", "32",
         "--lr", "0.1", "--momentum", "0.5", "--wd", "5e-4", "--schedule", "cosine",
@@ -78,12 +80,12 @@ def test_run_train_on_digits_then_resume(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", "mlp", "--data", "digits", "--epochs", "2", "--batch-size", "64",
             "--lr", "0.05", "--htr", "1e-4", "--htr-layers", "middle", "--htr-every", "5",
-            "--out", str(out), "--seed", "1", "--no-progress"]
+            "--out", str(out), "--seed", "1", "--no-progress", "--track-layers"]
     assert run_train(_parse(argv)) == 0
     line = capsys.readouterr().out
     assert "test acc" in line and str(out) in line
     metrics = json.loads((out / "metrics.json").read_text())
-    # tracked by default: initialisation and every epoch, full and per layer
+    # --track-layers: initialisation and every epoch, full and per layer
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2]
     for e in metrics["epochs"]:
         assert e["test_acc"] is not None and e["trace"] > 0 and e["top_eigenvalue"] > 0
@@ -94,6 +96,24 @@ def test_run_train_on_digits_then_resume(tmp_path, capsys):
     with pytest.raises(HesslensInputError, match="already holds"):
         run_train(_parse(argv))
     assert run_train(_parse([*argv, "--resume"])) == 0
+
+
+def test_default_tracking_is_the_sharpness_against_the_threshold(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_train(_parse(["--model", "mlp", "--data", "digits", "--epochs", "2",
+                             "--batch-size", "64", "--lr", "0.05", "--schedule", "none",
+                             "--out", str(out), "--no-progress", "--seed", "1"])) == 0
+    line = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    for e in metrics["epochs"]:
+        assert e["sharpness"] > 0 and e["threshold"] == pytest.approx(2 * 1.9 / 0.05)
+        assert e["sharpness_ratio"] == pytest.approx(e["sharpness"] / e["threshold"])
+        assert 0 <= e["gradient_share"] <= 1 and e["directional_sharpness"] is not None
+        assert "trace" not in e and "layer_trace" not in e
+    assert metrics["epochs"][1]["sharpness_n_hvp"] < metrics["epochs"][0]["sharpness_n_hvp"]
+    assert "sharpness" in line and "curvature tracking" in line
+    assert metrics["tracking"]["seconds"] > 0
 
 
 def test_track_every_0_switches_tracking_off(tmp_path, capsys):

@@ -93,3 +93,61 @@ def test_bad_options_are_named():
         CurvatureCallback([], every_n_steps=0)
     with pytest.raises(HesslensInputError, match="set by the callback"):
         CurvatureCallback([], every=2)
+
+
+class _LogSpy(TrainerCallback):
+    """Stands where the reporting integrations stand (before the user's callbacks): what
+    TensorBoard, W&B or MLflow would receive through on_log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append((state.global_step, dict(logs)))
+
+
+def test_sharpness_records_reach_the_trainers_loggers(tmp_path):
+    from hesslens.curvature.preconditioned import Preconditioned
+
+    model = _gpt2()
+    train_set, probe = _data()
+    spy = _LogSpy()
+    callback = CurvatureCallback(probe, every_n_steps=2, sharpness=True, tol=1e-6,
+                                 out=tmp_path / "sharp")
+    args = TrainingArguments(str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-3, lr_scheduler_type="constant", report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             logging_steps=1, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, callbacks=[spy, callback])
+    trainer.train()
+    assert [r["step"] for r in callback.history] == [2, 4]
+    sent = [(step, logs) for step, logs in spy.logs if "hesslens/sharpness" in logs]
+    assert [step for step, _ in sent] == [2, 4]
+    # the Trainer's own loss logging still happens at every step
+    assert [step for step, logs in spy.logs if "loss" in logs] == [1, 2, 3, 4]
+    last = callback.history[-1]
+    assert sent[-1][1]["hesslens/sharpness"] == last["sharpness"]
+    assert any("hesslens/threshold" in h for h in trainer.state.log_history)
+    # the Trainer's AdamW (accelerate's wrapper taken off): the preconditioned sharpness
+    # against 38 / lr, the last record at the final weights and optimizer state
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, torch.optim.AdamW)
+    assert last["compared"] == "preconditioned_sharpness"
+    assert all(r["directional_sharpness"] is not None for r in callback.history)
+    assert last["threshold"] == pytest.approx(38 / 1e-3)
+    H = hl.Hessian(model.eval(), None, probe)
+    assert last["sharpness"] == pytest.approx(float(H.eigenvalues(k=1).values[0]), rel=1e-4)
+    P = {}
+    for name, p in model.named_parameters():
+        st, g = opt.state[p], opt.param_groups[0]
+        t, (b1, b2) = float(st["step"]), g["betas"]
+        P[name] = (1 - b1**t) * ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + g["eps"])
+    ref = Preconditioned(H, P).eigenvalues(k=1, tol=1e-8).values[0]
+    assert last["preconditioned_sharpness"] == pytest.approx(float(ref), rel=1e-4)
+    assert (tmp_path / "sharp" / "sharpness.json").exists()
+    assert callback.write_report(tmp_path / "page").name == "report.html"
+
+
+def test_sharpness_takes_only_the_monitors_options():
+    with pytest.raises(HesslensInputError, match="options of the curvature tracker"):
+        CurvatureCallback([], sharpness=True, layers=False)

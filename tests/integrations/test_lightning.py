@@ -81,3 +81,51 @@ def test_only_global_zero_writes(tmp_path):
     callback.on_train_batch_end(trainer, module, None, None, 0)
     assert [r["step"] for r in callback.history] == [0, 1]
     assert not (tmp_path / "c").exists()
+
+
+def test_sharpness_is_logged_with_log_dict_and_leaves_training_unchanged(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    x, y, loader = _data()
+    callback = CurvatureCallback((x[:24], y[:24]), every_n_steps=2, loss_fn=LOSS,
+                                 sharpness=True, out=tmp_path / "sharp")
+    module = _Net()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback], deterministic=True, log_every_n_steps=1,
+                         logger=CSVLogger(tmp_path, name="logs", version=0))
+    trainer.fit(module, loader)
+    plain, _ = _fit([])
+    for (name, a), b in zip(plain.state_dict().items(), module.state_dict().values()):
+        assert torch.equal(a, b), name
+    # 4 steps an epoch: steps 2, 4, 6, 8 by steps, and the epoch ends (4, 8) already recorded
+    assert [r["step"] for r in callback.history] == [2, 4, 6, 8]
+    last = callback.history[-1]
+    assert last["threshold"] == pytest.approx(38.0) and last["compared"] == "sharpness"
+    assert all(r["directional_sharpness"] is not None for r in callback.history)
+    H = hl.Hessian(module.eval(), LOSS, (x[:24], y[:24]))
+    assert last["sharpness"] == pytest.approx(float(H.eigenvalues(k=1).values[0]), rel=1e-3)
+    import csv
+
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [(int(r["step"]), float(r["hesslens/sharpness"])) for r in rows
+              if r.get("hesslens/sharpness")]
+    # each record at Lightning's 0-based step of its optimizer step (Lightning may repeat a
+    # callback's on-step value at the next logging step)
+    for r in callback.history:
+        assert (r["step"] - 1, pytest.approx(r["sharpness"])) in logged
+    assert sorted({v for _, v in logged}) == pytest.approx(
+        sorted(r["sharpness"] for r in callback.history), rel=1e-6)
+
+
+def test_tracker_records_carry_the_threshold_and_its_report_draws_it(tmp_path):
+    x, y, _ = _data()
+    callback = CurvatureCallback((x[:24], y[:24]), loss_fn=LOSS, layers=False, trace=False)
+    _fit([callback], epochs=1)
+    rec = callback.history[-1]
+    assert rec["lr"] == 0.1 and rec["threshold"] == pytest.approx(38.0)
+    page = callback.write_report(tmp_path)
+    assert (tmp_path / "sharpness.png").exists()
+    assert "Sharpness and the edge of stability" in page.read_text()

@@ -56,3 +56,17 @@ def test_own_model_training_example_runs(tmp_path, monkeypatch, capsys):
     assert len(run["epochs"]) == 5 + 1  # epoch 0 (initialisation) and five trained epochs
     assert run["final"]["trace"] > 0 and 0.5 < run["final"]["test_acc"] <= 1.0
     assert (tmp_path / "runs" / "my-mlp" / "metrics.json").exists()
+
+
+def test_sharpness_section_runs_and_reaches_the_edge(tmp_path, monkeypatch, capsys):
+    text = README.read_text()
+    start = text.index("## Sharpness while you train")
+    body = text[start:text.find("\n## ", start + 10)]
+    (block,) = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    ratios = [r["ratio"] for r in scope["mon"].history]
+    assert ratios[0] < 0.5 and 0.9 < max(ratios) < 1.3  # sharpens up to 2 / lr
+    assert (tmp_path / "runs" / "sharp" / "report.html").exists()
+    assert "[0." in capsys.readouterr().out

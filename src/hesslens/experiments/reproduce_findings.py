@@ -39,9 +39,20 @@ from hesslens.analysis.probe_spectra import (
 )
 from hesslens.curvature.layers import middle_indices
 
-__all__ = ["VERDICTS", "Finding", "curvature_falls", "gauss_newton_close", "htr_helps",
-           "layer_spectra_like_full", "middle_layers_most_similar", "middle_minus_outer",
-           "seed_probe_interval", "transformer_blocks"]
+__all__ = [
+    "VERDICTS",
+    "Finding",
+    "curvature_falls",
+    "edge_of_stability",
+    "edge_run",
+    "gauss_newton_close",
+    "htr_helps",
+    "layer_spectra_like_full",
+    "middle_layers_most_similar",
+    "middle_minus_outer",
+    "seed_probe_interval",
+    "transformer_blocks",
+]
 
 VERDICTS = ("held", "partly", "did not hold", "not shown", "not measured")
 LEVEL = 0.95
@@ -592,3 +603,129 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
         details={"heterogeneity": het, "heterogeneity_core": het_core,
                  "middle_minus_outer": d})
 
+
+
+# ---------------------------------------------------------------------- edge of stability
+#: Consecutive blocks the records after the crossing are cut into: their means are the units of
+#: the interval (batch means: neighbouring records are correlated, blocks much less).
+EDGE_BLOCKS = 5
+#: Records after the crossing needed for a verdict, and the share of them the band must hold.
+EDGE_MIN_RECORDS = 10
+EDGE_SHARE = 0.8
+
+
+def edge_run(run: Mapping[str, Any], band: Sequence[float]) -> dict[str, Any]:
+    """One run of the edge-of-stability setting: where the ratio (the compared sharpness over
+    the threshold) first crosses 1 from below, then the mean ratio after it with a 95 %
+    batch-means interval, the share of records inside ``band``, and the run's verdict.
+
+    >>> recs = [{"step": s, "ratio": r} for s, r in enumerate([0.3, 0.6, 0.9] + [1.05] * 12)]
+    >>> e = edge_run({"optimizer": "SGD", "lr": 0.1, "records": recs}, (0.9, 1.25))
+    >>> e["crossed_at"], e["verdict"], round(e["mean"], 3)
+    (3, 'held', 1.05)
+    """
+    lo, hi = float(band[0]), float(band[1])
+    steps = [r["step"] for r in run["records"] if r.get("ratio") is not None]
+    ratio = [float(r["ratio"]) for r in run["records"] if r.get("ratio") is not None]
+    out: dict[str, Any] = {"optimizer": run.get("optimizer"), "lr": run.get("lr"),
+                           "start": ratio[0] if ratio else None, "crossed_at": None,
+                           "mean": None, "low": None, "high": None, "share": None,
+                           "records_after": 0}
+    cross = next((i for i in range(1, len(ratio)) if ratio[i] >= 1.0 > ratio[i - 1]), None)
+    if cross is None:
+        out["verdict"] = "not shown"
+        out["why"] = (f"the ratio never crossed 1 from below (from {ratio[0]:.3g} to "
+                      f"{ratio[-1]:.3g})" if ratio else "no records")
+        return out
+    after = np.asarray(ratio[cross:])
+    out.update(crossed_at=steps[cross], records_after=int(after.size))
+    if after.size < EDGE_MIN_RECORDS:
+        out["verdict"] = "not shown"
+        out["why"] = f"only {after.size} records after the crossing"
+        return out
+    blocks = [float(b.mean()) for b in np.array_split(after, EDGE_BLOCKS)]
+    m, low, high = t_interval(blocks, LEVEL)
+    share = float(np.mean((after >= lo) & (after <= hi)))
+    out.update(mean=m, low=low, high=high, share=share,
+               quantiles=[float(q) for q in np.quantile(after, [0.05, 0.5, 0.95])])
+    sharpened = run.get("optimizer") != "SGD" or ratio[0] < 0.8
+    if low >= lo and high <= hi and share >= EDGE_SHARE:
+        out["verdict"] = "held" if sharpened else "not shown"
+        if not sharpened:
+            out["why"] = f"it started at {ratio[0]:.3g} of the threshold: no sharpening"
+    else:
+        out["verdict"] = "did not hold"
+    return out
+
+
+def _edge_finding(claim: str, runs: list[dict[str, Any]], band: Sequence[float],
+                  what: str, setting: str, sharpening: bool) -> Finding:
+    rule = (f"for each run, the first record at which {what} / threshold crosses 1 from "
+            f"below; after it, the mean ratio with a 95 % t-interval over {EDGE_BLOCKS} "
+            "consecutive blocks of records (batch means), and the share of records inside the "
+            f"band [{band[0]:g}, {band[1]:g}]; a run holds if the interval lies inside the band "
+            f"and at least {EDGE_SHARE:.0%} of its records do"
+            + (" (and it started below 0.8 of 2/lr: progressive sharpening first)"
+               if sharpening else "")
+            + f", given {EDGE_MIN_RECORDS} or more records after the crossing; the claim holds "
+            "if every run holds, partly if some do, did not hold if none does and one crossed "
+            "and left the band; not shown otherwise")
+    if not runs:
+        return Finding(claim, "not measured", rule, "the setting was not run")
+    parts = []
+    for e in runs:
+        head = f"lr {e['lr']:g}: starts at {e['start']:.3g} of the threshold"
+        if e["crossed_at"] is None or e["mean"] is None:
+            parts.append(f"{head}; {e.get('why', '')} [{e['verdict']}]")
+            continue
+        parts.append(
+            f"{head}, reaches it at step {e['crossed_at']}; after it ({e['records_after']} "
+            f"records) the ratio is {_ci(e['mean'], e['low'], e['high'])}, 5-95 % of records "
+            f"{e['quantiles'][0]:.3g}-{e['quantiles'][2]:.3g}, {e['share']:.0%} inside the "
+            f"band [{e['verdict']}]")
+    verdicts = [e["verdict"] for e in runs]
+    if all(v == "held" for v in verdicts):
+        verdict = "held"
+    elif "held" in verdicts:
+        verdict = "partly"
+    elif "did not hold" in verdicts:
+        verdict = "did not hold"
+    else:
+        verdict = "not shown"
+    shown = [e for e in runs if e["mean"] is not None]
+    worst = max(shown, key=lambda e: abs(e["mean"] - 1.0)) if shown else None
+    return Finding(claim, verdict, rule, "; ".join(parts) + ".",
+                   interval=None if worst is None else (worst["low"], worst["high"]),
+                   setting=setting + ("" if worst is None else
+                                      f"; interval: mean ratio after the crossing, lr "
+                                      f"{worst['lr']:g}"),
+                   details={"runs": runs})
+
+
+def edge_of_stability(result: Mapping[str, Any] | None) -> list[Finding]:
+    """Beyond the paper: the edge of stability (Cohen et al. 2021, 2022) in the setting of
+    :mod:`hesslens.experiments.reproduce_eos`. Two findings: full-batch gradient descent's
+    sharpness rises to ``2 / lr`` and then stays near it; full-batch Adam's preconditioned
+    sharpness does the same at ``38 / lr``. An empty list where the setting was not run."""
+    if not result:
+        return []
+    band = result.get("setting", {}).get("band", (0.9, 1.25))
+    runs = result.get("runs", [])
+    gd = [edge_run(r, band) for r in runs if r["optimizer"] == "SGD"]
+    adam = [edge_run(r, band) for r in runs if r["optimizer"] != "SGD"]
+    setting = result.get("setting", {})
+    where = f"{setting.get('model', 'MLP')} on {setting.get('data', 'MNIST-1D')}, full batch"
+    lrs_gd = ", ".join(f"{e['lr']:g}" for e in gd)
+    lrs_adam = ", ".join(f"{e['lr']:g}" for e in adam)
+    findings = [_edge_finding(
+        "Full-batch gradient descent sharpens until the top Hessian eigenvalue reaches 2/lr, "
+        "then stays near 2/lr: the edge of stability (Cohen et al. 2021).",
+        gd, band, "the sharpness", f"gradient descent at lr {lrs_gd}; {where}",
+        sharpening=True)]
+    if adam:
+        findings.append(_edge_finding(
+            "Full-batch Adam's preconditioned sharpness λ1(P⁻¹H) rises to (2 + 2β1)/((1 - β1) "
+            "lr) = 38/lr and stays near it (Cohen et al. 2022).",
+            adam, band, "the preconditioned sharpness", f"Adam at lr {lrs_adam}; {where}",
+            sharpening=False))
+    return findings

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-__all__ = ["RUN_ONLY", "Arm", "Plan", "full_plan", "quick_plan", "slug"]
+__all__ = ["RUN_ONLY", "Arm", "EdgeOfStability", "Plan", "full_plan", "quick_plan", "slug"]
 
 #: Plan fields that say how the study was run, not what it is: a study resumed with other
 #: values of these is the same study.
@@ -53,6 +53,31 @@ class Arm:
         if self.knob is not None:
             fields[self.knob] = self.default if value is None else value
         return fields
+
+
+@dataclass(frozen=True)
+class EdgeOfStability:
+    """The edge-of-stability setting beyond the paper (Cohen et al. 2021, 2022): full-batch
+    training of a tanh MLP on an MNIST-1D subset with the square loss, the sharpness recorded
+    every ``every`` steps by :class:`hesslens.SharpnessMonitor`.
+
+    Attributes:
+        per_class: training examples per class in the subset (the whole batch).
+        width: the MLP's two hidden widths.
+        gd: ``(learning rate, steps)`` of each gradient-descent run.
+        adam: ``(learning rate, steps)`` of each full-batch Adam run.
+        every: steps between records.
+        band: the verdicts' band around the threshold, as a ratio (sharpness / threshold).
+        seed: the initial weights' seed.
+    """
+
+    per_class: int = 20
+    width: int = 64
+    gd: tuple[tuple[float, int], ...] = ((0.1, 2000), (0.2, 1000), (0.4, 600))
+    adam: tuple[tuple[float, int], ...] = ((5e-3, 600),)
+    every: int = 5
+    band: tuple[float, float] = (0.9, 1.25)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,7 @@ class Plan:
     final_val_fraction: float = 0.1
     world_size: int = 1
     data_root: str | None = None
+    edge_of_stability: EdgeOfStability | None = None
 
     def tuning_seeds(self) -> tuple[int, ...]:
         """The seeds every tuning run is repeated with."""
@@ -148,11 +174,13 @@ def _arms(htr_every: int) -> tuple[Arm, ...]:
 
 def full_plan() -> Plan:
     """The default study: the MNIST-1D paper's CNN, 7 arms x 3 seeds, each knob tuned on
-    validation over 2 tuning seeds (3 values each); a few minutes on 2 CPU cores."""
+    validation over 2 tuning seeds (3 values each), and the edge-of-stability setting; a few
+    minutes on 2 CPU cores."""
     return Plan(name="full", model="cnn1d3", data="mnist1d", epochs=30, batch_size=100, lr=0.1,
                 seeds=(0, 1, 2), arms=_arms(htr_every=4), tune=True, tune_seed=100,
                 n_tune_seeds=2, track_every=15, study_k=5, study_density_probes=2,
-                study_density_steps=60, milestones=(20, 25), final_val_fraction=0.0)
+                study_density_steps=60, milestones=(20, 25), final_val_fraction=0.0,
+                edge_of_stability=EdgeOfStability())
 
 
 def quick_plan() -> Plan:
@@ -160,4 +188,5 @@ def quick_plan() -> Plan:
     return Plan(name="quick", model="cnn1d3", data="mnist1d", epochs=5, batch_size=100, lr=0.1,
                 seeds=(0, 1), arms=_arms(htr_every=4), tune=False, tune_seed=100,
                 track_every=5, study_k=3, study_density_probes=1, study_density_steps=40,
-                final_val_fraction=0.0)
+                final_val_fraction=0.0,
+                edge_of_stability=EdgeOfStability(gd=((0.4, 300),), adam=((1e-2, 200),)))

@@ -422,6 +422,8 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
             f"after {t['steps']} full-batch AdamW steps (train accuracy "
             f"{100 * t['train_acc']:.1f} %, test {100 * t['test_acc']:.1f} %)"))
 
+    edge = findings.edge_of_stability(extra.get("edge_of_stability"))
+
     figures_dir = out / "figures"
     arm_figs = _arm_figures(arms, figures_dir)
     layer_figs = []
@@ -449,7 +451,7 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
                                              "cost_vs_sgd", "runs")}
                  for name, arm in arms.items()},
         "findings": [c.to_dict() for c in checks],
-        "beyond_the_paper": [c.to_dict() for c in beyond],
+        "beyond_the_paper": [c.to_dict() for c in beyond + edge],
         "studies": {name: str(out / "study" / slug(name) / "results.json")
                     for name in layer_studies},
         "extra_studies": {
@@ -494,6 +496,11 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
                   "in transformers and little in CNNs), with one metric for both."),
         _verdict_table(beyond),
         *[Figure.from_file(p, caption=c) for p, c in tf_figs])
+    if edge:
+        from hesslens.experiments.reproduce_eos import edge_section
+
+        report.section("Beyond the paper: the edge of stability", *edge_section(
+            extra["edge_of_stability"], figures_dir, _verdict_table(edge)))
     cost = _read_json(out / "cost.json")
     if cost:
         loads = [cost.get("load_average_before"), cost.get("load_average_after")]
@@ -576,6 +583,6 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     # the transformer claim is checked in two states: say which line is which
     lines += ["beyond the paper:"] + [
         f"  [{c.verdict}] {c.claim}" + (f" ({c.setting})" if getattr(c, "setting", "") else "")
-        for c in beyond]
+        for c in beyond + edge]
     results["summary_text"] = "\n".join(lines)
     return results

@@ -310,7 +310,8 @@ def run_study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
               progress: bool, dtype: Any = None) -> dict[str, Any]:
     """Layer studies of the final models of :data:`STUDY_ARMS` (``{arm: results}``) and,
     under :data:`EXTRA`, the per-probe studies of the default model, the deeper network and
-    the transformer, each with ``seconds`` (wall and CPU, when it was measured)."""
+    the transformer, and the plan's edge-of-stability setting, each with ``seconds`` (wall and
+    CPU, when it was measured)."""
     from hesslens.zoo import analysis_subset, load_dataset
 
     data = load_dataset(plan.data, root=getattr(plan, "data_root", None))
@@ -326,5 +327,11 @@ def run_study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
         plan, out, sizes, device, progress, dtype, data, x, y))
     extra["transformer"] = _read_or(root / sizes.transformer / "probes.json",
                                     lambda: _transformer(plan, sizes, device, dtype))
+    eos = getattr(plan, "edge_of_stability", None)
+    if eos is not None:  # beyond the paper: sharpness at the edge of stability
+        from hesslens.experiments.reproduce_eos import run_edge_of_stability
+
+        extra["edge_of_stability"] = _read_or(root / "edge_of_stability" / "sharpness.json",
+                                              lambda: run_edge_of_stability(eos, device))
     studies[EXTRA] = extra
     return studies

@@ -18,9 +18,12 @@ writes the files and prints (see :mod:`hesslens.parallel`); ``metrics.json``
 records ``"parallel": {"world_size", "backend"}``.
 
 The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``checkpoint.pt`` into
-``--out`` (see :mod:`hesslens.training.trainer`). It tracks the full and per-layer top
-eigenvalue and trace on the analysis subset at initialisation and after every epoch unless
-``--track-every 0``; the summary line and ``metrics.json`` (``tracking``) give what that cost.
+``--out`` (see :mod:`hesslens.training.trainer`). After every epoch (``--track-every N``: every
+N-th; 0: never) it records on the analysis subset the sharpness against the optimizer's
+stability threshold, warm-started, a few products an epoch
+(:mod:`hesslens.analysis.epoch_sharpness`); ``--track-layers`` tracks the full and per-layer
+top eigenvalue and trace instead, from initialisation on. The summary line and
+``metrics.json`` (``tracking``) give what the tracking cost.
 Bad input raises :class:`~hesslens.errors.HesslensInputError`, which the command line turns
 into one line on stderr and exit code 2.
 
@@ -181,9 +184,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sam", dest="sam_rho", type=nonnegative_float, default=0.0, metavar="RHO",
                    help="sharpness-aware minimisation with radius RHO (default 0: off)")
     g.add_argument("--track-every", type=nonnegative_int, default=1, metavar="N",
-                   help="record trace and top eigenvalue (full and per layer) on the analysis "
-                        "subset at initialisation, every N epochs and after the last "
-                        "(default 1: every epoch; 0: off)")
+                   help="record curvature on the analysis subset every N epochs and after "
+                        "the last (default 1: every epoch; 0: off): the sharpness against "
+                        "the optimizer's stability threshold (2 + 2 momentum)/lr, a few "
+                        "products an epoch; with --track-layers the trace and top eigenvalue, "
+                        "full and per layer, from initialisation on")
+    g.add_argument("--track-layers", action="store_true",
+                   help="track the full and per-layer trace and top eigenvalue (heavier: many "
+                        "products a layer) instead of the sharpness")
     g.add_argument("--track-per-class", type=positive_int, default=d.track_per_class,
                    metavar="K", help="analysis subset: K training examples per class "
                                      "(default 10)")
@@ -237,6 +245,7 @@ def config_from_args(args: argparse.Namespace):
         htr_curvature=getattr(args, "htr_curvature", "hessian"),
         sam_rho=args.sam_rho,
         track_every=args.track_every,
+        track_layers=bool(getattr(args, "track_layers", False)),
         track_per_class=args.track_per_class,
         track_densities=args.track_densities,
         val_fraction=args.val_fraction,
@@ -261,10 +270,31 @@ def run_train(args: argparse.Namespace) -> int:
             prepare_out_dir(args.out)
         result = train(config, args.out, model=model, dataset=data,
                        progress=not getattr(args, "no_progress", False),
-                       resume=bool(getattr(args, "resume", False)))
+                       resume=bool(getattr(args, "resume", False)),
+                       callbacks=sharpness_tracking(config, data, ranks))
     if ranks.is_main:
         print(summary_line(result, config, args.out))
     return 0
+
+
+def sharpness_tracking(config: TrainConfig, data: Any, ranks: Any) -> list[Any]:
+    """The cheap curvature tracking of ``hesslens train`` (``track_every`` without
+    ``track_layers``): :class:`~hesslens.analysis.epoch_sharpness.EpochSharpness` on the
+    trainer's analysis subset (this rank's shard under torchrun), or nothing."""
+    if config.track_every <= 0 or config.track_layers:
+        return []
+    from hesslens.analysis.epoch_sharpness import EpochSharpness
+    from hesslens.splits import analysis_subset
+    from hesslens.training.distributed import shard
+
+    xa, ya = analysis_subset(data.x_train, data.y_train, per_class=config.track_per_class,
+                             seed=0)
+    if len(ya) < ranks.world:
+        raise HesslensInputError(
+            f"the analysis subset has {len(ya)} examples, fewer than the {ranks.world} "
+            "processes; raise --track-per-class or use fewer processes")
+    return [EpochSharpness(shard(xa, ranks), shard(ya, ranks), every=config.track_every,
+                           last_epoch=config.epochs)]
 
 
 def summary_line(result: dict, config, out: str) -> str:
@@ -281,6 +311,10 @@ def summary_line(result: dict, config, out: str) -> str:
         parts.append(f"trace {final['trace']:.4g}")
     if final.get("top_eigenvalue") is not None:
         parts.append(f"top eigenvalue {final['top_eigenvalue']:.4g}")
+    if final.get("sharpness") is not None:
+        threshold = final.get("threshold")
+        parts.append(f"sharpness {final['sharpness']:.4g}"
+                     + (f" (threshold {threshold:.4g})" if threshold is not None else ""))
     secs = [r["epoch_seconds"] for r in result["epochs"] if r.get("epoch_seconds") is not None]
     if secs:
         parts.append(f"{sum(secs) / len(secs):.2f} s/epoch")

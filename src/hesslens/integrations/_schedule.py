@@ -1,5 +1,6 @@
-"""What the framework callbacks share: when to record, and the analysis data on the model's
-device. No framework is imported here.
+"""What the framework callbacks share: when to record, the analysis data on the model's device,
+the tracker or sharpness monitor, and the numbers sent to the framework's loggers. No framework
+is imported here.
 
 Example:
     >>> s = Schedule(every_n_steps=2, every_n_epochs=None)
@@ -9,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from hesslens.analysis.sharpness import SCALARS
+from hesslens.analysis.thresholds import stability_rule, unwrap_optimizer
 from hesslens.errors import HesslensInputError
+from hesslens.report.sharpness import SharpnessMonitor
 from hesslens.training.tracker import CurvatureTracker
 
-__all__ = ["Schedule", "TrackerCallbackBase", "to_device"]
+__all__ = ["MONITOR_OPTIONS", "Schedule", "TrackerCallbackBase", "to_device"]
 
 
 def _check(name: str, value: Any) -> int | None:
@@ -62,50 +67,99 @@ def to_device(data: Any, device: torch.device) -> Any:
     return data
 
 
+#: The options of the sharpness monitor a callback with ``sharpness=True`` passes on.
+MONITOR_OPTIONS = ("k", "tol", "seed", "warm_start", "direction", "eval_mode",
+                   "hessian_options")
+
+
 class TrackerCallbackBase:
     """The state of a framework callback: its schedule, its options and, from the start of
-    training, its :class:`CurvatureTracker`."""
+    training, its :class:`CurvatureTracker` (or, with ``sharpness=True``, its
+    :class:`~hesslens.report.sharpness.SharpnessMonitor`).
+
+    Without ``sharpness``, a tracker record also gets the optimizer's ``lr`` and stability
+    ``threshold`` (when the optimizer is found and its threshold bounds the plain sharpness,
+    as for SGD), so that the tracker's report draws the top eigenvalue against it."""
 
     def __init__(self, data: Any, every_n_steps: int | None, every_n_epochs: int | None,
                  out: str | Path | None, loss_fn: Any, at_start: bool,
-                 tracker_options: dict[str, Any]) -> None:
+                 tracker_options: dict[str, Any], sharpness: bool = False) -> None:
         self.data = data
         self.schedule = Schedule(every_n_steps, every_n_epochs)
         self.out = out
         self.loss_fn = loss_fn
         self.at_start = bool(at_start)
-        bad = sorted(set(tracker_options) & {"model", "loss_fn", "data", "out", "every"})
+        self.sharpness = bool(sharpness)
+        bad = sorted(set(tracker_options) & {"model", "loss_fn", "data", "out", "every",
+                                             "optimizer"})
         if bad:
             raise HesslensInputError(
                 f"{bad} are set by the callback; pass data, loss_fn and out to it directly")
+        if self.sharpness:
+            other = sorted(set(tracker_options) - set(MONITOR_OPTIONS))
+            if other:
+                raise HesslensInputError(
+                    f"{other} are options of the curvature tracker, not of the sharpness "
+                    f"monitor (sharpness=True takes {', '.join(MONITOR_OPTIONS)}); leave them "
+                    "out, or use two callbacks")
         self.tracker_options = tracker_options
-        self.tracker: CurvatureTracker | None = None
+        self.tracker: CurvatureTracker | SharpnessMonitor | None = None
+        self.optimizer: Any = None
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        """The records so far (:attr:`CurvatureTracker.history`)."""
+        """The records so far (the tracker's or the monitor's ``history``)."""
         return [] if self.tracker is None else self.tracker.history
 
-    def start(self, model: nn.Module, write: bool) -> None:
-        """Make the tracker for ``model`` (files only where ``write``: the main process)."""
+    def start(self, model: nn.Module, write: bool, optimizer: Any = None) -> None:
+        """Make the tracker (or monitor) for ``model`` trained by ``optimizer`` (files only
+        where ``write``: the main process)."""
         try:
             device = next(model.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
-        self.tracker = CurvatureTracker(model, self.loss_fn, to_device(self.data, device),
-                                        out=self.out if write else None, every=1,
-                                        **self.tracker_options)
+        self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
+        data = to_device(self.data, device)
+        out = self.out if write else None
+        if self.sharpness:
+            self.tracker = SharpnessMonitor(model, self.loss_fn, data, self.optimizer, every=1,
+                                            out=out, **self.tracker_options)
+        else:
+            self.tracker = CurvatureTracker(model, self.loss_fn, data, out=out, every=1,
+                                            **self.tracker_options)
+        self._params = [p for p in model.parameters() if p.requires_grad]
 
-    def record(self, step: int, info: Mapping[str, Any]) -> None:
-        """Record at ``step`` unless this step already has its record."""
+    def record(self, step: int, info: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Record at ``step`` unless this step already has its record; return the record."""
         if self.tracker is None:
             raise HesslensInputError("the callback records only once training has started")
         if self.tracker.history and self.tracker.history[-1]["step"] == step:
-            return
-        self.tracker.record(step, info=info)
+            return None
+        info = dict(info)
+        if not self.sharpness and self.optimizer is not None:
+            rule = stability_rule(self.optimizer, self._params, warn=False)
+            if rule.compared == "sharpness" and rule.threshold is not None:
+                info.update(lr=rule.lr, threshold=rule.threshold)
+        return self.tracker.record(step, info=info)
+
+    def expect_step(self, global_step: int) -> None:
+        """Before optimizer step ``global_step``: the sharpness monitor keeps the parameters
+        (for the update direction) only before a step a record follows by steps, or before
+        every step where records also follow epochs."""
+        if self.sharpness and isinstance(self.tracker, SharpnessMonitor):
+            self.tracker.keep_next_step = (self.schedule.every_n_epochs is not None
+                                           or self.schedule.step_due(global_step))
+
+    @staticmethod
+    def log_values(record: Mapping[str, Any]) -> dict[str, float]:
+        """A sharpness record's numbers for a framework's loggers: ``{"hesslens/<key>":
+        value}`` for the finite ones."""
+        return {f"hesslens/{key}": float(record[key]) for key in SCALARS
+                if isinstance(record.get(key), (int, float)) and not isinstance(
+                    record.get(key), bool) and math.isfinite(record[key])}
 
     def write_report(self, folder: str | Path) -> Path:
-        """:meth:`CurvatureTracker.write_report` of the records so far."""
+        """The tracker's (or monitor's) ``write_report`` of the records so far."""
         if self.tracker is None:
             raise HesslensInputError("nothing recorded yet: train first")
         return self.tracker.write_report(folder)

@@ -7,6 +7,11 @@ own loss with ``loss_fn=None``), in eval mode (restored afterwards); only the gl
 process writes files. Importing this module imports ``lightning``
 (``pip install hesslens[lightning]``).
 
+With ``sharpness=True`` it records with :class:`hesslens.SharpnessMonitor` instead, against the
+edge of stability of the module's optimizer (``trainer.optimizers``; one optimizer), and logs
+each record's numbers (``hesslens/sharpness``, ``hesslens/threshold``, ...) with the module's
+``log_dict``, so they reach the Trainer's loggers (TensorBoard, CSV, W&B, MLflow).
+
 Example:
     >>> import torch, lightning.pytorch as pl
     >>> from torch import nn
@@ -40,6 +45,7 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
+from hesslens.errors import HesslensInputError
 from hesslens.integrations._schedule import TrackerCallbackBase
 
 __all__ = ["CurvatureCallback"]
@@ -53,35 +59,59 @@ class CurvatureCallback(TrackerCallbackBase, Callback):
             :class:`hesslens.Hessian` accepts); moved to the module's device at the start.
         every_n_steps: record after every n-th optimizer step (``trainer.global_step``).
         every_n_epochs: record after every n-th epoch (neither given: every epoch).
-        out: folder for ``curvature.json`` / ``curvature.csv`` (global-zero process only).
+        out: folder for the history files (global-zero process only).
         loss_fn: ``loss_fn(outputs, targets)``; ``None`` for the model's own loss.
         at_start: also record before the first step (step 0).
-        **tracker_options: :class:`hesslens.CurvatureTracker`'s options.
+        sharpness: record with :class:`hesslens.SharpnessMonitor` and log with ``log_dict``
+            instead of the curvature tracker.
+        **options: :class:`hesslens.CurvatureTracker`'s options, or with ``sharpness=True``
+            the monitor's (``k``, ``tol``, ``seed``, ``warm_start``, ``direction``, ...).
 
     Attributes:
-        history: the records (``{"step", "epoch", "full", "layers", "seconds", ...}``;
-            ``epoch`` counts the epochs completed).
+        history: the records (``{"step", "epoch", ...}``; ``epoch`` counts the epochs
+            completed).
     """
 
     def __init__(self, data: Any, every_n_steps: int | None = None,
                  every_n_epochs: int | None = None, out: str | Path | None = None, *,
-                 loss_fn: Any = None, at_start: bool = False, **tracker_options: Any) -> None:
+                 loss_fn: Any = None, at_start: bool = False, sharpness: bool = False,
+                 **options: Any) -> None:
         Callback.__init__(self)
         TrackerCallbackBase.__init__(self, data, every_n_steps, every_n_epochs, out, loss_fn,
-                                     at_start, tracker_options)
+                                     at_start, options, sharpness=sharpness)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.start(pl_module, write=bool(trainer.is_global_zero))
+        optimizers = list(getattr(trainer, "optimizers", None) or [])
+        if len(optimizers) > 1 and self.sharpness:
+            raise HesslensInputError(
+                f"the module has {len(optimizers)} optimizers; the sharpness monitor follows "
+                "one: use a single optimizer, or sharpness=False")
+        self.start(pl_module, write=bool(trainer.is_global_zero),
+                   optimizer=optimizers[0] if optimizers else None)
         if self.at_start:
             self.record(int(trainer.global_step), {"epoch": int(trainer.current_epoch)})
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
+                             batch_idx: int) -> None:
+        self.expect_step(int(trainer.global_step) + 1)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = int(trainer.global_step)
         if step > 0 and self.schedule.step_due(step):
-            self.record(step, {"epoch": int(trainer.current_epoch)})
+            self._record(trainer, pl_module, step, int(trainer.current_epoch), on_step=True)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         epoch = int(trainer.current_epoch) + 1
         if self.schedule.epoch_due(epoch):
-            self.record(int(trainer.global_step), {"epoch": epoch})
+            self._record(trainer, pl_module, int(trainer.global_step), epoch, on_step=False)
+
+    def _record(self, trainer: Any, pl_module: Any, step: int, epoch: int,
+                on_step: bool) -> None:
+        rec = self.record(step, {"epoch": epoch})
+        if rec is not None and self.sharpness:
+            logs = self.log_values(rec)
+            if logs:
+                # every rank has the same record: a mean over the ranks changes nothing
+                pl_module.log_dict(logs, on_step=on_step, on_epoch=not on_step,
+                                   sync_dist=int(getattr(trainer, "world_size", 1)) > 1)

@@ -34,8 +34,8 @@ CURVATURES = ("hessian", "gauss_newton", "fisher")
 
 #: Fields that say how or where a run was made or what was measured along the way, not what was
 #: trained: not part of an arm.
-RUN_ONLY_FIELDS = ("seed", "device", "data_root", "track_every", "track_per_class",
-                   "track_densities")
+RUN_ONLY_FIELDS = ("seed", "device", "data_root", "track_every", "track_layers",
+                   "track_per_class", "track_densities")
 
 
 @dataclass
@@ -79,6 +79,10 @@ class TrainConfig:
         track_every: record curvature (trace, top eigenvalue, per layer) at initialisation
             (epoch 0), every N epochs and after the last one; 0 switches tracking off (the
             default here; ``hesslens train`` tracks every epoch unless ``--track-every 0``).
+        track_layers: what ``track_every`` records: ``True`` (here), the full network's and
+            every layer's trace and top eigenvalue; ``False``, nothing in the trainer itself
+            (``hesslens train`` then adds the sharpness against the optimizer's threshold, a
+            few products an epoch, as a callback).
         track_per_class: examples per class in the fixed analysis subset (the paper: 10).
         track_densities: also record eigenvalue densities (slower).
         val_fraction: share of the training set held out for validation (0: none).
@@ -108,6 +112,7 @@ class TrainConfig:
     htr_curvature: str = "hessian"
     sam_rho: float = 0.0
     track_every: int = 0
+    track_layers: bool = True
     track_per_class: int = 10
     track_densities: bool = False
     val_fraction: float = 0.1
@@ -188,6 +193,8 @@ class TrainConfig:
              f"sam_rho must be >= 0 (0 switches SAM off), got {self.sam_rho!r}")
         need(is_int(self.track_every) and self.track_every >= 0,
              f"track_every must be a non-negative integer, got {self.track_every!r}")
+        need(isinstance(self.track_layers, bool),
+             f"track_layers must be True or False, got {self.track_layers!r}")
         need(is_int(self.track_per_class) and self.track_per_class >= 1,
              f"track_per_class must be a positive integer, got {self.track_per_class!r}")
         need(is_num(self.val_fraction) and 0 <= self.val_fraction < 1,

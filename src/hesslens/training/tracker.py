@@ -546,6 +546,16 @@ def write_history_report(
         Figure.from_file(full_png, caption="Top eigenvalues and trace of the full Hessian on the "
                                            "analysis data, at each recorded step."),
         Table(cols, rows, caption="First and last record"))
+    thresholds = [r.get("threshold") for r in history]
+    if any(t is not None for t in thresholds):  # records of a callback that found an optimizer
+        from hesslens.report.sharpness import plot_sharpness
+
+        sharp_png = plot_sharpness([r["step"] for r in history],
+                                   [(r["full"].get("top_eigenvalues") or [None])[0]
+                                    for r in history], thresholds, folder / "sharpness.png")
+        report.section("Sharpness and the edge of stability", Figure.from_file(
+            sharp_png, caption="Top eigenvalue of the full Hessian against the optimizer's "
+                               "stability threshold (2/lr; (2 + 2 momentum)/lr), log scale."))
     if names:
         layer_png = _plot_layers(history, names, "trace", folder / "curvature_layers.png",
                                  "trace")

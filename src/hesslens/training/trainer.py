@@ -498,7 +498,8 @@ def train(
             data folder aside); without a checkpoint the run starts from scratch.
         callbacks: ``cb(epoch, record, model)`` after each epoch's evaluation and tracking and
             before the files are written (they may add keys to ``record``). An exception from a
-            callback stops the run; the previous epoch's checkpoint stays valid.
+            callback stops the run; the previous epoch's checkpoint stays valid. A callback
+            with a ``bind(model, optimizer)`` method gets the optimizer before the first step.
         similarity: spectrum similarity for tracking with densities.
 
     Raises:
@@ -572,7 +573,7 @@ def train(
         )
     all_callbacks: list[Callback] = []
     tracking: EpochTracking | None = None
-    if config.track_every > 0:
+    if config.track_every > 0 and config.track_layers:
         xa, ya = analysis_subset(x_all, y_all, per_class=config.track_per_class, seed=0)
         if len(ya) < ranks.world:
             raise HesslensInputError(
@@ -587,6 +588,10 @@ def train(
         )
         all_callbacks.append(tracking)
     all_callbacks.extend(callbacks)
+    for cb in callbacks:  # a callback that follows the optimizer (its stability threshold)
+        bind = getattr(cb, "bind", None)
+        if callable(bind):
+            bind(model, optimizer)
 
     records: list[dict[str, Any]] = []
     start_epoch, global_step = 0, 0
