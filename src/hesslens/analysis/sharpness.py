@@ -21,10 +21,10 @@ stability, a few products a measurement.
 
 Each record is cheap: the curvature operator is built once and takes the model's new
 parameters at each record (``reload_parameters``: no new copy of the model, no new data checks),
-and the eigenvalues start from the previous record's eigenvectors
-(:func:`hesslens.analysis.warm_start.warm_eigsh`). ``n_hvp`` counts every Hessian product of a
-record. Recording never changes training: the products run on the operator's private copy, and
-the random states and train/eval modes are put back as the curvature tracker does.
+and the eigenvalues start from the previous record's eigenvectors (``eigsh(v0=...)``).
+``n_hvp`` counts every Hessian product of a record. Recording never changes training: the
+products run on the operator's private copy, and the random states and train/eval modes are put
+back as the curvature tracker does.
 
 ``hl.SharpnessMonitor`` (:class:`hesslens.report.sharpness.SharpnessMonitor`) is this recorder
 with ``write_report``; the analysis layer holds no figure code.
@@ -66,12 +66,13 @@ from hesslens.analysis.thresholds import (
     stability_rule,
     unwrap_optimizer,
 )
-from hesslens.analysis.warm_start import warm_eigsh
 from hesslens.checks import check_positive_int, check_seed
-from hesslens.curvature.operators import CurvatureOperator, Hessian, unwrap_model
+from hesslens.curvature import CurvatureOperator, Hessian
+from hesslens.curvature.base import unwrap_model
 from hesslens.curvature.preconditioned import Preconditioned
 from hesslens.errors import BudgetWarning, HesslensInputError
 from hesslens.files import write_csv, write_json
+from hesslens.linalg import eigsh
 
 __all__ = ["SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder", "flat_row",
            "read_history"]
@@ -323,7 +324,7 @@ class SharpnessRecorder:
     def _top(self, op: Any, start: torch.Tensor | None, k: int | None = None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BudgetWarning)  # the record says converged=False
-            return warm_eigsh(op, k=k or self.k, tol=self.tol, seed=self.seed, start=start)
+            return eigsh(op, k=k or self.k, tol=self.tol, seed=self.seed, v0=start)
 
     def _directional(self, op: CurvatureOperator) -> float | None:
         if not (self.direction and self._captured):

@@ -28,11 +28,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
-from hesslens.curvature.operators import CurvatureOperator
+from hesslens.curvature.base import CurvatureOperator
+from hesslens.curvature.blocks import Blocks, ParamSlice
 from hesslens.errors import HesslensInputError
 
 __all__ = ["Preconditioned"]
@@ -62,7 +63,7 @@ class Preconditioned(CurvatureOperator):
             raise HesslensInputError(
                 f"Preconditioned wraps a curvature operator (hl.Hessian, hl.GaussNewton, a "
                 f"block), not {type(op).__name__}")
-        self._setup(op._engine, op._layer_map, op._pieces, label=op.label)
+        self._attach(op._shared, op._blocks, op._layout.pieces, op.label)
         self.inner = op
         self._diagonal = self._by_name(diagonal, "diagonal")
         d = self.flat(self._diagonal)
@@ -85,16 +86,17 @@ class Preconditioned(CurvatureOperator):
     # ------------------------------------------------------------------ the diagonal
     def _by_name(self, values: Diagonal, what: str) -> dict[str, torch.Tensor]:
         """``values`` as ``{parameter name: tensor of its shape}`` (float64, CPU)."""
-        shapes = {n: self._shapes[n] for n in self._names}
+        layout = self._layout
+        shapes = {n: layout.shapes[n] for n in layout.names}
         if isinstance(values, Mapping):
-            missing = [n for n in self._names if n not in values]
+            missing = [n for n in layout.names if n not in values]
             if missing:
                 raise HesslensInputError(
                     f"the {what} has no entry for the parameters {missing[:3]}"
                     f"{' ...' if len(missing) > 3 else ''}; give one tensor per parameter of "
                     "the operator (op.parameter_names)")
             out = {}
-            for n in self._names:
+            for n in layout.names:
                 v = torch.as_tensor(values[n]).detach().to("cpu", torch.float64)
                 if v.shape != shapes[n]:
                     raise HesslensInputError(
@@ -107,18 +109,19 @@ class Preconditioned(CurvatureOperator):
             raise HesslensInputError(
                 f"the {what} must be a flat tensor of the operator's {self.dim} entries or a "
                 f"mapping of parameter names, got shape {tuple(flat.shape)}")
-        width = torch.ones(self._width, dtype=torch.float64)  # outside the pieces: unused
-        if self._identity:
+        width = torch.ones(layout.width, dtype=torch.float64)  # outside the pieces: unused
+        if layout.identity:
             width = flat
         else:
-            width[self._index.cpu()] = flat
-        pieces = torch.split(width, [shapes[n].numel() for n in self._names])
-        return {n: p.reshape(shapes[n]) for n, p in zip(self._names, pieces)}
+            width[layout.index.cpu()] = flat
+        pieces = torch.split(width, [shapes[n].numel() for n in layout.names])
+        return {n: p.reshape(shapes[n]) for n, p in zip(layout.names, pieces)}
 
     def flat(self, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """A per-parameter mapping as this operator's flat vector (float64, CPU)."""
-        width = torch.cat([values[n].reshape(-1) for n in self._names])
-        return width if self._identity else width[self._index.cpu()]
+        layout = self._layout
+        width = torch.cat([values[n].reshape(-1) for n in layout.names])
+        return width if layout.identity else width[layout.index.cpu()]
 
     @property
     def diagonal(self) -> torch.Tensor:
@@ -126,15 +129,9 @@ class Preconditioned(CurvatureOperator):
         return self.flat(self._diagonal)
 
     # ------------------------------------------------------------------ products
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _apply(self, V: torch.Tensor) -> torch.Tensor:
         """Rows ``P^(-1/2) (A + S) P^(-1/2) V[i]`` (one product of ``A`` each)."""
-        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[1] != self.dim:
-            shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
-            raise HesslensInputError(
-                f"expected a (k, {self.dim}) batch of vectors, got shape {shape}")
-        V = V.to(device=self.device, dtype=self.dtype)
-        self.n_products += V.shape[0]
-        out = self._scale * self.inner.matmat(self._scale * V)
+        out = self._scale * self.inner._apply(self._scale * V)
         if self._scaled_shift is not None:
             out = out + self._scaled_shift * V
         return out
@@ -148,20 +145,17 @@ class Preconditioned(CurvatureOperator):
     def _wrap(self, op: CurvatureOperator) -> Preconditioned:
         return Preconditioned(op, self._diagonal, self._shift)
 
-    def block(self, name: str | Sequence[str]) -> Preconditioned:
-        return self._wrap(self.inner.block(name))
+    def _restricted(self, blocks: Blocks, pieces: list[ParamSlice],
+                    label: str) -> Preconditioned:
+        return self._wrap(self.inner._restricted(blocks, pieces, label))
 
-    def gauss_newton(self) -> Preconditioned:  # type: ignore[override]
+    def gauss_newton(self) -> Preconditioned:
+        """The preconditioned Gauss-Newton part (of a preconditioned Hessian)."""
         return self._wrap(self.inner.gauss_newton())
 
-    def residual(self) -> Preconditioned:  # type: ignore[override]
+    def residual(self) -> Preconditioned:
+        """The preconditioned residual ``H - G`` (of a preconditioned Hessian)."""
         return self._wrap(self.inner.residual())
-
-    def hessian(self) -> Preconditioned:  # type: ignore[override]
-        return self._wrap(self.inner.hessian())
-
-    def _products(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - matmat above
-        raise NotImplementedError("Preconditioned multiplies through matmat")
 
     def __repr__(self) -> str:
         return f"Preconditioned({self.inner!r})"

@@ -284,8 +284,8 @@ def sharpness_tracking(config: TrainConfig, data: Any, ranks: Any) -> list[Any]:
     if config.track_every <= 0 or config.track_layers:
         return []
     from hesslens.analysis.epoch_sharpness import EpochSharpness
+    from hesslens.parallel import shard
     from hesslens.splits import analysis_subset
-    from hesslens.training.distributed import shard
 
     xa, ya = analysis_subset(data.x_train, data.y_train, per_class=config.track_per_class,
                              seed=0)
