@@ -23,7 +23,13 @@ import torch
 
 from hesslens.errors import HesslensInputError
 
-__all__ = ["check_int", "check_labels", "check_positive_int", "check_xy"]
+__all__ = ["SEED_LIMIT", "check_int", "check_labels", "check_positive_int", "check_seed",
+           "check_xy"]
+
+#: Seeds are integers in ``[0, SEED_LIMIT)``: the range every seeded library hesslens uses
+#: accepts (numpy's legacy ``RandomState`` and scikit-learn's ``random_state`` take 32 bits;
+#: torch takes 64).
+SEED_LIMIT = 2**32
 
 
 def check_int(value: object, what: str) -> int:
@@ -34,6 +40,27 @@ def check_int(value: object, what: str) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise HesslensInputError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_seed(value: object, what: str = "seed") -> int:
+    """Return ``value`` as an ``int`` if it is a seed every seeded library accepts: an integer
+    (Python or NumPy, not bool) with ``0 <= value < 2**32``; else raise, naming the range.
+
+    >>> check_seed(7)
+    7
+    >>> check_seed(2**32, "--seed")
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.HesslensInputError: --seed must be an integer in [0, 4294967295] (numpy ...
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise HesslensInputError(
+            f"{what} must be an integer in [0, {SEED_LIMIT - 1}], got {value!r}")
+    if not 0 <= value < SEED_LIMIT:
+        raise HesslensInputError(
+            f"{what} must be an integer in [0, {SEED_LIMIT - 1}] (numpy and scikit-learn take "
+            f"32-bit seeds), got {value}; give a smaller seed, e.g. {int(value) % SEED_LIMIT}")
     return int(value)
 
 

@@ -193,6 +193,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hesslens.checks import SEED_LIMIT, check_seed
 from hesslens.curvature.blocks import block_parameters
 from hesslens.curvature.products import named_derivative_errors, second_order_kernels
 from hesslens.errors import HesslensInputError
@@ -347,8 +348,9 @@ class HessianTracePenalty:
             (symmetric finite differences of the loss, first-order only).
         fd_eps: relative step for ``"fd"``: the parameters move by ``fd_eps * ||theta_S||``
             along each probe. ``None`` takes :func:`default_fd_eps` of the parameters' dtype.
-        seed: seed of the probe generator; ``None`` draws one from the global torch generator
-            once, at construction (so ``torch.manual_seed`` still makes runs reproducible).
+        seed: seed of the probe generator, in ``[0, 2**32)`` (:func:`hesslens.checks.check_seed`);
+            ``None`` draws one from the global torch generator once, at construction (so
+            ``torch.manual_seed`` still makes runs reproducible).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; required for ``"fd"``.
         grouping: the blocks ``layers`` chooses among, as the curvature operators'
             ``layers=`` (:func:`hesslens.curvature.blocks.resolve_blocks`): ``None`` (modules),
@@ -409,6 +411,8 @@ class HessianTracePenalty:
                 "loss_fn(outputs, targets): pass loss_fn= to HessianTracePenalty")
         if fd_eps is not None and not (math.isfinite(fd_eps) and fd_eps > 0):
             raise HesslensInputError(f"fd_eps must be a positive finite number, got {fd_eps!r}")
+        if seed is not None:
+            seed = check_seed(seed)
         if loss_fn is not None and not callable(loss_fn):
             raise HesslensInputError("loss_fn must be callable: loss_fn(outputs, targets)")
         self.model = model
@@ -436,7 +440,7 @@ class HessianTracePenalty:
         self.fd_eps = fd_eps
         self.loss_fn = loss_fn
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = int(torch.randint(0, SEED_LIMIT, (1,)).item())
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None
