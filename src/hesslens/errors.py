@@ -27,9 +27,25 @@ class DataChangedError(HesslensInputError):
     change): the operator would mix several matrices into one."""
 
 
+class OutputLockedError(HesslensInputError):
+    """The output folder is in use: another run (or another writer in this process) holds its
+    lock (:mod:`hesslens.locks`); two writers in one folder would overwrite each other."""
+
+
+class CheckpointError(HesslensInputError):
+    """A checkpoint that cannot be used as it is: unreadable, corrupted (its checksum does not
+    match), of the wrong structure, or not fitting the model or the configuration. Nothing is
+    trained on it (:mod:`hesslens.training.checkpoint`)."""
+
+
 class NonFiniteCurvatureError(HesslensError, ArithmeticError):
     """A curvature product came out NaN or infinite, though the loss itself may be finite."""
 
 
 class BudgetWarning(UserWarning):
     """An estimator stopped on its product budget before reaching the accuracy asked for."""
+
+
+class StaleLockWarning(UserWarning):
+    """An output folder's lock was left by a process that no longer runs (killed); the new run
+    takes it over."""

@@ -92,9 +92,15 @@ class TrackerCallbackBase:
             device = next(model.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
+        self.stop()  # a tracker of an earlier run gives back the folder's lock first
         self.tracker = CurvatureTracker(model, self.loss_fn, to_device(self.data, device),
                                         out=self.out if write else None, every=1,
                                         **self.tracker_options)
+
+    def stop(self) -> None:
+        """At the end of training: the tracker gives back the lock of ``out``."""
+        if self.tracker is not None:
+            self.tracker.close()
 
     def record(self, step: int, info: Mapping[str, Any]) -> None:
         """Record at ``step`` unless this step already has its record."""

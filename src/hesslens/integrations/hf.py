@@ -79,3 +79,6 @@ class CurvatureCallback(TrackerCallbackBase, TrainerCallback):
         epoch = round(float(state.epoch or 0.0))
         if self.schedule.epoch_due(epoch):
             self.record(int(state.global_step), {"epoch": float(state.epoch or 0.0)})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()

@@ -85,3 +85,6 @@ class CurvatureCallback(TrackerCallbackBase, Callback):
         epoch = int(trainer.current_epoch) + 1
         if self.schedule.epoch_due(epoch):
             self.record(int(trainer.global_step), {"epoch": epoch})
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.stop()

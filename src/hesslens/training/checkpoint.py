@@ -1,9 +1,31 @@
-"""Random-number states and checkpoints that ``torch.load(weights_only=True)`` reads.
+"""Random-number states and checkpoints that ``torch.load(weights_only=True)`` reads, each with
+a checksum of its content and checked in full before anything uses it.
 
 Every file is written to a temporary file in the same folder and moved into place with
 ``os.replace``, so a run killed at any moment leaves either the old file or the new one, never a
 torn one. Random-number states are stored as tensors, ints and lists (no numpy arrays, no
 pickled objects) so that the safe loader accepts them.
+
+Integrity. :func:`save_checkpoint` stores under ``"checksum"`` the SHA-256 of a canonical
+encoding of everything else in the file (:func:`content_digest`: every key, number, string and
+tensor, with its dtype, shape and bytes, in order), so a flipped byte in a weight or a momentum
+buffer, or a value edited after the run wrote it, is found. The checksum is of the content, not
+of the zip file, so it does not depend on how ``torch.save`` lays the file out, and the file
+stays an ordinary dictionary (``torch.load(path)["model"]`` works).
+
+Checks. :func:`load_checkpoint` is the one way hesslens reads a checkpoint (``hesslens train
+--resume``, ``hesslens analyze --checkpoint``, the trainer). It refuses, with a
+:class:`~hesslens.errors.CheckpointError` of one line naming the file and what is wrong, a file
+that is missing, a folder, unreadable or not loadable with ``weights_only=True``; one whose
+checksum does not match; a hesslens training checkpoint (one with a ``"format"``) without a
+checksum (written by hesslens before checksums, or edited; its content cannot be vouched for,
+so a run is never continued from it); a training checkpoint of the wrong structure
+(:func:`check_training_checkpoint`: types of every part, epoch within the configuration, metric
+records that match the epoch, random-number states that the generators accept, optimizer state
+of the parameters' shapes); and weights that do not fit the model (:func:`check_state_dict`:
+names, shapes, dtypes, finite values), before ``load_state_dict`` is called. A plain state dict
+or a dictionary without ``"format"`` (a file hesslens did not write) is read without a
+checksum: only its fit to the model can be checked.
 
 A checkpoint also records what repeating the run bit for bit needs
 (:func:`hesslens.provenance.bit_exactness`: torch's thread count, the deterministic-algorithms
@@ -23,32 +45,63 @@ Example:
     >>> ckpt = load_checkpoint(os.path.join(d, "c.pt"))
     >>> sorted(ckpt["bit_exactness"]), check_bit_exactness(ckpt)
     (['deterministic_algorithms', 'device_type', 'threads', 'torch'], [])
+    >>> ckpt["model"]["w"][0] = 1.0  # edited after it was written
+    >>> torch.save(ckpt, os.path.join(d, "c.pt"))
+    >>> load_checkpoint(os.path.join(d, "c.pt"))
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.CheckpointError: checkpoint .../c.pt is corrupted: its content does not ...
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
+import numbers
 import os
 import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from hesslens.errors import HesslensInputError
+from hesslens.errors import CheckpointError
 from hesslens.files import write_bytes
 from hesslens.provenance import bit_exactness
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKSUM_KEY",
+    "CHECKSUM_SCHEME",
     "ResumeDiffersWarning",
     "capture_rng_state",
     "check_bit_exactness",
+    "check_fit",
+    "check_rng_state",
+    "check_state_dict",
+    "check_training_checkpoint",
+    "content_digest",
+    "fit_problem",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "state_dict_problem",
 ]
+
+#: The layout version of the training checkpoints :func:`hesslens.training.train` writes (2: with
+#: a checksum).
+CHECKPOINT_FORMAT = 2
+#: Where a checkpoint keeps its checksum: ``{"scheme": CHECKSUM_SCHEME, "sha256": hex}``.
+CHECKSUM_KEY = "checksum"
+#: The canonical encoding :func:`content_digest` hashes (versioned, should it ever change).
+CHECKSUM_SCHEME = "hesslens.content-sha256/1"
+
+PathLike = str | os.PathLike[str]
 
 
 # ---------------------------------------------------------------------- RNG states
@@ -88,6 +141,143 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_rng_state(state: Any, what: str = "rng") -> str | None:
+    """What is wrong with a :func:`capture_rng_state` state, or ``None`` if every generator
+    accepts it (each part is tried on a scratch generator; the global ones are not touched).
+
+    >>> check_rng_state(capture_rng_state()) is None
+    True
+    >>> check_rng_state({"python": {}, "numpy": {}, "torch": torch.zeros(3), "cuda": []})
+    "rng['python'] is not a Python random state (version, 625 ints, gauss_next)"
+    """
+    if not isinstance(state, Mapping):
+        return f"{what} is a {type(state).__name__}, not a random-number state"
+    missing = [k for k in ("python", "numpy", "torch") if k not in state]
+    if missing:
+        return f"{what} lacks {missing}"
+    py = state["python"]
+    try:
+        ok = (isinstance(py, Mapping) and _is_int(py.get("version"))
+              and isinstance(py.get("state"), (list, tuple)) and len(py["state"]) == 625
+              and all(_is_int(v) for v in py["state"])
+              and (py.get("gauss_next") is None or _is_num(py.get("gauss_next"))))
+        if ok:
+            random.Random().setstate((int(py["version"]), tuple(int(v) for v in py["state"]),
+                                      py["gauss_next"]))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        return f"{what}['python'] is not a Python random state (version, 625 ints, gauss_next)"
+    n = state["numpy"]
+    keys = n.get("keys") if isinstance(n, Mapping) else None
+    ok = (isinstance(n, Mapping) and n.get("kind") == "MT19937"
+          and isinstance(keys, torch.Tensor) and keys.dtype == torch.int64
+          and tuple(keys.shape) == (624,) and bool(((keys >= 0) & (keys < 2**32)).all())
+          and _is_int(n.get("pos")) and 0 <= n["pos"] <= 624
+          and n.get("has_gauss") in (0, 1) and _is_num(n.get("cached_gaussian")))
+    if ok:
+        try:
+            np.random.RandomState().set_state(
+                ("MT19937", keys.numpy().astype(np.uint32), int(n["pos"]),
+                 int(n["has_gauss"]), float(n["cached_gaussian"])))
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        return (f"{what}['numpy'] is not a numpy MT19937 state (624 32-bit keys as an int64 "
+                "tensor, pos in [0, 624], has_gauss, cached_gaussian)")
+    t = state["torch"]
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1):
+        return f"{what}['torch'] is not a torch generator state (a 1-D uint8 tensor)"
+    try:
+        torch.Generator().set_state(t)
+    except (RuntimeError, TypeError, ValueError):
+        return f"{what}['torch'] is not a state torch's CPU generator accepts"
+    cuda = state.get("cuda", [])
+    if not isinstance(cuda, (list, tuple)) or not all(
+            isinstance(c, torch.Tensor) and c.dtype == torch.uint8 for c in cuda):
+        return f"{what}['cuda'] is not a list of CUDA generator states (uint8 tensors)"
+    return None
+
+
+# ---------------------------------------------------------------------- checksums
+class _Encoder:
+    """A canonical, unambiguous byte encoding of plain data and tensors, fed to a hash: every
+    item is a type tag and its length-prefixed bytes; tensors add dtype and shape."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def item(self, tag: bytes, data: bytes | memoryview) -> None:
+        self.hash.update(tag + len(data).to_bytes(8, "little"))
+        self.hash.update(data)
+
+    def feed(self, obj: Any) -> None:
+        if obj is None:
+            self.item(b"n", b"")
+        elif isinstance(obj, bool):
+            self.item(b"b", b"1" if obj else b"0")
+        elif isinstance(obj, numbers.Integral):
+            self.item(b"i", str(int(obj)).encode())
+        elif isinstance(obj, float):
+            self.item(b"f", float(obj).hex().encode())
+        elif isinstance(obj, str):
+            self.item(b"s", obj.encode("utf-8", "surrogatepass"))
+        elif isinstance(obj, (bytes, bytearray)):
+            self.item(b"y", bytes(obj))
+        elif isinstance(obj, torch.Tensor):
+            self.tensor(obj)
+        elif isinstance(obj, Mapping):
+            self.item(b"d", str(len(obj)).encode())
+            for k, v in obj.items():
+                self.feed(k)
+                self.feed(v)
+        elif isinstance(obj, (list, tuple)):
+            self.item(b"l" if isinstance(obj, list) else b"t", str(len(obj)).encode())
+            for v in obj:
+                self.feed(v)
+        elif isinstance(obj, (set, frozenset)):
+            self.item(b"e", repr(sorted(map(repr, obj))).encode())
+        else:  # dtypes, devices, slices, complex numbers: their text
+            self.item(b"o", f"{type(obj).__name__}:{obj}".encode())
+
+    def tensor(self, t: torch.Tensor) -> None:
+        t = t.detach().cpu()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        self.item(b"T", f"{t.dtype}{tuple(t.shape)}".encode())
+        t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
+        try:
+            data = memoryview(t.view(torch.uint8).numpy())
+        except (RuntimeError, TypeError):  # a dtype numpy cannot view: its pickled bytes
+            buf = io.BytesIO()
+            torch.save(t.clone(), buf)
+            data = memoryview(buf.getvalue())
+        self.item(b"B", data)
+
+
+def content_digest(payload: Mapping[str, Any]) -> str:
+    """The SHA-256 (hex) of the canonical encoding of ``payload`` without its ``"checksum"``:
+    keys in order, numbers exactly (floats by ``float.hex``), tensors with dtype, shape and
+    bytes. Equal for a payload and the same payload saved and loaded again.
+
+    >>> a = content_digest({"w": torch.ones(2), "epoch": 1})
+    >>> a == content_digest({"w": torch.ones(2), "epoch": 1}), a == content_digest(
+    ...     {"w": torch.tensor([1.0, 1.0000001]), "epoch": 1})
+    (True, False)
+    """
+    enc = _Encoder()
+    enc.feed({k: v for k, v in payload.items() if k != CHECKSUM_KEY})
+    return enc.hash.hexdigest()
+
+
 # ---------------------------------------------------------------------- checkpoints
 class ResumeDiffersWarning(UserWarning):
     """A run resumes under other settings than those its checkpoint was written with (threads,
@@ -105,19 +295,22 @@ def _device_type(payload: Mapping[str, Any]) -> str:
     return "cpu"
 
 
-def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+def save_checkpoint(path: PathLike, payload: dict[str, Any]) -> None:
     """``torch.save`` to memory, then an atomic write. Adds ``payload["bit_exactness"]``
     (:func:`hesslens.provenance.bit_exactness` of this process, on the device of the model's
-    tensors) unless the payload has one."""
+    tensors) unless the payload has one, and the checksum of the whole content
+    (:func:`content_digest`) under ``"checksum"``."""
     if "bit_exactness" not in payload:
         payload = {**payload, "bit_exactness": bit_exactness(_device_type(payload))}
+    payload = {k: v for k, v in payload.items() if k != CHECKSUM_KEY}
+    payload[CHECKSUM_KEY] = {"scheme": CHECKSUM_SCHEME, "sha256": content_digest(payload)}
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes(path, buf.getvalue())
 
 
 def check_bit_exactness(
-    checkpoint: Mapping[str, Any], path: str | os.PathLike[str] | None = None,
+    checkpoint: Mapping[str, Any], path: PathLike | None = None,
     device: str | torch.device | None = None,
 ) -> list[str]:
     """Compare the bit-exactness settings saved in ``checkpoint`` with this process's (on
@@ -145,14 +338,339 @@ def check_bit_exactness(
     return differ
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load with ``weights_only=True`` (no arbitrary code), tensors on the CPU; a file that is
-    not such a checkpoint (truncated, foreign) is a :class:`HesslensInputError`."""
+def _read(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, or a named error."""
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder, not a file: give the checkpoint file "
+            "(a training run keeps it as checkpoint.pt)")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: permission denied; make it readable") from None
     except Exception as err:  # unpickling and zip errors come in many types
-        raise HesslensInputError(
+        raise CheckpointError(
             f"cannot read checkpoint {path} ({type(err).__name__}): not a file that "
             "torch.load(weights_only=True) can read (truncated, or holding other objects than "
             "tensors and plain data)"
         ) from None
+
+
+def _checksum_problem(obj: Mapping[str, Any]) -> str | None:
+    """What is wrong with ``obj``'s checksum, or ``None`` (it matches, or there is none)."""
+    saved = obj.get(CHECKSUM_KEY)
+    if saved is None:
+        return None
+    if not (isinstance(saved, Mapping) and saved.get("scheme") == CHECKSUM_SCHEME
+            and isinstance(saved.get("sha256"), str)):
+        return (f"its checksum entry is not a {CHECKSUM_SCHEME} checksum (written by a newer "
+                "hesslens, or edited)")
+    if saved["sha256"] != content_digest(obj):
+        return ("its content does not match its SHA-256 checksum (a changed byte, or edited "
+                "after it was written)")
+    return None
+
+
+def load_checkpoint(
+    path: PathLike, *, model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None, epochs: int | None = None,
+    training: bool | None = None,
+) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` (no code runs; tensors on the
+    CPU) and check it; return it. Anything wrong is a
+    :class:`~hesslens.errors.CheckpointError` naming the file and the problem.
+
+    Args:
+        path: the file.
+        model: check the weights (``ckpt["model"]``, or the file itself if it is a plain state
+            dict) against this model's state dict (:func:`check_state_dict`).
+        optimizer: check the optimizer state against this one's parameters.
+        epochs: the run's number of epochs; the saved epoch must lie in ``[0, epochs]``
+            (default: the saved configuration's).
+        training: ``True``: it must be a hesslens training checkpoint (a run continues from
+            it); ``None``: checked as one if it has a ``"format"``; ``False``: never.
+    """
+    path = Path(path)
+    obj = _read(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint (a dictionary "
+            "of a model's state_dict, or one with a 'model' state_dict)")
+    bad_sum = _checksum_problem(obj)
+    as_training = training if training is not None else "format" in obj
+    problem = None
+    try:
+        if as_training:
+            problem = _training_problem(obj, epochs, optimizer, model)
+        if problem is None and model is not None:
+            problem = fit_problem(obj, model, optimizer)
+    except Exception as err:  # a check tripped over something stranger than it checks for
+        problem = f"its content is malformed ({type(err).__name__}: {err})"
+    if problem is None and bad_sum is None and as_training and CHECKSUM_KEY not in obj:
+        problem = ("it carries no checksum (written by a hesslens before checksums, or edited), "
+                   "so its content cannot be vouched for")
+    if problem is not None:
+        also = "; its checksum does not match either" if bad_sum and "checksum" not in problem \
+            else ""
+        raise CheckpointError(f"checkpoint {path}: {problem}{also}; {_FIX}")
+    if bad_sum is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: {bad_sum}; {_FIX}")
+    return dict(obj)
+
+
+_FIX = "use an intact copy, or start the run again in a new folder"
+
+
+def check_fit(ckpt: Mapping[str, Any], path: PathLike, model: nn.Module,
+              optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Raise a :class:`~hesslens.errors.CheckpointError` unless the states of the (already
+    loaded and checked) training checkpoint ``ckpt`` fit ``model`` and ``optimizer``: what
+    :func:`load_checkpoint` checks with ``model=`` and ``optimizer=``, for callers that first
+    check what else the checkpoint must agree on (the trainer: the configuration)."""
+    problem = fit_problem(ckpt, model, optimizer)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: {problem}; {_FIX}")
+
+
+def fit_problem(ckpt: Any, model: nn.Module,
+                optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """What keeps a checkpoint's states from loading into ``model`` (and ``optimizer``), or
+    ``None``: its weights (``ckpt["model"]``, or ``ckpt`` itself, a plain state dict:
+    :func:`state_dict_problem`) and, for a training checkpoint (one with a ``"format"``), its
+    optimizer state (shapes against the parameters, finite values).
+
+    >>> fit_problem(nn.Linear(2, 3).state_dict(), nn.Linear(2, 3)) is None
+    True
+    """
+    if not isinstance(ckpt, Mapping):
+        return f"it holds a {type(ckpt).__name__}, not a state_dict"
+    training = "format" in ckpt
+    state = ckpt.get("model") if training or isinstance(ckpt.get("model"), Mapping) else ckpt
+    problem = state_dict_problem(state, model)
+    if problem is None and training and isinstance(ckpt.get("optimizer"), Mapping):
+        problem = _optimizer_problem(ckpt["optimizer"], optimizer, model)
+    return problem
+
+
+def check_state_dict(state: Any, model: nn.Module, path: PathLike | None = None) -> None:
+    """Raise a :class:`~hesslens.errors.CheckpointError` unless ``state`` fits ``model``:
+    the same names, each tensor of the model's shape and a dtype it can take, float values
+    finite. Called before ``model.load_state_dict``, whose errors are long and name no file.
+
+    >>> m = nn.Linear(2, 3)
+    >>> check_state_dict(nn.Linear(2, 3).state_dict(), m)
+    >>> check_state_dict(nn.Linear(3, 3).state_dict(), m, "c.pt")
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.CheckpointError: checkpoint c.pt: size mismatch for weight: shape (3, 3) ...
+    """
+    problem = state_dict_problem(state, model)
+    if problem is not None:
+        where = f"checkpoint {os.fspath(path)}" if path is not None else "the state dict"
+        raise CheckpointError(f"{where}: {problem}")
+
+
+def state_dict_problem(state: Any, model: nn.Module) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (:func:`check_state_dict`), or
+    ``None``."""
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        return "its model state is not a state_dict (names -> tensors)"
+    want = model.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks {_few(missing)}")
+        if extra:
+            parts.append(f"has {_few(extra)} that the model does not")
+        return (f"its weights do not fit the model ({type(model).__name__}): it "
+                f"{' and '.join(parts)}")
+    for k, ref in want.items():
+        got = state[k]
+        if tuple(got.shape) != tuple(ref.shape):
+            return (f"size mismatch for {k}: shape {tuple(got.shape)} in the checkpoint, "
+                    f"{tuple(ref.shape)} in the model (another architecture or size)")
+        if got.is_floating_point() != ref.is_floating_point() or got.is_complex():
+            return f"{k} is {got.dtype} in it, {ref.dtype} in the model"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"{k} holds NaN or infinite values"
+    return None
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------- training checkpoints
+#: The parts of a training checkpoint (``hesslens.training.train`` writes them) and what each
+#: must be.
+TRAINING_KEYS = {
+    "format": "an int", "config": "a dictionary", "epoch": "an int", "global_step": "an int",
+    "model": "a state_dict", "optimizer": "an optimizer state_dict",
+    "scheduler": "a scheduler state_dict", "penalty": "a penalty state or None",
+    "rng": "a random-number state", "rng_ranks": "a list of random-number states",
+    "world_size": "an int", "metrics": "a list of epoch records",
+}
+
+
+def check_training_checkpoint(ckpt: Any, path: PathLike, epochs: int | None = None,
+                              optimizer: torch.optim.Optimizer | None = None,
+                              model: nn.Module | None = None) -> None:
+    """Raise a :class:`~hesslens.errors.CheckpointError` unless ``ckpt`` has the structure of
+    a hesslens training checkpoint: every part of :data:`TRAINING_KEYS` of its type, ``epoch``
+    in ``[0, epochs]`` (default: the saved configuration's), the trained metric records those
+    of epochs ``1 .. epoch``, the schedule at that epoch, random-number states every generator
+    accepts, and optimizer state of finite values that fits ``optimizer``'s parameters (or
+    ``model``'s)."""
+    if isinstance(ckpt, Mapping):
+        problem = _training_problem(ckpt, epochs, optimizer, model)
+    else:
+        problem = f"holds a {type(ckpt).__name__}, not a training checkpoint"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: {problem}")
+
+
+def _training_problem(ckpt: Mapping[str, Any], epochs: int | None,
+                      optimizer: torch.optim.Optimizer | None,
+                      model: nn.Module | None) -> str | None:
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if "format" in ckpt and ckpt["format"] != CHECKPOINT_FORMAT and _is_int(ckpt["format"]):
+        if ckpt["format"] < CHECKPOINT_FORMAT:
+            return (f"it is of format {ckpt['format']}, written by an older hesslens without a "
+                    f"checksum (this one reads format {CHECKPOINT_FORMAT}), so its content "
+                    "cannot be vouched for")
+        return (f"it is of format {ckpt['format']}, newer than this hesslens reads "
+                f"({CHECKPOINT_FORMAT}): update hesslens")
+    if missing:
+        return (f"it is not a hesslens training checkpoint: it lacks {_few(missing)} "
+                f"(it has {_few(sorted(map(str, ckpt)))})")
+    types = {"format": _is_int, "epoch": _is_int, "global_step": _is_int,
+             "world_size": _is_int, "config": lambda v: isinstance(v, Mapping),
+             "optimizer": lambda v: isinstance(v, Mapping),
+             "scheduler": lambda v: isinstance(v, Mapping),
+             "penalty": lambda v: v is None or isinstance(v, Mapping),
+             "metrics": lambda v: isinstance(v, list), "rng_ranks": lambda v: isinstance(v, list),
+             "model": lambda v: isinstance(v, Mapping)}
+    for key, ok in types.items():
+        if not ok(ckpt[key]):
+            return f"its {key!r} is a {type(ckpt[key]).__name__}, not {TRAINING_KEYS[key]}"
+    epoch = ckpt["epoch"]
+    if epochs is None:
+        saved = ckpt["config"].get("epochs")
+        epochs = saved if _is_int(saved) else None
+    if epoch < 0 or (epochs is not None and epoch > epochs):
+        limit = f"[0, {epochs}]" if epochs is not None else "[0, epochs]"
+        return (f"its epoch {epoch} is outside {limit}, the epochs of its run's configuration")
+    if ckpt["global_step"] < 0:
+        return f"its global_step {ckpt['global_step']} is negative"
+    if ckpt["world_size"] < 1:
+        return f"its world_size {ckpt['world_size']} is not a positive number of processes"
+    problem = _metrics_problem(ckpt["metrics"], epoch)
+    if problem is not None:
+        return problem
+    problem = check_rng_state(ckpt["rng"], "rng")
+    if problem is not None:
+        return problem
+    if len(ckpt["rng_ranks"]) != ckpt["world_size"]:
+        return (f"it holds {len(ckpt['rng_ranks'])} per-process random states for world_size "
+                f"{ckpt['world_size']}")
+    for r, state in enumerate(ckpt["rng_ranks"]):
+        problem = check_rng_state(state, f"rng_ranks[{r}]")
+        if problem is not None:
+            return problem
+    last = ckpt["scheduler"].get("last_epoch", epoch)
+    if last != epoch:
+        return (f"its learning-rate schedule stands at epoch {last!r}, not at its epoch {epoch} "
+                "(the trainer steps it once an epoch)")
+    problem = _penalty_problem(ckpt["penalty"])
+    if problem is not None:
+        return problem
+    return _optimizer_problem(ckpt["optimizer"], optimizer, model)
+
+
+def _metrics_problem(metrics: list[Any], epoch: int) -> str | None:
+    for i, r in enumerate(metrics):
+        if not isinstance(r, Mapping) or not _is_int(r.get("epoch")):
+            return f"its metrics[{i}] is not an epoch record (a dictionary with an int 'epoch')"
+    trained = [int(r["epoch"]) for r in metrics if r["epoch"] != 0]
+    initial = [i for i, r in enumerate(metrics) if r["epoch"] == 0]
+    if trained != list(range(1, epoch + 1)) or initial not in ([], [0]):
+        shown = [r["epoch"] for r in metrics]
+        return (f"its metrics hold the records of epochs {shown[:8]}"
+                f"{'...' if len(shown) > 8 else ''}, not those of epochs 1..{epoch} that its "
+                f"epoch {epoch} says were trained")
+    return None
+
+
+def _penalty_problem(state: Mapping[str, Any] | None) -> str | None:
+    if state is None:
+        return None
+    gen = state.get("generator")
+    ok = (_is_int(state.get("seed")) and _is_int(state.get("draws", 0))
+          and (gen is None or (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8))
+          and isinstance(state.get("recent", []), (list, tuple))
+          and all(_is_num(v) for v in state.get("recent", [])))
+    if ok and gen is not None and state.get("device", "cpu") in (None, "cpu"):
+        try:
+            torch.Generator().set_state(gen)
+        except (RuntimeError, TypeError, ValueError):
+            ok = False
+    if not ok:
+        return ("its 'penalty' is not a Hessian-trace penalty state (seed, probe generator "
+                "state, draws, recent values)")
+    return None
+
+
+def _optimizer_problem(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer | None,
+                       model: nn.Module | None) -> str | None:
+    """What is wrong with a saved optimizer state: its structure, finite values, and the
+    shapes of its per-parameter tensors against ``optimizer``'s parameters (or, without one,
+    ``model``'s trainable parameters in order, as the trainer gives them to its optimizer)."""
+    groups, state = saved.get("param_groups"), saved.get("state")
+    if not (isinstance(groups, list) and isinstance(state, Mapping) and all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), list)
+            and all(_is_int(i) for i in g["params"]) for g in groups)):
+        return "its 'optimizer' is not an optimizer state_dict (state, param_groups)"
+    ids = [int(i) for g in groups for i in g["params"]]
+    for pid, entry in state.items():
+        if pid not in ids or not isinstance(entry, Mapping):
+            return f"its optimizer state names parameter {pid!r}, which no parameter group has"
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(
+                    torch.isfinite(value).all()):
+                return f"its optimizer state {name} of parameter {pid} holds NaN or infinite values"
+    if optimizer is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+    elif model is not None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        sizes = [len(params)]
+    else:
+        return None
+    if [len(g["params"]) for g in groups] != sizes:
+        return (f"its optimizer has parameter groups of {[len(g['params']) for g in groups]} "
+                f"parameters, the model's {sizes}")
+    for pid, entry in state.items():
+        p = params[ids.index(pid)]
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                return (f"its optimizer state {name} of parameter {pid} has shape "
+                        f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
+    if optimizer is None:
+        return None
+    now = optimizer.state_dict()["param_groups"]
+    for i, (g, h) in enumerate(zip(groups, now)):
+        for key, value in h.items():
+            if key in ("params", "lr", "initial_lr") or key not in g:
+                continue
+            if _is_num(value) and not (_is_num(g[key]) and math.isclose(g[key], value)):
+                return (f"its optimizer's {key} is {g[key]!r} (group {i}), the configuration's "
+                        f"{value!r}")
+    return None
