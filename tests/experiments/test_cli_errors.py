@@ -101,6 +101,7 @@ CASES = [
     (["train", "--out", "{tmp}/t", "--data", "cifar10", "--model", "resnet20",
       "--data-root", "{tmp}/cifar"], ["labels are strings"]),
     (["train", "--out", "{tmp}/ok"], ["already holds a training run", "--resume"]),
+    (["train", "--out", "{tmp}/ok", "--resume"], ["no checkpoint.pt to resume it from"]),
     # ---------------------------------------------------------------- compare
     (["compare", "{tmp}/runs/badjson"], ["not readable JSON"]),
     (["compare", "{tmp}/runs/notobject"], ["lacks 'config' or 'epochs'"]),

@@ -346,6 +346,8 @@ def _read(path: Path) -> Any:
             "(a training run keeps it as checkpoint.pt)")
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if not path.is_file():  # a pipe or a device would block the reader or feed it anything
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, a device?)")
     try:
         with open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)

@@ -536,7 +536,7 @@ def train(
             "call torch.distributed.init_process_group() first (or train inside "
             "hesslens.training.distributed.process_group_from_env()), or unset WORLD_SIZE for "
             "independent runs")
-    what = f"a training run ({config.model} on {config.data}, seed {config.seed})"
+    what = f"a training run of {config.model} on {config.data}, seed {config.seed}"
     with folder_lock(out, what, ranks):  # rank 0 holds it; created here
         return _train_in_folder(config, out, ranks, model=model, dataset=dataset,
                                 progress=progress, resume=resume, callbacks=callbacks,
@@ -759,12 +759,17 @@ def _train_in_folder(
 
 
 def _check_new_run(out: Path, resume: bool) -> None:
-    """Refuse to start a new run in a folder that holds one (unless resuming it)."""
+    """Refuse to start a new run in a folder that holds one (unless resuming it), and to
+    resume one whose checkpoint is gone (the new run would overwrite its metrics)."""
     if not resume and ((out / CHECKPOINT).exists() or (out / METRICS_JSON).exists()):
         raise HesslensInputError(
             f"{str(out)!r} already holds a training run; continue it with --resume "
             "(resume=True in Python), or choose another output folder"
         )
+    if resume and (out / METRICS_JSON).exists() and not (out / CHECKPOINT).exists():
+        raise HesslensInputError(
+            f"{str(out)!r} holds the metrics of a run but no {CHECKPOINT} to resume it from; "
+            "a new run there would overwrite them: start it in another folder")
 
 
 def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path, n_batches: int,
