@@ -44,6 +44,16 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+    """``(folder, process)``: a folder whose lock a live process holds (the tests that only
+    meet it share it)."""
+    folder = tmp_path_factory.mktemp("held") / "out"
+    holder = _holder(folder)
+    yield folder, holder
+    _kill(holder)
+
+
 def test_a_second_writer_in_this_process_gets_the_named_error(tmp_path):
     with output_lock(tmp_path, what="the first writer") as lock:
         assert lock.held and read_lock(tmp_path)["pid"] == os.getpid()
@@ -55,16 +65,13 @@ def test_a_second_writer_in_this_process_gets_the_named_error(tmp_path):
         pass
 
 
-def test_another_process_holding_it_is_named_by_pid_and_host(tmp_path):
-    holder = _holder(tmp_path)
-    try:
-        with pytest.raises(OutputLockedError) as err:
-            output_lock(tmp_path)
-        text = str(err.value)
-        assert str(tmp_path) in text and f"pid {holder.pid}" in text and "a holder" in text
-        assert "wait until it ends, or write into another folder" in text
-    finally:
-        _kill(holder)
+def test_another_process_holding_it_is_named_by_pid_and_host(held):
+    folder, holder = held
+    with pytest.raises(OutputLockedError) as err:
+        output_lock(folder)
+    text = str(err.value)
+    assert str(folder) in text and f"pid {holder.pid}" in text and "a holder" in text
+    assert "wait until it ends, or write into another folder" in text
 
 
 def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
@@ -268,21 +275,23 @@ TRAIN = ["train", "--model", "mlp", "--data", "digits", "--epochs", "1", "--trac
          "--quiet", "--threads", "1"]
 
 
-def test_a_command_into_a_held_folder_is_exit_2_and_writes_nothing(tmp_path, capsys):
+def test_a_command_into_a_held_folder_is_exit_2_and_writes_nothing(held, tmp_path, capsys):
     from hesslens.cli import main
 
-    holder = _holder(tmp_path / "out")
-    try:
-        before = sorted(os.listdir(tmp_path / "out"))
-        for argv in ([*TRAIN, "--out", str(tmp_path / "out")],
-                     ["analyze", "--out", str(tmp_path / "out"), "--quiet"],
-                     ["reproduce", "--quick", "--out", str(tmp_path / "out")]):
-            assert main(argv) == 2
-            lines = capsys.readouterr().err.strip().splitlines()
-            assert len(lines) == 1 and "is in use" in lines[0] and f"pid {holder.pid}" in lines[0]
-            assert sorted(os.listdir(tmp_path / "out")) == before
-    finally:
-        _kill(holder)
+    folder, holder = held
+    run = tmp_path / "run"  # a finished run for compare to read
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({
+        "config": {"model": "mlp", "data": "digits", "seed": 0, "epochs": 1},
+        "epochs": [{"epoch": 1, "test_acc": 0.5}]}))
+    for argv in ([*TRAIN, "--out", str(folder)], ["analyze", "--out", str(folder), "--quiet"],
+                 ["reproduce", "--quick", "--out", str(folder)],
+                 ["compare", str(run), "--out", str(folder), "--no-figures"]):
+        rc = main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, lines
+        assert "is in use" in lines[0] and f"pid {holder.pid}" in lines[0]
+        assert os.listdir(folder) == [LOCK_NAME]
 
 
 def test_a_training_run_killed_with_sigkill_does_not_block_its_resume(tmp_path):
@@ -312,3 +321,17 @@ def test_a_training_run_killed_with_sigkill_does_not_block_its_resume(tmp_path):
     assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())["epochs"]] == \
         [1, 2]
     assert read_lock(out) is None
+
+
+def test_under_torchrun_every_rank_stops_when_rank_0_finds_the_folder_held(held):
+    folder, holder = held
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "hesslens", *TRAIN, "--out", str(folder)],
+        capture_output=True, text=True, env=env, timeout=240)  # a hang would time out
+    assert done.returncode != 0
+    refusals = [ln for ln in done.stderr.splitlines()
+                if ln.startswith("hesslens train: error:") and "is in use" in ln]
+    assert len(refusals) == 2 and all(f"pid {holder.pid}" in ln for ln in refusals)
+    assert os.listdir(folder) == [LOCK_NAME]  # the holder's, alone

@@ -171,6 +171,8 @@ def _resume_fails(folder, cfg, change, words):
     (lambda c: c["optimizer"]["state"].update({9: {}}), "names parameter 9"),
     (lambda c: c["scheduler"].update(last_epoch=0), "schedule stands at epoch 0"),
     (lambda c: c.update(config="htr"), "'config' is a str"),
+    (lambda c: c["model"].update({"0.weight": c["model"]["0.weight"].double()}),
+     "0.weight is torch.float64 in the checkpoint, torch.float32 in the model"),
 ])
 def test_a_penalised_run_refuses_edited_checkpoints_and_leaves_its_folder(tmp_path, change,
                                                                            words):

@@ -442,8 +442,9 @@ def fit_problem(ckpt: Any, model: nn.Module,
                 optimizer: torch.optim.Optimizer | None = None) -> str | None:
     """What keeps a checkpoint's states from loading into ``model`` (and ``optimizer``), or
     ``None``: its weights (``ckpt["model"]``, or ``ckpt`` itself, a plain state dict:
-    :func:`state_dict_problem`) and, for a training checkpoint (one with a ``"format"``), its
-    optimizer state (shapes against the parameters, finite values).
+    :func:`state_dict_problem`) and, for a training checkpoint (one with a ``"format"``), the
+    exact dtypes of the model's tensors (a run resumes in the precision it was trained in) and
+    its optimizer state (shapes against the parameters, finite values).
 
     >>> fit_problem(nn.Linear(2, 3).state_dict(), nn.Linear(2, 3)) is None
     True
@@ -452,7 +453,7 @@ def fit_problem(ckpt: Any, model: nn.Module,
         return f"it holds a {type(ckpt).__name__}, not a state_dict"
     training = "format" in ckpt
     state = ckpt.get("model") if training or isinstance(ckpt.get("model"), Mapping) else ckpt
-    problem = state_dict_problem(state, model)
+    problem = state_dict_problem(state, model, exact_dtype=training)
     if problem is None and training and isinstance(ckpt.get("optimizer"), Mapping):
         problem = _optimizer_problem(ckpt["optimizer"], optimizer, model)
     return problem
@@ -476,9 +477,10 @@ def check_state_dict(state: Any, model: nn.Module, path: PathLike | None = None)
         raise CheckpointError(f"{where}: {problem}")
 
 
-def state_dict_problem(state: Any, model: nn.Module) -> str | None:
+def state_dict_problem(state: Any, model: nn.Module, exact_dtype: bool = False) -> str | None:
     """What keeps ``state`` from loading into ``model`` (:func:`check_state_dict`), or
-    ``None``."""
+    ``None``. ``exact_dtype``: each tensor must have the model's dtype (else a float tensor of
+    any float dtype will do: ``load_state_dict`` converts it)."""
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         return "its model state is not a state_dict (names -> tensors)"
@@ -498,8 +500,10 @@ def state_dict_problem(state: Any, model: nn.Module) -> str | None:
         if tuple(got.shape) != tuple(ref.shape):
             return (f"size mismatch for {k}: shape {tuple(got.shape)} in the checkpoint, "
                     f"{tuple(ref.shape)} in the model (another architecture or size)")
-        if got.is_floating_point() != ref.is_floating_point() or got.is_complex():
-            return f"{k} is {got.dtype} in it, {ref.dtype} in the model"
+        if got.is_floating_point() != ref.is_floating_point() or got.is_complex() or (
+                exact_dtype and got.dtype != ref.dtype):
+            return (f"{k} is {got.dtype} in the checkpoint, {ref.dtype} in the model (give the "
+                    "model the dtype it was trained in)")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             return f"{k} holds NaN or infinite values"
     return None
