@@ -335,3 +335,39 @@ def test_under_torchrun_every_rank_stops_when_rank_0_finds_the_folder_held(held)
                 if ln.startswith("hesslens train: error:") and "is in use" in ln]
     assert len(refusals) == 2 and all(f"pid {holder.pid}" in ln for ln in refusals)
     assert os.listdir(folder) == [LOCK_NAME]  # the holder's, alone
+
+
+def _lock_file(folder: Path, pid: int) -> None:
+    import socket
+
+    (folder / LOCK_NAME).write_text(json.dumps({"what": "an old run", "pid": pid,
+                                                "host": socket.gethostname()}))
+
+
+def test_without_os_locks_the_holders_pid_decides(tmp_path, monkeypatch):
+    import hesslens.locks as locks
+
+    monkeypatch.setattr(locks, "fcntl", None)  # a system or file system without flock
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    _lock_file(tmp_path, int(dead))
+    with pytest.warns(StaleLockWarning, match=f"pid {dead}"):
+        output_lock(tmp_path).release()
+    _lock_file(tmp_path, os.getppid())  # alive
+    with pytest.raises(OutputLockedError, match=f"if that process is gone, delete .*{LOCK_NAME}"):
+        output_lock(tmp_path)
+
+
+def test_without_hard_links_the_lock_file_is_created_exclusively(tmp_path, monkeypatch):
+    import errno
+
+    def no_links(*args):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    with output_lock(tmp_path, what="the first"):
+        assert read_lock(tmp_path)["what"] == "the first"
+        with pytest.raises(OutputLockedError, match="in use by this process: the first"):
+            output_lock(tmp_path)
+        assert os.listdir(tmp_path) == [LOCK_NAME]  # no temporary file left either
+    assert os.listdir(tmp_path) == []

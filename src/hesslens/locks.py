@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -54,6 +53,11 @@ from typing import Any
 from hesslens.errors import HesslensInputError, OutputLockedError, StaleLockWarning
 from hesslens.files import _TOKEN
 
+try:
+    import fcntl
+except ImportError:  # no flock here (Windows): a lock is then never taken over by itself
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["LOCK_NAME", "OutputLock", "output_lock", "read_lock"]
 
 #: The lock file's name in a locked folder.
@@ -63,6 +67,8 @@ PathLike = str | os.PathLike[str]
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C there: cannot tell, assume alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -201,7 +207,7 @@ class OutputLock:
                     pass
                 state, stale_fd, info = _inspect(self.path, flock)
                 if state == "held":
-                    raise self._locked(info) from None
+                    raise self._locked(info, flock) from None
                 if state == "stale":  # its OS lock is ours now: put our file in its place
                     try:
                         os.replace(tmp, self.path)
@@ -230,14 +236,14 @@ class OutputLock:
         self._fd = holding
         self._finalizer = weakref.finalize(self, _release, holding, str(self.path), os.getpid())
 
-    def _locked(self, info: dict[str, Any]) -> OutputLockedError:
+    def _locked(self, info: dict[str, Any], flock: bool = True) -> OutputLockedError:
         if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
             return OutputLockedError(
                 f"{self.folder} is in use by this process: {info.get('what') or 'a writer'} "
                 "holds its lock; close or finish that writer first (a tracker's close()), or "
                 "write into another folder")
         gone = ""
-        if info.get("host") not in (None, socket.gethostname()):
+        if not flock or info.get("host") not in (None, socket.gethostname()):
             gone = f"; if that process is gone, delete {self.path}"
         return OutputLockedError(
             f"{self.folder} is in use: {_holder(info)} is writing into it; wait until it ends, "
@@ -283,7 +289,10 @@ def output_lock(folder: PathLike, what: str = "a run") -> OutputLock:
 
 # ---------------------------------------------------------------------- OS-level helpers
 def _try_flock(fd: int) -> bool:
-    """``flock(fd, LOCK_EX | LOCK_NB)``; ``False`` where the file system has no flock."""
+    """``flock(fd, LOCK_EX | LOCK_NB)``; ``False`` where the system or file system has no
+    flock."""
+    if fcntl is None:
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -775,8 +775,8 @@ def _check_new_run(out: Path, resume: bool) -> None:
 def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path, n_batches: int,
                   penalty: HessianTracePenalty | None) -> None:
     """What a checkpoint must agree on with the run that continues from it (its structure
-    is :func:`~hesslens.training.checkpoint.load_checkpoint`'s): the configuration, the steps
-    and scheduler steps its epoch implies, a penalty state where the run has a penalty."""
+    is :func:`~hesslens.training.checkpoint.load_checkpoint`'s): the configuration, the
+    optimizer steps its epoch implies on this data, a penalty state where the run has one."""
     saved = dict(ckpt["config"])
     now = to_jsonable(config.to_dict())
     diff = sorted(
