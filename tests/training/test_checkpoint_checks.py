@@ -173,6 +173,14 @@ def _resume_fails(folder, cfg, change, words):
     (lambda c: c.update(config="htr"), "'config' is a str"),
     (lambda c: c["model"].update({"0.weight": c["model"]["0.weight"].double()}),
      "0.weight is torch.float64 in the checkpoint, torch.float32 in the model"),
+    # found by editing random parts of a checkpoint (checksum forged) and resuming
+    (lambda c: c["scheduler"]["milestones"].__setitem__(1, 9), "scheduler's milestones"),
+    (lambda c: c["scheduler"].update(_last_lr=[0.5]), "last learning rates"),
+    (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=3), "is a int, not a tensor"),
+    (lambda c: c["optimizer"]["param_groups"][0].pop("lr"), "learning rate .* is None"),
+    (lambda c: c["optimizer"]["param_groups"][0].update(foreach="x"), "foreach is 'x'"),
+    (lambda c: c["metrics"][0].update(test_loss="low"), r"metrics\[0\]\['test_loss'\]"),
+    (lambda c: c["penalty"].update(device="tpu"), "'penalty' is not"),
 ])
 def test_a_penalised_run_refuses_edited_checkpoints_and_leaves_its_folder(tmp_path, change,
                                                                            words):

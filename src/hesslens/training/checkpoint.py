@@ -62,6 +62,7 @@ import numbers
 import os
 import random
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -348,6 +349,7 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
     if not path.is_file():  # a pipe or a device would block the reader or feed it anything
         raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe, a device?)")
+    _check_zip(path)
     try:
         with open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -360,6 +362,29 @@ def _read(path: Path) -> Any:
             "torch.load(weights_only=True) can read (truncated, or holding other objects than "
             "tensors and plain data)"
         ) from None
+
+
+def _check_zip(path: Path) -> None:
+    """``torch.save``'s zip archive checked against the CRC-32 of every member (torch's reader
+    does not check them): a changed byte anywhere in the stored data or the archive's headers
+    is named, even where the content checksum would not see it (bytes torch skips)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # torch's legacy format, or not a checkpoint: torch.load says which
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except PermissionError:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: permission denied; make it readable") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError,
+            NotImplementedError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its zip archive is broken ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:120]}); {_FIX}") from None
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: the bytes of {bad} do not match their CRC-32 "
+            f"checksum; {_FIX}")
 
 
 def _checksum_problem(obj: Mapping[str, Any]) -> str | None:
@@ -428,23 +453,24 @@ _FIX = "use an intact copy, or start the run again in a new folder"
 
 
 def check_fit(ckpt: Mapping[str, Any], path: PathLike, model: nn.Module,
-              optimizer: torch.optim.Optimizer | None = None) -> None:
+              optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> None:
     """Raise a :class:`~hesslens.errors.CheckpointError` unless the states of the (already
-    loaded and checked) training checkpoint ``ckpt`` fit ``model`` and ``optimizer``: what
-    :func:`load_checkpoint` checks with ``model=`` and ``optimizer=``, for callers that first
-    check what else the checkpoint must agree on (the trainer: the configuration)."""
-    problem = fit_problem(ckpt, model, optimizer)
+    loaded and checked) training checkpoint ``ckpt`` fit ``model``, ``optimizer`` and
+    ``scheduler`` (:func:`fit_problem`), for callers that first check what else the
+    checkpoint must agree on (the trainer: the configuration)."""
+    problem = fit_problem(ckpt, model, optimizer, scheduler)
     if problem is not None:
         raise CheckpointError(f"checkpoint {os.fspath(path)}: {problem}; {_FIX}")
 
 
-def fit_problem(ckpt: Any, model: nn.Module,
-                optimizer: torch.optim.Optimizer | None = None) -> str | None:
-    """What keeps a checkpoint's states from loading into ``model`` (and ``optimizer``), or
-    ``None``: its weights (``ckpt["model"]``, or ``ckpt`` itself, a plain state dict:
-    :func:`state_dict_problem`) and, for a training checkpoint (one with a ``"format"``), the
-    exact dtypes of the model's tensors (a run resumes in the precision it was trained in) and
-    its optimizer state (shapes against the parameters, finite values).
+def fit_problem(ckpt: Any, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                scheduler: Any = None) -> str | None:
+    """What keeps a checkpoint's states from loading into ``model`` (and ``optimizer`` and
+    ``scheduler``), or ``None``: its weights (``ckpt["model"]``, or ``ckpt`` itself, a plain
+    state dict: :func:`state_dict_problem`) and, for a training checkpoint (one with a
+    ``"format"``), the exact dtypes of the model's tensors (a run resumes in the precision it
+    was trained in), its optimizer state (shapes against the parameters, finite values, the
+    configuration's hyperparameters) and its scheduler's (the configuration's schedule).
 
     >>> fit_problem(nn.Linear(2, 3).state_dict(), nn.Linear(2, 3)) is None
     True
@@ -456,6 +482,10 @@ def fit_problem(ckpt: Any, model: nn.Module,
     problem = state_dict_problem(state, model, exact_dtype=training)
     if problem is None and training and isinstance(ckpt.get("optimizer"), Mapping):
         problem = _optimizer_problem(ckpt["optimizer"], optimizer, model)
+    if problem is None and training and scheduler is not None and isinstance(
+            ckpt.get("scheduler"), Mapping):
+        problem = _scheduler_problem(ckpt["scheduler"], ckpt["optimizer"]["param_groups"],
+                                     scheduler)
     return problem
 
 
@@ -592,19 +622,31 @@ def _training_problem(ckpt: Mapping[str, Any], epochs: int | None,
         if problem is not None:
             return problem
     last = ckpt["scheduler"].get("last_epoch", epoch)
-    if last != epoch:
+    if not _is_int(last) or last != epoch:
         return (f"its learning-rate schedule stands at epoch {last!r}, not at its epoch {epoch} "
                 "(the trainer steps it once an epoch)")
     problem = _penalty_problem(ckpt["penalty"])
     if problem is not None:
         return problem
-    return _optimizer_problem(ckpt["optimizer"], optimizer, model)
+    problem = _optimizer_problem(ckpt["optimizer"], optimizer, model)
+    if problem is None:
+        problem = _scheduler_problem(ckpt["scheduler"], ckpt["optimizer"]["param_groups"], None)
+    return problem
+
+
+#: The numbers of an epoch record (``None`` where not measured).
+_RECORD_NUMBERS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
+                   "test_acc", "htr_penalty", "htr_steps", "epoch_seconds", "eval_seconds",
+                   "tracking_seconds", "trace", "trace_stderr", "top_eigenvalue")
 
 
 def _metrics_problem(metrics: list[Any], epoch: int) -> str | None:
     for i, r in enumerate(metrics):
         if not isinstance(r, Mapping) or not _is_int(r.get("epoch")):
             return f"its metrics[{i}] is not an epoch record (a dictionary with an int 'epoch')"
+        bad = [k for k in _RECORD_NUMBERS if not (r.get(k) is None or _is_num(r[k]))]
+        if bad:
+            return f"its metrics[{i}][{bad[0]!r}] is {r[bad[0]]!r}, not a number"
     trained = [int(r["epoch"]) for r in metrics if r["epoch"] != 0]
     initial = [i for i, r in enumerate(metrics) if r["epoch"] == 0]
     if trained != list(range(1, epoch + 1)) or initial not in ([], [0]):
@@ -623,7 +665,10 @@ def _penalty_problem(state: Mapping[str, Any] | None) -> str | None:
           and (gen is None or (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8))
           and isinstance(state.get("recent", []), (list, tuple))
           and all(_is_num(v) for v in state.get("recent", [])))
-    if ok and gen is not None and state.get("device", "cpu") in (None, "cpu"):
+    device = state.get("device")
+    ok = ok and (device is None or (isinstance(device, str) and device.split(":")[0] in (
+        "cpu", "cuda", "mps")))
+    if ok and gen is not None and device in (None, "cpu"):
         try:
             torch.Generator().set_state(gen)
         except (RuntimeError, TypeError, ValueError):
@@ -649,9 +694,18 @@ def _optimizer_problem(saved: Mapping[str, Any], optimizer: torch.optim.Optimize
         if pid not in ids or not isinstance(entry, Mapping):
             return f"its optimizer state names parameter {pid!r}, which no parameter group has"
         for name, value in entry.items():
+            if not (value is None or isinstance(value, torch.Tensor)
+                    or (name == "step" and _is_num(value))):
+                return (f"its optimizer state {name} of parameter {pid} is a "
+                        f"{type(value).__name__}, not a tensor")
             if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(
                     torch.isfinite(value).all()):
                 return f"its optimizer state {name} of parameter {pid} holds NaN or infinite values"
+    for i, g in enumerate(groups):
+        lr = g.get("lr")
+        if not (_is_num(lr) and math.isfinite(lr) and lr >= 0):  # a cosine schedule ends at 0
+            return (f"its optimizer's learning rate (group {i}) is {lr!r}, not a number "
+                    ">= 0")
     if optimizer is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         sizes = [len(g["params"]) for g in optimizer.param_groups]
@@ -674,9 +728,38 @@ def _optimizer_problem(saved: Mapping[str, Any], optimizer: torch.optim.Optimize
     now = optimizer.state_dict()["param_groups"]
     for i, (g, h) in enumerate(zip(groups, now)):
         for key, value in h.items():
-            if key in ("params", "lr", "initial_lr") or key not in g:
+            if key in ("params", "lr", "initial_lr"):
                 continue
-            if _is_num(value) and not (_is_num(g[key]) and math.isclose(g[key], value)):
-                return (f"its optimizer's {key} is {g[key]!r} (group {i}), the configuration's "
-                        f"{value!r}")
+            if _is_num(value) and not (_is_num(g.get(key)) and math.isclose(g[key], value)):
+                return (f"its optimizer's {key} is {g.get(key)!r} (group {i}), the "
+                        f"configuration's {value!r}")
+            if (value is None or isinstance(value, bool)) and key in g and not (
+                    g[key] is None or isinstance(g[key], bool)):
+                return f"its optimizer's {key} is {g[key]!r} (group {i}), not a flag"
+    return None
+
+
+#: Scheduler state that moves as the run goes on; the rest follows from the configuration.
+_SCHEDULER_RUNNING = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step",
+                      "_is_initial", "verbose")
+
+
+def _scheduler_problem(saved: Mapping[str, Any], groups: list[Any],
+                       scheduler: Any | None) -> str | None:
+    """What is wrong with a saved learning-rate scheduler state: its last rates must be the
+    optimizer's (positive numbers, one per group), and, given the run's ``scheduler`` (built
+    from the same configuration), everything not :data:`_SCHEDULER_RUNNING` must be its."""
+    last = saved.get("_last_lr")
+    if last is not None and (not isinstance(last, list) or len(last) != len(groups) or any(
+            not _is_num(v) or v != g.get("lr") for v, g in zip(last, groups))):
+        return (f"its scheduler's last learning rates {last!r} are not its optimizer's "
+                f"{[g.get('lr') for g in groups]}")
+    if scheduler is None:
+        return None
+    for key, value in scheduler.state_dict().items():
+        if key in _SCHEDULER_RUNNING:
+            continue
+        if key not in saved or saved[key] != value:
+            return (f"its scheduler's {key} is {saved.get(key)!r}, the configuration's "
+                    f"{value!r}")
     return None

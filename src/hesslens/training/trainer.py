@@ -620,7 +620,7 @@ def _train_in_folder(
         ckpt = load_checkpoint(ckpt_path, epochs=config.epochs, training=True)
         _check_resume(ckpt, config, ckpt_path, n_batches=math.ceil(len(y_tr) / config.batch_size),
                       penalty=penalty)
-        check_fit(ckpt, ckpt_path, model, optimizer)  # shapes, before load_state_dict
+        check_fit(ckpt, ckpt_path, model, optimizer, scheduler)  # before load_state_dict
         check_bit_exactness(ckpt, ckpt_path, device)  # threads, flags, torch, device
         _load_states(ckpt, ckpt_path, model, optimizer, scheduler, penalty)
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
