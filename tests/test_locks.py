@@ -94,6 +94,13 @@ def test_an_unreadable_stale_lock_file_is_taken_over_too(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_lock_name_that_is_not_a_file_is_named(tmp_path):
+    (tmp_path / LOCK_NAME).mkdir()
+    with pytest.raises(OutputLockedError, match="which is not a lock file"):
+        output_lock(tmp_path)
+    assert os.listdir(tmp_path) == [LOCK_NAME]
+
+
 def test_a_failed_block_removes_the_folders_it_created_and_only_those(tmp_path):
     deep = tmp_path / "a" / "b" / "c"
     with pytest.raises(RuntimeError), OutputLock(deep, "a run that fails its checks"):

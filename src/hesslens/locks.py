@@ -42,6 +42,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import tempfile
 import time
 import warnings
@@ -208,6 +209,10 @@ class OutputLock:
                 state, stale_fd, info = _inspect(self.path, flock)
                 if state == "held":
                     raise self._locked(info, flock) from None
+                if state == "foreign":
+                    raise OutputLockedError(
+                        f"the output folder {self.folder} holds {self.path}, which is not a "
+                        "lock file (a folder?); remove it, or write into another folder")
                 if state == "stale":  # its OS lock is ours now: put our file in its place
                     try:
                         os.replace(tmp, self.path)
@@ -323,14 +328,18 @@ def _read_fd(fd: int) -> dict[str, Any]:
 
 def _inspect(path: Path, flock: bool) -> tuple[str, int | None, dict[str, Any]]:
     """The state of an existing lock file: ``("held", None, info)`` (a live writer),
-    ``("stale", fd, info)`` (its writer is gone; ``fd`` holds its OS lock now) or
-    ``("gone", None, {})`` (released or replaced meanwhile: try again)."""
+    ``("stale", fd, info)`` (its writer is gone; ``fd`` holds its OS lock now),
+    ``("gone", None, {})`` (released or replaced meanwhile: try again) or ``("foreign", None,
+    {})`` (not a regular file)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return "gone", None, {}
     except OSError:
         return "held", None, read_lock(path.parent) or {}
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return "foreign", None, {}
     info = _read_fd(fd)
     if not info and _young(fd):  # being created this instant (where there are no hard links)
         os.close(fd)
