@@ -23,14 +23,13 @@ import torch
 
 from hesslens.errors import HesslensInputError
 
-__all__ = [
-    "SEED_RANGE",
-    "check_int",
-    "check_labels",
-    "check_positive_int",
-    "check_seed",
-    "check_xy",
-]
+__all__ = ["SEED_LIMIT", "check_int", "check_labels", "check_positive_int", "check_seed",
+           "check_xy"]
+
+#: Seeds are integers in ``[0, SEED_LIMIT)``: the range every seeded library hesslens uses
+#: accepts (numpy's legacy ``RandomState`` and scikit-learn's ``random_state`` take 32 bits;
+#: torch takes 64).
+SEED_LIMIT = 2**32
 
 
 def check_int(value: object, what: str) -> int:
@@ -44,6 +43,27 @@ def check_int(value: object, what: str) -> int:
     return int(value)
 
 
+def check_seed(value: object, what: str = "seed") -> int:
+    """Return ``value`` as an ``int`` if it is a seed every seeded library accepts: an integer
+    (Python or NumPy, not bool) with ``0 <= value < 2**32``; else raise, naming the range.
+
+    >>> check_seed(7)
+    7
+    >>> check_seed(2**32, "--seed")
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.HesslensInputError: --seed must be an integer in [0, 4294967295] (numpy ...
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise HesslensInputError(
+            f"{what} must be an integer in [0, {SEED_LIMIT - 1}], got {value!r}")
+    if not 0 <= value < SEED_LIMIT:
+        raise HesslensInputError(
+            f"{what} must be an integer in [0, {SEED_LIMIT - 1}] (numpy and scikit-learn take "
+            f"32-bit seeds), got {value}; give a smaller seed, e.g. {int(value) % SEED_LIMIT}")
+    return int(value)
+
+
 def check_positive_int(value: object, what: str) -> int:
     """Return ``value`` as an ``int`` if it is a positive integer, else raise.
 
@@ -52,31 +72,6 @@ def check_positive_int(value: object, what: str) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise HesslensInputError(f"{what} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-#: Seeds every seeded library of the package accepts: NumPy's and scikit-learn's ``random_state``
-#: take ``0 <= seed < 2**32``; torch takes more, so this is the common range.
-SEED_RANGE = (0, 2**32 - 1)
-
-
-def check_seed(value: object, what: str = "seed") -> int:
-    """Return ``value`` as an ``int`` if it is a seed every seeded library accepts
-    (:data:`SEED_RANGE`), else raise naming the range.
-
-    >>> check_seed(0)
-    0
-    >>> check_seed(2**32)
-    Traceback (most recent call last):
-    ...
-    hesslens.errors.HesslensInputError: seed must be an integer from 0 to 4294967295 ...
-    """
-    lo, hi = SEED_RANGE
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or not lo <= value <= hi):
-        raise HesslensInputError(
-            f"{what} must be an integer from {lo} to {hi} (the range NumPy, scikit-learn and "
-            f"torch all accept), got {value!r}")
     return int(value)
 
 

@@ -11,9 +11,11 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from hesslens.errors import HesslensError
 from hesslens.version import __version__
@@ -43,6 +45,18 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings shown as one line each (``hesslens train: warning: ... (StaleLockWarning)``),
+    not Python's file, line number and source line."""
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        return f"hesslens {command}: warning: {_one_line(message)} ({category.__name__})\n"
+
+    with warnings.catch_warnings():
+        warnings.formatwarning = one_line
+        yield
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hesslens",
@@ -69,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, _, run_name, _ = COMMANDS[args.command]
     run = getattr(importlib.import_module(module_name), run_name)
     try:
-        return int(run(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(run(args) or 0)
     except HesslensError as error:
         print(f"hesslens {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2

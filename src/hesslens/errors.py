@@ -27,6 +27,17 @@ class DataChangedError(HesslensInputError):
     change): the operator would mix several matrices into one."""
 
 
+class OutputLockedError(HesslensInputError):
+    """The output folder is in use: another run (or another writer in this process) holds its
+    lock (:mod:`hesslens.locks`); two writers in one folder would overwrite each other."""
+
+
+class CheckpointError(HesslensInputError):
+    """A checkpoint that cannot be used as it is: unreadable, corrupted (its checksum does not
+    match), of the wrong structure, or not fitting the model or the configuration. Nothing is
+    trained on it (:mod:`hesslens.training.checkpoint`)."""
+
+
 class NonFiniteCurvatureError(HesslensError, ArithmeticError):
     """A curvature product came out NaN or infinite, though the loss itself may be finite."""
 
@@ -45,3 +56,8 @@ class CurvatureUnderflowError(HesslensInputError):
     """The curvature lies below the normal range of the dtype its products are computed in
     (subnormal numbers, e.g. a float32 loss scaled by 1e-40): its products have lost their
     precision. Rescale the loss, or analyse a float64 copy."""
+
+
+class StaleLockWarning(UserWarning):
+    """An output folder's lock was left by a process that no longer runs (killed); the new run
+    takes it over."""

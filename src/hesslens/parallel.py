@@ -58,7 +58,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hesslens.errors import DataChangedError, HesslensInputError, NonFiniteCurvatureError
+from hesslens.errors import (
+    DataChangedError,
+    HesslensInputError,
+    NonFiniteCurvatureError,
+    OutputLockedError,
+)
+from hesslens.locks import OutputLock, output_lock
 
 __all__ = [
     "KINDS",
@@ -71,6 +77,7 @@ __all__ = [
     "broadcast_buffers",
     "current",
     "env_world_size",
+    "folder_lock",
     "initialized",
     "local_device",
     "mark_failure",
@@ -261,6 +268,43 @@ def broadcast_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
         return
     for b in module.buffers():
         dist.broadcast(b, src=0, group=ranks.group)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str,
+                ranks: Ranks | None = None) -> Iterator[OutputLock | None]:
+    """Hold the output lock of ``folder`` (:func:`hesslens.locks.output_lock`: it creates the
+    folder, and removes it again if the block fails leaving it empty) on rank 0, the process
+    that writes, for the block. Under torch.distributed every rank learns whether rank 0 got
+    it and raises the same error if not, so that all stop alike instead of waiting for each
+    other. Yields rank 0's lock (``None`` on the other ranks).
+
+    Example:
+        >>> import tempfile
+        >>> with folder_lock(tempfile.mkdtemp(), "a demo") as lock:
+        ...     lock.held
+        True
+    """
+    ranks = current() if ranks is None else ranks
+    lock, error = None, None
+    if ranks.is_main:
+        try:
+            lock = output_lock(folder, what)
+        except HesslensInputError as err:
+            error = err
+    if ranks.distributed:
+        got = all_gather_objects(None if error is None else (type(error).__name__, str(error)),
+                                 ranks)[0]
+        if got is not None and error is None:
+            error = (OutputLockedError if got[0] == "OutputLockedError"
+                     else HesslensInputError)(got[1])
+    if error is not None:
+        raise error
+    if lock is None:
+        yield None
+        return
+    with lock:
+        yield lock
 
 
 def barrier(ranks: Ranks) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hesslens.checks import check_int, check_labels, check_positive_int, check_xy
+from hesslens.checks import check_labels, check_positive_int, check_seed, check_xy
 from hesslens.errors import HesslensInputError
 
 __all__ = ["analysis_subset", "split_train_val", "subset_indices"]
@@ -45,7 +45,7 @@ def split_train_val(
     (16, 4, [2, 2])
     """
     check_xy(x, y, "split_train_val")
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     n = len(y)
     if n < 2:
         raise HesslensInputError(f"split_train_val needs at least 2 examples, got {n}")
@@ -85,7 +85,7 @@ def subset_indices(y: torch.Tensor, per_class: int = 10, seed: int = 0) -> torch
     """
     check_labels(y, "subset_indices")
     per_class = check_positive_int(per_class, "per_class")
-    generator = torch.Generator().manual_seed(check_int(seed, "seed"))
+    generator = torch.Generator().manual_seed(check_seed(seed))
     order = torch.randperm(len(y), generator=generator)
     labels = y.cpu()[order]
     chosen = [order[labels == c][:per_class] for c in torch.unique(labels)]

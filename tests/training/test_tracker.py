@@ -188,7 +188,7 @@ def test_files_are_written_per_record_and_a_new_tracker_continues_them(tmp_path)
     assert saved["schema"] == SCHEMA and [r["step"] for r in saved["records"]] == [0]
     t1.update(10)
     t1.update(20)
-    # "killed" here: a new tracker continues the file
+    t1.close()  # "killed" here (which gives back the folder's lock): a new tracker continues
     t2 = CurvatureTracker(model, LOSS, (x, y), out=tmp_path)
     assert [r["step"] for r in t2.history] == [0, 10, 20]
     t2.update(10)  # a run resumed from step 10 measures it again: 10 and 20 are replaced

@@ -76,6 +76,7 @@ from hesslens.experiments.common import (
     apply_threads,
     check_out_dir,
     load_state_dict,
+    out_dir_lock,
     positive_float,
     positive_int,
     prepare_out_dir,
@@ -161,7 +162,15 @@ def _names(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, str]:
     return str(model), str(data)
 
 
-def _fit_checkpoint(model: Any, state: dict, path: str, model_name: str, data: str) -> None:
+def _fit_checkpoint(model: Any, state: dict, path: str, model_name: str, data: str,
+                    rest: dict | None = None) -> None:
+    from hesslens.errors import CheckpointError
+    from hesslens.training.checkpoint import fit_problem
+
+    problem = fit_problem({**(rest or {}), "model": state}, model)  # names, shapes, values
+    if problem is not None:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit model {model_name!r} on {data!r}: {problem}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -219,7 +228,8 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     with process_group_from_env(args.device) as ranks:
         quiet_other_ranks(ranks)
-        return _run_analyze(args, ranks)
+        with out_dir_lock(args.out, "analyze", ranks):
+            return _run_analyze(args, ranks)
 
 
 def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
@@ -255,7 +265,7 @@ def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
             f"model {model_name!r} does not fit data set {data_name!r} (inputs of shape "
             f"{info.input_shape}): {err}") from None
     if state is not None:
-        _fit_checkpoint(model, state, args.checkpoint, model_name, data_name)
+        _fit_checkpoint(model, state, args.checkpoint, model_name, data_name, rest)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.k > n_params:  # as the operators refuse it, before any data is loaded

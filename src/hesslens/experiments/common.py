@@ -6,7 +6,10 @@
   objects, with one clear error for what cannot work here (CUDA asked for but absent, ...);
 * :func:`check_out_dir`, :func:`prepare_out_dir`, :func:`versions`, :func:`load_state_dict` --
   output folder, versions for the records (from :mod:`hesslens.provenance`), and checkpoint
-  loading (``weights_only=True``).
+  loading (``weights_only=True``, checked: :mod:`hesslens.training.checkpoint`);
+* :func:`out_dir_lock` -- the output folder's lock for the length of a command
+  (:mod:`hesslens.locks`), so that two commands never write into one folder at once;
+* :func:`seed_int` -- ``--seed``, in the range every seeded library takes.
 
 Example:
     >>> import argparse
@@ -22,14 +25,16 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from hesslens.checks import SEED_LIMIT
 from hesslens.errors import HesslensInputError
 
 __all__ = [
@@ -41,11 +46,13 @@ __all__ = [
     "load_state_dict",
     "nonnegative_float",
     "nonnegative_int",
+    "out_dir_lock",
     "positive_float",
     "positive_int",
     "prepare_out_dir",
     "resolve_device",
     "resolve_dtype",
+    "seed_int",
     "show_progress",
     "versions",
 ]
@@ -77,6 +84,23 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in ``[0, 2**32)`` (:func:`hesslens.checks.check_seed`:
+    the range numpy and scikit-learn take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer below 2**32 = {SEED_LIMIT} (numpy and scikit-learn take "
+            f"32-bit seeds), got {text!r}")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     try:
@@ -105,7 +129,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     g = parser.add_argument_group("run")
     g.add_argument("--out", default=default_out, metavar="DIR",
                    help=f"output folder, created if needed (default {default_out})")
-    g.add_argument("--seed", type=nonnegative_int, default=0, metavar="S",
+    g.add_argument("--seed", type=seed_int, default=0, metavar="S",
                    help="seed of everything random: model initialisation, data subset, "
                         "probes (default 0)")
     g.add_argument("--device", default="cpu", metavar="DEV",
@@ -212,6 +236,27 @@ def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def out_dir_lock(path: str | os.PathLike[str], command: str,
+                 ranks: Any = None) -> Iterator[Path]:
+    """Hold the lock of the output folder ``path`` while ``hesslens COMMAND`` runs in the block
+    (:func:`hesslens.parallel.folder_lock`: rank 0 under torchrun; the folder is
+    created, and removed again if the command fails leaving it empty). A second command into
+    the same folder gets :class:`~hesslens.errors.OutputLockedError` at once. Yields the
+    folder.
+
+    >>> import tempfile
+    >>> with out_dir_lock(tempfile.mkdtemp(), "demo") as out:
+    ...     out.is_dir()
+    True
+    """
+    from hesslens.parallel import folder_lock
+
+    out = check_out_dir(path)
+    with folder_lock(out, f"hesslens {command}", ranks):
+        yield out
+
+
 def versions(device: Any = None) -> dict[str, Any]:
     """Versions of hesslens, Python, torch, numpy, scipy and matplotlib, the platform and the
     device: :func:`hesslens.provenance.versions` (the one place that knows them)."""
@@ -228,8 +273,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     top-level entries (e.g. ``"config"``) or is empty.
     """
     path = Path(path)
-    if not path.is_file():
-        raise HesslensInputError(f"checkpoint {path} does not exist or is not a file")
     from hesslens.training.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
-from hesslens.experiments.common import nonnegative_int
+from hesslens.experiments.common import seed_int
 
 __all__ = ["add_compare_arguments", "compare_runs", "load_run", "run_compare"]
 
@@ -57,7 +57,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where compare.json, compare.csv and the figures go "
                              "(default ./compare)")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
+    parser.add_argument("--seed", type=seed_int, default=0,
                         help="accepted for uniformity with the other commands; unused")
     parser.add_argument("--device", default="cpu",
                         help="accepted for uniformity with the other commands; unused")
@@ -402,11 +402,12 @@ def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) ->
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run ``hesslens compare``; print the table; write files; return 0."""
-    from hesslens.experiments.common import check_out_dir
+    from hesslens.experiments.common import check_out_dir, out_dir_lock
 
     out = check_out_dir(args.out)
     result = compare_runs(list(args.runs))
-    figures = write_comparison(result, out, figures=not getattr(args, "no_figures", False))
+    with out_dir_lock(out, "compare"):
+        figures = write_comparison(result, out, figures=not getattr(args, "no_figures", False))
     print(format_table(result))
     print(f"wrote compare.json, compare.csv{''.join(', ' + f for f in figures)} to {out}")
     return 0

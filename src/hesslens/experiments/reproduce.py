@@ -52,6 +52,7 @@ from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import (
     add_common_arguments,
     apply_threads,
+    out_dir_lock,
     positive_int,
     prepare_out_dir,
     resolve_device,
@@ -369,13 +370,14 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     ranks = current()
     if ranks.world != plan.world_size:
         plan = dataclasses.replace(plan, world_size=ranks.world)
-    out = _on_main(lambda: prepare_out_dir(out_dir))  # refuses '' and files; stale temporaries
-    _on_main(lambda: _check_plan(out, plan))
-    progress = progress and ranks.is_main
-    chosen = _timed(out, "tune_seconds", lambda: _tune(plan, out, device, progress))
-    runs = _timed(out, "train_seconds", lambda: _train_final(plan, out, device, chosen,
-                                                             progress))
-    return _on_main(lambda: _finish(plan, out, device, chosen, runs, progress, dtype))
+    with out_dir_lock(out_dir, "reproduce", ranks):  # one study at a time in a folder
+        out = _on_main(lambda: prepare_out_dir(out_dir))  # stale temporaries
+        _on_main(lambda: _check_plan(out, plan))
+        progress = progress and ranks.is_main
+        chosen = _timed(out, "tune_seconds", lambda: _tune(plan, out, device, progress))
+        runs = _timed(out, "train_seconds", lambda: _train_final(plan, out, device, chosen,
+                                                                 progress))
+        return _on_main(lambda: _finish(plan, out, device, chosen, runs, progress, dtype))
 
 
 def _finish(plan: Plan, out: Path, device: str, chosen: dict[str, Any],

@@ -49,11 +49,12 @@ from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import (
     SMALL_MODEL,
     apply_threads,
+    check_out_dir,
     nonnegative_float,
     nonnegative_int,
     positive_float,
     positive_int,
-    prepare_out_dir,
+    seed_int,
 )
 from hesslens.parallel import process_group_from_env, quiet_other_ranks
 from hesslens.training.config import TrainConfig
@@ -200,7 +201,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, metavar="DIR", help="output folder of the run")
-    g.add_argument("--seed", type=nonnegative_int, default=0, help="(default 0)")
+    g.add_argument("--seed", type=seed_int, default=0, help="(default 0; below 2**32)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads for torch (default: 1 for models under "
@@ -266,8 +267,7 @@ def run_train(args: argparse.Namespace) -> int:
     apply_threads(getattr(args, "threads", None), sum(p.numel() for p in model.parameters()))
     with process_group_from_env(config.device) as ranks:  # under torchrun: data-parallel
         quiet_other_ranks(ranks)
-        if ranks.is_main:
-            prepare_out_dir(args.out)
+        check_out_dir(args.out)  # the trainer locks --out for the run (and creates it)
         result = train(config, args.out, model=model, dataset=data,
                        progress=not getattr(args, "no_progress", False),
                        resume=bool(getattr(args, "resume", False)),

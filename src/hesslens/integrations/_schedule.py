@@ -118,6 +118,7 @@ class TrackerCallbackBase:
             device = next(model.parameters()).device
         except StopIteration:
             device = torch.device("cpu")
+        self.stop()  # a tracker of an earlier run gives back the folder's lock first
         self.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
         data = to_device(self.data, device)
         out = self.out if write else None
@@ -128,6 +129,11 @@ class TrackerCallbackBase:
             self.tracker = CurvatureTracker(model, self.loss_fn, data, out=out, every=1,
                                             **self.tracker_options)
         self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def stop(self) -> None:
+        """At the end of training: the tracker gives back the lock of ``out``."""
+        if self.tracker is not None:
+            self.tracker.close()
 
     def record(self, step: int, info: Mapping[str, Any]) -> dict[str, Any] | None:
         """Record at ``step`` unless this step already has its record; return the record."""

@@ -115,3 +115,6 @@ class CurvatureCallback(TrackerCallbackBase, Callback):
                 # every rank has the same record: a mean over the ranks changes nothing
                 pl_module.log_dict(logs, on_step=on_step, on_epoch=not on_step,
                                    sync_dist=int(getattr(trainer, "world_size", 1)) > 1)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.stop()

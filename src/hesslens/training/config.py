@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
 
 __all__ = ["CURVATURES", "RUN_ONLY_FIELDS", "SCHEDULES", "TrainConfig", "arm_key", "arm_label"]
@@ -62,7 +63,8 @@ class TrainConfig:
             ``m, m+1, ...`` run at the lower rate); ``None`` gives
             ``[round(epochs / 2), round(3 epochs / 4)]``.
         lr_gamma: the multistep decay factor.
-        seed: initial weights, data order, validation split, probes.
+        seed: initial weights, data order, validation split, probes; in ``[0, 2**32)``, the
+            range numpy and scikit-learn take (:func:`hesslens.checks.check_seed`).
         htr_gamma: weight of the Hessian-trace penalty; 0 switches it off.
         htr_layers: ``"all"``, ``"middle"`` or a list of layer names.
         htr_every: apply the penalty on every k-th optimizer step (the paper: 50).
@@ -159,8 +161,7 @@ class TrainConfig:
                  "0-based): the decay would never happen; give milestones below --epochs")
         need(is_num(self.lr_gamma) and 0 < self.lr_gamma <= 1,
              f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
-        need(is_int(self.seed) and self.seed >= 0,
-             f"seed must be a non-negative integer, got {self.seed!r}")
+        check_seed(self.seed)  # numpy and scikit-learn take 32 bits
         need(is_num(self.htr_gamma) and self.htr_gamma >= 0,
              f"htr_gamma must be >= 0 (0 switches HTR off), got {self.htr_gamma!r}")
         layers_ok = (isinstance(self.htr_layers, str) and bool(self.htr_layers.strip())) or (

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hesslens.checks import SEED_LIMIT, check_seed
 from hesslens.curvature.blocks import block_parameters
 from hesslens.curvature.products import (
     named_derivative_errors,
@@ -158,8 +159,9 @@ class HessianTracePenalty:
             (symmetric finite differences of the loss, first-order only).
         fd_eps: relative step for ``"fd"``: the parameters move by ``fd_eps * ||theta_S||``
             along each probe. ``None`` takes :func:`default_fd_eps` of the parameters' dtype.
-        seed: seed of the probe generator; ``None`` draws one from the global torch generator
-            once, at construction (so ``torch.manual_seed`` still makes runs reproducible).
+        seed: seed of the probe generator, in ``[0, 2**32)`` (:func:`hesslens.checks.check_seed`);
+            ``None`` draws one from the global torch generator once, at construction (so
+            ``torch.manual_seed`` still makes runs reproducible).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; required for ``"fd"``.
         grouping: the blocks ``layers`` chooses among, as the curvature operators'
             ``layers=`` (:func:`hesslens.curvature.blocks.resolve_blocks`): ``None`` (modules),
@@ -193,6 +195,8 @@ class HessianTracePenalty:
         curvature: str = "hessian",
     ) -> None:
         _check_arguments(model, n_probes, distribution, method, curvature, fd_eps, loss_fn)
+        if seed is not None:
+            seed = check_seed(seed)
         self.model = model
         self.blocks = select_blocks(model, layers, grouping)
         self.layer_params: dict[str, list[str]] = block_parameters(self.blocks)
@@ -220,7 +224,7 @@ class HessianTracePenalty:
         self._gn_form = GaussNewtonForm(self._side_pass, loss_fn) if loss_fn else None
         self._fisher_form = FisherForm(self._side_pass, loss_fn) if loss_fn else None
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = int(torch.randint(0, SEED_LIMIT, (1,)).item())
         self.seed = int(seed)
         self._generator: torch.Generator | None = None
         self._pending_state: Tensor | None = None

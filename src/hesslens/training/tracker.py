@@ -48,7 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
+from hesslens.locks import OutputLock, output_lock
 
 __all__ = ["HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureTracker", "untouched_state"]
 
@@ -135,7 +137,11 @@ class CurvatureTracker:
             ``out/curvature.csv`` (both rewritten atomically) as it is made. A tracker on a
             folder that already holds a history continues it; a record whose step is not
             after the last one replaces the records from that step on (a run resumed from a
-            checkpoint measures those steps again).
+            checkpoint measures those steps again). The tracker holds the folder's lock
+            (:mod:`hesslens.locks`) from construction until :meth:`close` (or the end of a
+            ``with`` block, or of the process): a second writer there, another tracker
+            included, gets :class:`~hesslens.errors.OutputLockedError` instead of the two
+            overwriting each other's records.
         every: record on calls ``1, every + 1, 2 every + 1, ...`` of :meth:`update`.
         layers: ``True`` (every layer block, the operator's default grouping), ``False``
             (full network only), a list of layer names, or a grouping for
@@ -148,8 +154,9 @@ class CurvatureTracker:
             densities, which are then measured): ``True`` for
             :func:`hesslens.analysis.similarity.compare_spectra`'s numbers, or your own
             ``similarity(full_spectrum, layer_spectrum) -> float or {name: float}``.
-        seed: seed of every estimator: the same start vectors and probes at every record, so
-            that differences between records are the model's, not the probes'.
+        seed: seed of every estimator, in ``[0, 2**32)`` (:func:`hesslens.checks.check_seed`):
+            the same start vectors and probes at every record, so that differences between
+            records are the model's, not the probes'.
         eig_tol: relative a-posteriori tolerance of the eigenvalues.
         trace_rtol, trace_max_hvp: the traces stop at this relative standard error, or after
             this many products. These defaults are :class:`hesslens.Hessian`'s, so a record
@@ -202,9 +209,7 @@ class CurvatureTracker:
         self.similarity: SimilarityFn | None = (
             similarity if callable(similarity) else _default_similarity if similarity else None)
         self.density = bool(density) or self.similarity is not None
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise HesslensInputError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = check_seed(seed)
         if not (isinstance(eig_tol, (int, float)) and eig_tol > 0):
             raise HesslensInputError(f"eig_tol must be positive, got {eig_tol!r}")
         if not (isinstance(trace_rtol, (int, float)) and trace_rtol > 0):
@@ -231,11 +236,30 @@ class CurvatureTracker:
         self.calls = 0
         self.history: list[dict[str, Any]] = []
         self.out = None if out is None else Path(out)
+        self._lock: OutputLock | None = None
         if self.out is not None:
             if self.out.exists() and not self.out.is_dir():
                 raise HesslensInputError(
                     f"out={str(self.out)!r} is a file; give a folder for curvature.json")
-            self.history = self._read_history(self.out / HISTORY_JSON)
+            self._lock = output_lock(self.out, what="a CurvatureTracker")
+            try:
+                self.history = self._read_history(self.out / HISTORY_JSON)
+            except BaseException:
+                self._lock.release(failed=True)
+                raise
+
+    # ------------------------------------------------------------------ the folder's lock
+    def close(self) -> None:
+        """Give back the lock of ``out`` (the records stay in :attr:`history`; a new tracker
+        on the folder continues them). Recording into ``out`` afterwards is an error."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> CurvatureTracker:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ recording
     def settings(self) -> dict[str, Any]:
@@ -289,6 +313,10 @@ class CurvatureTracker:
         clash = sorted(set(extra) & {"step", "full", "layers", "seconds", "n_hvp"})
         if clash:
             raise HesslensInputError(f"info may not set the measured keys {clash}")
+        if self._lock is not None and not self._lock.held:
+            raise HesslensInputError(
+                f"this tracker was closed and no longer holds {self.out}: make a new "
+                "CurvatureTracker on the folder to go on recording there")
         rec = {"step": step, **extra, **self.measure()}
         while self.history and self.history[-1]["step"] >= step:
             self.history.pop()

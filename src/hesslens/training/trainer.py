@@ -17,8 +17,12 @@ by their names is :func:`hesslens.experiments.train.train_zoo`'s job. The files:
   ``metrics.json`` has ``tracking``: ``{"seconds", "training_seconds", "fraction"}``, what the
   tracking cost in all against the training loop's time;
 * ``checkpoint.pt``: model, optimizer, scheduler, penalty-probe generator, global RNG states,
-  epoch, step and the metrics so far, after every epoch, atomically; read with
-  ``torch.load(weights_only=True)``.
+  epoch, step and the metrics so far, after every epoch, atomically, with a checksum of its
+  content; read with ``torch.load(weights_only=True)``, and checked in full before a run
+  resumes from it (:mod:`hesslens.training.checkpoint`).
+
+While a run writes into its folder it holds the folder's lock (``.hesslens.lock``,
+:mod:`hesslens.locks`), so two runs can never mix their files there.
 
 Determinism and resume. The data order of epoch ``e`` is a permutation drawn from a
 ``torch.Generator`` seeded with a hash of ``(seed, e)``, so it does not depend on anything that
@@ -89,7 +93,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hesslens.errors import HesslensInputError
+from hesslens.errors import CheckpointError, HesslensInputError
 from hesslens.files import remove_stale_temporaries, to_jsonable, write_csv, write_json
 from hesslens.parallel import (
     Ranks,
@@ -98,6 +102,7 @@ from hesslens.parallel import (
     broadcast_buffers,
     current,
     env_world_size,
+    folder_lock,
     local_device,
     shard,
     shard_range,
@@ -107,9 +112,11 @@ from hesslens.parallel import (
 from hesslens.provenance import dataset_fingerprint, versions
 from hesslens.splits import analysis_subset, split_train_val
 from hesslens.training.checkpoint import (
+    CHECKPOINT_FORMAT,
     ResumeDiffersWarning,
     capture_rng_state,
     check_bit_exactness,
+    check_fit,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -126,7 +133,6 @@ CHECKPOINT = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 CONFIG_JSON = "config.json"
-CHECKPOINT_FORMAT = 1
 TIMING_KEYS = ("epoch_seconds", "eval_seconds", "tracking_seconds")
 
 Callback = Callable[[int, dict[str, Any], nn.Module], None]
@@ -485,7 +491,10 @@ def train(
         config: how to train (validated here). ``config.model`` and ``config.data`` are the
             labels the run is recorded under (``config.json``; a resume must repeat them).
         out_dir: where the run's files go (created). A folder that already holds a run is
-            refused unless ``resume=True``.
+            refused unless ``resume=True``. The folder is locked for the run
+            (:mod:`hesslens.locks`): a second run into it gets an
+            :class:`~hesslens.errors.OutputLockedError` at once; a run that fails before
+            writing anything removes the folder it created.
         model: the module to train (required), moved to ``config.device``. To resume, pass a
             module of the same architecture: its weights are replaced by the checkpoint's.
         dataset: the data (required): any object with ``x_train, y_train, x_test, y_test``
@@ -495,7 +504,11 @@ def train(
             :func:`hesslens.splits.analysis_subset` of it.
         progress: tqdm bars (only when stderr is a terminal).
         resume: continue from ``out_dir/checkpoint.pt`` (with an identical config, device and
-            data folder aside); without a checkpoint the run starts from scratch.
+            data folder aside); without a checkpoint the run starts from scratch. The
+            checkpoint is checked in full first (checksum, structure, shapes against the model,
+            epoch, random states: :func:`hesslens.training.checkpoint.load_checkpoint`); a bad
+            one is a :class:`~hesslens.errors.CheckpointError` and the folder is left as it
+            was.
         callbacks: ``cb(epoch, record, model)`` after each epoch's evaluation and tracking and
             before the files are written (they may add keys to ``record``). An exception from a
             callback stops the run; the previous epoch's checkpoint stays valid. A callback
@@ -503,7 +516,10 @@ def train(
         similarity: spectrum similarity for tracking with densities.
 
     Raises:
-        HesslensInputError: no model or no dataset given, a bad config, data or output folder.
+        HesslensInputError: no model or no dataset given, a bad config, data or output folder;
+            its subclasses :class:`~hesslens.errors.OutputLockedError` (another run writes into
+            ``out_dir``) and :class:`~hesslens.errors.CheckpointError` (a checkpoint to resume
+            that is corrupted or does not fit).
     """
     if not isinstance(config, TrainConfig):
         raise HesslensInputError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -512,12 +528,7 @@ def train(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise HesslensInputError(f"--out {str(out)!r} exists and is not a folder")
-    ckpt_path = out / CHECKPOINT
-    if not resume and (ckpt_path.exists() or (out / METRICS_JSON).exists()):
-        raise HesslensInputError(
-            f"{str(out)!r} already holds a training run; continue it with --resume "
-            "(resume=True in Python), or choose another output folder"
-        )
+    _check_new_run(out, resume)  # early, before any work; again in the lock
     ranks = current()
     if not ranks.distributed and env_world_size() > 1:
         raise HesslensInputError(
@@ -526,6 +537,22 @@ def train(
             "call torch.distributed.init_process_group() first (or train inside "
             "hesslens.parallel.process_group_from_env()), or unset WORLD_SIZE for "
             "independent runs")
+    what = f"a training run of {config.model} on {config.data}, seed {config.seed}"
+    with folder_lock(out, what, ranks):  # rank 0 holds it; created here
+        return _train_in_folder(config, out, ranks, model=model, dataset=dataset,
+                                progress=progress, resume=resume, callbacks=callbacks,
+                                similarity=similarity)
+
+
+def _train_in_folder(
+    config: TrainConfig, out: Path, ranks: Ranks, *, model: nn.Module, dataset: Any,
+    progress: bool, resume: bool, callbacks: Sequence[Callback],
+    similarity: Callable[[Any, Any], Any] | None,
+) -> dict[str, Any]:
+    """:func:`train` in its output folder, locked by rank 0 (checked again inside the lock:
+    another run may have started there meanwhile)."""
+    ckpt_path = out / CHECKPOINT
+    _check_new_run(out, resume)
     device = _resolve_device(local_device(config.device, ranks))
 
     # Seed everything for a fresh run (a resumed run restores the states below).
@@ -554,9 +581,6 @@ def train(
             "nothing to train"
         )
     loss_fn = nn.functional.cross_entropy
-    if ranks.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)  # left by a kill during an atomic write
     provenance = {"data": dataset_fingerprint(data, getattr(data, "name", config.data)),
                   "versions": versions(device), "parallel": ranks.record()}
     ddp = _data_parallel(model, device, ranks)
@@ -597,19 +621,18 @@ def train(
     start_epoch, global_step = 0, 0
     resuming = resume and ckpt_path.exists()
     barrier(ranks)  # every rank has looked at out_dir before rank 0 writes into it
-    if resuming:
-        ckpt = load_checkpoint(ckpt_path)
-        _check_resume(ckpt, config, ckpt_path)
+    if resuming:  # checked in full before anything is loaded or written
+        ckpt = load_checkpoint(ckpt_path, epochs=config.epochs, training=True)
+        _check_resume(ckpt, config, ckpt_path, n_batches=math.ceil(len(y_tr) / config.batch_size),
+                      penalty=penalty)
+        check_fit(ckpt, ckpt_path, model, optimizer, scheduler)  # before load_state_dict
         check_bit_exactness(ckpt, ckpt_path, device)  # threads, flags, torch, device
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if penalty is not None and ckpt.get("penalty") is not None:
-            penalty.load_state_dict(ckpt["penalty"])
+        _load_states(ckpt, ckpt_path, model, optimizer, scheduler, penalty)
         start_epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         records = list(ckpt["metrics"])
         restore_rng_state(_rank_rng_state(ckpt, ranks, ckpt_path))
     if ranks.is_main:
+        remove_stale_temporaries(out)  # left by a kill during an atomic write
         write_json(out / CONFIG_JSON, config.to_dict())
     if tracking is not None and start_epoch == 0 and not records:
         # Epoch 0: the curvature (and the held-out numbers) at initialisation. It is kept with
@@ -740,12 +763,25 @@ def train(
     }
 
 
-def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
+def _check_new_run(out: Path, resume: bool) -> None:
+    """Refuse to start a new run in a folder that holds one (unless resuming it), and to
+    resume one whose checkpoint is gone (the new run would overwrite its metrics)."""
+    if not resume and ((out / CHECKPOINT).exists() or (out / METRICS_JSON).exists()):
         raise HesslensInputError(
-            f"{str(path)!r} is not a hesslens training checkpoint of format "
-            f"{CHECKPOINT_FORMAT}; start a new run in another folder"
+            f"{str(out)!r} already holds a training run; continue it with --resume "
+            "(resume=True in Python), or choose another output folder"
         )
+    if resume and (out / METRICS_JSON).exists() and not (out / CHECKPOINT).exists():
+        raise HesslensInputError(
+            f"{str(out)!r} holds the metrics of a run but no {CHECKPOINT} to resume it from; "
+            "a new run there would overwrite them: start it in another folder")
+
+
+def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path, n_batches: int,
+                  penalty: HessianTracePenalty | None) -> None:
+    """What a checkpoint must agree on with the run that continues from it (its structure
+    is :func:`~hesslens.training.checkpoint.load_checkpoint`'s): the configuration, the
+    optimizer steps its epoch implies on this data, a penalty state where the run has one."""
     saved = dict(ckpt["config"])
     now = to_jsonable(config.to_dict())
     diff = sorted(
@@ -759,3 +795,32 @@ def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None
             f"(saved {[saved.get(k) for k in diff]}, now {[now.get(k) for k in diff]}); "
             "resume with the same settings or start a new run in another folder"
         )
+    epoch, step = ckpt["epoch"], ckpt["global_step"]
+    if step != epoch * n_batches:
+        raise CheckpointError(
+            f"checkpoint {path}: its global_step {step} is not the {epoch * n_batches} steps of "
+            f"its {epoch} epoch(s) of {n_batches} batches; use an intact copy, or start the run "
+            "again in a new folder")
+    if penalty is not None and ckpt["penalty"] is None:
+        raise CheckpointError(
+            f"checkpoint {path}: it holds no Hessian-trace penalty state, though its "
+            "configuration has the penalty; use an intact copy, or start the run again in a new "
+            "folder")
+
+
+def _load_states(ckpt: dict[str, Any], path: Path, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any,
+                 penalty: HessianTracePenalty | None) -> None:
+    """Put the checked checkpoint's states into the run's objects; anything they still refuse
+    is a :class:`~hesslens.errors.CheckpointError` naming the file."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if penalty is not None:
+            penalty.load_state_dict(ckpt["penalty"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(
+            f"checkpoint {path}: its states do not load into the run ({type(err).__name__}: "
+            f"{detail}); use an intact copy, or start the run again in a new folder") from None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hesslens.checks import check_int, check_labels, check_positive_int, check_xy
+from hesslens.checks import check_labels, check_positive_int, check_seed, check_xy
 from hesslens.errors import HesslensInputError
 from hesslens.splits import analysis_subset, split_train_val, subset_indices
 
@@ -134,7 +134,7 @@ def batches(
     batch_size = check_positive_int(batch_size, "batch_size")
     n = len(y)
     if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(check_int(seed, "seed")))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(check_seed(seed)))
         order = order.to(y.device)
     else:
         order = None

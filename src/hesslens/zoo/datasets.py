@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hesslens.checks import check_int
+from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
 from hesslens.splits import split_train_val
 from hesslens.zoo import readers
@@ -187,7 +187,7 @@ def load_dataset(name: str, root: _Root = None, seed: int = 0, normalize: bool =
     """
     if name not in DATASETS:
         raise _unknown(name)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     if name in TASKS:  # a TokenDataset; seed draws its split, normalize does not apply
         return load_task(name, seed)
     info = DATASETS[name]

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
-from hesslens.zoo._checks import check_int
 from hesslens.zoo.cnn1d import cnn1d, cnn1d3
 from hesslens.zoo.hf_models import gpt_nano, vit_tiny
 from hesslens.zoo.lenet import lenet5
@@ -71,7 +71,7 @@ def build_model(
         raise HesslensInputError(
             f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}"
         )
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     builder = MODELS[name]
     accepted = set(inspect.signature(builder).parameters) - {"input_shape", "num_classes"}
     unknown = sorted(set(options) - accepted)

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
 from hesslens.splits import split_train_val, subset_indices
-from hesslens.zoo._checks import check_int, check_positive_int
+from hesslens.zoo._checks import check_positive_int
 from hesslens.zoo.dataset import Dataset
 
 IGNORE_INDEX = -100  # label of a position that is not predicted (torch and Hugging Face default)
@@ -205,7 +206,7 @@ def modadd(
     (torch.Size([24, 4]), torch.Size([25, 4]), 8)
     """
     p = check_positive_int(p, "p")
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     n = p * p
     n_train = round(train_fraction * n) if isinstance(train_fraction, (int, float)) else -1
     if p < 2 or not 0 < n_train < n:
@@ -245,7 +246,7 @@ def seqcopy(
     symbols = check_positive_int(symbols, "symbols")
     n_train = check_positive_int(n_train, "n_train")
     n_test = check_positive_int(n_test, "n_test")
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     n = symbols**length
     if n_train + n_test > n:
         raise HesslensInputError(
@@ -293,4 +294,4 @@ def load_task(name: str, seed: int = 0) -> TokenDataset:
     """
     if name not in TASKS:
         raise HesslensInputError(f"unknown token task {name!r}; choose one of: {', '.join(TASKS)}")
-    return TASKS[name].build(check_int(seed, "seed"))
+    return TASKS[name].build(check_seed(seed))
