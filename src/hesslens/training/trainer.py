@@ -777,13 +777,23 @@ def _check_new_run(out: Path, resume: bool) -> None:
             "a new run there would overwrite them: start it in another folder")
 
 
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved or current configuration as a resume compares it: ``track_layers`` only counts
+    where something is tracked (``track_every > 0``), and a run saved before the field existed
+    tracked the layers."""
+    config.setdefault("track_layers", True)
+    if not config.get("track_every"):
+        config.pop("track_layers")
+    return config
+
+
 def _check_resume(ckpt: dict[str, Any], config: TrainConfig, path: Path, n_batches: int,
                   penalty: HessianTracePenalty | None) -> None:
     """What a checkpoint must agree on with the run that continues from it (its structure
     is :func:`~hesslens.training.checkpoint.load_checkpoint`'s): the configuration, the
     optimizer steps its epoch implies on this data, a penalty state where the run has one."""
-    saved = dict(ckpt["config"])
-    now = to_jsonable(config.to_dict())
+    saved = _comparable(dict(ckpt["config"]))
+    now = _comparable(to_jsonable(config.to_dict()))
     diff = sorted(
         k for k in set(saved) | set(now)
         if k not in ("device", "data_root") and json.dumps(saved.get(k), default=str)
