@@ -24,7 +24,7 @@ import hesslens  # noqa: E402
 
 project = "hesslens"
 author = "the hesslens authors"
-copyright = "2026, the hesslens authors"  # noqa: A001 - Sphinx's name for it
+copyright = "2026, the hesslens authors"
 version = release = hesslens.__version__
 
 extensions = [
