@@ -5,6 +5,7 @@ that names the fix, and leave nothing behind."""
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -105,11 +106,11 @@ def test_every_command_stops_at_once_on_a_missing_module(argv, blocked, words, t
     (tmp_path / "nothing").mkdir()
     monkeypatch.setitem(sys.modules, blocked, None)
     monkeypatch.chdir(tmp_path)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: the machine may be busy with other work
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--out", str(tmp_path / "o")])
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     line = _one_line(capsys.readouterr().err)
-    assert rc == 2 and seconds < 10, (rc, seconds)
+    assert rc == 2 and seconds < 5, (rc, seconds)
     for word in words:
         assert word in line, (word, line)
     assert sorted(os.listdir(tmp_path)) == ["nothing"]  # no output folder, nothing written
@@ -134,13 +135,16 @@ def test_reproduce_without_transformers_exits_2_in_seconds_as_a_process(tmp_path
     """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(SRC)]),
            "MPLBACKEND": "Agg"}
-    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-m", "hesslens", "reproduce", "--out",
                            str(tmp_path / "study")], capture_output=True, text=True, env=env,
                           timeout=120)
-    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds, not wall time, which a busy machine stretches: starting python and torch
+    # and the checks take about 3; the study would take minutes before it needed transformers
+    seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     line = _one_line(proc.stderr)
     assert proc.returncode == 2, proc.stderr
-    assert seconds < 20, seconds  # python, torch and the checks; the study would take minutes
+    assert seconds < 10, seconds
     assert line.startswith("hesslens reproduce: error: ") and HF_FIX in line
     assert not (tmp_path / "study").exists()

@@ -339,7 +339,7 @@ body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-
 main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 60px; background: #fff;
        min-height: 100vh; box-shadow: 0 0 0 1px var(--line); }
 h1 { font-size: 26px; margin: 8px 0 4px; }
-h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px;
+h2 { font-size: 20px; margin: 28px 0 10px; padding-bottom: 4px;
      border-bottom: 2px solid var(--line); }
 .subtitle { color: var(--muted); margin: 0 0 12px; }
 nav { font-size: 14px; margin: 10px 0 18px; }
@@ -360,10 +360,10 @@ details summary { cursor: pointer; color: var(--accent); }
 details.more-columns { margin: -10px 0 18px; font-size: 13.5px; }
 .folding { margin: 8px 0 14px; font-size: 14px; }
 .folding-head, .folding-row > summary { display: grid; gap: 0 12px; align-items: baseline;
-    padding: 5px 6px; }
+    padding: 4px 6px; }
 .folding-head { font-weight: 600; background: #eef1f5; font-size: 13.5px; }
 .folding-row { border-bottom: 1px solid var(--line); }
-.folding-row > summary { list-style: none; color: var(--fg); line-height: 1.4; }
+.folding-row > summary { list-style: none; color: var(--fg); line-height: 1.35; }
 .folding-row > summary::-webkit-details-marker { display: none; }
 .folding-row > summary:hover { background: #f6f8fb; }
 .folding-row .marker::before { content: "▸"; color: var(--accent); }
