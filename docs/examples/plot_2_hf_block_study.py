@@ -24,7 +24,7 @@ ids = torch.randint(0, 50, (4, 3, 8), generator=torch.Generator().manual_seed(0)
 batches = [{"input_ids": b, "labels": b} for b in ids]  # four batches of three sequences
 
 H = hl.Hessian(model, None, batches, layers="transformer")
-print(len(H.layers), "blocks, e.g.", H.layers[:6])
+print(len(H.layers), "blocks, e.g.", H.layers[3:7])
 
 # %%
 # Top eigenvalue of the whole Hessian and of one block
