@@ -220,14 +220,14 @@ def _finding_figures_sections(report: Any, out: Path, f2_figs: list[tuple[Path, 
 
     if f2_figs:
         report.section(
-            "The middle layers along training",
+            "Finding 2 along training",
             Paragraph("Finding 2 on the deeper network, whose 'middle' is three layers: each "
                       "layer's distance to the full spectrum, and the gap D the verdict is "
                       "drawn from."),
             *[_figure(out, p, c) for p, c in f2_figs])
     if tf_figs:
         report.section(
-            "The transformer's blocks against the whole",
+            "Transformer blocks in figures",
             *[_figure(out, p, c) for p, c in tf_figs])
 
 
@@ -279,7 +279,7 @@ def _curvature_section(report: Any, out: Path, layer_figs: list[tuple[Path, str]
 
     if layer_figs:
         report.section(
-            "Curvature over training, per layer",
+            "Curvature per layer over training",
             Paragraph("Full-network and per-layer trace and top eigenvalue of the SGD runs, "
                       "each relative to its value at initialisation (mean over seeds)."),
             *[_figure(out, p, c) for p, c in layer_figs])
@@ -293,7 +293,7 @@ def _layer_study_sections(report: Any, out: Path, plan: Plan,
         study_dir = out / "study" / slug(name)
         rel = study_dir.relative_to(out).as_posix()
         report.section(
-            f"Layer study of the final {name} model",
+            f"Layer study: final {name} model",
             Paragraph(["Full results: ", Link(f"{rel}/report.html", f"{rel}/report.html"),
                        " and ", Link(f"{rel}/results.json", f"{rel}/results.json"),
                        f" (seed {plan.seeds[0]}'s final {name} model, analysis subset of 10 "

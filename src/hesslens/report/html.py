@@ -342,8 +342,8 @@ h1 { font-size: 26px; margin: 8px 0 4px; }
 h2 { font-size: 20px; margin: 28px 0 10px; padding-bottom: 4px;
      border-bottom: 2px solid var(--line); }
 .subtitle { color: var(--muted); margin: 0 0 12px; }
-nav { font-size: 14px; margin: 10px 0 18px; }
-nav a { color: var(--accent); text-decoration: none; margin-right: 14px; white-space: nowrap; }
+nav { font-size: 13.5px; margin: 10px 0 14px; }
+nav a { color: var(--accent); text-decoration: none; margin-right: 12px; white-space: nowrap; }
 nav a:hover { text-decoration: underline; }
 .table-wrap { overflow-x: auto; margin: 10px 0 18px; }
 table { border-collapse: collapse; font-size: 13.5px; min-width: 50%; }
