@@ -3,6 +3,8 @@ happen, their intervals against scipy, and the report's captions, links, badges 
 
 import json
 import math
+import re
+from html import escape
 from html.parser import HTMLParser
 
 import numpy as np
@@ -350,3 +352,53 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
     assert "at initialisation" in init["setting"] and "train accuracy 100.0 %" in trained["setting"]
     assert trained["verdict"] in {"did not hold", "partly"}  # its outer blocks are the close ones
     assert not math.isnan(result["findings"][1]["interval"][0])
+
+    # at a glance: every verdict comes before the first figure (the first screen), in a row
+    # with its one sentence and its figure links; the numbers and the rule fold under it
+    rows = text.split('<details class="folding-row">')[1:]
+    checked = result["findings"] + result["beyond_the_paper"]
+    assert len(rows) == len(checked)
+    assert text.index("<figure") > text.rindex('<details class="folding-row">')
+    ids = set(re.findall(r'<figure id="([^"]+)"', text))
+    for row, f in zip(rows, checked):
+        summary, folded = row.split("</summary>", 1)
+        assert f"badge-{f['verdict'].replace(' ', '-')}" in summary
+        assert escape(f["summary"]) in summary and escape(f["title"]) in summary
+        assert escape(f["rule"]) in folded.split("</details>")[0]
+        assert escape(f["rule"]) not in summary
+        links = re.findall(r'href="#([^"]+)"', summary)
+        assert set(links) <= ids, (links, ids)
+        assert links or f["verdict"] == "not measured", summary
+    assert 'href="#fig-figures-deep_middle_gap"' in rows[1].split("</summary>")[0]
+    # the per-arm tables' extra columns fold away
+    view = text.split('<h2>Arms at equal budget</h2>')[1].split("<details")[0]
+    assert "<th>test accuracy %</th>" in view and "<th>s / epoch</th>" not in view
+
+
+def test_each_summary_gives_the_deciding_number_and_its_interval():
+    f2 = rf.middle_layers_most_similar({"deep": {str(s): _layers(MIDDLE, jitter=0.01 * s)
+                                                 for s in range(3)}})
+    lo, hi = f2.interval
+    assert f"[{lo:.3g}, {hi:.3g}]" in f2.summary and "above 0" in f2.summary
+    assert f2.to_dict()["summary"] == f2.summary and f2.title
+    runs = [_run(s, [10.0, 12.0, 10.0 * r], [50.0, 55.0, 50.0 * r], 0.8)
+            for s, r in enumerate([0.5, 0.4, 0.6, 0.45, 0.55])]
+    f3 = rf.curvature_falls(runs)
+    assert f"[{f3.interval[0]:.3g}, {f3.interval[1]:.3g}]" in f3.summary
+    assert f"x{math.exp(np.mean(np.log([0.5, 0.4, 0.6, 0.45, 0.55]))):.2f}" in f3.summary
+    assert "fell in 5/5 seeds" in f3.summary
+    sgd = _arm([0.90, 0.91, 0.89, 0.92], [12.0, 13.0, 11.5, 12.5])
+    htr = _arm([0.93, 0.935, 0.925, 0.945], [8.0, 9.0, 8.5, 8.8])
+    f5 = rf.htr_helps({"SGD": sgd, "HTR all layers": htr})
+    lo, hi = f5.interval
+    diff = 100 * np.mean(np.subtract([0.93, 0.935, 0.925, 0.945], [0.90, 0.91, 0.89, 0.92]))
+    assert f"test accuracy {diff:+.2f} points [{100 * lo:+.2f}, {100 * hi:+.2f}]" in f5.summary
+    assert "1/1 HTR arms more accurate" in f5.summary
+    trained = {"0": _state([9, 10, 11]), "1": _state([10, 12, 10])}
+    f1 = rf.layer_spectra_like_full(None, trained, {"0": _state([100, 110, 95])}, C)
+    assert f"[{f1.interval[0]:.3g}, {f1.interval[1]:.3g}]" in f1.summary
+    assert "the rule separates them" in f1.summary
+    no_bulk = rf.layer_spectra_like_full(None, {"0": _state([150, 160, 150])}, None, C)
+    assert no_bulk.summary.startswith("No bulk near zero")
+    bare = rf.Finding("claim", "held", "rule", "numbers", interval=(0.1, 0.3), setting="D")
+    assert bare.sentence() == "D: 95 % interval [0.1, 0.3]."

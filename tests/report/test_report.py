@@ -148,6 +148,77 @@ def test_links_badges_and_blocks_in_cells_are_rendered_not_escaped():
     assert ".badge-held" in page.render()  # the page carries the badge styles
 
 
+def test_folded_columns_leave_the_table_in_view_and_come_back_under_details():
+    from html.parser import HTMLParser
+
+    html = Table(["arm", "acc", "seeds", "per seed"], [["SGD", 91.5, 3, "90, 92, 92.5"],
+                                                        {"arm": "L2", "acc": 91.0, "seeds": 3,
+                                                         "per seed": "91, 91, 91"}],
+                 fold=["seeds", "per seed"], highlight=[1]).render()
+    view, folded = html.split("<details", 1)
+    assert "<th>seeds</th>" not in view and "90, 92, 92.5" not in view
+    assert "<th>arm</th><th>acc</th>" in view and "<td>SGD</td>" in view
+    assert '<summary>all columns (seeds, per seed)</summary>' in folded
+    assert "<th>arm</th><th>acc</th><th>seeds</th><th>per seed</th>" in folded
+    assert "90, 92, 92.5" in folded and "91, 91, 91" in folded
+    assert view.count('<tr class="hl">') == 1 and folded.count('<tr class="hl">') == 1
+
+    class Cells(HTMLParser):  # every row has as many cells as its table has columns
+        def __init__(self):
+            super().__init__()
+            self.rows, self.heads = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.heads.append(0)
+            elif tag == "th":
+                self.heads[-1] += 1
+            elif tag == "tr":
+                self.rows.append([len(self.heads) - 1, 0])
+            elif tag == "td":
+                self.rows[-1][1] += 1
+
+    cells = Cells()
+    cells.feed(html)
+    assert cells.heads == [2, 4]
+    assert all(n == cells.heads[t] for t, n in cells.rows if n)
+    with pytest.raises(HesslensInputError, match="fold names columns"):
+        Table(["a"], [[1]], fold=["b"]).render()
+
+
+def test_folding_table_rows_open_to_full_width_blocks():
+    from hesslens.report.html import Badge, Details, FoldingTable, Link, Strong
+
+    rows = [([Badge("held"), Strong("One"), "It held: 0.5 [0.4, 0.6].", Link("fig", "#f1")],
+             [Paragraph("all the numbers of one"), Paragraph("the rule of one")]),
+            ([Badge("partly"), "Two", "Partly.", "–"], [Paragraph("numbers of two")])]
+    html = FoldingTable(["verdict", "finding", "what decided it", "figure"], rows,
+                        widths=["8rem", "12rem", "1fr", "6rem"]).render()
+    head, *details = html.split('<details class="folding-row">')
+    assert len(details) == 2
+    assert head.count("<span>") == 5  # the marker column and four headers
+    summary, body = details[0].split("</summary>")
+    assert '<span class="badge badge-held">held</span>' in summary
+    assert "<strong>One</strong>" in summary and '<a href="#f1">fig</a>' in summary
+    assert "all the numbers" not in summary and "all the numbers of one" in body
+    assert summary.count("grid-template-columns: 1rem 8rem 12rem 1fr 6rem") == 1
+    assert "numbers of two" in details[1] and "numbers of one" not in details[1]
+    with pytest.raises(HesslensInputError, match="row 0 has 1 cells for 2 columns"):
+        FoldingTable(["a", "b"], [(["x"], [])]).render()
+    with pytest.raises(HesslensInputError, match="widths"):
+        FoldingTable(["a", "b"], [], widths=["1fr"]).render()
+    d = Details(["more about ", Strong("x")], [Paragraph("hidden")]).render()
+    assert d.startswith("<details><summary>more about <strong>x</strong></summary>")
+    assert "<details open>" in Details("s", [], open=True).render()
+
+
+def test_figures_can_be_link_targets(tmp_path):
+    png = figures.plot_arm_curves({"a": {"epochs": [0, 1], "mean": [1, 2], "std": [0, 0]}},
+                                  tmp_path / "x.png", ylabel="y", title="t")
+    assert '<figure id="fig-x"><img' in Figure.from_file(png, id="fig-x").render()
+    assert "<figure><img" in Figure.from_file(png).render()
+
+
 def test_arm_curves_and_interval_plots_are_real_pngs(tmp_path):
     curves = {"SGD": {"epochs": [0, 1, 2], "mean": [0.1, 0.8, 0.9], "std": [None, 0.01, 0.02]},
               "HTR all layers": {"epochs": [0, 1, 2], "mean": [0.1, 0.7, 0.92],

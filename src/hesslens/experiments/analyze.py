@@ -68,6 +68,7 @@ import argparse
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from hesslens.errors import HesslensInputError
@@ -85,9 +86,11 @@ from hesslens.experiments.common import (
     show_progress,
     versions,
 )
+from hesslens.experiments.preflight import check_ready, model_needs, require
 from hesslens.provenance import data_fingerprint, dataset_fingerprint
 
-__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "add_analyze_arguments", "run_analyze"]
+__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "Prepared", "add_analyze_arguments",
+           "preflight_analyze", "run_analyze"]
 
 DEFAULT_MODEL = "cnn1d"
 DEFAULT_DATA = "mnist1d"
@@ -218,37 +221,41 @@ def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
     print(f"wrote {out}/results.json, layers.csv, figures and report.html in {seconds:.1f} s")
 
 
-def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``hesslens analyze``; print a short table; return the exit code (0).
+@dataclass
+class Prepared:
+    """What :func:`preflight_analyze` checked and built: the names, the data set's facts,
+    the model (weights loaded), the checkpoint's other entries and the run's settings."""
 
-    Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes its piece of the analysis
-    subset and the operators sum their products over the processes, so the study is the
-    single-process one; rank 0 alone writes the files and prints."""
-    from hesslens.parallel import process_group_from_env, quiet_other_ranks
+    model_name: str
+    data_name: str
+    info: Any
+    model: Any
+    state: dict | None
+    rest: dict
+    config: dict
+    data_root: str | None
+    split_seed: int
+    n_params: int
+    dtype: Any
 
-    with process_group_from_env(args.device) as ranks:
-        quiet_other_ranks(ranks)
-        with out_dir_lock(args.out, "analyze", ranks):
-            return _run_analyze(args, ranks)
 
-
-def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
+def preflight_analyze(args: argparse.Namespace) -> Prepared:
+    """Everything ``hesslens analyze`` can know before it loads data: the flags, the modules
+    it imports (matplotlib for the figures; transformers for a Hugging Face model), the
+    device, the output folder (writable, not a file), the checkpoint, and the model/data pair
+    (the model is built and the checkpoint loaded into it; ``--k`` within its dimension; the
+    data folder of a file-based data set given)."""
     from hesslens import zoo
-    from hesslens.analysis import layer_study
-    from hesslens.report.layer_report import write_layer_study
 
-    t0 = time.perf_counter()
-    from hesslens.parallel import local_device, shard
-
-    device = resolve_device(local_device(args.device, ranks))
-    dtype = resolve_dtype(args.dtype)
     least = _least_trace_hvp()
     if args.trace_max_hvp < least:
         raise HesslensInputError(
             f"--trace-max-hvp {args.trace_max_hvp} is below the {least} products the trace "
             f"estimator needs at least (its sketch and first probes): give --trace-max-hvp "
             f"{least} or more")
-
+    check_ready(out=args.out, device=args.device,
+                needs={"matplotlib": "the figures of the report"})
+    dtype = resolve_dtype(args.dtype)
     state, rest = (None, {})
     if args.checkpoint:
         state, rest = load_state_dict(args.checkpoint)
@@ -258,6 +265,7 @@ def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
     if model_name not in zoo.MODELS:
         raise HesslensInputError(
             f"unknown model {model_name!r}; choose one of: {', '.join(sorted(zoo.MODELS))}")
+    require(model_needs(model_name))
     try:  # the model's fit to the data's input shape is known before loading anything
         model = zoo.build_model(model_name, info.input_shape, info.num_classes, seed=args.seed)
     except HesslensInputError as err:
@@ -272,8 +280,6 @@ def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
         raise HesslensInputError(
             f"--k {args.k} is larger than the dimension of {model_name}'s Hessian on "
             f"{data_name} ({n_params} parameters): ask for at most --k {n_params}")
-    threads = apply_threads(args.threads, n_params if device.type == "cpu" else None)
-
     data_root = args.data_root if args.data_root is not None else (
         config.get("data_root") if config.get("data") == data_name else None)
     if not info.builtin and data_root is None:
@@ -284,7 +290,37 @@ def _run_analyze(args: argparse.Namespace, ranks: Any) -> int:
     # the train/test split of "digits" depends on the seed the model was trained with
     split_seed = int(config["seed"]) if config.get("data") == data_name and isinstance(
         config.get("seed"), int) else args.seed
-    check_out_dir(args.out)  # an unusable --out fails before the data is read
+    return Prepared(model_name, data_name, info, model, state, rest, config, data_root,
+                    split_seed, n_params, dtype)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """Run ``hesslens analyze``; print a short table; return the exit code (0).
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes its piece of the analysis
+    subset and the operators sum their products over the processes, so the study is the
+    single-process one; rank 0 alone writes the files and prints."""
+    from hesslens.parallel import process_group_from_env, quiet_other_ranks
+
+    t0 = time.perf_counter()
+    ready = preflight_analyze(args)
+    with process_group_from_env(args.device) as ranks:
+        quiet_other_ranks(ranks)
+        with out_dir_lock(args.out, "analyze", ranks):
+            return _run_analyze(args, ranks, ready, t0)
+
+
+def _run_analyze(args: argparse.Namespace, ranks: Any, ready: Prepared, t0: float) -> int:
+    from hesslens import zoo
+    from hesslens.analysis import layer_study
+    from hesslens.parallel import local_device, shard
+    from hesslens.report.layer_report import write_layer_study
+
+    device = resolve_device(local_device(args.device, ranks))
+    model_name, data_name, info = ready.model_name, ready.data_name, ready.info
+    model, state, rest, dtype = ready.model, ready.state, ready.rest, ready.dtype
+    data_root, split_seed = ready.data_root, ready.split_seed
+    threads = apply_threads(args.threads, ready.n_params if device.type == "cpu" else None)
     dataset = zoo.load_dataset(data_name, root=data_root, seed=split_seed)
     out = prepare_out_dir(args.out) if ranks.is_main else check_out_dir(args.out)
     token_task = dataset.train[1].dim() == 2

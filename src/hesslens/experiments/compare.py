@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
-from hesslens.experiments.common import seed_int
+from hesslens.experiments.common import out_dir_lock, seed_int
 
-__all__ = ["add_compare_arguments", "compare_runs", "load_run", "run_compare"]
+__all__ = ["add_compare_arguments", "compare_runs", "load_run", "preflight_compare",
+           "run_compare"]
 
 METRIC_TITLES = {
     "test_acc": "test accuracy",
@@ -400,11 +401,23 @@ def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) ->
     return written
 
 
+def preflight_compare(args: argparse.Namespace) -> Path:
+    """Everything ``hesslens compare`` can know before reading the runs: matplotlib (unless
+    ``--no-figures``), the output folder (writable, not a file) and that every run folder
+    exists. Returns the output folder."""
+    from hesslens.experiments.preflight import check_ready
+
+    figures = not getattr(args, "no_figures", False)
+    ready = check_ready(out=args.out, device=None,
+                        needs={"matplotlib": "the figures (or pass --no-figures)"} if figures
+                        else {})
+    _expand(list(args.runs))
+    return ready.out
+
+
 def run_compare(args: argparse.Namespace) -> int:
     """Run ``hesslens compare``; print the table; write files; return 0."""
-    from hesslens.experiments.common import check_out_dir, out_dir_lock
-
-    out = check_out_dir(args.out)
+    out = preflight_compare(args)
     result = compare_runs(list(args.runs))
     with out_dir_lock(out, "compare"):
         figures = write_comparison(result, out, figures=not getattr(args, "no_figures", False))

@@ -29,6 +29,8 @@ Example:
     >>> quick_plan().name
     'quick'
     >>> check_pair("mlp", "digits")
+    >>> sorted(study_needs(quick_plan()))
+    ['matplotlib', 'transformers']
     >>> try:
     ...     check_pair("gpt-nano", "modadd")
     ... except HesslensInputError as err:
@@ -55,10 +57,10 @@ from hesslens.experiments.common import (
     out_dir_lock,
     positive_int,
     prepare_out_dir,
-    resolve_device,
     resolve_dtype,
     show_progress,
 )
+from hesslens.experiments.preflight import check_ready, refuse_hf_model, require
 from hesslens.experiments.reproduce_jobs import (
     diverged,
     finished,
@@ -67,10 +69,10 @@ from hesslens.experiments.reproduce_jobs import (
     share,
 )
 from hesslens.experiments.reproduce_plan import RUN_ONLY, Arm, Plan, full_plan, quick_plan, slug
-from hesslens.experiments.reproduce_study import run_study
+from hesslens.experiments.reproduce_study import run_study, study_sizes
 
-__all__ = ["add_reproduce_arguments", "check_pair", "plan_from_args", "reproduce",
-           "run_reproduce"]
+__all__ = ["add_reproduce_arguments", "check_pair", "plan_from_args", "preflight_reproduce",
+           "reproduce", "run_reproduce", "study_needs"]
 
 T = TypeVar("T")
 
@@ -98,7 +100,6 @@ def check_pair(model: str, data: str, data_root: str | None = None) -> None:
     (their own batches and loss), a model that does not take the data's shape, and a
     file-based data set whose files are not under ``data_root``."""
     from hesslens.zoo import DATASETS, MODELS, TASKS, build_model, dataset_info, load_dataset
-    from hesslens.zoo.inputs import model_input
 
     if model not in MODELS:
         raise HesslensInputError(
@@ -106,10 +107,7 @@ def check_pair(model: str, data: str, data_root: str | None = None) -> None:
     if data not in DATASETS:
         raise HesslensInputError(
             f"unknown data set {data!r}; choose one of: {', '.join(DATASETS)}")
-    if model_input(model) is not None:
-        raise HesslensInputError(
-            f"reproduce trains classifiers on (inputs, labels) pairs; {model} is a Hugging "
-            "Face model (its own batches and loss): study it with hesslens analyze")
+    refuse_hf_model(model, "reproduce")
     if data in TASKS:
         raise HesslensInputError(
             f"reproduce trains classifiers on (inputs, labels) pairs; {data} is a token task "
@@ -120,24 +118,49 @@ def check_pair(model: str, data: str, data_root: str | None = None) -> None:
         load_dataset(data, root=data_root)  # names the missing files
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    """The plan the command line asks for (checked: :func:`check_pair`)."""
+def study_needs(plan: Plan) -> dict[str, str]:
+    """The modules a study of ``plan`` imports only after its training (``{module: what needs
+    it}``): checked first, so that a missing one fails in seconds, not after minutes."""
+    from hesslens.zoo.inputs import model_input
+
+    needs = {"matplotlib": "the report's figures"}
+    transformer = study_sizes(plan.name).transformer
+    if model_input(transformer) is not None:
+        needs["transformers"] = f"the transformer block study ({transformer})"
+    return needs
+
+
+def plan_from_args(args: argparse.Namespace, check: bool = True) -> Plan:
+    """The plan the command line asks for (checked with :func:`check_pair` unless ``check`` is
+    false)."""
     plan = quick_plan() if args.quick else full_plan()
     plan = plan.with_pair(getattr(args, "model", None), getattr(args, "data", None))
     plan = dataclasses.replace(plan, data_root=getattr(args, "data_root", None))
-    check_pair(plan.model, plan.data, plan.data_root)
+    if check:
+        check_pair(plan.model, plan.data, plan.data_root)
     return dataclasses.replace(
         plan, seeds=tuple(s + args.seed for s in plan.seeds),
         tune_seed=plan.tune_seed + args.seed)
+
+
+def preflight_reproduce(args: argparse.Namespace) -> tuple[str, Any, Plan]:
+    """Everything ``hesslens reproduce`` can know before any work, cheapest first: the modules
+    the study imports after training (:func:`study_needs`), the device, the output folder
+    (writable, not a file, not a folder holding another study), ``--dtype`` and the model/data
+    pair (:func:`check_pair`). Returns ``(device, dtype, plan)``."""
+    plan = plan_from_args(args, check=False)
+    ready = check_ready(out=args.out, device=args.device, needs=study_needs(plan))
+    dtype = resolve_dtype(args.dtype)
+    _refuse_other_study(ready.out, plan)
+    check_pair(plan.model, plan.data, plan.data_root)
+    return str(ready.device), dtype, plan
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Run the study from parsed arguments; prints the summary, returns the exit code."""
     from hesslens.parallel import local_device, process_group_from_env
 
-    device = str(resolve_device(args.device))  # before any work: workers would each fail
-    dtype = resolve_dtype(args.dtype)
-    plan = plan_from_args(args)
+    device, dtype, plan = preflight_reproduce(args)
     with process_group_from_env(device) as ranks:
         default_workers = 1 if ranks.distributed else max(1, min(2, os.cpu_count() or 1))
         plan = dataclasses.replace(plan, workers=args.workers or default_workers,
@@ -322,18 +345,29 @@ def _comparable(plan_dict: dict[str, Any]) -> dict[str, Any]:
     return held
 
 
-def _check_plan(out: Path, plan: Plan) -> None:
-    from hesslens.files import write_json
-
+def _refuse_other_study(out: Path, plan: Plan) -> None:
+    """Refuse a folder whose ``plan.json`` describes another study (reads only)."""
     plan_file = out / "plan.json"
-    held = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-    if held is not None and _comparable(held) != _comparable(plan.to_dict()):
+    try:
+        held = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    except (OSError, ValueError):
+        raise HesslensInputError(
+            f"{plan_file} is not readable JSON: choose another --out, or delete the folder to "
+            "start over") from None
+    if held is not None and (not isinstance(held, dict)
+                             or _comparable(held) != _comparable(plan.to_dict())):
         raise HesslensInputError(
             f"{out} holds a different study (its plan.json differs, e.g. --quick, --seed, "
             "--model or --data changed): choose another --out, or delete the folder to "
             "start over")
+
+
+def _check_plan(out: Path, plan: Plan) -> None:
+    from hesslens.files import write_json
+
+    _refuse_other_study(out, plan)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(plan_file, plan.to_dict())
+    write_json(out / "plan.json", plan.to_dict())
 
 
 def _add_seconds(out: Path, key: str, seconds: float) -> dict[str, float]:
@@ -366,6 +400,7 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     is float32). Under torch.distributed every rank calls it and gets the same result."""
     from hesslens.parallel import current
 
+    require(study_needs(plan))  # before any work: it would fail after training
     check_pair(plan.model, plan.data, plan.data_root)
     ranks = current()
     if ranks.world != plan.world_size:

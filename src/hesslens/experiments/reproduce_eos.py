@@ -112,24 +112,21 @@ def edge_figure(result: dict[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def edge_section(result: dict[str, Any], figures_dir: str | Path, table: Any) -> list[Any]:
-    """The report's blocks for the setting: what was run, the verdicts' ``table`` and the
-    figure."""
-    from hesslens.report.html import Figure, Paragraph
+def edge_section(result: dict[str, Any], figures_dir: str | Path) -> tuple[Any, Path, str]:
+    """The report's blocks for the setting: what was run (a paragraph), the figure drawn into
+    ``figures_dir`` and its caption."""
+    from hesslens.report.html import Paragraph
 
     s = result.get("setting", {})
     png = edge_figure(result, Path(figures_dir) / "edge_of_stability.png")
     runs = ", ".join(f"{r['optimizer']} lr {r['lr']:g} ({r['steps']} steps, "
                      f"{r['seconds']:.1f} s)" for r in result["runs"])
-    return [
-        Paragraph(f"Cohen et al. (2021) found that full-batch gradient descent sharpens until "
-                  f"the top Hessian eigenvalue reaches 2/lr and then hovers there, and (2022) "
-                  f"that full-batch Adam's preconditioned sharpness does the same at 38/lr. "
-                  f"Here: {s.get('model')} on {s.get('data')}, {s.get('loss')}, every run from "
-                  f"the same weights (seed {s.get('seed')}); hl.SharpnessMonitor records every "
-                  f"{s.get('every')} steps: {runs}."),
-        table,
-        Figure.from_file(png, caption=(
-            "Sharpness (gradient descent) and preconditioned sharpness (Adam) over the steps, "
-            "each learning rate against its own threshold (dashed), log scale.")),
-    ]
+    paragraph = Paragraph(
+        f"Cohen et al. (2021) found that full-batch gradient descent sharpens until the top "
+        f"Hessian eigenvalue reaches 2/lr and then hovers there, and (2022) that full-batch "
+        f"Adam's preconditioned sharpness does the same at 38/lr. Here: {s.get('model')} on "
+        f"{s.get('data')}, {s.get('loss')}, every run from the same weights (seed "
+        f"{s.get('seed')}); hl.SharpnessMonitor records every {s.get('every')} steps: {runs}.")
+    return paragraph, png, ("Sharpness (gradient descent) and preconditioned sharpness (Adam) "
+                            "over the steps, each learning rate against its own threshold "
+                            "(dashed), log scale.")

@@ -5,14 +5,16 @@ Every check returns a :class:`Finding`: the claim, a verdict (``"held"``, ``"par
 ``"did not hold"``, ``"not shown"``, ``"not measured"``), the numbers behind it, the rule
 that turned the numbers into the verdict (with its threshold and its interval or p-value),
 and the headline interval / p-value themselves, so that a reader can disagree with the rule
-and still use the numbers. Intervals are 95 %: over seeds x probes by a two-level bootstrap
+and still use the numbers; ``title`` names the finding in a few words and ``summary`` is the
+one sentence the report shows beside the verdict, with the number that decided it and its
+95 % interval. Intervals are 95 %: over seeds x probes by a two-level bootstrap
 (:func:`hesslens.analysis.intervals.cluster_bootstrap`), over seeds by Student's t, between
 arms paired by seed.
 
 Example:
-    >>> f = Finding("claim", "held", "rule", "numbers", interval=(0.1, 0.3))
-    >>> f.verdict, f.to_dict()["interval"]
-    ('held', [0.1, 0.3])
+    >>> f = Finding("claim", "held", "rule", "numbers", interval=(0.1, 0.3), setting="D")
+    >>> f.verdict, f.to_dict()["interval"], f.sentence()
+    ('held', [0.1, 0.3], 'D: 95 % interval [0.1, 0.3].')
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ LEVEL = 0.95
 @dataclass(frozen=True)
 class Finding:
     """One checked claim: verdict, rule (threshold and interval / p-value it used), numbers;
-    ``interval`` and ``p_value`` are the headline statistic's, ``setting`` says on what."""
+    ``interval`` and ``p_value`` are the headline statistic's, ``setting`` says on what;
+    ``title`` is the claim in a few words, ``summary`` one sentence with the deciding number
+    and its 95 % interval."""
 
     claim: str
     verdict: str
@@ -71,10 +75,26 @@ class Finding:
     p_value: float | None = None
     setting: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    title: str = ""
+    summary: str = ""
+
+    def sentence(self) -> str:
+        """``summary``, or, for a finding built without one, its headline interval (and
+        p-value) as a sentence."""
+        if self.summary:
+            return self.summary
+        parts = []
+        if self.interval is not None and not any(math.isnan(x) for x in self.interval):
+            parts.append(f"95 % interval [{self.interval[0]:.3g}, {self.interval[1]:.3g}]")
+        if self.p_value is not None and not math.isnan(self.p_value):
+            parts.append(f"p = {self.p_value:.3g}")
+        if not parts:
+            return self.numbers.split(". ")[0].rstrip(".") + "." if self.numbers else "–"
+        return (f"{self.setting}: " if self.setting else "") + ", ".join(parts) + "."
 
     def to_dict(self) -> dict[str, Any]:
-        return {"claim": self.claim, "verdict": self.verdict, "rule": self.rule,
-                "numbers": self.numbers,
+        return {"claim": self.claim, "title": self.title, "verdict": self.verdict,
+                "summary": self.sentence(), "rule": self.rule, "numbers": self.numbers,
                 "interval": None if self.interval is None else [float(x) for x in self.interval],
                 "p_value": self.p_value, "setting": self.setting, "details": self.details}
 
@@ -157,8 +177,10 @@ def layer_spectra_like_full(study: Mapping[str, Any] | None, trained: Mapping[An
             f"control ({control_name}) fails the rule; partly if the control passes too (not "
             f"specific) or the trained networks pass the bulk part only; did not hold if they "
             f"fail the bulk part")
+    title = "Layer spectra look like the full one"
     if not trained:
-        return Finding(claim, "not measured", rule, "no per-probe spectra were measured")
+        return Finding(claim, "not measured", rule, "no per-probe spectra were measured",
+                       title=title, summary="No per-probe spectra were measured.")
     t_states = _by_seed(trained)
     t_stats = _shape_stats(t_states)
     t_bulk, t_few = _passes(t_stats, num_classes)
@@ -209,12 +231,41 @@ def layer_spectra_like_full(study: Mapping[str, Any] | None, trained: Mapping[An
         if specific is False:
             numbers = "Not specific: the control passes the same rule. " + numbers
     full = t_stats["full"]["outliers"]
+    summary = _finding1_sentence(t_stats, c_stats, t_bulk, t_few, specific, num_classes)
     return Finding(claim, verdict, rule, numbers, interval=(full[1], full[2]),
-                   setting="outlier count of the full Hessian, trained",
+                   setting="outlier count of the full Hessian, trained", title=title,
+                   summary=summary,
                    details={"trained": {"bulk": t_bulk, "few_outliers": t_few},
                             "control": None if c_stats is None else
                             {"bulk": c_bulk, "few_outliers": c_few},
                             "specific": specific})
+
+
+def _finding1_sentence(t_stats: dict[str, dict[str, tuple[float, float, float]]],
+                       c_stats: dict[str, dict[str, tuple[float, float, float]]] | None,
+                       t_bulk: bool, t_few: bool, specific: bool | None,
+                       num_classes: int) -> str:
+    """Finding 1 in one sentence: the trained full Hessian's outlier count and bulk mass, or
+    the entry that broke the rule, and the control's count."""
+    band = f"[{num_classes / 2:g}, {2 * num_classes:g}]"
+    if not t_bulk:
+        entry = min(t_stats, key=lambda e: t_stats[e]["bulk"][1] if not math.isnan(
+            t_stats[e]["bulk"][1]) else t_stats[e]["bulk"][0])
+        return (f"No bulk near zero: {entry} puts {_ci(*t_stats[entry]['bulk'], '.3f')} of its "
+                "spectral mass near zero (the rule asks for at least 0.5).")
+    if not t_few:
+        entry = max(t_stats, key=lambda e: abs(t_stats[e]["outliers"][0] - num_classes))
+        return (f"A bulk everywhere, but {entry} has {_ci(*t_stats[entry]['outliers'])} "
+                f"outliers (the rule asks for {band}, about C = {num_classes}).")
+    full = t_stats["full"]
+    text = (f"Trained full Hessian: {_ci(*full['outliers'])} outliers (rule: inside {band}), "
+            f"bulk mass {_ci(*full['bulk'], '.3f')} (rule: at least 0.5), every layer alike")
+    if c_stats is None:
+        return text + "; no control was measured."
+    control = _ci(*c_stats["full"]["outliers"])
+    return text + (f"; the control has {control} outliers, so the rule separates them."
+                   if specific else f"; the control passes too ({control} outliers): not "
+                   "specific to training.")
 
 
 # ---------------------------------------------------------------------- finding 2
@@ -268,9 +319,11 @@ def middle_layers_most_similar(settings: Mapping[str, Mapping[Any, Any]],
             "of D (two-level bootstrap over seeds, then probes) on the first setting lies above "
             "0 and no other setting's lies below 0; partly if it lies above 0 but another "
             "setting's lies below; did not hold if it lies below 0; not shown if it holds 0")
+    title = "The middle layers are the most like the whole"
     done = [_setting(name, _by_seed(runs)) for name, runs in settings.items() if runs]
     if not done:
-        return Finding(claim, "not measured", rule, "no per-probe spectra were measured")
+        return Finding(claim, "not measured", rule, "no per-probe spectra were measured",
+                       title=title, summary="No per-probe spectra were measured.")
     parts = []
     for s in done:
         order = sorted(s["mean_distances"], key=s["mean_distances"].get)
@@ -299,8 +352,14 @@ def middle_layers_most_similar(settings: Mapping[str, Mapping[Any, Any]],
         verdict = "not shown"
     if len(primary["middle"]) == 1:
         numbers += f" In {primary['name']} 'the middle' is one layer."
+    meaning = {1: "above 0: the middle layers are closer to the whole",
+               -1: "below 0: the outer layers are closer",
+               0: "it holds 0: no difference shown"}[side]
+    summary = (f"On {primary['name']}, D (outer minus middle layers' W1 to the full spectrum) "
+               f"= {_ci(primary['m'], primary['lo'], primary['hi'])}, {meaning}"
+               + (f"; on {', '.join(against)} it is below 0" if against else "") + ".")
     return Finding(claim, verdict, rule, numbers, interval=(primary["lo"], primary["hi"]),
-                   setting=primary["name"],
+                   setting=primary["name"], title=title, summary=summary,
                    details={"settings": [{k: v for k, v in s.items()} for s in done]})
 
 
@@ -345,8 +404,10 @@ def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
                     layer_total += 1
                     layer_fell += b[name] < a[name]
     n = len(per_key["trace"])
+    title = "Curvature falls during training"
     if n == 0:
-        return Finding(claim, "not measured", rule, "needs at least two tracked epochs")
+        return Finding(claim, "not measured", rule, "needs at least two tracked epochs",
+                       title=title, summary="Needs at least two tracked epochs.")
     stats: dict[str, dict[str, float]] = {}
     for key, vals in per_key.items():
         m, lo, hi = t_interval(vals, LEVEL)
@@ -373,9 +434,15 @@ def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
         verdict = "did not hold"
     else:
         verdict = "partly"
-    top = stats["top_eigenvalue"]
+    top, tr = stats["top_eigenvalue"], stats["trace"]
+    summary = (f"From the first to the last record the full top eigenvalue went "
+               f"x{math.exp(top['m']):.2f} (log ratio {_ci(top['m'], top['lo'], top['hi'])}, "
+               f"fell in {top['fell']}/{top['n']} seeds) and the trace "
+               f"x{math.exp(tr['m']):.2f} ({_ci(tr['m'], tr['lo'], tr['hi'])}); "
+               f"{layer_fell}/{layer_total} per-layer quantities fell (the rule asks for 75 %).")
     return Finding(claim, verdict, rule, numbers, interval=(top["lo"], top["hi"]),
                    p_value=top["p"], setting="log(last/first) of the full top eigenvalue",
+                   title=title, summary=summary,
                    details={k: dict(v) for k, v in stats.items()})
 
 
@@ -405,8 +472,10 @@ def gauss_newton_close(study: dict[str, Any]) -> Finding:
         hi = (g + bg) / (h - bh) if h - bh > 0 else math.inf
         rows.append((name, gn["gn_top_ratio"], lo, hi,
                      gn["similarity_to_hessian"]["wasserstein"]))
+    title = "The Gauss-Newton part is close to the Hessian"
     if not rows:
-        return Finding(claim, "not measured", rule, "")
+        return Finding(claim, "not measured", rule, "", title=title,
+                       summary="No Gauss-Newton split was measured.")
     close = [r for r in rows if r[2] >= 0.8 and r[3] <= 1.25]
     verdict = ("held" if len(close) == len(rows) else "partly" if close else "did not hold")
     numbers = ("lambda_1(G) / lambda_1(Hessian) [interval from the error bounds] and W1 between "
@@ -419,8 +488,13 @@ def gauss_newton_close(study: dict[str, Any]) -> Finding:
                     "layer's weights, so each layer's block has no residual by construction; "
                     "the full network's ratio is the measured part.")
     full = rows[0]
+    summary = (f"lambda_1(G) / lambda_1(Hessian) of the {full[0]} network = {full[1]:.4f} "
+               f"[{full[2]:.4f}, {full[3]:.4f}] (interval from the error bounds; the rule asks "
+               f"for [0.8, 1.25]); {len(close)}/{len(rows)} entries inside, the full network "
+               "and every layer.")
     return Finding(claim, verdict, rule, numbers, interval=(full[2], full[3]),
-                   setting="lambda_1(G) / lambda_1(Hessian), full network")
+                   setting="lambda_1(G) / lambda_1(Hessian), full network", title=title,
+                   summary=summary)
 
 
 # ---------------------------------------------------------------------- finding 5
@@ -447,8 +521,10 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
              "improves test accuracy over SGD; the middle-layer penalty does about as well.")
     sgd = arms.get("SGD")
     htr = {k: v for k, v in arms.items() if k.startswith("HTR")}
+    title = "HTR: flatter minima, better accuracy"
     if not sgd or not htr:
-        return Finding(claim, "not measured", "needs the SGD arm and an HTR arm", "")
+        return Finding(claim, "not measured", "needs the SGD arm and an HTR arm", "",
+                       title=title, summary="Needs the SGD arm and an HTR arm.")
     paired = all(_values(a, k) is not None for a in [sgd, *htr.values()]
                  for k in ("test_acc", "trace"))
     if paired:
@@ -469,6 +545,7 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
                      if not k.startswith("HTR"))
     parts, wins, flatter, worse = [], 0, 0, 0
     headline: dict[str, Any] | None = None
+    lead = ""  # the first HTR arm against SGD, for the summary
     for name, arm in htr.items():
         acc, sd = _stat(arm, "test_acc")
         tr, trsd = _stat(arm, "trace")
@@ -477,7 +554,11 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
                                      arm.get("seeds"), sgd.get("seeds"))
             dt = difference_interval(_values(arm, "trace"), _values(sgd, "trace"), LEVEL,
                                      arm.get("seeds"), sgd.get("seeds"))
-            headline = headline or da
+            if headline is None:
+                headline = da
+                lead = (f"{name} minus SGD: test accuracy {100 * da['diff']:+.2f} points "
+                        f"[{100 * da['low']:+.2f}, {100 * da['high']:+.2f}], final trace "
+                        f"{dt['diff']:+.3g} [{dt['low']:+.3g}, {dt['high']:+.3g}]")
             acc_up = da["low"] > 0
             tr_down = dt["high"] < 0
             wins += acc_up
@@ -494,6 +575,9 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
         pooled = math.sqrt((sd**2 + sd_sgd**2) / 2) or math.nan
         pooled_tr = math.sqrt((trsd**2 + trsd_sgd**2) / 2) or math.nan
         diff = acc - acc_sgd
+        lead = lead or (f"{name} minus SGD: test accuracy {100 * diff:+.2f} points (seed std "
+                        f"{100 * pooled:.2f}), final trace {tr:.3g} vs {tr_sgd:.3g} "
+                        f"({tr / tr_sgd:.2f}x; no per-seed values, so no interval)")
         wins += diff > 0 and (math.isnan(pooled) or diff > pooled)
         flatter += tr < tr_sgd and (math.isnan(pooled_tr) or tr_sgd - tr > pooled_tr)
         worse += (diff < 0 and not math.isnan(pooled) and -diff > pooled) or (
@@ -515,9 +599,12 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
     else:
         verdict = "did not hold" if worse else "not shown"
     interval = None if headline is None else (headline["low"], headline["high"])
+    summary = (f"{lead}; {wins}/{len(htr)} HTR arms more accurate and {flatter}/{len(htr)} "
+               "flatter than SGD beyond the noise.")
     return Finding(claim, verdict, rule, numbers, interval=interval,
                    p_value=None if headline is None else headline["p_value"],
-                   setting="test accuracy, first HTR arm minus SGD" if headline else "")
+                   setting="test accuracy, first HTR arm minus SGD" if headline else "",
+                   title=title, summary=summary)
 
 
 # ---------------------------------------------------------------------- transformer
@@ -547,8 +634,11 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
             "exceeds H of every CNN setting (Welch 95 % interval of the difference above 0); "
             "partly if one of the two does; did not hold if neither does and an interval "
             "lies on the wrong side; not shown otherwise")
+    when = state.split(" (")[0]
+    title = f"{model} blocks{', ' + when if when else ''}"
     if not transformer:
-        return Finding(claim, "not measured", rule, "the transformer study was not run")
+        return Finding(claim, "not measured", rule, "the transformer study was not run",
+                       title=title, summary="The transformer study was not run.")
     ps = _probes(transformer)
     d = middle_minus_outer(ps)
     dm, dlo, dhi = t_interval(d, LEVEL)
@@ -567,6 +657,7 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
     numbers += (f"; spread of the blocks' top eigenvalues: {log_spread(tops):.2f} decades "
                 f"(std of log10; from {min(tops):.3g} to {max(tops):.3g})")
     beats, behind = [], []
+    against: list[str] = []  # the heterogeneity differences, for the summary
     for label, runs in (cnn or {}).items():
         states = _by_seed(runs)
         if not states:
@@ -578,6 +669,8 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
                     f"{spread:.2f} decades; transformer minus CNN: {diff['diff']:+.3g} "
                     f"[{diff['low']:+.3g}, {diff['high']:+.3g}] (p = {diff['p_value']:.2g})")
         (beats if diff["low"] > 0 else behind if diff["high"] < 0 else []).append(label)
+        against.append(f"H of the blocks minus H of the {label} {diff['diff']:+.3g} "
+                       f"[{diff['low']:+.3g}, {diff['high']:+.3g}]")
         if het_core and diff["low"] > 0:
             core_diff = difference_interval(het_core, h_cnn, LEVEL)
             if not core_diff["low"] > 0:
@@ -597,9 +690,15 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
     else:
         verdict = "not shown"
     bulk = [bulk_mass(s, ps.top["full"][0]) for s in ps.spectra["full"]]
+    summary = (f"D (outer minus middle blocks' W1 to the full spectrum) = {_ci(dm, dlo, dhi)}"
+               + (" (above 0: the middle is closer)" if mid_ok else
+                  " (below 0: the outer blocks are closer)" if mid_bad else " (holds 0)")
+               + ("; " + "; ".join(against) if against else "; no CNN to compare H with")
+               + ".")
     return Finding(claim, verdict, rule, numbers + (
         f" Full-Hessian bulk mass: {_ci(*t_interval(bulk, LEVEL), '.3f')}."),
         interval=(dlo, dhi), setting=f"D of {model}'s blocks{' ' + state if state else ''}",
+        title=title, summary=summary,
         details={"heterogeneity": het, "heterogeneity_core": het_core,
                  "middle_minus_outer": d})
 
@@ -658,7 +757,7 @@ def edge_run(run: Mapping[str, Any], band: Sequence[float]) -> dict[str, Any]:
     return out
 
 
-def _edge_finding(claim: str, runs: list[dict[str, Any]], band: Sequence[float],
+def _edge_finding(claim: str, title: str, runs: list[dict[str, Any]], band: Sequence[float],
                   what: str, setting: str, sharpening: bool) -> Finding:
     rule = (f"for each run, the first record at which {what} / threshold crosses 1 from "
             f"below; after it, the mean ratio with a 95 % t-interval over {EDGE_BLOCKS} "
@@ -671,7 +770,8 @@ def _edge_finding(claim: str, runs: list[dict[str, Any]], band: Sequence[float],
             "if every run holds, partly if some do, did not hold if none does and one crossed "
             "and left the band; not shown otherwise")
     if not runs:
-        return Finding(claim, "not measured", rule, "the setting was not run")
+        return Finding(claim, "not measured", rule, "the setting was not run", title=title,
+                       summary="The setting was not run.")
     parts = []
     for e in runs:
         head = f"lr {e['lr']:g}: starts at {e['start']:.3g} of the threshold"
@@ -694,7 +794,14 @@ def _edge_finding(claim: str, runs: list[dict[str, Any]], band: Sequence[float],
         verdict = "not shown"
     shown = [e for e in runs if e["mean"] is not None]
     worst = max(shown, key=lambda e: abs(e["mean"] - 1.0)) if shown else None
-    return Finding(claim, verdict, rule, "; ".join(parts) + ".",
+    if worst is None:
+        summary = f"No run reached its threshold ({len(runs)} runs)."
+    else:
+        summary = (f"After reaching its threshold, {what} stays at "
+                   f"{_ci(worst['mean'], worst['low'], worst['high'])} of it in the run farthest "
+                   f"from 1 (lr {worst['lr']:g}); {sum(v == 'held' for v in verdicts)} of "
+                   f"{len(runs)} runs inside [{band[0]:g}, {band[1]:g}].")
+    return Finding(claim, verdict, rule, "; ".join(parts) + ".", title=title, summary=summary,
                    interval=None if worst is None else (worst["low"], worst["high"]),
                    setting=setting + ("" if worst is None else
                                       f"; interval: mean ratio after the crossing, lr "
@@ -720,12 +827,14 @@ def edge_of_stability(result: Mapping[str, Any] | None) -> list[Finding]:
     findings = [_edge_finding(
         "Full-batch gradient descent sharpens until the top Hessian eigenvalue reaches 2/lr, "
         "then stays near 2/lr: the edge of stability (Cohen et al. 2021).",
-        gd, band, "the sharpness", f"gradient descent at lr {lrs_gd}; {where}",
+        "Gradient descent hovers at 2/lr", gd, band, "the sharpness",
+        f"gradient descent at lr {lrs_gd}; {where}",
         sharpening=True)]
     if adam:
         findings.append(_edge_finding(
             "Full-batch Adam's preconditioned sharpness λ1(P⁻¹H) rises to (2 + 2β1)/((1 - β1) "
             "lr) = 38/lr and stays near it (Cohen et al. 2022).",
-            adam, band, "the preconditioned sharpness", f"Adam at lr {lrs_adam}; {where}",
+            "Adam's preconditioned sharpness hovers at 38/lr", adam, band,
+            "the preconditioned sharpness", f"Adam at lr {lrs_adam}; {where}",
             sharpening=False))
     return findings

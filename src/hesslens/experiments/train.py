@@ -56,11 +56,12 @@ from hesslens.experiments.common import (
     positive_int,
     seed_int,
 )
+from hesslens.experiments.preflight import check_ready, refuse_hf_model
 from hesslens.parallel import process_group_from_env, quiet_other_ranks
 from hesslens.training.config import TrainConfig
 
-__all__ = ["add_train_arguments", "config_from_args", "run_train", "summary_line", "train_zoo",
-           "zoo_model_and_data"]
+__all__ = ["add_train_arguments", "config_from_args", "preflight_train", "run_train",
+           "summary_line", "train_zoo", "zoo_model_and_data"]
 
 
 def zoo_model_and_data(config: TrainConfig) -> tuple[nn.Module, Any]:
@@ -254,15 +255,28 @@ def config_from_args(args: argparse.Namespace):
     ).validate()
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
+def preflight_train(args: argparse.Namespace) -> tuple[TrainConfig, nn.Module, Any]:
+    """Everything ``hesslens train`` can know before any work: the flags (the config's own
+    checks), a model the trainer can train (a classifier, not a Hugging Face model), the
+    device, the output folder (writable, not a file), then the model/data pair and the HTR
+    layer names. Returns the config and the model and data the run trains. It needs no
+    module beyond the core ones."""
     from hesslens.training.layers_select import select_layers
-    from hesslens.training.trainer import train
 
     config = config_from_args(args)
+    refuse_hf_model(config.model, "hesslens train")
+    check_ready(out=args.out, device=config.device)
     model, data = zoo_model_and_data(config)
     if config.htr_gamma > 0:
         select_layers(model, config.htr_layers)  # an unknown name fails before --out exists
+    return config, model, data
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
+    from hesslens.training.trainer import train
+
+    config, model, data = preflight_train(args)
     # Small models train several times faster on one thread than on contended cores.
     apply_threads(getattr(args, "threads", None), sum(p.numel() for p in model.parameters()))
     with process_group_from_env(config.device) as ranks:  # under torchrun: data-parallel

@@ -19,6 +19,16 @@ Links and verdict badges go inside paragraphs (a list of texts and blocks) and t
     '<p>See <a href="study/sgd/report.html">the study</a>.</p>'
     >>> Badge("did not hold").render()
     '<span class="badge badge-did-not-hold">did not hold</span>'
+
+What a reader needs at a glance stays in view; the rest folds away under HTML ``<details>``:
+a table's extra columns (``Table(..., fold=[...])``), and the numbers behind each row of a
+:class:`FoldingTable`, whose rows open on a click:
+
+    >>> t = FoldingTable(["verdict", "finding"], [([Badge("held"), "It held."],
+    ...                                            [Paragraph("All the numbers.")])])
+    >>> html = t.render()
+    >>> html.count("<details"), "All the numbers." in html
+    (1, True)
 """
 
 from __future__ import annotations
@@ -40,11 +50,14 @@ __all__ = [
     "Badge",
     "Block",
     "Code",
+    "Details",
     "Figure",
+    "FoldingTable",
     "Link",
     "Paragraph",
     "Report",
     "Section",
+    "Strong",
     "Table",
     "format_value",
 ]
@@ -86,6 +99,13 @@ def _inline(part: Any) -> str:
     return part.render() if isinstance(part, Block) else _html.escape(str(part))
 
 
+def _inlines(text: Any) -> str:
+    """A text, an inline block, or a list of texts and inline blocks, as HTML."""
+    if isinstance(text, (str, Block)):
+        return _inline(text)
+    return "".join(_inline(p) for p in text)
+
+
 @dataclass
 class Link(Block):
     """A hyperlink (``href`` relative to the page, e.g. a sub-report), inline."""
@@ -111,6 +131,16 @@ class Badge(Block):
 
 
 @dataclass
+class Strong(Block):
+    """Text in bold, inline."""
+
+    text: str
+
+    def render(self) -> str:
+        return f"<strong>{_html.escape(self.text)}</strong>"
+
+
+@dataclass
 class Paragraph(Block):
     """A paragraph: text (escaped), a list of texts and inline blocks (:class:`Link`,
     :class:`Badge`), or trusted HTML with ``raw=True``."""
@@ -119,11 +149,54 @@ class Paragraph(Block):
     raw: bool = False
 
     def render(self) -> str:
-        if isinstance(self.text, str):
-            body = self.text if self.raw else _html.escape(self.text)
-        else:
-            body = "".join(_inline(p) for p in self.text)
+        body = self.text if self.raw and isinstance(self.text, str) else _inlines(self.text)
         return f"<p>{body}</p>"
+
+
+@dataclass
+class Details(Block):
+    """Blocks folded under a one-line ``summary`` (a text, or texts and inline blocks), closed
+    until the reader opens them."""
+
+    summary: str | Sequence[Any]
+    blocks: Sequence[Block] = ()
+    open: bool = False
+
+    def render(self) -> str:
+        body = "\n".join(b.render() for b in self.blocks)
+        return (f"<details{' open' if self.open else ''}><summary>{_inlines(self.summary)}"
+                f"</summary>\n{body}</details>")
+
+
+@dataclass
+class FoldingTable(Block):
+    """A table whose rows each open on a click: every row is its cells on one line (texts or
+    inline blocks) and, folded under it, blocks shown at the full width of the page (the
+    numbers behind the row). ``widths`` are the columns' CSS widths (in ``rem`` or ``px``, so
+    that the header lines up with the rows; default: the last column takes what is left)."""
+
+    columns: Sequence[str]
+    rows: Sequence[tuple[Sequence[Any], Sequence[Block]]]
+    widths: Sequence[str] | None = None
+
+    def render(self) -> str:
+        n = len(self.columns)
+        widths = list(self.widths or [*(["auto"] * (n - 1)), "1fr"])
+        if len(widths) != n:
+            raise HesslensInputError(f"{len(widths)} widths for {n} columns")
+        grid = f'style="grid-template-columns: 1rem {" ".join(widths)}"'
+        out = [f'<div class="folding"><div class="folding-head" {grid}><span></span>'
+               + "".join(f"<span>{_html.escape(str(c))}</span>" for c in self.columns)
+               + "</div>"]
+        for i, (cells, blocks) in enumerate(self.rows):
+            if len(cells) != n:
+                raise HesslensInputError(f"row {i} has {len(cells)} cells for {n} columns")
+            spans = "".join(f"<span>{_inlines(c)}</span>" for c in cells)
+            body = "\n".join(b.render() for b in blocks)
+            out.append(f'<details class="folding-row"><summary {grid}><span class="marker">'
+                       f'</span>{spans}</summary><div class="folded">{body}</div></details>')
+        out.append("</div>")
+        return "".join(out)
 
 
 @dataclass
@@ -143,23 +216,41 @@ class Code(Block):
 @dataclass
 class Table(Block):
     """A table: ``columns`` (header texts) and ``rows`` (sequences, or mappings keyed by the
-    column names). Numbers are formatted with ``fmt``; ``highlight`` marks rows (by index)."""
+    column names). Numbers are formatted with ``fmt``; ``highlight`` marks rows (by index).
+    Columns named in ``fold`` are left out of the table in view and shown, with all the
+    others, in a full table folded under it."""
 
     columns: Sequence[str]
     rows: Iterable[Sequence[Any] | Mapping[str, Any]]
     caption: str | None = None
     fmt: str = ".4g"
     highlight: Sequence[int] = ()
+    fold: Sequence[str] = ()
 
     def render(self) -> str:
+        if not self.fold:
+            return self._render(list(self.columns), list(self.rows))
         cols = list(self.columns)
+        unknown = [c for c in self.fold if c not in cols]
+        if unknown:
+            raise HesslensInputError(f"fold names columns the table lacks: {unknown}")
+        rows = list(self.rows)
+        keep = [i for i, c in enumerate(cols) if c not in self.fold]
+        brief = [{cols[i]: (row.get(cols[i]) if isinstance(row, Mapping) else list(row)[i])
+                  for i in keep} for row in rows]
+        named = ", ".join(str(c) for c in self.fold)
+        return (self._render([cols[i] for i in keep], brief)
+                + f'<details class="more-columns"><summary>all columns ({_html.escape(named)})'
+                f"</summary>{self._render(cols, rows, caption=False)}</details>")
+
+    def _render(self, cols: list[Any], rows: list[Any], caption: bool = True) -> str:
         out = ['<div class="table-wrap"><table>']
-        if self.caption:
+        if self.caption and caption:
             out.append(f"<caption>{_html.escape(self.caption)}</caption>")
         out.append("<thead><tr>" + "".join(f"<th>{_html.escape(str(c))}</th>" for c in cols)
                    + "</tr></thead><tbody>")
         marked = set(self.highlight)
-        for i, row in enumerate(self.rows):
+        for i, row in enumerate(rows):
             cells = [row.get(c) for c in cols] if isinstance(row, Mapping) else list(row)
             if len(cells) != len(cols):
                 raise HesslensInputError(
@@ -179,11 +270,13 @@ class Table(Block):
 
 @dataclass
 class Figure(Block):
-    """A PNG image embedded as base64, with a caption."""
+    """A PNG image embedded as base64, with a caption; ``id`` makes it a link target
+    (``Link("figure", "#" + id)``)."""
 
     png: bytes
     caption: str | None = None
     alt: str = "figure"
+    id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.png, (bytes, bytearray)) or not bytes(self.png).startswith(
@@ -192,20 +285,21 @@ class Figure(Block):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], caption: str | None = None,
-                  alt: str | None = None) -> Figure:
+                  alt: str | None = None, id: str | None = None) -> Figure:
         """Read a PNG file (its name is the default alt text)."""
         path = Path(path)
         try:
             data = path.read_bytes()
         except OSError as err:
             raise HesslensInputError(f"cannot read figure {path}: {err.strerror}") from None
-        return cls(data, caption=caption, alt=alt or path.stem.replace("_", " "))
+        return cls(data, caption=caption, alt=alt or path.stem.replace("_", " "), id=id)
 
     def render(self) -> str:
         b64 = base64.b64encode(bytes(self.png)).decode("ascii")
         cap = (f"<figcaption>{_html.escape(self.caption)}</figcaption>"
                if self.caption else "")
-        return (f'<figure><img src="data:image/png;base64,{b64}" '
+        anchor = f' id="{_html.escape(self.id, quote=True)}"' if self.id else ""
+        return (f'<figure{anchor}><img src="data:image/png;base64,{b64}" '
                 f'alt="{_html.escape(self.alt, quote=True)}">{cap}</figure>')
 
 
@@ -246,11 +340,11 @@ body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-
 main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 60px; background: #fff;
        min-height: 100vh; box-shadow: 0 0 0 1px var(--line); }
 h1 { font-size: 26px; margin: 8px 0 4px; }
-h2 { font-size: 20px; margin: 34px 0 10px; padding-bottom: 4px;
+h2 { font-size: 20px; margin: 28px 0 10px; padding-bottom: 4px;
      border-bottom: 2px solid var(--line); }
 .subtitle { color: var(--muted); margin: 0 0 12px; }
-nav { font-size: 14px; margin: 10px 0 18px; }
-nav a { color: var(--accent); text-decoration: none; margin-right: 14px; white-space: nowrap; }
+nav { font-size: 13.5px; margin: 10px 0 14px; }
+nav a { color: var(--accent); text-decoration: none; margin-right: 12px; white-space: nowrap; }
 nav a:hover { text-decoration: underline; }
 .table-wrap { overflow-x: auto; margin: 10px 0 18px; }
 table { border-collapse: collapse; font-size: 13.5px; min-width: 50%; }
@@ -264,6 +358,20 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
 figcaption { color: var(--muted); font-size: 13.5px; margin-top: 4px; }
 pre { background: #f3f4f7; padding: 10px 12px; overflow-x: auto; font-size: 12.5px; }
 details summary { cursor: pointer; color: var(--accent); }
+details.more-columns { margin: -10px 0 18px; font-size: 13.5px; }
+.folding { margin: 8px 0 14px; font-size: 14px; }
+.folding-head, .folding-row > summary { display: grid; gap: 0 12px; align-items: baseline;
+    padding: 4px 6px; }
+.folding-head { font-weight: 600; background: #eef1f5; font-size: 13.5px; }
+.folding-row { border-bottom: 1px solid var(--line); }
+.folding-row > summary { list-style: none; color: var(--fg); line-height: 1.35; }
+.folding-row > summary::-webkit-details-marker { display: none; }
+.folding-row > summary:hover { background: #f6f8fb; }
+.folding-row .marker::before { content: "▸"; color: var(--accent); }
+.folding-row[open] .marker::before { content: "▾"; }
+.folded { padding: 2px 10px 8px 1.9em; font-size: 13.5px; color: #2b3242; }
+.folded p { margin: 6px 0; }
+:target { scroll-margin-top: 10px; }
 footer { color: var(--muted); font-size: 12.5px; margin-top: 40px; }
 .badge { display: inline-block; padding: 1px 9px; border-radius: 10px; font-weight: 600;
          font-size: 12.5px; white-space: nowrap; background: #e5e7eb; color: #374151; }

@@ -43,14 +43,14 @@ RUN_ONLY_FIELDS = ("seed", "device", "data_root", "track_every", "track_layers",
 class TrainConfig:
     """Everything that determines a training run (with the seed, bit for bit on one device).
 
+    The defaults suit MNIST-1D: the 1-D CNN with SGD (lr 0.2, momentum 0.9, batch 128, 30
+    epochs, lr x 0.25 from epoch index 15 and again from 22) reaches about 92 % test accuracy in
+    some 15 s on one CPU core (the MLP about 66 %); published baselines are 94 % and 68 %.
+
     Attributes:
         model, data: the labels the run is recorded under; for
             :func:`hesslens.experiments.train.train_zoo`, the zoo names it builds from
             (``hesslens.zoo.MODELS``, ``hesslens.zoo.DATASETS``).
-
-    The defaults suit MNIST-1D: the 1-D CNN with SGD (lr 0.2, momentum 0.9, batch 128, 30
-    epochs, lr x 0.25 from epoch index 15 and again from 22) reaches about 92 % test accuracy in
-    some 15 s on one CPU core (the MLP about 66 %); published baselines are 94 % and 68 %.
         data_root: folder with the local files of the file-based data sets.
         epochs, batch_size, lr, momentum: SGD with (heavy-ball) momentum.
         weight_decay: the "L2" arm (SGD's coupled weight decay, ``lambda * w`` added to the
