@@ -70,6 +70,7 @@ __all__ = [
     "KINDS",
     "STATUS_SLOTS",
     "Ranks",
+    "acquire_folder_lock",
     "all_gather_objects",
     "all_reduce_checked",
     "all_reduce_int",
@@ -285,6 +286,19 @@ def folder_lock(folder: str | os.PathLike[str], what: str,
         ...     lock.held
         True
     """
+    lock = acquire_folder_lock(folder, what, ranks)
+    if lock is None:
+        yield None
+        return
+    with lock:
+        yield lock
+
+
+def acquire_folder_lock(folder: str | os.PathLike[str], what: str,
+                        ranks: Ranks | None = None) -> OutputLock | None:
+    """Take the output lock of ``folder`` on rank 0 and return it (``None`` on the other ranks),
+    for an object that holds it until it is closed (a tracker, a monitor); every rank raises
+    the same error if rank 0 could not take it (:func:`folder_lock` for a block)."""
     ranks = current() if ranks is None else ranks
     lock, error = None, None
     if ranks.is_main:
@@ -300,17 +314,13 @@ def folder_lock(folder: str | os.PathLike[str], what: str,
                      else HesslensInputError)(got[1])
     if error is not None:
         raise error
-    if lock is None:
-        yield None
-        return
-    with lock:
-        yield lock
+    return lock
 
 
 def barrier(ranks: Ranks) -> None:
     """Wait for every rank (nothing alone)."""
     if ranks.distributed:
-            dist.barrier(group=ranks.group)
+        dist.barrier(group=ranks.group)
 
 
 # ---------------------------------------------------------------------- checked collectives

@@ -322,3 +322,27 @@ def test_groups_that_differ_in_momentum_are_refused_when_the_monitor_is_made():
                            {"params": list(model[2:].parameters())}], lr=0.1)
     with pytest.raises(HesslensInputError, match="differ in 'momentum'"):
         hl.SharpnessMonitor(model, MSE, (x, y), opt)
+
+
+def test_two_monitors_cannot_write_into_one_folder(tmp_path):
+    """The folder is a monitor's until it is closed: a second one gets a named error at once,
+    and one made after close() continues the first one's history."""
+    from hesslens.errors import OutputLockedError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = hl.SharpnessMonitor(model, torch.nn.functional.cross_entropy, (x, y), opt,
+                                out=tmp_path)
+    first.update(0)
+    with pytest.raises(OutputLockedError, match="in use"):
+        hl.SharpnessMonitor(model, torch.nn.functional.cross_entropy, (x, y), opt, out=tmp_path)
+    first.close()
+    with pytest.raises(hl.HesslensInputError, match="was closed"):
+        first.record(1)
+    with hl.SharpnessMonitor(model, torch.nn.functional.cross_entropy, (x, y), opt,
+                             out=tmp_path) as second:
+        assert [r["step"] for r in second.history] == [0]
+        second.update(1)
+    assert [r["step"] for r in second.history] == [0, 1]

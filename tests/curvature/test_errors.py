@@ -123,12 +123,86 @@ def test_seed_outside_every_library_s_range(estimate, seed):
     lambda H: H.density(n_probes=2, n_steps=5),
 ], ids=["trace", "traces", "eigenvalues", "density"])
 def test_loss_in_float32_subnormal_range(estimate):
-    H = hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * 1e-40, _data())
     with pytest.raises(CurvatureUnderflowError, match=r"below the normal range of float32"):
-        estimate(H)
+        estimate(hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * 1e-40, _data()))
     # the float64 copy has the same curvature inside its normal range: the right result
     H64 = hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * 1e-40, _data(),
                      dtype=torch.float64)
     ref = hl.Hessian(mlp(), cross_entropy, _data(), dtype=torch.float64)
     assert H64.eigenvalues(k=1).values[0] == pytest.approx(
         1e-40 * float(ref.eigenvalues(k=1).values[0]), rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e-45])
+def test_a_subnormal_loss_is_refused_before_any_product(scale):
+    """A loss below float32's normal range (1e-45: products exactly 0, which a zero operator
+    also gives) is refused at construction, naming the fix."""
+    with pytest.raises(CurvatureUnderflowError, match=r"loss .* below the normal range of "
+                                                      r"float32.*dtype=torch.float64"):
+        hl.Hessian(mlp(), lambda o, y: cross_entropy(o, y) * scale, _data())
+
+
+def test_an_empty_batch_is_named():
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    with pytest.raises(HesslensInputError, match=r"batch 1 is empty \(0 samples\)"):
+        hl.Hessian(mlp(), cross_entropy, [(x, y), (x[:0], y[:0])])
+
+
+def test_a_batch_without_loss_terms_weighs_nothing():
+    """A batch whose labels are all ignored (-100) has no loss terms: it is skipped, and the
+    operator is that of the other batches."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 4, (6,))
+    ignored = torch.full((3,), -100)
+
+    def loss_fn(out, target):
+        return cross_entropy(out, target, ignore_index=-100)
+
+    def count(batch):
+        return int((batch[1] != -100).sum())
+
+    both = hl.Hessian(model, loss_fn, [(x, y), (x[:3], ignored)], num_terms=count)
+    alone = hl.Hessian(model, loss_fn, (x, y))
+    v = torch.randn(both.dim, dtype=torch.float64)
+    torch.testing.assert_close(both.hvp(v), alone.hvp(v), atol=1e-12, rtol=1e-10)
+    assert both.num_samples == 6
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return {"logits": self.net(x), "features": x}
+
+
+def test_gauss_newton_gives_loss_fn_the_outputs_in_their_own_form():
+    """A model returning {"logits": ...} with a loss_fn that indexes it works for the
+    Gauss-Newton matrix as for the Hessian (loss_fn sees a mapping with the logits)."""
+    model = _DictOut().double()
+    data = [(x.double(), y) for x, y in _data()]
+
+    def loss_fn(outputs, targets):
+        return cross_entropy(outputs["logits"], targets)
+
+    G = hl.GaussNewton(model, loss_fn, data)
+    plain = hl.GaussNewton(model.net, cross_entropy, data)
+    v = torch.randn(G.dim, dtype=torch.float64)
+    torch.testing.assert_close(G.hvp(v), plain.hvp(v), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(G.hvp(v[None].repeat(2, 1)), plain.hvp(v[None].repeat(2, 1)),
+                               atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(hl.EmpiricalFisher(model, loss_fn, data).hvp(v),
+                               hl.EmpiricalFisher(model.net, cross_entropy, data).hvp(v),
+                               atol=1e-12, rtol=1e-10)
+    with pytest.raises(HesslensInputError, match="only 'logits'"):
+        hl.GaussNewton(model, lambda o, y: cross_entropy(o["logits"], y) + o["features"].sum()
+                       * 0, data).hvp(v)
+
+
+def test_a_meta_device_model_is_named():
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(HesslensInputError, match=r"meta device.*to_empty"):
+        hl.Hessian(model, cross_entropy, _data())

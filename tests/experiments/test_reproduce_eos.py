@@ -61,8 +61,9 @@ def test_quick_plan_runs_show_the_edge_of_stability(tmp_path):
     assert gd.verdict == "held", gd.numbers
     assert adam.verdict == "held", adam.numbers
     assert BAND[0] <= gd.interval[0] and gd.interval[1] <= BAND[1]
-    blocks = edge_section(json.loads(json.dumps(result)), tmp_path, "table")
-    assert blocks[1] == "table" and (tmp_path / "edge_of_stability.png").exists()
+    paragraph, png, caption = edge_section(json.loads(json.dumps(result)), tmp_path)
+    assert "Cohen et al." in str(vars(paragraph))
+    assert png == tmp_path / "edge_of_stability.png" and png.exists() and caption
 
 
 def test_the_setting_lands_in_the_report(tmp_path):

@@ -73,6 +73,8 @@ from hesslens.curvature.preconditioned import Preconditioned
 from hesslens.errors import BudgetWarning, HesslensInputError
 from hesslens.files import write_csv, write_json
 from hesslens.linalg import eigsh
+from hesslens.locks import OutputLock
+from hesslens.parallel import acquire_folder_lock, current
 
 __all__ = ["SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder", "flat_row",
            "read_history"]
@@ -96,9 +98,7 @@ def _untouched_state(model: nn.Module, eval_mode: bool) -> Any:
 
 
 def _is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return current().is_main
 
 
 class SharpnessRecorder:
@@ -202,11 +202,19 @@ class SharpnessRecorder:
         #: records; a loop that calls :meth:`record` itself may set it before each step.
         self.keep_next_step: bool | None = None
         self.out = None if out is None else Path(out)
+        self._lock: OutputLock | None = None
         if self.out is not None:
             if self.out.exists() and not self.out.is_dir():
                 raise HesslensInputError(
                     f"out={str(self.out)!r} is a file; give a folder for {SHARPNESS_JSON}")
-            self.history = read_history(self.out / SHARPNESS_JSON)
+            # the folder is this monitor's until close(): a second writer gets a named error
+            self._lock = acquire_folder_lock(self.out, "a SharpnessMonitor")
+            try:
+                self.history = read_history(self.out / SHARPNESS_JSON)
+            except BaseException:
+                if self._lock is not None:
+                    self._lock.release(failed=True)
+                raise
 
     # ------------------------------------------------------------------ the loop
     def due(self) -> bool:
@@ -242,6 +250,10 @@ class SharpnessRecorder:
         clash = sorted(set(extra) & (set(measured) | {"step"}))
         if clash:
             raise HesslensInputError(f"info may not set the measured keys {clash}")
+        if self._lock is not None and not self._lock.held:
+            raise HesslensInputError(
+                f"this monitor was closed and no longer holds {self.out}: make a new one on "
+                "the folder to go on recording there")
         rec = {"step": step, **extra, **measured}
         while self.history and self.history[-1]["step"] >= step:
             self.history.pop()
@@ -251,10 +263,19 @@ class SharpnessRecorder:
         return rec
 
     def close(self) -> None:
-        """Remove the optimizer hook (the recorder keeps its history)."""
+        """Remove the optimizer hook and give back the lock of ``out`` (the recorder keeps its
+        history; a new one on the folder continues it)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> SharpnessRecorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Step pre-hook: keep the parameters as they are before a step a record follows."""

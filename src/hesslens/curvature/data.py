@@ -147,7 +147,9 @@ class BatchSource:
         if self.num_terms == 0:
             raise HesslensInputError(
                 "data is empty: no batch has a loss term (no samples, or every label is -100)")
-        self.weights = [n / self.num_terms for n in self.terms]
+        # a batch without loss terms (every label ignored) weighs nothing: it is checked on
+        # every pass but never evaluated (its mean loss would be 0/0)
+        self.weights = [n / self.num_terms for n in self.terms if n > 0]
 
     def _read_terms(self) -> None:
         for i, batch in enumerate(self._source):
@@ -174,10 +176,13 @@ class BatchSource:
         return isinstance(self._source, (list, tuple))
 
     def __len__(self) -> int:
-        return len(self.terms)
+        """The number of batches with loss terms (those a pass yields)."""
+        return len(self.weights)
 
     def __iter__(self) -> Iterator[tuple[Batch, float]]:
-        count = 0
+        """``(batch, weight)`` for every batch with loss terms, each pass checked against the
+        first."""
+        count, used = 0, 0
         for i, batch in enumerate(self._source):
             if i >= len(self.terms):
                 count = i + 1
@@ -190,7 +195,9 @@ class BatchSource:
                     "shuffle=False and no random transforms)"
                 )
             count = i + 1
-            yield batch, self.weights[i]
+            if self.terms[i] > 0:
+                yield batch, self.weights[used]
+                used += 1
         if count != len(self.terms):
             raise DataChangedError(
                 f"the data yielded {count} batches now but {len(self.terms)} before: curvature "
@@ -219,6 +226,10 @@ class BatchSource:
                 f"batch {index} is a {type(batch).__name__} with no tensors: a batch is "
                 "(inputs, targets), a mapping of tensors, or a pytree of tensors"
             )
+        if leading_size(batch) == 0:
+            raise HesslensInputError(
+                f"batch {index} is empty (0 samples): its mean loss is 0/0. Drop empty batches "
+                "from the data (e.g. the last one of a split that divides evenly)")
         if is_pair(batch):
             size = leading_size(batch)
             for tensor in _inputs_of(batch[0]):

@@ -60,6 +60,13 @@ class FunctionalModel:
                 "the model has no trainable parameters (all have requires_grad=False): there is "
                 "no Hessian to analyse"
             )
+        meta = [n for n, p in model.named_parameters() if p.is_meta]
+        if meta:
+            raise HesslensInputError(
+                f"the model's parameters {meta[:3]}{' ...' if len(meta) > 3 else ''} are on the "
+                "meta device: they have shapes but no values (a model built under "
+                "init_empty_weights or device='meta'). Load its weights first, e.g. "
+                "model.to_empty(device='cpu') and model.load_state_dict(...)")
         active_dropout = [name for name, m in model.named_modules() if _active_dropout(m)]
         self.random = bool(active_dropout)
         dropout_off = bool(active_dropout) and not allow_dropout

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hesslens.curvature.data import Batch, as_args, is_pair, leading_size
-from hesslens.errors import HesslensInputError
+from hesslens.errors import CurvatureUnderflowError, HesslensInputError
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -61,6 +61,7 @@ class BatchLoss:
         self._num_terms = num_terms
         self._causal = _is_causal_lm(model)
         self._hf_loss = _hf_loss_of_logits(model) if self.own_loss else None
+        self._rebuild: Callable[[torch.Tensor], Any] | None = None  # logits -> outputs' form
 
     # ----------------------------------------------------------------- the model's call
     def call(self, forward: Callable[..., Any], batch: Batch) -> Any:
@@ -83,12 +84,13 @@ class BatchLoss:
         return self.loss_fn(outputs, targets)
 
     # ----------------------------------------------------------------- Gauss-Newton
-    @staticmethod
-    def output_tensor(outputs: Any) -> torch.Tensor:
+    def output_tensor(self, outputs: Any) -> torch.Tensor:
         """The network outputs a Gauss-Newton matrix is taken through (``.logits`` of a
-        ``ModelOutput``)."""
+        ``ModelOutput`` or of a mapping); remembers the outputs' form, so that
+        :meth:`loss_of_outputs` hands ``loss_fn`` outputs of the same form."""
         if isinstance(outputs, torch.Tensor):
             return outputs
+        self._rebuild = _rebuilder(outputs)
         logits = getattr(outputs, "logits", None)
         if logits is None and isinstance(outputs, Mapping):
             logits = outputs.get("logits")
@@ -103,7 +105,16 @@ class BatchLoss:
         """The loss as a function of the output tensor ``z`` (for ``d2 loss / d z2``)."""
         if not self.own_loss:
             targets = batch[1] if is_pair(batch) else batch
-            return self.loss_fn(z, targets)
+            if self._rebuild is None:
+                return self.loss_fn(z, targets)
+            try:
+                return self.loss_fn(self._rebuild(z), targets)
+            except (KeyError, AttributeError, TypeError) as err:
+                raise HesslensInputError(
+                    "the Gauss-Newton matrix takes the loss as a function of the logits alone: "
+                    "loss_fn is given the model's outputs with only 'logits' in them, and "
+                    f"failed on that ({type(err).__name__}: {err}); use a loss_fn that reads "
+                    "only the logits") from err
         if self._hf_loss is None or not isinstance(batch, Mapping) or "labels" not in batch:
             raise HesslensInputError(
                 "the Gauss-Newton matrix of the model's own loss needs that loss as a function "
@@ -123,6 +134,15 @@ class BatchLoss:
                 labels = labels[..., 1:]
             return int((labels != IGNORE_INDEX).sum())
         return leading_size(batch)
+
+
+def _rebuilder(outputs: Any) -> Callable[[torch.Tensor], Any]:
+    """``z -> outputs`` of the same form as ``outputs`` (a mapping or a ``ModelOutput``) with
+    ``z`` as their only entry, ``logits``."""
+    kind = type(outputs)
+    if isinstance(outputs, dict) and kind is not dict:  # a ModelOutput: keyword construction
+        return lambda z: kind(logits=z)
+    return lambda z: {"logits": z}
 
 
 def model_loss(outputs: Any) -> torch.Tensor:
@@ -156,6 +176,14 @@ def check_loss(loss: object) -> None:
             f"the loss is not finite ({float(loss.detach()):g}): check the inputs, the targets "
             "and the model's weights"
         )
+    value = abs(float(loss.detach()))
+    if loss.is_floating_point() and 0.0 < value < torch.finfo(loss.dtype).tiny:
+        raise CurvatureUnderflowError(
+            f"the loss ({value:.3g}) is below the normal range of "
+            f"{str(loss.dtype).removeprefix('torch.')} (smallest normal "
+            f"{torch.finfo(loss.dtype).tiny:.3g}): it and its derivatives have lost their "
+            "precision (subnormal numbers). Rescale the loss, or analyse a float64 copy "
+            "(dtype=torch.float64)")
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

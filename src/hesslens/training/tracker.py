@@ -50,7 +50,8 @@ from torch import nn
 
 from hesslens.checks import check_seed
 from hesslens.errors import HesslensInputError
-from hesslens.locks import OutputLock, output_lock
+from hesslens.locks import OutputLock
+from hesslens.parallel import acquire_folder_lock
 
 __all__ = ["HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureTracker", "untouched_state"]
 
@@ -241,11 +242,12 @@ class CurvatureTracker:
             if self.out.exists() and not self.out.is_dir():
                 raise HesslensInputError(
                     f"out={str(self.out)!r} is a file; give a folder for curvature.json")
-            self._lock = output_lock(self.out, what="a CurvatureTracker")
+            self._lock = acquire_folder_lock(self.out, "a CurvatureTracker")
             try:
                 self.history = self._read_history(self.out / HISTORY_JSON)
             except BaseException:
-                self._lock.release(failed=True)
+                if self._lock is not None:
+                    self._lock.release(failed=True)
                 raise
 
     # ------------------------------------------------------------------ the folder's lock
