@@ -254,3 +254,28 @@ def test_batched_paths_are_not_timed_when_a_chunk_holds_too_few_vectors():
     roomy = hl.Hessian(model, cross_entropy, batches)
     torch.testing.assert_close(roomy.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
     assert set(roomy.path_choice.timings["batched"]) >= {"reverse-loop", "reverse-batched"}
+
+
+def test_shared_parameters_give_the_copy_s_products_and_refuse_stale_ones():
+    """snapshot=False uses the model's own parameters (no second copy): the same products as a
+    copy, the model untouched (no gradients left on it), a named error once an optimizer step
+    changed them, and reload_parameters takes the new weights."""
+    model, batches, copied = _setup("mlp")
+    shared = hl.Hessian(model, cross_entropy, batches, snapshot=False)
+    assert shared._shared.loop.model.shared and not copied._shared.loop.model.shared
+    V = torch.randn(3, shared.dim, generator=torch.Generator().manual_seed(4),
+                    dtype=torch.float64)
+    torch.testing.assert_close(shared.hvp(V), copied.hvp(V), atol=1e-13, rtol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    opt.step()
+    with pytest.raises(HesslensInputError, match="changed since the operator took them"):
+        shared.hvp(V)
+    shared.reload_parameters(model)
+    dense = dense_hessian(model, cross_entropy, batches, shared.parameter_names)
+    torch.testing.assert_close(shared.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
+    with pytest.raises(HesslensInputError, match="changed since"):  # its blocks share the check
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        shared.block(shared.layers[0]).hvp(V[:, :shared.block(shared.layers[0]).dim])

@@ -47,18 +47,18 @@ from hesslens.curvature.functional_model import BatchNormMode, FunctionalModel
 from hesslens.curvature.layers import ROOT_LAYER, owned_parameters, select_layers
 from hesslens.curvature.layout import FlatLayout
 from hesslens.curvature.loop import (
-    GRAPH_CACHE_BYTES,
-    PRODUCT_BYTES,
     DataLoop,
     WeightedBatch,
     join_flat,
     split_flat,
 )
 from hesslens.curvature.loss import BatchLoss, LossFn
+from hesslens.curvature.memory import MemoryBudget
 from hesslens.curvature.paths import PathChoice
 from hesslens.curvature.products import StepScale, named_derivative_errors
 from hesslens.curvature.sharded import check_not_fsdp2
 from hesslens.errors import HesslensInputError
+from hesslens.linalg.lanczos import work_dtype
 from hesslens.parallel import resolve_group
 
 Path = Literal["auto", "reverse", "forward", "fd"]
@@ -71,6 +71,7 @@ class Shared:
     (model copy, data, graph cache), the product settings and what was learned about them."""
 
     loop: DataLoop
+    budget: MemoryBudget
     path: str = "auto"
     fd_order: int = 4
     fd_scale: StepScale = field(default_factory=StepScale)
@@ -93,8 +94,8 @@ class CurvatureOperator(Estimators):
     Parameters
     ----------
     model : nn.Module
-        The network. It is never changed: products run on a private copy of it and a snapshot
-        of its parameters taken now (:meth:`reload_parameters` takes later ones).
+        The network. It is never changed: products run on a private copy of its modules and a
+        snapshot of its parameters taken now (:meth:`reload_parameters` takes later ones).
     loss_fn : callable or None
         ``loss_fn(outputs, targets)`` for ``(inputs, targets)`` batches,
         ``loss_fn(outputs, batch)`` for mapping batches, returning the batch's mean loss (a
@@ -120,11 +121,15 @@ class CurvatureOperator(Estimators):
     path : {"auto", "reverse", "forward", "fd"}
         How Hessian products are computed (:mod:`hesslens.curvature.hessian`); ``"fd"``:
         finite differences of gradients, for models without second derivatives.
+    memory : int, "auto" or None
+        The one memory budget the estimators' vectors, the graph cache and the product chunks
+        derive from (:mod:`hesslens.curvature.memory`): ``None`` (default) lean where vectors
+        are large, ``"auto"`` half of the device's available memory, or bytes.
     reuse_graph, graph_cache_bytes, chunk_size, product_bytes :
         Keep per-batch graphs between products (``None``: while they fit in
         ``graph_cache_bytes``; ``False``: never), and the most vectors (``chunk_size``) and
-        estimated bytes (``product_bytes``) of one batched product: see
-        :class:`hesslens.curvature.loop.DataLoop`.
+        estimated bytes (``product_bytes``) of one batched product (both defaults from
+        ``memory``): see :class:`hesslens.curvature.loop.DataLoop`.
     fd_order : {2, 4}
         Order of the finite-difference products (``path="fd"``).
     num_terms : callable, optional
@@ -135,6 +140,11 @@ class CurvatureOperator(Estimators):
         local weighted sum followed by one all-reduce, and every estimator (probes and start
         vectors seeded alike on every rank) returns the same result on every rank.
         ``distributed=False``: rank-local. ``process_group``: the group (default: the world).
+    snapshot : bool or None
+        Copy the parameters (``True``), or use the model's own (``False``: no second copy of a
+        large model; a product after they changed in place, e.g. by an optimizer step, is a
+        named error until :meth:`reload_parameters`). ``None`` (default): copy models of up to
+        16 MiB of parameters. A ``dtype`` or ``device`` other than the model's always copies.
     """
 
     #: The kind of per-batch graph every product of this matrix runs through alone: once every
@@ -162,6 +172,8 @@ class CurvatureOperator(Estimators):
         num_terms: Callable[[Any], int] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
+        snapshot: bool | None = None,
+        memory: int | str | None = None,
     ) -> None:
         if path not in PATHS:
             raise HesslensInputError(f"path must be one of {PATHS}, not {path!r}")
@@ -171,13 +183,16 @@ class CurvatureOperator(Estimators):
         check_not_fsdp2(model)  # a named error pointing to ShardedHessian
         group = resolve_group(distributed, process_group)
         fmodel = FunctionalModel(model, dtype=dtype, device=device, batchnorm=batchnorm,
-                                 allow_dropout=allow_dropout)
+                                 allow_dropout=allow_dropout, snapshot=snapshot)
         loss = BatchLoss(model, loss_fn, num_terms)
         source = BatchSource(data, count_terms=loss.terms, group=group)
-        cache = GRAPH_CACHE_BYTES if graph_cache_bytes is None else int(graph_cache_bytes)
+        width = sum(fmodel.params[n].numel() for n in fmodel.trainable)
+        budget = MemoryBudget.of(memory, width * torch.finfo(work_dtype(fmodel.dtype)).bits // 8,
+                                 fmodel.device)
+        cache = budget.graph_cache_bytes if graph_cache_bytes is None else int(graph_cache_bytes)
         loop = DataLoop(fmodel, loss, source, graph_cache_bytes=0 if reuse_graph is False
                         else cache, chunk_size=chunk_size,
-                        product_bytes=PRODUCT_BYTES if product_bytes is None
+                        product_bytes=budget.product_bytes if product_bytes is None
                         else int(product_bytes), group=group)
         if group is not None and path == "auto":
             # Timing would pick per rank, and the candidates' collectives must match: pin the
@@ -185,7 +200,7 @@ class CurvatureOperator(Estimators):
             path = "reverse"
         blocks = _ordered_blocks(loop, resolve_blocks(fmodel.module, layers, fmodel.trainable),
                                  by_call_order=layers is None or isinstance(layers, str))
-        self._attach(Shared(loop, path=path, fd_order=fd_order), blocks,
+        self._attach(Shared(loop, budget, path=path, fd_order=fd_order), blocks,
                      [ParamSlice(n) for n in fmodel.trainable], label="full")
 
     def _attach(self, shared: Shared, blocks: Blocks, pieces: list[ParamSlice],

@@ -63,9 +63,11 @@ class Estimators:
             if ranges is None:  # layers are not ranges of the vector: permute them into ranges
                 perm, ranges = contiguous_blocks(self.dim, self.layer_indices())
                 view = Permuted(self, perm)
+            lean = self._shared.budget.trace()  # a smaller sketch where vectors are large
+            sizes = {} if lean is None else {"sketch_rank": lean[0], "batch_size": lean[1]}
             self._trace_estimators[key] = BlockTraceEstimator(view, ranges,
                                                               distribution=distribution,
-                                                              seed=seed)
+                                                              seed=seed, **sizes)
         return self._trace_estimators[key]
 
     def dense(self, max_dim: int = 20_000) -> torch.Tensor:
@@ -119,6 +121,9 @@ class Estimators:
         of a large operator is ``min(max(2k + 8, 20), 31 - k)``, at least ``k + 2``) and one
         product; top-5 of a 10M-parameter network: 24 + a product."""
         _check_k(k, self.dim)
+        if ncv is None:  # from the memory budget: a smaller basis where vectors are large
+            steps = max(100, 30 * k) if max_steps is None else int(max_steps)
+            ncv = self._shared.budget.ncv(k, self.dim, steps)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
                      basis_device=basis_device, v0=v0)
@@ -207,9 +212,10 @@ class Estimators:
         the deflation vectors (``deflate``), three vectors per probe of a group of ``g =
         min(n_probes, 256 MiB / (3 dim itemsize))`` (2 for 10M float32 parameters) and the
         products of the group."""
+        budget = self._shared.budget
         own_deflation = isinstance(deflate, int) and not isinstance(deflate, bool)
         if own_deflation:
-            k = min(deflate, max(self.dim - 2, 0))
+            k = min(budget.deflation(deflate), max(self.dim - 2, 0))
             deflate = self.eigenvalues(k=k, tol=1e-4, seed=seed) if k > 0 else None
             if deflate is not None and not bool(torch.as_tensor(deflate.converged).all()):
                 warnings.warn(
@@ -217,6 +223,9 @@ class Estimators:
                     "eigenpairs used for deflation did not converge; the outliers of the "
                     "density are approximate (pass deflate=0, or a converged eigenvalues() "
                     "result)", stacklevel=2)
+        if probe_chunk is None:
+            n_deflate = 0 if deflate is None else int(torch.as_tensor(deflate.values).numel())
+            probe_chunk = budget.density_group(n_probes, n_deflate)
         spectrum, _ = slq(self, n_probes=n_probes, n_steps=min(n_steps, self.dim), seed=seed,
                           distribution=distribution, deflate=deflate, reorth=reorth,
                           probe_chunk=probe_chunk, overwrite_deflate=own_deflation)

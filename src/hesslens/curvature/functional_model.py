@@ -37,9 +37,17 @@ _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Alpha
                   nn.FeatureAlphaDropout)
 
 
+#: Parameters above this many bytes are not copied by default (``snapshot=None``): the
+#: operator uses the model's own and refuses to go on once they change.
+SNAPSHOT_BYTES = 16 * 2**20
+
+
 class FunctionalModel:
-    """A deep copy of ``model`` in the requested dtype and device, with BatchNorm and dropout set
-    up for deterministic products; ``params`` and ``buffers`` are detached snapshots."""
+    """A copy of ``model``'s modules in the requested dtype and device, with BatchNorm and
+    dropout set up for deterministic products; ``params`` and ``buffers`` are detached snapshots
+    of the parameters (``snapshot=True``, the default for models up to 16 MiB of parameters),
+    or the model's own parameters, checked unchanged before every use (``snapshot=False``, the
+    default above that: no second copy of a large model)."""
 
     def __init__(
         self,
@@ -49,6 +57,7 @@ class FunctionalModel:
         device: torch.device | str | None = None,
         batchnorm: BatchNormMode = "eval",
         allow_dropout: bool = False,
+        snapshot: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise HesslensInputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -82,8 +91,17 @@ class FunctionalModel:
         self.device = torch.device(device) if device is not None else model_device
         self.device_requested = device is not None
         self.dtype = dtype if dtype is not None else trainable[0].dtype
-        module = copy.deepcopy(model)
-        module.to(device=self.device, dtype=self.dtype)
+        converts = self.device != model_device or self.dtype != trainable[0].dtype
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.shared = not converts and (
+            snapshot is False or (snapshot is None and param_bytes > SNAPSHOT_BYTES))
+        if self.shared:
+            # the copy's modules are new, their parameters and buffers the model's own
+            memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+            module = copy.deepcopy(model, memo)
+        else:
+            module = copy.deepcopy(model)
+            module.to(device=self.device, dtype=self.dtype)
         if dropout_off:
             module.eval()
         for m in module.modules():
@@ -103,13 +121,30 @@ class FunctionalModel:
         self.params = {n: p.detach() for n, p in module.named_parameters()}
         self.buffers = {n: b.detach() for n, b in module.named_buffers()}
         self.trainable = [n for n, p in module.named_parameters() if p.requires_grad]
-        for p in module.parameters():
-            p.requires_grad_(False)
+        if not self.shared:
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self._model_params = dict(model.named_parameters()) if self.shared else {}
+        self._versions = self._current_versions()
+
+    def _current_versions(self) -> dict[str, int]:
+        return {n: p._version for n, p in self._model_params.items()}
+
+    def check_unchanged(self) -> None:
+        """Where the parameters are the model's own (not copied), refuse to go on after they
+        changed in place (an optimizer step, ``load_state_dict``): the operator's products,
+        estimates and cached graphs are those of the weights it was built on."""
+        if self._model_params and self._current_versions() != self._versions:
+            raise HesslensInputError(
+                "the model's parameters changed since the operator took them (an optimizer "
+                "step, load_state_dict): call reload_parameters(model) to analyse the new "
+                "weights, or build the operator with snapshot=True to keep a copy of the old "
+                "ones")
 
     def load_from(self, model: nn.Module) -> None:
-        """Copy ``model``'s current parameters and buffers into the snapshot, in place (no new
-        copy of the model): the same network later in training. Names and shapes must match
-        the model this copy was made from."""
+        """Take ``model``'s current parameters and buffers: copied into the snapshot in place
+        (no new copy of the model), or, where they are the model's own, taken as they are now.
+        The same network later in training: names and shapes must match."""
         model_params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in model_params]
         if missing or len(model_params) != len(self.params):
@@ -123,12 +158,21 @@ class FunctionalModel:
                 raise HesslensInputError(
                     f"parameter {name!r} has shape {tuple(source.shape)}, the operator's "
                     f"{tuple(target.shape)}: build a new operator for another model")
-            target.copy_(source)
+            if self.shared:  # the model's own parameters, never written to
+                self.params[name] = source
+            else:
+                target.copy_(source)
         model_buffers = dict(model.named_buffers())
         for name, target in self.buffers.items():
             source = model_buffers.get(name)
             if isinstance(source, torch.Tensor) and source.shape == target.shape:
-                target.copy_(source.detach())
+                if self.shared:
+                    self.buffers[name] = source.detach()
+                else:
+                    target.copy_(source.detach())
+        if self.shared:
+            self._model_params = model_params
+            self._versions = self._current_versions()
 
     def __call__(self, params: dict[str, torch.Tensor], args: tuple = (),
                  kwargs: dict | None = None) -> Any:

@@ -155,6 +155,7 @@ class DataLoop:
     # ----------------------------------------------------------------- batches
     def batches(self) -> Iterator[WeightedBatch]:
         """Every batch on the model's device, with its weight: one pass."""
+        self.model.check_unchanged()
         for i, (batch, weight) in enumerate(self.data):
             if batch_device(batch) != self.model.device and not self.model.device_requested:
                 raise HesslensInputError(
@@ -168,6 +169,7 @@ class DataLoop:
         """One pass; without touching the data when every batch's graph of ``graph_kind`` is
         cached."""
         if graph_kind is not None and self.graphs_complete(graph_kind):
+            self.model.check_unchanged()
             for i, weight in enumerate(self.data.weights):
                 yield WeightedBatch(self, i, None, weight)
             return

@@ -242,12 +242,17 @@ def hvp_rows(grads: Sequence[Tensor] | dict[str, Tensor], leaves: Sequence[Tenso
                     if h is not None:
                         out[i][rows] += h
         else:
+            # each row's products accumulate into out[.][j] as the leaves' gradients, one
+            # parameter at a time (no whole-vector temporary): 0 + h, as out += h would be
             for j in range(k):
-                hv = torch.autograd.grad(g, x, [V[i][j] for i in used], retain_graph=True,
-                                         allow_unused=True)
-                for i, h in zip(used, hv):
-                    if h is not None:
-                        out[i][j] += h
+                for i, leaf in zip(used, x):
+                    leaf.grad = out[i][j]
+                try:
+                    torch.autograd.backward(g, [V[i][j] for i in used], retain_graph=True,
+                                            inputs=x)
+                finally:
+                    for leaf in x:
+                        leaf.grad = None
     return out
 
 

@@ -63,7 +63,7 @@ def _tridiag_eig(alpha: np.ndarray, offdiag: np.ndarray) -> tuple[np.ndarray, np
     return eigh_tridiagonal(np.asarray(alpha, dtype=np.float64), np.asarray(offdiag))
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the algorithms keep their vectors in: float64 for a float64 operator, else
     float32 (a basis twice reorthogonalised in float32 is as accurate as float32 products)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -361,6 +361,14 @@ class _Basis:
                               device=self.head.device)
         return out
 
+    def subtract_combination_(self, W: Tensor, c: Tensor, start: int, stop: int) -> Tensor:
+        """``W -= c @ rows[start:stop]`` in place, with no temporary of ``W``'s size."""
+        col = 0
+        for P in self._pieces(start, stop):
+            W.addmm_(c[:, col : col + P.shape[0]], P, alpha=-1)
+            col += P.shape[0]
+        return W
+
     def combine_rows_(self, C: np.ndarray | Tensor) -> None:
         """``rows[:p] <- C @ rows[:q]`` in place for ``C`` of shape ``(p, q)``, ``p <= q``, a
         column chunk at a time (see :func:`_combine_rows_`)."""
@@ -410,6 +418,7 @@ class _RestartedLanczos:
         dtype: torch.dtype,
         device: torch.device,
         head: int = 0,
+        consume_start: bool = False,
     ) -> None:
         self.op = op
         self.dim = op.dim
@@ -423,7 +432,9 @@ class _RestartedLanczos:
         if norm == 0:
             raise HesslensInputError("a Lanczos start vector is zero")
         self.basis = _Basis(self.ncv + 1, head, self.dim, dtype, device)
-        self.basis.row(0)[0] = (v[0] / norm).to(dtype=dtype, device=device)
+        # the start normalised as v / norm, in place when the start is this run's own
+        self.basis.row(0)[0].copy_(torch.div(v[0], norm, out=v[0] if consume_start else None))
+        del v
         self.T = np.zeros((self.ncv + 1, self.ncv + 1))
         self.m = 0  # basis rows in use; row m is the next Lanczos vector (when live)
         self.block_starts = [0]
@@ -440,21 +451,21 @@ class _RestartedLanczos:
         j, start = self.m, self.block_starts[-1]
         basis = self.basis
         q = basis.row(j)
-        w = matmat_as(self.op, q, self.dtype, self.device)
+        w = matmat_as(self.op, q, self.dtype, self.device)  # a fresh tensor: updated in place
         self.n_hvp += 1
         wnorm = float(_norm64(w)[0])
         if self.dtype == torch.float64:  # the same operations as _BatchLanczos
             alpha = float((q * w).sum())
         else:
             alpha = float(_rowdot(q, w)[0])
-        w = w - alpha * q
+        w.sub_(q, alpha=alpha)
         if self.arrow is not None and j == self.arrow:
             coupling = torch.as_tensor(self.T[start:j, j], dtype=self.dtype, device=self.device)
-            w = w - basis.combine(coupling[None, :], start, j)
+            basis.subtract_combination_(w, coupling[None, :], start, j)
         elif j > start:
-            w = w - float(self.T[j - 1, j]) * basis.row(j - 1)
+            w.sub_(basis.row(j - 1), alpha=float(self.T[j - 1, j]))
         for _ in range(2):  # "twice is enough"
-            w = w - basis.combine(basis.coef(w, j + 1), 0, j + 1)
+            basis.subtract_combination_(w, basis.coef(w, j + 1), 0, j + 1)
         beta = float(_norm64(w)[0])
         self.T[j, j] = alpha
         self.m = j + 1
@@ -468,7 +479,7 @@ class _RestartedLanczos:
             self.status = "budget"
         else:
             self.status = "live"
-            basis.row(self.m)[0] = w[0] / beta
+            torch.div(w[0], beta, out=basis.row(self.m)[0])
             self.T[j, j + 1] = self.T[j + 1, j] = beta
 
     def blocks(self) -> list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -938,11 +949,11 @@ def eigsh(
     op = as_operator(op)
     plan = _Plan.of(op, k, which, tol, max_steps, ncv, basis_dtype, basis_device)
     gen = generator(seed)
-    start = _start_vector(op, None, seed, gen) if v0 is None else _warm_start(op, v0, gen)
     engine = _RestartedLanczos(
-        op, start, plan.ncv, plan.max_steps, plan.basis_dtype, plan.basis_device,
-        head=plan.k if return_vectors else 0,
-    )
+        op, _start_vector(op, None, seed, gen) if v0 is None else _warm_start(op, v0, gen),
+        plan.ncv, plan.max_steps, plan.basis_dtype, plan.basis_device,
+        head=plan.k if return_vectors else 0, consume_start=True,
+    )  # the start vector is not kept: the basis holds it
     precision = Precision.of(op)
     while True:
         engine.step()
@@ -995,7 +1006,7 @@ class _Plan:
             raise HesslensInputError(f"which must be one of {WHICH}, got {which!r}")
         if not tol > 0:
             raise HesslensInputError(f"tol must be positive, got {tol}")
-        basis_dtype = _work_dtype(op.dtype) if basis_dtype is None else basis_dtype
+        basis_dtype = work_dtype(op.dtype) if basis_dtype is None else basis_dtype
         if not basis_dtype.is_floating_point:
             raise HesslensInputError(f"basis_dtype must be a floating dtype, got {basis_dtype}")
         basis_device = op.device if basis_device is None else torch.device(basis_device)

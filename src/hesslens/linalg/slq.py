@@ -41,8 +41,8 @@ from hesslens.linalg.lanczos import (
     _norm64,
     _rowdot,
     _tridiag_eig,
-    _work_dtype,
 )
+from hesslens.linalg.lanczos import work_dtype as default_work_dtype
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat_as
 from hesslens.linalg.precision import Precision
 from hesslens.linalg.probes import check_distribution, generator, random_probes
@@ -244,7 +244,7 @@ def slq(
     check_distribution(distribution)
     if reorth not in REORTH:
         raise HesslensInputError(f"reorth must be one of {REORTH}, got {reorth!r}")
-    dtype = _work_dtype(op.dtype) if work_dtype is None else work_dtype
+    dtype = default_work_dtype(op.dtype) if work_dtype is None else work_dtype
     device = op.device if work_device is None else torch.device(work_device)
     if probe_chunk is None:
         probe_chunk = batch_size

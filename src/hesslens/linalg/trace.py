@@ -36,7 +36,7 @@ from torch import Tensor
 
 from hesslens.errors import BudgetWarning, HesslensInputError, PrecisionWarning
 from hesslens.linalg.budget import WORK_BYTES, vectors_within
-from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, _work_dtype
+from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, work_dtype
 from hesslens.linalg.operator import SymmetricOperator, as_operator, matmat64, matmat_as
 from hesslens.linalg.precision import Precision
 from hesslens.linalg.probes import check_distribution, generator, random_probes
@@ -275,7 +275,7 @@ def hutchinson(
     gen = generator(seed)
     if op.dim <= n_hvp:
         return _exact(op, batch_size)
-    dtype = _work_dtype(op.dtype)
+    dtype = work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
     precision = Precision.of(op)
     sq: list[Tensor] | None = None if precision.fine else []
@@ -355,7 +355,7 @@ def hutchpp(
     if n_sketch == 0:
         return hutchinson(op, n_hvp, distribution, seed, batch_size)
     n_probe = n_hvp - 2 * n_sketch
-    dtype = _work_dtype(op.dtype)
+    dtype = work_dtype(op.dtype)
     batch_size = _batch(batch_size, op, dtype)
     precision = Precision.of(op)
     low_sq: list[Tensor] = []
@@ -530,7 +530,7 @@ class BlockTraceEstimator:
         self.names = list(spans)
         self._segs = _segments(spans, n)
         self.precision = Precision.of(self.op)
-        self._dtype = _work_dtype(self.op.dtype)
+        self._dtype = work_dtype(self.op.dtype)
         self._batch_asked = batch_size
         self._batch = _batch(batch_size, self.op, self._dtype)
         self.progress = progress

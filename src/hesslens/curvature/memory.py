@@ -1,0 +1,121 @@
+"""One memory budget per operator, from which the estimators' vectors (the Lanczos basis, the
+trace sketch and probe batches, the groups of density probes), the product chunks and the
+graph cache all derive.
+
+``memory=`` on the operators:
+
+* ``None`` (default): lean where vectors are large. The estimators keep at most
+  ``max(64 MiB, 6 vectors)`` of their own vectors (a small model keeps every Lanczos vector and
+  a full trace sketch, as fast as it gets; a 10M-parameter one restarts in a few vectors), the
+  graph cache takes up to 4 GiB and a chunk of batched products 256 MiB.
+* ``"auto"``: half of the memory the device has available now (``MemAvailable`` on the CPU,
+  ``torch.cuda.mem_get_info`` on a GPU), split below.
+* bytes: half for the estimators' vectors, 40 % for the graph cache, 10 % for product chunks.
+
+Example:
+    >>> budget = MemoryBudget.of(None, vector_bytes=40_000_000)
+    >>> budget.vectors, budget.ncv(k=1, dim=10_000_000, steps=100), budget.trace()
+    (6, 5, (4, 1))
+    >>> MemoryBudget.of(None, vector_bytes=4_000).ncv(k=1, dim=1000, steps=100) is None
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hesslens.errors import HesslensInputError
+
+__all__ = ["MemoryBudget", "available_memory"]
+
+#: The estimators may always keep this many bytes of vectors (small operators: every vector).
+FLOOR_BYTES = 64 * 2**20
+#: ... and at least this many vectors (large operators: the lean defaults).
+LEAN_VECTORS = 6
+#: ``memory="auto"``: this share of the device's available memory.
+AUTO_FRACTION = 0.5
+GRAPH_CACHE_BYTES = 4 * 2**30
+PRODUCT_BYTES = 2**28
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Bytes the device has available now: free GPU memory, or the CPU's ``MemAvailable``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """The bytes an operator's estimators may keep in vectors of ``vector_bytes`` each
+    (``estimator_bytes``), the most its graph cache holds and the estimated temporaries of one
+    chunk of batched products."""
+
+    vector_bytes: int
+    estimator_bytes: int
+    graph_cache_bytes: int
+    product_bytes: int
+
+    @classmethod
+    def of(cls, memory: int | str | None, vector_bytes: int,
+           device: torch.device | str = "cpu") -> MemoryBudget:
+        """The budget for ``memory`` (``None``, ``"auto"`` or bytes; see the module)."""
+        vector_bytes = max(int(vector_bytes), 1)
+        if memory is None:
+            return cls(vector_bytes, max(FLOOR_BYTES, LEAN_VECTORS * vector_bytes),
+                       GRAPH_CACHE_BYTES, PRODUCT_BYTES)
+        if memory == "auto":
+            total = int(AUTO_FRACTION * available_memory(device))
+        elif isinstance(memory, int) and not isinstance(memory, bool) and memory > 0:
+            total = memory
+        else:
+            raise HesslensInputError(
+                f"memory must be a positive number of bytes, 'auto' or None, not {memory!r}")
+        return cls(vector_bytes, total // 2, int(0.4 * total), max(total // 10, 1))
+
+    @property
+    def vectors(self) -> int:
+        """How many vectors the estimators may keep (at least 3)."""
+        return max(3, self.estimator_bytes // self.vector_bytes)
+
+    def ncv(self, k: int, dim: int, steps: int) -> int | None:
+        """The Lanczos basis for ``k`` eigenvalues within ``steps`` products: ``None`` (eigsh's
+        own default) where that fits the budget, else fewer vectors, at least ``k + 4``."""
+        rows = self.vectors
+        if (min(steps, dim) + 1) <= rows:
+            return None  # every Lanczos vector fits: no restart
+        default = min(dim, max(k + 2, min(max(2 * k + 8, 20), 31 - k)))
+        if default + 1 + k <= rows:
+            return None
+        return min(dim, max(k + 4, rows - 1))
+
+    def trace(self) -> tuple[int, int] | None:
+        """``(sketch_rank, batch_size)`` of the trace estimators: ``None`` (their defaults: a
+        16-vector sketch, batches of up to 16 probes) where those fit, else a smaller sketch
+        and one probe at a time."""
+        rows = self.vectors
+        if rows >= 16 + 2 * 16:
+            return None
+        batch = max(1, min(16, (rows - 16) // 2)) if rows > 18 else 1
+        return max(0, min(16, rows - 2 * batch)), batch
+
+    def deflation(self, wanted: int) -> int:
+        """How many eigenpairs a density deflates: ``wanted`` where its basis fits, else 5."""
+        return wanted if self.ncv(wanted, 2**62, 10**9) is None else min(wanted, 5)
+
+    def density_group(self, n_probes: int, deflate: int) -> int | None:
+        """Density probes run together (three vectors each, beside the deflation vectors):
+        ``None`` (SLQ's default) where all of them fit."""
+        group = max(1, min(n_probes, (self.vectors - deflate) // 3))
+        return None if group >= n_probes else group
