@@ -59,7 +59,7 @@ def _penalty(seed):
 
 
 def _tracker(seed):
-    from hesslens.training.tracker import CurvatureTracker
+    from hesslens.report.tracking import CurvatureTracker
 
     return CurvatureTracker(nn.Linear(2, 2), nn.functional.cross_entropy,
                             (torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)), seed=seed)

@@ -22,7 +22,7 @@ from hesslens.analysis.sharpness import SCALARS
 from hesslens.analysis.thresholds import stability_rule, unwrap_optimizer
 from hesslens.errors import HesslensInputError
 from hesslens.report.sharpness import SharpnessMonitor
-from hesslens.training.tracker import CurvatureTracker
+from hesslens.report.tracking import CurvatureTracker
 
 __all__ = ["MONITOR_OPTIONS", "Schedule", "TrackerCallbackBase", "to_device"]
 
