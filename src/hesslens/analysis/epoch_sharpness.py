@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from hesslens.analysis.sharpness import SharpnessRecorder
+from hesslens.checks import check_positive_int
 from hesslens.errors import HesslensInputError
 
 __all__ = ["EpochSharpness"]
@@ -60,10 +61,8 @@ class EpochSharpness:
     def __init__(self, inputs: Tensor, targets: Tensor, every: int = 1,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                  last_epoch: int | None = None, **options: Any) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise HesslensInputError(f"every must be a positive integer, got {every!r}")
         self.inputs, self.targets = inputs, targets
-        self.every = every
+        self.every = check_positive_int(every, "every")
         self.loss_fn = loss_fn or nn.functional.cross_entropy
         self.last_epoch = last_epoch
         self.options = options

@@ -49,6 +49,7 @@ from hesslens.analysis.similarity import (
     summarize_similarity,
 )
 from hesslens.analysis.spectra import SpectrumEstimate, measure_curvature
+from hesslens.checks import check_int, check_positive_int, check_positive_number
 from hesslens.curvature import Hessian
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import Spectrum
@@ -267,12 +268,6 @@ def _loss_and_gradient(H: Hessian) -> tuple[float, torch.Tensor]:
         return H.loss_and_gradient()
 
 
-def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def layer_study(
     model: nn.Module,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None,
@@ -327,19 +322,17 @@ def layer_study(
     Returns:
         A :class:`LayerStudy`; ``.to_dict()`` gives the JSON layout.
     """
-    k = _check_positive("k", k)
-    density_probes = _check_positive("density_probes", density_probes)
-    density_steps = _check_positive("density_steps", density_steps)
-    trace_max_hvp = _check_positive("trace_max_hvp", trace_max_hvp)
-    if not (isinstance(trace_rtol, (int, float)) and trace_rtol > 0):
-        raise HesslensInputError(f"trace_rtol must be positive, got {trace_rtol!r}")
+    k = check_positive_int(k, "k")
+    density_probes = check_positive_int(density_probes, "density_probes")
+    density_steps = check_positive_int(density_steps, "density_steps")
+    trace_max_hvp = check_positive_int(trace_max_hvp, "trace_max_hvp")
+    check_positive_number(trace_rtol, "trace_rtol")
     if similarity_normalize not in NORMALIZATIONS:
         raise HesslensInputError(
             f"unknown similarity normalisation {similarity_normalize!r}; choose one of: "
             f"{', '.join(NORMALIZATIONS)}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise HesslensInputError(f"seed must be an integer, got {seed!r}")
+    seed = check_int(seed, "seed")
 
     H = Hessian(model, loss_fn, data, layers=layers, dtype=dtype, device=device, path=path)
     names = H.layers

@@ -28,13 +28,20 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hesslens.checks import SEED_LIMIT
+from hesslens.checks import (
+    SEED_LIMIT,
+    check_nonnegative_int,
+    check_nonnegative_number,
+    check_positive_int,
+    check_positive_number,
+    check_seed,
+)
 from hesslens.errors import HesslensInputError
 
 __all__ = [
@@ -61,66 +68,50 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _argument(text: str, parse: Callable[[str], Any], check: Callable[[Any, str], Any],
+              expected: str, unparsable: str | None = None) -> Any:
+    """An argparse type's work: ``text`` parsed with ``parse`` (not parsable: "expected
+    ``unparsable``", by default ``expected``), then checked with one of :mod:`hesslens.checks`
+    (refused: "expected ``expected``")."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(
+            f"expected {unparsable or expected}, got {text!r}") from None
+    try:
+        return check(value, "the value")
+    except HesslensInputError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (:func:`hesslens.checks.check_positive_int`)."""
+    return _argument(text, int, check_positive_int, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+    """argparse type: an integer >= 0 (:func:`hesslens.checks.check_nonnegative_int`)."""
+    return _argument(text, int, check_nonnegative_int, "a non-negative integer")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a seed, an integer in ``[0, 2**32)`` (:func:`hesslens.checks.check_seed`:
     the range numpy and scikit-learn take)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if value >= SEED_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer below 2**32 = {SEED_LIMIT} (numpy and scikit-learn take "
-            f"32-bit seeds), got {text!r}")
-    return value
+    nonnegative_int(text)
+    return _argument(
+        text, int, check_seed,
+        f"an integer below 2**32 = {SEED_LIMIT} (numpy and scikit-learn take 32-bit seeds)")
 
 
 def nonnegative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
+    """argparse type: a finite number >= 0 (:func:`hesslens.checks.check_nonnegative_number`)."""
+    return _argument(text, float, check_nonnegative_number, "a non-negative number",
+                     unparsable="a number")
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    """argparse type: a finite number > 0 (:func:`hesslens.checks.check_positive_number`)."""
+    return _argument(text, float, check_positive_number, "a positive number")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
