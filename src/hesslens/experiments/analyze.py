@@ -313,10 +313,10 @@ def run_analyze(args: argparse.Namespace) -> int:
 def _run_analyze(args: argparse.Namespace, ranks: Any, ready: Prepared, t0: float) -> int:
     from hesslens import zoo
     from hesslens.analysis import layer_study
-    from hesslens.parallel import local_device, shard
+    from hesslens.parallel import shard
     from hesslens.report.layer_report import write_layer_study
 
-    device = resolve_device(local_device(args.device, ranks))
+    device = resolve_device(args.device, ranks)
     model_name, data_name, info = ready.model_name, ready.data_name, ready.info
     model, state, rest, dtype = ready.model, ready.state, ready.rest, ready.dtype
     data_root, split_seed = ready.data_root, ready.split_seed

@@ -2,8 +2,9 @@
 
 * :func:`add_common_arguments` -- ``--out``, ``--seed``, ``--device``, ``--dtype``,
   ``--threads``, ``--quiet``;
-* :func:`resolve_device`, :func:`resolve_dtype`, :func:`apply_threads` -- turn them into torch
-  objects, with one clear error for what cannot work here (CUDA asked for but absent, ...);
+* :func:`resolve_device` (:func:`hesslens.parallel.resolve_device`, which the trainer uses
+  too), :func:`resolve_dtype`, :func:`apply_threads` -- turn them into torch objects, with one
+  clear error for what cannot work here (CUDA asked for but absent, ...);
 * :func:`check_out_dir`, :func:`prepare_out_dir`, :func:`versions`, :func:`load_state_dict` --
   output folder, versions for the records (from :mod:`hesslens.provenance`), and checkpoint
   loading (``weights_only=True``, checked: :mod:`hesslens.training.checkpoint`);
@@ -43,6 +44,7 @@ from hesslens.checks import (
     check_seed,
 )
 from hesslens.errors import HesslensInputError
+from hesslens.parallel import resolve_device
 
 __all__ = [
     "DTYPES",
@@ -131,33 +133,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
                    help="CPU threads for torch (default: 1 for models under "
                         f"{SMALL_MODEL // 10**6}M parameters, else torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``torch.device(name)``, or a :class:`HesslensInputError` naming what is wrong: an
-    unknown device, CUDA or MPS asked for but absent, a CUDA index out of range."""
-    name = "cpu" if name in (None, "") else str(name).strip()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise HesslensInputError(
-            f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HesslensInputError(
-                f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise HesslensInputError(
-                f"device {name!r} asked for, but there are only {count} CUDA device(s)")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise HesslensInputError(
-                f"device {name!r} asked for, but MPS is not available here; use --device cpu")
-    elif device.type != "cpu":
-        raise HesslensInputError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
-    return device
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
