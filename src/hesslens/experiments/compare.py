@@ -21,7 +21,6 @@ batch size, model or data are flagged: such a comparison is not at equal budget.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import out_dir_lock, seed_int
+from hesslens.report.style import new_figure, png_bytes
 
 __all__ = ["add_compare_arguments", "compare_runs", "load_run", "preflight_compare",
            "run_compare"]
@@ -347,16 +347,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
     """PNG of one metric over epochs, one line per arm (mean ± std band), or None."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     curves = [(a["label"], a["curves"][key]) for a in result["arms"] if a["curves"][key]]
     if not curves:
         return None
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig = new_figure(6.4, 4.2)
+    ax = fig.subplots()
     for label, c in curves:
         ep, mean = c["epochs"], c["mean"]
         (line,) = ax.plot(ep, mean, marker="o" if len(ep) < 15 else None, ms=3, label=label)
@@ -365,7 +360,7 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
             ax.fill_between(ep, [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], color=line.get_color(),
                             alpha=0.2, linewidth=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.locator_params(axis="x", integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_TITLES[key])
     if key in ("trace", "top_eigenvalue") and all(
@@ -375,10 +370,7 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{METRIC_TITLES[key]} (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) -> list[str]:

@@ -87,19 +87,19 @@ def edge_figure(result: dict[str, Any], path: str | Path) -> Path:
     for gradient descent, one for Adam's preconditioned sharpness."""
     import numpy as np
 
-    from hesslens.report.figures import _COLORS, _figure, _save
+    from hesslens.report.style import COLORS, new_figure, save_png
 
     runs = result["runs"]
     groups = [(name, [r for r in runs if r["optimizer"] == name]) for name in ("SGD", "Adam")]
     groups = [(n, rs) for n, rs in groups if rs]
-    fig = _figure(4.8 * len(groups), 3.5)
+    fig = new_figure(4.8 * len(groups), 3.5)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (name, rs) in zip(axes, groups):
         for i, r in enumerate(rs):
             steps = [x["step"] for x in r["records"]]
             key = "sharpness" if r["compared"] == "sharpness" else "preconditioned_sharpness"
             values = np.array([np.nan if x[key] is None else x[key] for x in r["records"]])
-            color = _COLORS[i % len(_COLORS)]
+            color = COLORS[i % len(COLORS)]
             ax.plot(steps, values, color=color, lw=1.2, label=f"lr {r['lr']:g}")
             ax.axhline(r["records"][-1]["threshold"], color=color, ls="--", lw=1.0)
         ax.set_yscale("log")
@@ -109,7 +109,7 @@ def edge_figure(result: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3, lw=0.5)
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def edge_section(result: dict[str, Any], figures_dir: str | Path) -> tuple[Any, Path, str]:
