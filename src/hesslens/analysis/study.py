@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hesslens.analysis.gauss_newton import GaussNewtonSplit, gauss_newton_split
 from hesslens.analysis.similarity import (
@@ -240,8 +241,6 @@ class _Steps:
         self.callback = progress if callable(progress) else None
         self.bar = None
         if progress is True:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc="layer study", unit="step", leave=False,
                             dynamic_ncols=True)
 

@@ -44,7 +44,10 @@ from hesslens.checks import (
     check_seed,
 )
 from hesslens.errors import HesslensInputError
-from hesslens.parallel import resolve_device
+from hesslens.files import remove_stale_temporaries
+from hesslens.parallel import folder_lock, resolve_device
+from hesslens.provenance import versions as _versions
+from hesslens.training.checkpoint import load_checkpoint
 
 __all__ = [
     "DTYPES",
@@ -186,8 +189,6 @@ def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
     """Create the output folder (and its parents); a clear error if it cannot be (empty, a
     file, not creatable, not writable). Removes the temporary files that a run killed during
     a write left there (:func:`hesslens.files.remove_stale_temporaries`)."""
-    from hesslens.files import remove_stale_temporaries
-
     out = check_out_dir(path)
     if out.exists() and not out.is_dir():
         raise HesslensInputError(f"--out {out} is a file, not a folder")
@@ -216,8 +217,6 @@ def out_dir_lock(path: str | os.PathLike[str], command: str,
     ...     out.is_dir()
     True
     """
-    from hesslens.parallel import folder_lock
-
     out = check_out_dir(path)
     with folder_lock(out, f"hesslens {command}", ranks):
         yield out
@@ -226,8 +225,6 @@ def out_dir_lock(path: str | os.PathLike[str], command: str,
 def versions(device: Any = None) -> dict[str, Any]:
     """Versions of hesslens, Python, torch, numpy, scipy and matplotlib, the platform and the
     device: :func:`hesslens.provenance.versions` (the one place that knows them)."""
-    from hesslens.provenance import versions as _versions
-
     return _versions(device)
 
 
@@ -239,7 +236,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     top-level entries (e.g. ``"config"``) or is empty.
     """
     path = Path(path)
-    from hesslens.training.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path)
     rest: dict[str, Any] = {}

@@ -27,8 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
-from hesslens.experiments.common import out_dir_lock, seed_int
+from hesslens.experiments.common import out_dir_lock, prepare_out_dir, seed_int
+from hesslens.experiments.preflight import check_ready
+from hesslens.files import write_bytes, write_csv, write_json
+from hesslens.provenance import versions
 from hesslens.report.style import new_figure, png_bytes
+from hesslens.training.config import RUN_ONLY_FIELDS, arm_key, arm_label
 
 __all__ = ["add_compare_arguments", "compare_runs", "load_run", "preflight_compare",
            "run_compare"]
@@ -196,8 +200,6 @@ def _curve(runs: list[dict[str, Any]], key: str) -> dict[str, list[Any]] | None:
 
 def compare_runs(paths: list[str]) -> dict[str, Any]:
     """Group the runs into arms and summarise them (the content of ``compare.json``)."""
-    from hesslens.training.config import RUN_ONLY_FIELDS, arm_key, arm_label
-
     runs = [load_run(p) for p in _expand(paths)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
@@ -266,7 +268,6 @@ def compare_runs(paths: list[str]) -> dict[str, Any]:
                      "differ): see 'data'")
     if any(d.get("sha256") is None for d in data):
         notes.append("some runs record no data fingerprint (written by an older hesslens)")
-    from hesslens.provenance import versions
 
     return {"arms": arms, "notes": notes, "n_runs": len(runs), "data": data,
             "versions": versions()}
@@ -376,9 +377,6 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
 def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) -> list[str]:
     """Write ``compare.json``, ``compare.csv`` and (optionally) the figures into ``out``;
     returns the figure file names."""
-    from hesslens.experiments.common import prepare_out_dir
-    from hesslens.files import write_bytes, write_csv, write_json
-
     prepare_out_dir(out)
     rows = _table_rows(result)
     write_json(out / "compare.json", result)
@@ -397,8 +395,6 @@ def preflight_compare(args: argparse.Namespace) -> Path:
     """Everything ``hesslens compare`` can know before reading the runs: matplotlib (unless
     ``--no-figures``), the output folder (writable, not a file) and that every run folder
     exists. Returns the output folder."""
-    from hesslens.experiments.preflight import check_ready
-
     figures = not getattr(args, "no_figures", False)
     ready = check_ready(out=args.out, device=None,
                         needs={"matplotlib": "the figures (or pass --no-figures)"} if figures
