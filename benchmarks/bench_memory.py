@@ -36,7 +36,8 @@ from pathlib import Path
 
 from _measure import vm, write_results
 
-CASES = ("gradient", "hessian-construction", "eigenvalues(k=5)", "trace()", "density()")
+CASES = ("gradient", "hessian-construction", "eigenvalues(k=1)", "eigenvalues(k=5)", "trace()",
+         "traces()", "density()")
 
 
 def _network(name: str, width: int, depth: int):
@@ -93,13 +94,16 @@ def _child(case: str, model_name: str, width: int, depth: int, samples: int, dev
         loss_fn(model(x), y).backward()
     else:
         H = hl.Hessian(model, loss_fn, (x, y))
-        if case == "eigenvalues(k=5)":
-            r = H.eigenvalues(k=5)
+        if case.startswith("eigenvalues(k="):
+            r = H.eigenvalues(k=int(case[len("eigenvalues(k="):-1]))
             extra = {"n_hvp": r.n_hvp, "converged": bool(r.converged.all()),
                      "top": [float(v) for v in r.values]}
         elif case == "trace()":
             r = H.trace(max_hvp=62) if quick else H.trace()
             extra = {"n_hvp": r.n_hvp, "value": r.value, "stderr": r.stderr}
+        elif case == "traces()":
+            full, _ = H.traces(max_hvp=62) if quick else H.traces()
+            extra = {"n_hvp": full.n_hvp, "value": full.value, "stderr": full.stderr}
         elif case == "density()":
             s = H.density(n_steps=10) if quick else H.density()
             extra = {"n_hvp": H.n_products, "nodes": len(s.nodes)}
