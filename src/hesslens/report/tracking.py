@@ -39,9 +39,10 @@ import numpy as np
 
 from hesslens.analysis.tracker import CurvatureRecorder, write_history
 from hesslens.errors import HesslensInputError
-from hesslens.report.figures import _figure, _save, plot_layer_densities
+from hesslens.report.figures import plot_layer_densities
 from hesslens.report.html import Code, Figure, Paragraph, Report, Table
 from hesslens.report.sharpness import plot_sharpness
+from hesslens.report.style import new_figure, save_png
 
 __all__ = ["CurvatureTracker", "write_history_report"]
 
@@ -87,7 +88,7 @@ def _series(history: Sequence[Mapping[str, Any]], layer: str | None, key: str,
 
 def _plot_full(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     steps = [r["step"] for r in history]
-    fig = _figure(9.0, 3.4)
+    fig = new_figure(9.0, 3.4)
     ax1, ax2 = fig.subplots(1, 2)
     k = max(len(r["full"].get("top_eigenvalues", [])) for r in history)
     tops = [[(r["full"]["top_eigenvalues"][i] if i < len(r["full"]["top_eigenvalues"])
@@ -111,13 +112,13 @@ def _plot_full(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3, lw=0.5)
         ax.tick_params(labelsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_layers(history: Sequence[Mapping[str, Any]], names: Sequence[str], key: str,
                  path: Path, title: str, sub: str | None = None) -> Path:
     steps = [r["step"] for r in history]
-    fig = _figure(9.0, 3.8)
+    fig = new_figure(9.0, 3.8)
     ax1, ax2 = fig.subplots(1, 2)
     drawn = []
     for ax, what, label in ((ax1, "top", "top eigenvalue"), (ax2, key, title)):
@@ -140,7 +141,7 @@ def _plot_layers(history: Sequence[Mapping[str, Any]], names: Sequence[str], key
         ax.tick_params(labelsize=8)
         drawn.append(ax)
     drawn[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _similarity_key(history: Sequence[Mapping[str, Any]]) -> str | None:

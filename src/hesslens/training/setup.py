@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hesslens.errors import HesslensInputError
-from hesslens.parallel import Ranks, local_device
+from hesslens.parallel import Ranks, resolve_device
 from hesslens.provenance import dataset_fingerprint, versions
 from hesslens.splits import split_train_val
 from hesslens.training.config import TrainConfig
@@ -40,7 +40,7 @@ from hesslens.training.sam import SAM
 
 __all__ = ["DATA_FIELDS", "RunSetup", "Splits", "TensorData", "build_optimizer",
            "build_penalty", "build_scheduler", "check_data", "check_objects", "data_parallel",
-           "resolve_device", "seed_everything", "set_up", "split_data"]
+           "seed_everything", "set_up", "split_data"]
 
 #: What :func:`hesslens.training.train` reads of its ``dataset``.
 DATA_FIELDS = ("x_train", "y_train", "x_test", "y_test", "num_classes")
@@ -125,25 +125,6 @@ def check_data(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
             f"val_fraction {val_fraction} of {len(y_train)} training examples leaves none to "
             "train on; lower it"
         )
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device ``name``, refused (naming the fix) where this machine has none."""
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HesslensInputError(
-            f"device {name!r} asked for, but CUDA is not available here; use --device cpu"
-        )
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise HesslensInputError(
-            f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} "
-            "CUDA device(s)"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise HesslensInputError(
-            f"device {name!r} asked for, but MPS is not available here; use --device cpu"
-        )
-    return dev
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -254,7 +235,7 @@ def set_up(config: TrainConfig, ranks: Ranks, model: nn.Module, dataset: Any) ->
     """Seeds, checked data and its split, the model on the run's device (wrapped in DDP under
     torch.distributed), the optimizer, its schedule and the penalty, in this order (the
     order in which they draw random numbers is part of a run's bit-for-bit repeatability)."""
-    device = resolve_device(local_device(config.device, ranks))
+    device = resolve_device(config.device, ranks)
     seed_everything(config.seed)
     check_data(dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
                int(dataset.num_classes), config.val_fraction)
