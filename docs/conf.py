@@ -79,9 +79,9 @@ API_PAGES = [
     ("hesslens.analysis", "hesslens.analysis: the layer study",
      "Spectra of the full Hessian and of every layer's block, how alike they are, and the "
      "Gauss-Newton split of each."),
-    ("hesslens.training", "hesslens.training: penalty, tracker, trainer",
-     "The Hessian-trace penalty, curvature tracking in any training loop, and the trainer "
-     "behind ``hesslens train``."),
+    ("hesslens.training", "hesslens.training: penalty, trainer, callbacks",
+     "The Hessian-trace penalty, SAM, and the trainer behind ``hesslens train`` with the "
+     "context it gives its callbacks."),
     ("hesslens.integrations.hf", "hesslens.integrations.hf: transformers.Trainer",
      "Curvature during ``transformers.Trainer`` training."),
     ("hesslens.integrations.lightning", "hesslens.integrations.lightning: Lightning",

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hesslens"
 
 #: Each part of the package and its floor: a module may import its own floor and those below.
 FLOORS = {
-    "version": 0, "errors": 0, "checks": 1, "files": 1, "provenance": 1, "parallel": 1,
+    "version": 0, "errors": 0, "checks": 1, "files": 1, "locks": 1, "provenance": 1,
+    "parallel": 1,
     "linalg": 2, "splits": 2,
     "curvature": 3, "zoo": 3,
     "training": 4, "analysis": 4,

@@ -212,7 +212,7 @@ TRACKERS = """
     import torch
     from torch import nn
     from hesslens.errors import OutputLockedError
-    from hesslens.training.tracker import CurvatureTracker
+    from hesslens.report.tracking import CurvatureTracker
 
     folder, signals, tag = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
@@ -259,7 +259,7 @@ def test_a_second_tracker_in_one_process_and_after_close(tmp_path):
     import torch
     from torch import nn
 
-    from hesslens.training.tracker import CurvatureTracker
+    from hesslens.report.tracking import CurvatureTracker
 
     model = nn.Linear(3, 2)
     data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from hesslens.errors import HesslensInputError
-from hesslens.parallel import Ranks, env_world_size, shard, shard_range
+from hesslens.parallel import Ranks, env_world_size, resolve_device, shard, shard_range
 from hesslens.training import TrainConfig, train
 from hesslens.training.trainer import TensorData
 
@@ -40,3 +40,28 @@ def test_torchrun_without_a_process_group_is_refused_by_name(tmp_path, monkeypat
         train(TrainConfig(epochs=1, batch_size=4, val_fraction=0.0), tmp_path / "run",
               progress=False, model=nn.Linear(3, 2), dataset=data)
     assert not (tmp_path / "run").exists()
+
+
+def test_one_device_resolver_for_the_commands_and_the_trainer(monkeypatch):
+    from hesslens.experiments import common
+
+    assert common.resolve_device is resolve_device  # the commands re-export it, not a copy
+    assert resolve_device(None) == resolve_device("") == resolve_device(" cpu ") == \
+        torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(HesslensInputError, match="unknown device 'tpu:0'"):
+        resolve_device("tpu:0")
+    with pytest.raises(HesslensInputError, match="unsupported device 'meta'"):
+        resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(HesslensInputError, match="'cuda:0' asked for, but CUDA is not available"):
+        resolve_device("cuda:0")
+    # under torchrun a bare "cuda" is this rank's GPU: the error names it
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(HesslensInputError, match="'cuda:1' asked for"):
+        resolve_device("cuda", Ranks(1, 2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(HesslensInputError, match="there are only 1 CUDA device"):
+        resolve_device("cuda", Ranks(1, 2))
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

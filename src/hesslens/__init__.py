@@ -52,7 +52,8 @@ def __getattr__(name: str):
 
         return NegativeCurvatureWarning
     if name == "CurvatureTracker":
-        from hesslens.training.tracker import CurvatureTracker
+        # the recorder (analysis) with its report (report layer), which draws with matplotlib
+        from hesslens.report.tracking import CurvatureTracker
 
         return CurvatureTracker
     if name == "SharpnessMonitor":

@@ -1,4 +1,6 @@
-"""Argument checks shared across the package's layers (the zoo, the trainer, the splits).
+"""Argument checks shared across the package's layers: the one home of every integer and seed
+check (linalg, curvature, analysis, the zoo, the trainer, the splits and the commands' argparse
+types all call these).
 
 Each check raises :class:`hesslens.errors.HesslensInputError` with a message that names the
 argument, what was given and what is expected. This module imports nothing of hesslens but
@@ -17,14 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from hesslens.errors import HesslensInputError
 
-__all__ = ["SEED_LIMIT", "check_int", "check_labels", "check_positive_int", "check_seed",
-           "check_xy"]
+__all__ = ["SEED_LIMIT", "check_int", "check_labels", "check_nonnegative_int",
+           "check_nonnegative_number", "check_optional_positive_int", "check_positive_int",
+           "check_positive_number", "check_seed", "check_xy"]
 
 #: Seeds are integers in ``[0, SEED_LIMIT)``: the range every seeded library hesslens uses
 #: accepts (numpy's legacy ``RandomState`` and scikit-learn's ``random_state`` take 32 bits;
@@ -73,6 +77,62 @@ def check_positive_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise HesslensInputError(f"{what} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def check_nonnegative_int(value: object, what: str) -> int:
+    """Return ``value`` as an ``int`` if it is an integer ``>= 0``, else raise.
+
+    >>> check_nonnegative_int(0, "sketch_rank")
+    0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise HesslensInputError(f"{what} must be a nonnegative integer, got {value!r}")
+    return int(value)
+
+
+def check_optional_positive_int(value: object, what: str) -> int | None:
+    """Return ``None`` for ``None``, else ``value`` as an ``int`` if it is a positive integer;
+    raise otherwise (for options where ``None`` means "not set").
+
+    >>> check_optional_positive_int(None, "every_n_steps") is None
+    True
+    >>> check_optional_positive_int(0, "every_n_steps")
+    Traceback (most recent call last):
+    ...
+    hesslens.errors.HesslensInputError: every_n_steps must be a positive integer or None, got 0
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise HesslensInputError(f"{what} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+def _is_real(value: object) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and math.isfinite(value))
+
+
+def check_positive_number(value: object, what: str) -> float:
+    """Return ``value`` as a ``float`` if it is a finite number ``> 0``, else raise.
+
+    >>> check_positive_number(0.5, "tol")
+    0.5
+    """
+    if not _is_real(value) or not value > 0:
+        raise HesslensInputError(f"{what} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative_number(value: object, what: str) -> float:
+    """Return ``value`` as a ``float`` if it is a finite number ``>= 0``, else raise.
+
+    >>> check_nonnegative_number(0, "weight_decay")
+    0.0
+    """
+    if not _is_real(value) or not value >= 0:
+        raise HesslensInputError(f"{what} must be a non-negative number, got {value!r}")
+    return float(value)
 
 
 def check_labels(y: torch.Tensor, what: str = "data") -> None:

@@ -38,6 +38,12 @@ class CheckpointError(HesslensInputError):
     trained on it (:mod:`hesslens.training.checkpoint`)."""
 
 
+class TrackingCallbackError(HesslensInputError):
+    """A training configuration asks for curvature tracking (``track_every > 0``) that none of
+    the trainer's callbacks does: pass the tracking callback, or set ``track_every=0``
+    (:mod:`hesslens.training.callbacks`)."""
+
+
 class NonFiniteCurvatureError(HesslensError, ArithmeticError):
     """A curvature product came out NaN or infinite, though the loss itself may be finite."""
 

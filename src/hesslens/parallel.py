@@ -7,6 +7,9 @@ Under ``torchrun --nproc-per-node W`` every process runs the same command. The p
 * :func:`process_group_from_env` initialises ``torch.distributed`` from the environment torchrun
   sets (``env://``; ``gloo`` on the CPU, ``nccl`` on CUDA) when ``WORLD_SIZE > 1`` and destroys
   it at the end; alone it does nothing. :func:`current` says which rank this process is.
+* :func:`resolve_device` turns a device name into this rank's ``torch.device`` (a bare
+  ``"cuda"`` is ``cuda:LOCAL_RANK``), refusing by name what this machine lacks; the commands
+  and the trainer both resolve devices here.
 * :func:`shard_range` splits ``n`` items into ``W`` contiguous pieces whose sizes differ by at
   most one (the first ``n mod W`` ranks take one more). The trainer draws the same seeded
   permutation of the training set on every rank and gives rank ``r`` its piece of each global
@@ -85,6 +88,7 @@ __all__ = [
     "process_group_from_env",
     "quiet_other_ranks",
     "remote_failure",
+    "resolve_device",
     "resolve_group",
     "shard",
     "shard_range",
@@ -204,6 +208,47 @@ def local_device(device: str | torch.device, ranks: Ranks | None = None) -> str:
     if ranks.distributed and name == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', ranks.rank))}"
     return name
+
+
+def resolve_device(device: str | torch.device | None,
+                   ranks: Ranks | None = None) -> torch.device:
+    """The ``torch.device`` this rank computes on (:func:`local_device`: a bare ``"cuda"`` is
+    ``cuda:LOCAL_RANK`` under torchrun; ``None`` or ``""`` is the CPU), or a
+    :class:`~hesslens.errors.HesslensInputError` naming what cannot work here: an unknown
+    device, CUDA or MPS asked for but absent, a CUDA index beyond the devices present. The one
+    place where the commands and the trainer turn a device name into a device.
+
+    Example:
+        >>> resolve_device("cpu"), resolve_device(None)
+        (device(type='cpu'), device(type='cpu'))
+        >>> resolve_device("tpu:0")
+        Traceback (most recent call last):
+        ...
+        hesslens.errors.HesslensInputError: unknown device 'tpu:0': use cpu, cuda, cuda:N or mps
+    """
+    name = "cpu" if device is None or str(device).strip() == "" else str(device).strip()
+    name = local_device(name, ranks)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise HesslensInputError(
+            f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HesslensInputError(
+                f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise HesslensInputError(
+                f"device {name!r} asked for, but there are only {count} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise HesslensInputError(
+                f"device {name!r} asked for, but MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise HesslensInputError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
+    return dev
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:

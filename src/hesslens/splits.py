@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 
 from hesslens.checks import check_labels, check_positive_int, check_seed, check_xy
 from hesslens.errors import HesslensInputError
@@ -57,8 +58,6 @@ def split_train_val(
             f"val_fraction={val_fraction} of {n} examples leaves no training examples; "
             "use a smaller fraction or more data"
         )
-    from sklearn.model_selection import train_test_split  # here: importing hesslens stays light
-
     labels = y.cpu().numpy()
     counts = np.bincount(labels - labels.min())
     present = counts[counts > 0]

@@ -45,9 +45,9 @@ def test_trainer_records_the_sharpness_and_trains_as_without_it(tmp_path):
     assert last["tracking_seconds"] > 0 and last["sharpness_n_hvp"] > 0
 
 
-def test_a_record_before_bind_is_refused():
+def test_a_record_before_start_is_refused():
     cb = EpochSharpness(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(HesslensInputError, match="bind"):
+    with pytest.raises(HesslensInputError, match=r"start\(run\)"):
         cb(1, {}, nn.Linear(4, 2))
     with pytest.raises(HesslensInputError, match="every must be a positive integer"):
         EpochSharpness(torch.zeros(2, 4), torch.zeros(2), every=0)

@@ -258,6 +258,7 @@ def _write_run(path, cfg, accs, traces):
 
 
 def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkeypatch):
+    from hesslens.experiments import reproduce_figures
     from hesslens.experiments.compare import compare_runs
     from hesslens.experiments.reproduce_plan import quick_plan, slug
     from hesslens.experiments.reproduce_report import write_reproduce_report
@@ -301,7 +302,7 @@ def test_report_has_captions_links_badges_arm_names_and_percent(tmp_path, monkey
         seen.append((list(curves), kwargs.get("scale", 1.0), kwargs["ylabel"]))
         return real(curves, *args, **kwargs)
 
-    monkeypatch.setattr(figures, "plot_arm_curves", spy)
+    monkeypatch.setattr(reproduce_figures, "plot_arm_curves", spy)  # the name the report calls
     chosen = {"SGD": {"knob": None, "value": None, "grid": [], "tune_seeds": [100, 101],
                       "val_acc": 0.9, "val_acc_std": 0.01, "val_acc_min": 0.893,
                       "val_acc_max": 0.907, "val_acc_seeds": [0.893, 0.907]},

@@ -13,6 +13,7 @@ from hesslens.experiments.train import (
     add_train_arguments,
     config_from_args,
     run_train,
+    tracking_callbacks,
     train_zoo,
     zoo_model_and_data,
 )
@@ -164,7 +165,8 @@ def test_train_zoo_is_the_trainer_on_the_zoo_objects_and_resumes_exactly(tmp_pat
                       htr_gamma=1e-3, htr_every=3, track_every=2, track_per_class=2)
     whole = train_zoo(cfg, tmp_path / "whole", progress=False)
     model, data = zoo_model_and_data(cfg)
-    direct = train(cfg, tmp_path / "direct", model=model, dataset=data, progress=False)
+    direct = train(cfg, tmp_path / "direct", model=model, dataset=data, progress=False,
+                   callbacks=tracking_callbacks(cfg))  # the tracking train_zoo wires
     assert _untimed(direct["epochs"]) == _untimed(whole["epochs"])
 
     def kill(epoch, record, net):

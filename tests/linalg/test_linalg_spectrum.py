@@ -5,6 +5,7 @@ import pytest
 import scipy.stats
 from scipy.integrate import trapezoid
 
+from hesslens.errors import HesslensInputError
 from hesslens.linalg import Spectrum
 
 
@@ -127,3 +128,15 @@ def test_accepts_torch_tensors():
 
     s = Spectrum.from_eigenvalues(torch.tensor([1.0, 3.0]))
     assert s.mean == 2.0
+
+
+def test_normalized_measures_compare_shapes():
+    a = Spectrum([-1.0, 0.0, 2.0, 5.0], [0.1, 0.6, 0.2, 0.1])
+    assert a.scale("top") == 5.0 and a.scale("range") == 6.0 and a.scale(None) == 1.0
+    assert a.scale("none") == 1.0 and Spectrum([0.0], [1.0]).scale("top") == 1.0
+    assert a.normalized("top").nodes.tolist() == pytest.approx([-0.2, 0.0, 0.4, 1.0])
+    assert a.normalized(None) is a
+    assert a.js_divergence(a.scaled(9.0), normalize="range") == pytest.approx(0.0, abs=1e-12)
+    assert a.js_divergence(a.scaled(9.0)) > 0.1
+    with pytest.raises(HesslensInputError, match="unknown normalisation normalize='max'"):
+        a.js_divergence(a, normalize="max")

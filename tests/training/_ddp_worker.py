@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hesslens.analysis.epoch_tracking import EpochTracking
 from hesslens.parallel import current, process_group_from_env
 from hesslens.training import TrainConfig, train
 from hesslens.training.trainer import TensorData
@@ -64,7 +65,7 @@ def model(batchnorm: bool = False) -> nn.Module:
 
 def run_arm(name: str, out: Path, kill_at: int | None, resume: bool) -> dict:
     config = TrainConfig(**{**BASE, **ARMS[name]})
-    callbacks = []
+    callbacks: list = [EpochTracking()] if config.track_every else []
     if kill_at is not None:
         def kill(epoch: int, record: dict, net: nn.Module) -> None:
             if epoch == kill_at and current().rank == 0:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import hesslens.training
+from hesslens.analysis.epoch_tracking import EpochTracking
 from hesslens.errors import HesslensInputError
 from hesslens.splits import analysis_subset, split_train_val
 from hesslens.training import TensorData, TrainConfig, evaluate, train
@@ -62,6 +63,7 @@ _NO_ZOO = """
 import sys, tempfile, math
 import torch
 from torch import nn
+from hesslens.analysis.epoch_tracking import EpochTracking
 from hesslens.training import TensorData, TrainConfig, train
 g = torch.Generator().manual_seed(0)
 x = torch.randn(80, 4, generator=g); y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
@@ -71,8 +73,10 @@ model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 cfg = TrainConfig(model="user-net", data="user-data", epochs=2, batch_size=16, lr=0.1,
                   val_fraction=0.25, htr_gamma=1e-3, track_every=1, track_per_class=4)
 out = tempfile.mkdtemp()
-result = train(cfg, out, model=model, dataset=data, progress=False)
-again = train(cfg, out, model=model, dataset=data, progress=False, resume=True)
+result = train(cfg, out, model=model, dataset=data, progress=False,
+               callbacks=[EpochTracking()])
+again = train(cfg, out, model=model, dataset=data, progress=False, resume=True,
+              callbacks=[EpochTracking()])
 final = result["final"]
 assert [r["epoch"] for r in result["epochs"]] == [0, 1, 2], result["epochs"]
 assert math.isfinite(final["trace"]) and math.isfinite(final["val_loss"]), final
@@ -135,9 +139,7 @@ def test_tracking_measures_on_the_analysis_subset(tmp_path):
                       track_per_class=3)
     model = _model()
     result = train(cfg, tmp_path / "r", model=model, dataset=data, progress=False,
-                   callbacks=[spy])
-    from hesslens.training import EpochTracking
-
+                   callbacks=[EpochTracking(), spy])
     xa, ya = analysis_subset(data.x_train, data.y_train, per_class=3, seed=0)
     assert torch.bincount(ya).tolist() == [3, 3, 3]
     again = EpochTracking(xa, ya, every=1, last_epoch=1).measure(model)

@@ -44,6 +44,7 @@ import numpy as np
 
 from hesslens.analysis.similarity import DEFAULT_NORMALIZE, wasserstein
 from hesslens.analysis.spectra import measure_spectrum, top_eigenpairs
+from hesslens.checks import check_positive_int
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import Spectrum
 
@@ -192,8 +193,7 @@ def probe_spectra(op: Any, *, layers: Sequence[str] | None = None, k: int = 3,
         tol: relative tolerance of the eigenvalues.
         seed: the eigensolver's seed; probe ``j`` uses ``seed + 1 + j``.
     """
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise HesslensInputError(f"n_probes must be a positive integer, got {n_probes!r}")
+    check_positive_int(n_probes, "n_probes")
     names = list(op.layers if layers is None else layers)
     entries = {"full": op, **{n: op.block(n) for n in names}}
     dims, tops, spectra, n_hvp = {}, {}, {}, 0

@@ -66,6 +66,7 @@ from hesslens.analysis.thresholds import (
     stability_rule,
     unwrap_optimizer,
 )
+from hesslens.analysis.tracker import untouched_state
 from hesslens.checks import check_positive_int, check_seed
 from hesslens.curvature import CurvatureOperator, Hessian
 from hesslens.curvature.base import unwrap_model
@@ -87,14 +88,6 @@ SHARPNESS_CSV = "sharpness.csv"
 #: The numbers of a record that the framework callbacks send to the loggers.
 SCALARS = ("sharpness", "threshold", "ratio", "preconditioned_sharpness",
            "directional_sharpness", "gradient_share", "overlap", "loss", "n_hvp", "seconds")
-
-
-def _untouched_state(model: nn.Module, eval_mode: bool) -> Any:
-    # The tracker's guard (random states, train/eval flags); it sits in the training layer
-    # today, so it is imported where it is used.
-    from hesslens.training.tracker import untouched_state
-
-    return untouched_state(model, eval_mode)
 
 
 def _is_main_process() -> bool:
@@ -310,7 +303,7 @@ class SharpnessRecorder:
     def measure(self) -> dict[str, Any]:
         """The measurement at the model's current weights, without filing it."""
         t0 = time.perf_counter()
-        with _untouched_state(self.model, self.eval_mode), torch.no_grad():
+        with untouched_state(self.model, self.eval_mode), torch.no_grad():
             op = self._operator()
             n0 = op.n_products
             top = self._top(op, self._previous if self.warm_start else None)

@@ -2,7 +2,9 @@
 spectral measures, and the ranking of layers by depth.
 
 A spectrum here is a :class:`~hesslens.linalg.Spectrum`: a probability measure with nodes
-(eigenvalue locations) and weights. Two distances compare the *measures*:
+(eigenvalue locations) and weights. Two distances compare the *measures* (both computed by the
+:class:`~hesslens.linalg.Spectrum` methods; this module chooses the normalisation and says
+why):
 
 * :func:`wasserstein` -- the Wasserstein-1 (earth mover's) distance between the two measures
   after putting both on a common scale (``normalize``), the primary metric;
@@ -58,6 +60,7 @@ from scipy.stats import spearmanr, wasserstein_distance
 
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import Spectrum
+from hesslens.linalg.spectrum import DEFAULT_SIGMA_FRACTION, NORMALIZATIONS, check_normalize
 
 __all__ = [
     "DEFAULT_NORMALIZE",
@@ -73,21 +76,8 @@ __all__ = [
     "wasserstein",
 ]
 
-#: The ways to put two spectra on a common scale before comparing them.
-NORMALIZATIONS = ("top", "range", "none")
 #: Default normalisation: by each spectrum's largest |eigenvalue| (see the module docstring).
 DEFAULT_NORMALIZE = "top"
-#: Kernel width of the smoothed densities, as a fraction of the shared grid's span.
-SIGMA_FRACTION = 0.01
-
-
-def _check_normalize(normalize: str | None) -> str:
-    normalize = "none" if normalize is None else normalize
-    if normalize not in NORMALIZATIONS:
-        raise HesslensInputError(
-            f"unknown normalisation {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}"
-        )
-    return normalize
 
 
 def _spectrum(s: Any, what: str) -> Spectrum:
@@ -100,33 +90,29 @@ def _spectrum(s: Any, what: str) -> Spectrum:
 
 def spectrum_scale(spectrum: Spectrum, normalize: str = DEFAULT_NORMALIZE) -> float:
     """The number :func:`normalize_spectrum` divides the eigenvalues by (1.0 for ``"none"``
-    and for a spectrum whose scale is 0).
+    and for a spectrum whose scale is 0): :meth:`Spectrum.scale <hesslens.linalg.Spectrum.scale>`.
 
     >>> spectrum_scale(Spectrum([-3.0, 1.0], [0.5, 0.5]), "top")
     3.0
     """
-    normalize = _check_normalize(normalize)
-    if normalize == "none":
-        return 1.0
-    lo, hi = spectrum.support
-    scale = max(abs(lo), abs(hi)) if normalize == "top" else hi - lo
-    return float(scale) if scale > 0 else 1.0
+    return _spectrum(spectrum, "spectrum").scale(normalize)
 
 
 def normalize_spectrum(spectrum: Spectrum, normalize: str = DEFAULT_NORMALIZE) -> Spectrum:
-    """The spectrum with its eigenvalues divided by its own scale (see the module docstring).
+    """The spectrum with its eigenvalues divided by its own scale (see the module docstring):
+    :meth:`Spectrum.normalized <hesslens.linalg.Spectrum.normalized>`.
 
     >>> normalize_spectrum(Spectrum([0.0, 4.0], [0.5, 0.5])).nodes.tolist()
     [0.0, 1.0]
     """
-    spectrum = _spectrum(spectrum, "spectrum")
-    scale = spectrum_scale(spectrum, normalize)
-    return spectrum if scale == 1.0 else spectrum.scaled(1.0 / scale)
+    return _spectrum(spectrum, "spectrum").normalized(normalize)
 
 
 def wasserstein(a: Spectrum, b: Spectrum, normalize: str = DEFAULT_NORMALIZE) -> float:
     """Wasserstein-1 distance between two spectral measures (nodes and weights), each first
-    divided by its own scale (``normalize``: ``"top"``, ``"range"`` or ``"none"``).
+    divided by its own scale (``normalize``: ``"top"``, ``"range"`` or ``"none"``):
+    :meth:`Spectrum.wasserstein <hesslens.linalg.Spectrum.wasserstein>` with this module's
+    default normalisation.
 
     It is ``int |F_a(x) - F_b(x)| dx`` between the two cumulative distribution functions: how
     far, on average, the eigenvalue mass of one spectrum must move to become the other.
@@ -134,9 +120,7 @@ def wasserstein(a: Spectrum, b: Spectrum, normalize: str = DEFAULT_NORMALIZE) ->
     >>> wasserstein(Spectrum([0.0, 1.0], [0.5, 0.5]), Spectrum([0.0], [1.0]), "none")
     0.5
     """
-    a = normalize_spectrum(_spectrum(a, "a"), normalize)
-    b = normalize_spectrum(_spectrum(b, "b"), normalize)
-    return float(wasserstein_distance(a.nodes, b.nodes, a.weights, b.weights))
+    return _spectrum(a, "a").wasserstein(_spectrum(b, "b"), normalize=normalize)
 
 
 def js_divergence(
@@ -144,10 +128,12 @@ def js_divergence(
     b: Spectrum,
     normalize: str = DEFAULT_NORMALIZE,
     n_grid: int = 1024,
-    sigma_fraction: float = SIGMA_FRACTION,
+    sigma_fraction: float = DEFAULT_SIGMA_FRACTION,
 ) -> float:
     """Jensen-Shannon divergence (nats, in ``[0, log 2]``) between the Gaussian-smoothed
-    densities of the two normalised spectra, on one shared grid.
+    densities of the two normalised spectra, on one shared grid:
+    :meth:`Spectrum.js_divergence <hesslens.linalg.Spectrum.js_divergence>` with this
+    module's default normalisation.
 
     The grid has ``n_grid`` points over the union of the two supports, padded by 5 % of its
     span on each side; both densities use the same kernel width, ``sigma_fraction`` of that
@@ -158,13 +144,8 @@ def js_divergence(
     >>> js_divergence(s, s.scaled(5.0))
     0.0
     """
-    a = normalize_spectrum(_spectrum(a, "a"), normalize)
-    b = normalize_spectrum(_spectrum(b, "b"), normalize)
-    lo = min(a.support[0], b.support[0])
-    hi = max(a.support[1], b.support[1])
-    span = hi - lo if hi > lo else max(abs(hi), 1.0) * 1e-3
-    grid = np.linspace(lo - 0.05 * span, hi + 0.05 * span, int(n_grid))
-    return float(a.js_divergence(b, grid=grid, sigma=sigma_fraction * span))
+    return _spectrum(a, "a").js_divergence(_spectrum(b, "b"), normalize=normalize,
+                                           n_grid=n_grid, sigma_fraction=sigma_fraction)
 
 
 def _authors_density(spectrum: Spectrum, n_points: int, n_steps: int, margin: float):
@@ -231,7 +212,7 @@ def compare_spectra(
     >>> d["wasserstein"], d["wasserstein_raw"], d["scale"]
     (0.0, 0.5, {'layer': 1.0, 'full': 2.0})
     """
-    normalize = _check_normalize(normalize)
+    normalize = check_normalize(normalize)
     layer, full = _spectrum(layer, "layer"), _spectrum(full, "full")
     return {
         "normalize": normalize,
@@ -239,8 +220,7 @@ def compare_spectra(
         "wasserstein_raw": wasserstein(layer, full, "none"),
         "js_divergence": js_divergence(layer, full, normalize),
         "authors_distance": authors_distance(layer, full),
-        "scale": {"layer": spectrum_scale(layer, normalize),
-                  "full": spectrum_scale(full, normalize)},
+        "scale": {"layer": layer.scale(normalize), "full": full.scale(normalize)},
     }
 
 

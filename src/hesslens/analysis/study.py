@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hesslens.analysis.gauss_newton import GaussNewtonSplit, gauss_newton_split
 from hesslens.analysis.similarity import (
@@ -49,6 +50,7 @@ from hesslens.analysis.similarity import (
     summarize_similarity,
 )
 from hesslens.analysis.spectra import SpectrumEstimate, measure_curvature
+from hesslens.checks import check_int, check_positive_int, check_positive_number
 from hesslens.curvature import Hessian
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import Spectrum
@@ -239,8 +241,6 @@ class _Steps:
         self.callback = progress if callable(progress) else None
         self.bar = None
         if progress is True:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc="layer study", unit="step", leave=False,
                             dynamic_ncols=True)
 
@@ -265,12 +265,6 @@ def _loss_and_gradient(H: Hessian) -> tuple[float, torch.Tensor]:
     with warnings.catch_warnings():  # the engine converts the loss with float(): harmless
         warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
         return H.loss_and_gradient()
-
-
-def _check_positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def layer_study(
@@ -327,25 +321,11 @@ def layer_study(
     Returns:
         A :class:`LayerStudy`; ``.to_dict()`` gives the JSON layout.
     """
-    k = _check_positive("k", k)
-    density_probes = _check_positive("density_probes", density_probes)
-    density_steps = _check_positive("density_steps", density_steps)
-    trace_max_hvp = _check_positive("trace_max_hvp", trace_max_hvp)
-    if not (isinstance(trace_rtol, (int, float)) and trace_rtol > 0):
-        raise HesslensInputError(f"trace_rtol must be positive, got {trace_rtol!r}")
-    if similarity_normalize not in NORMALIZATIONS:
-        raise HesslensInputError(
-            f"unknown similarity normalisation {similarity_normalize!r}; choose one of: "
-            f"{', '.join(NORMALIZATIONS)}"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise HesslensInputError(f"seed must be an integer, got {seed!r}")
-
+    k, density_probes, density_steps, trace_max_hvp, seed = _check_arguments(
+        k, density_probes, density_steps, trace_max_hvp, trace_rtol, similarity_normalize, seed)
     H = Hessian(model, loss_fn, data, layers=layers, dtype=dtype, device=device, path=path)
     names = H.layers
-    blocks = {name: H.block(name) for name in names}
-    n_steps_total = 5 + len(names) + (2 + len(names) if gauss_newton else 0)
-    steps = _Steps(n_steps_total, progress)
+    steps = _Steps(5 + len(names) + (2 + len(names) if gauss_newton else 0), progress)
     spectra = dict(k=k, n_probes=density_probes, n_steps=density_steps, seed=seed)
     try:
         loss, grad = steps.run("loss and gradient", lambda: _loss_and_gradient(H))
@@ -354,62 +334,19 @@ def layer_study(
             trace_max_hvp=trace_max_hvp, density=True, n_probes=density_probes,
             n_steps=density_steps, seed=seed, run=steps.run)
         full, layer_est = measured.full, measured.layers
-        full_trace = full.trace
-        splits: dict[str, GaussNewtonSplit | None] = {name: None for name in ["full", *names]}
-        if gauss_newton:
-            G = H.gauss_newton()
-            gn_full_trace, gn_layer_traces = steps.run(
-                "Gauss-Newton traces (shared probes)",
-                lambda: G.traces(rtol=trace_rtol, max_hvp=trace_max_hvp, seed=seed))
-            ops = {"full": H, **blocks}
-            ests = {"full": full, **layer_est}
-            gn_traces = {"full": gn_full_trace, **gn_layer_traces}
-            for name, op in ops.items():
-                est = ests[name]
-                splits[name] = steps.run(f"{name}: Gauss-Newton split", lambda op=op, est=est,
-                                         name=name: gauss_newton_split(
-                    op, tol=gn_tol, gn_trace=gn_traces[name], hessian_trace=est.trace,
-                    hessian_top=est.top_eigenvalues[0], hessian_density=est.density,
-                    normalize=similarity_normalize, **spectra))
-
-        def similarities():
-            out = {name: compare_spectra(est.density, full.density, similarity_normalize)
-                   for name, est in layer_est.items()}
-            summary = summarize_similarity(
-                names, [out[n]["wasserstein"] for n in names], metric="wasserstein",
-                normalize=similarity_normalize)
-            return out, summary
-
-        layer_sim, summary = steps.run("similarity", similarities)
+        splits, gn_full_trace = _gauss_newton_splits(
+            H, names, full, layer_est, steps, spectra, trace_rtol=trace_rtol,
+            trace_max_hvp=trace_max_hvp, gn_tol=gn_tol, normalize=similarity_normalize,
+            seed=seed) if gauss_newton else ({}, None)
+        layer_sim, summary = steps.run("similarity", lambda: _similarities(
+            names, full, layer_est, similarity_normalize))
     finally:
         steps.close()
 
-    depth = depths(len(names))
-    full_top_value = full.top_eigenvalues[0]
-    full_trace_value = float(full_trace.value)
-    layer_entries: dict[str, LayerEntry] = {}
-    for i, name in enumerate(names):
-        est = layer_est[name]
-        layer_entries[name] = LayerEntry(
-            name=name,
-            hessian=est,
-            gauss_newton=splits[name],
-            similarity=layer_sim[name],
-            index=i,
-            depth=depth[i],
-            parameters=H.layer_parameters[name],
-            top_ratio=(est.top_eigenvalues[0] / full_top_value if full_top_value != 0
-                       else None),
-            trace_ratio=(float(est.trace.value) / full_trace_value
-                         if est.trace is not None and full_trace_value != 0 else None),
-            interlacing=interlacing(est, full),
-        )
-    full_entry = StudyEntry(name="full", hessian=full, gauss_newton=splits["full"],
-                            similarity=summary)
-    n_hvp = full_trace.n_hvp + full.n_hvp + sum(e.n_hvp for e in layer_est.values())
-    if gauss_newton:
-        n_hvp += gn_full_trace.n_hvp + sum(
-            s.gn.n_hvp + s.residual.n_hvp for s in splits.values() if s is not None)
+    n_hvp = full.trace.n_hvp + full.n_hvp + sum(e.n_hvp for e in layer_est.values())
+    if gn_full_trace is not None:
+        n_hvp += gn_full_trace.n_hvp + sum(s.gn.n_hvp + s.residual.n_hvp
+                                          for s in splits.values())
     settings = {
         "k": k,
         "density_probes": density_probes,
@@ -431,8 +368,9 @@ def layer_study(
         "product_path": path,
     }
     return LayerStudy(
-        full=full_entry,
-        layers=layer_entries,
+        full=StudyEntry(name="full", hessian=full, gauss_newton=splits.get("full"),
+                        similarity=summary),
+        layers=_layer_entries(H, names, full, layer_est, splits, layer_sim),
         settings=settings,
         loss=float(loss),
         grad_norm=float(grad.norm()),
@@ -440,3 +378,86 @@ def layer_study(
         timings=steps.timings,
         n_hvp=int(n_hvp),
     )
+
+
+def _check_arguments(k: Any, density_probes: Any, density_steps: Any, trace_max_hvp: Any,
+                     trace_rtol: Any, similarity_normalize: Any, seed: Any
+                     ) -> tuple[int, int, int, int, int]:
+    """The study's counts and seed as ints, or an error naming the first bad argument."""
+    counts = (check_positive_int(k, "k"),
+              check_positive_int(density_probes, "density_probes"),
+              check_positive_int(density_steps, "density_steps"),
+              check_positive_int(trace_max_hvp, "trace_max_hvp"))
+    check_positive_number(trace_rtol, "trace_rtol")
+    if similarity_normalize not in NORMALIZATIONS:
+        raise HesslensInputError(
+            f"unknown similarity normalisation {similarity_normalize!r}; choose one of: "
+            f"{', '.join(NORMALIZATIONS)}"
+        )
+    return (*counts, check_int(seed, "seed"))
+
+
+def _gauss_newton_splits(
+    H: Hessian, names: list[str], full: SpectrumEstimate, layer_est: Mapping[str, SpectrumEstimate],
+    steps: _Steps, spectra: dict[str, Any], *, trace_rtol: float, trace_max_hvp: int,
+    gn_tol: float, normalize: str, seed: int,
+) -> tuple[dict[str, GaussNewtonSplit], Any]:
+    """The split ``Hess = G + (Hess - G)`` of the full Hessian and of every layer's block:
+    ``G``'s traces from shared probes (as the Hessian's), then per entry the top eigenvalues,
+    traces and densities of ``G`` and of the residual. Returns ``({entry: split}, G's full
+    trace)``."""
+    G = H.gauss_newton()
+    gn_full_trace, gn_layer_traces = steps.run(
+        "Gauss-Newton traces (shared probes)",
+        lambda: G.traces(rtol=trace_rtol, max_hvp=trace_max_hvp, seed=seed))
+    ops = {"full": H, **{name: H.block(name) for name in names}}
+    ests = {"full": full, **layer_est}
+    gn_traces = {"full": gn_full_trace, **gn_layer_traces}
+    splits = {}
+    for name, op in ops.items():
+        est = ests[name]
+        splits[name] = steps.run(f"{name}: Gauss-Newton split", lambda op=op, est=est,
+                                 name=name: gauss_newton_split(
+            op, tol=gn_tol, gn_trace=gn_traces[name], hessian_trace=est.trace,
+            hessian_top=est.top_eigenvalues[0], hessian_density=est.density,
+            normalize=normalize, **spectra))
+    return splits, gn_full_trace
+
+
+def _similarities(names: list[str], full: SpectrumEstimate,
+                  layer_est: Mapping[str, SpectrumEstimate], normalize: str
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Each layer's distances to the full spectrum, and the ranking of the layers by them."""
+    out = {name: compare_spectra(est.density, full.density, normalize)
+           for name, est in layer_est.items()}
+    summary = summarize_similarity(names, [out[n]["wasserstein"] for n in names],
+                                   metric="wasserstein", normalize=normalize)
+    return out, summary
+
+
+def _layer_entries(H: Hessian, names: list[str], full: SpectrumEstimate,
+                   layer_est: Mapping[str, SpectrumEstimate],
+                   splits: Mapping[str, GaussNewtonSplit], layer_sim: Mapping[str, Any]
+                   ) -> dict[str, LayerEntry]:
+    """Every layer's entry: its measurements, depth, size, ratios to the full network and the
+    interlacing check."""
+    depth = depths(len(names))
+    full_top = full.top_eigenvalues[0]
+    full_trace = float(full.trace.value)
+    entries = {}
+    for i, name in enumerate(names):
+        est = layer_est[name]
+        entries[name] = LayerEntry(
+            name=name,
+            hessian=est,
+            gauss_newton=splits.get(name),
+            similarity=layer_sim[name],
+            index=i,
+            depth=depth[i],
+            parameters=H.layer_parameters[name],
+            top_ratio=est.top_eigenvalues[0] / full_top if full_top != 0 else None,
+            trace_ratio=(float(est.trace.value) / full_trace
+                         if est.trace is not None and full_trace != 0 else None),
+            interlacing=interlacing(est, full),
+        )
+    return entries

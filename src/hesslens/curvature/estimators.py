@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator
 
+from hesslens.checks import check_positive_int
 from hesslens.curvature.layout import Permuted, contiguous_blocks
 from hesslens.errors import HesslensInputError
 from hesslens.linalg import (
@@ -233,8 +234,7 @@ class Estimators:
 
 
 def _check_k(k: int, dim: int) -> None:
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise HesslensInputError(f"k must be a positive integer, got {k!r}")
+    check_positive_int(k, "k")
     if k > dim:
         raise HesslensInputError(
             f"k={k} is larger than the operator's dimension {dim}: ask for at most {dim}"

@@ -65,13 +65,16 @@ raises :class:`~hesslens.errors.HesslensInputError`: one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import inspect
 import shlex
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from hesslens.errors import HesslensInputError
+from hesslens import zoo
+from hesslens.analysis import layer_study
+from hesslens.errors import CheckpointError, HesslensInputError
 from hesslens.experiments.common import (
     add_common_arguments,
     apply_threads,
@@ -87,7 +90,11 @@ from hesslens.experiments.common import (
     versions,
 )
 from hesslens.experiments.preflight import check_ready, model_needs, require
+from hesslens.linalg.trace import block_traces
+from hesslens.parallel import process_group_from_env, quiet_other_ranks, shard
 from hesslens.provenance import data_fingerprint, dataset_fingerprint
+from hesslens.report.layer_report import layer_rows, write_layer_study
+from hesslens.training.checkpoint import fit_problem
 
 __all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "Prepared", "add_analyze_arguments",
            "preflight_analyze", "run_analyze"]
@@ -151,10 +158,6 @@ def _least_trace_hvp() -> int:
     """The fewest products the layer study's trace estimator accepts as its budget
     (``2 * sketch_rank + min_probes`` at :func:`hesslens.linalg.trace.block_traces`'s
     defaults, which the study uses)."""
-    import inspect
-
-    from hesslens.linalg.trace import block_traces
-
     params = inspect.signature(block_traces).parameters
     return 2 * int(params["sketch_rank"].default) + int(params["min_probes"].default)
 
@@ -167,9 +170,6 @@ def _names(args: argparse.Namespace, config: dict[str, Any]) -> tuple[str, str]:
 
 def _fit_checkpoint(model: Any, state: dict, path: str, model_name: str, data: str,
                     rest: dict | None = None) -> None:
-    from hesslens.errors import CheckpointError
-    from hesslens.training.checkpoint import fit_problem
-
     problem = fit_problem({**(rest or {}), "model": state}, model)  # names, shapes, values
     if problem is not None:
         raise CheckpointError(
@@ -187,8 +187,6 @@ def _fit_checkpoint(model: Any, state: dict, path: str, model_name: str, data: s
 
 
 def _print_table(results: dict[str, Any], out: Any, seconds: float) -> None:
-    from hesslens.report.layer_report import layer_rows
-
     rows = layer_rows(results)
     width = max(14, min(24, max(len(r["name"]) for r in rows)))
     head = (f"{'layer':<{width}} {'depth':>5} {'params':>8} {'lambda1':>10} {'/full':>6} "
@@ -245,8 +243,6 @@ def preflight_analyze(args: argparse.Namespace) -> Prepared:
     device, the output folder (writable, not a file), the checkpoint, and the model/data pair
     (the model is built and the checkpoint loaded into it; ``--k`` within its dimension; the
     data folder of a file-based data set given)."""
-    from hesslens import zoo
-
     least = _least_trace_hvp()
     if args.trace_max_hvp < least:
         raise HesslensInputError(
@@ -300,8 +296,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes its piece of the analysis
     subset and the operators sum their products over the processes, so the study is the
     single-process one; rank 0 alone writes the files and prints."""
-    from hesslens.parallel import process_group_from_env, quiet_other_ranks
-
     t0 = time.perf_counter()
     ready = preflight_analyze(args)
     with process_group_from_env(args.device) as ranks:
@@ -311,12 +305,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_analyze(args: argparse.Namespace, ranks: Any, ready: Prepared, t0: float) -> int:
-    from hesslens import zoo
-    from hesslens.analysis import layer_study
-    from hesslens.parallel import local_device, shard
-    from hesslens.report.layer_report import write_layer_study
-
-    device = resolve_device(local_device(args.device, ranks))
+    device = resolve_device(args.device, ranks)
     model_name, data_name, info = ready.model_name, ready.data_name, ready.info
     model, state, rest, dtype = ready.model, ready.state, ready.rest, ready.dtype
     data_root, split_seed = ready.data_root, ready.split_seed

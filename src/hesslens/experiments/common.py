@@ -2,8 +2,9 @@
 
 * :func:`add_common_arguments` -- ``--out``, ``--seed``, ``--device``, ``--dtype``,
   ``--threads``, ``--quiet``;
-* :func:`resolve_device`, :func:`resolve_dtype`, :func:`apply_threads` -- turn them into torch
-  objects, with one clear error for what cannot work here (CUDA asked for but absent, ...);
+* :func:`resolve_device` (:func:`hesslens.parallel.resolve_device`, which the trainer uses
+  too), :func:`resolve_dtype`, :func:`apply_threads` -- turn them into torch objects, with one
+  clear error for what cannot work here (CUDA asked for but absent, ...);
 * :func:`check_out_dir`, :func:`prepare_out_dir`, :func:`versions`, :func:`load_state_dict` --
   output folder, versions for the records (from :mod:`hesslens.provenance`), and checkpoint
   loading (``weights_only=True``, checked: :mod:`hesslens.training.checkpoint`);
@@ -28,14 +29,25 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hesslens.checks import SEED_LIMIT
+from hesslens.checks import (
+    SEED_LIMIT,
+    check_nonnegative_int,
+    check_nonnegative_number,
+    check_positive_int,
+    check_positive_number,
+    check_seed,
+)
 from hesslens.errors import HesslensInputError
+from hesslens.files import remove_stale_temporaries
+from hesslens.parallel import folder_lock, resolve_device
+from hesslens.provenance import versions as _versions
+from hesslens.training.checkpoint import load_checkpoint
 
 __all__ = [
     "DTYPES",
@@ -61,66 +73,50 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _argument(text: str, parse: Callable[[str], Any], check: Callable[[Any, str], Any],
+              expected: str, unparsable: str | None = None) -> Any:
+    """An argparse type's work: ``text`` parsed with ``parse`` (not parsable: "expected
+    ``unparsable``", by default ``expected``), then checked with one of :mod:`hesslens.checks`
+    (refused: "expected ``expected``")."""
     try:
-        value = int(text)
+        value = parse(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(
+            f"expected {unparsable or expected}, got {text!r}") from None
+    try:
+        return check(value, "the value")
+    except HesslensInputError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (:func:`hesslens.checks.check_positive_int`)."""
+    return _argument(text, int, check_positive_int, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+    """argparse type: an integer >= 0 (:func:`hesslens.checks.check_nonnegative_int`)."""
+    return _argument(text, int, check_nonnegative_int, "a non-negative integer")
 
 
 def seed_int(text: str) -> int:
     """argparse type: a seed, an integer in ``[0, 2**32)`` (:func:`hesslens.checks.check_seed`:
     the range numpy and scikit-learn take)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if value >= SEED_LIMIT:
-        raise argparse.ArgumentTypeError(
-            f"expected an integer below 2**32 = {SEED_LIMIT} (numpy and scikit-learn take "
-            f"32-bit seeds), got {text!r}")
-    return value
+    nonnegative_int(text)
+    return _argument(
+        text, int, check_seed,
+        f"an integer below 2**32 = {SEED_LIMIT} (numpy and scikit-learn take 32-bit seeds)")
 
 
 def nonnegative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0 <= value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
-    return value
+    """argparse type: a finite number >= 0 (:func:`hesslens.checks.check_nonnegative_number`)."""
+    return _argument(text, float, check_nonnegative_number, "a non-negative number",
+                     unparsable="a number")
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    """argparse type: a finite number > 0 (:func:`hesslens.checks.check_positive_number`)."""
+    return _argument(text, float, check_positive_number, "a positive number")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -140,33 +136,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
                    help="CPU threads for torch (default: 1 for models under "
                         f"{SMALL_MODEL // 10**6}M parameters, else torch's choice)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``torch.device(name)``, or a :class:`HesslensInputError` naming what is wrong: an
-    unknown device, CUDA or MPS asked for but absent, a CUDA index out of range."""
-    name = "cpu" if name in (None, "") else str(name).strip()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise HesslensInputError(
-            f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HesslensInputError(
-                f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise HesslensInputError(
-                f"device {name!r} asked for, but there are only {count} CUDA device(s)")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise HesslensInputError(
-                f"device {name!r} asked for, but MPS is not available here; use --device cpu")
-    elif device.type != "cpu":
-        raise HesslensInputError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or mps")
-    return device
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
@@ -220,8 +189,6 @@ def prepare_out_dir(path: str | os.PathLike[str]) -> Path:
     """Create the output folder (and its parents); a clear error if it cannot be (empty, a
     file, not creatable, not writable). Removes the temporary files that a run killed during
     a write left there (:func:`hesslens.files.remove_stale_temporaries`)."""
-    from hesslens.files import remove_stale_temporaries
-
     out = check_out_dir(path)
     if out.exists() and not out.is_dir():
         raise HesslensInputError(f"--out {out} is a file, not a folder")
@@ -250,8 +217,6 @@ def out_dir_lock(path: str | os.PathLike[str], command: str,
     ...     out.is_dir()
     True
     """
-    from hesslens.parallel import folder_lock
-
     out = check_out_dir(path)
     with folder_lock(out, f"hesslens {command}", ranks):
         yield out
@@ -260,8 +225,6 @@ def out_dir_lock(path: str | os.PathLike[str], command: str,
 def versions(device: Any = None) -> dict[str, Any]:
     """Versions of hesslens, Python, torch, numpy, scipy and matplotlib, the platform and the
     device: :func:`hesslens.provenance.versions` (the one place that knows them)."""
-    from hesslens.provenance import versions as _versions
-
     return _versions(device)
 
 
@@ -273,7 +236,6 @@ def load_state_dict(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
     top-level entries (e.g. ``"config"``) or is empty.
     """
     path = Path(path)
-    from hesslens.training.checkpoint import load_checkpoint
 
     obj = load_checkpoint(path)
     rest: dict[str, Any] = {}

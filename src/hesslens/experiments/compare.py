@@ -21,14 +21,18 @@ batch size, model or data are flagged: such a comparison is not at equal budget.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
-from hesslens.experiments.common import out_dir_lock, seed_int
+from hesslens.experiments.common import out_dir_lock, prepare_out_dir, seed_int
+from hesslens.experiments.preflight import check_ready
+from hesslens.files import write_bytes, write_csv, write_json
+from hesslens.provenance import versions
+from hesslens.report.style import new_figure, png_bytes
+from hesslens.training.config import RUN_ONLY_FIELDS, arm_key, arm_label
 
 __all__ = ["add_compare_arguments", "compare_runs", "load_run", "preflight_compare",
            "run_compare"]
@@ -196,8 +200,6 @@ def _curve(runs: list[dict[str, Any]], key: str) -> dict[str, list[Any]] | None:
 
 def compare_runs(paths: list[str]) -> dict[str, Any]:
     """Group the runs into arms and summarise them (the content of ``compare.json``)."""
-    from hesslens.training.config import RUN_ONLY_FIELDS, arm_key, arm_label
-
     runs = [load_run(p) for p in _expand(paths)]
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
@@ -266,7 +268,6 @@ def compare_runs(paths: list[str]) -> dict[str, Any]:
                      "differ): see 'data'")
     if any(d.get("sha256") is None for d in data):
         notes.append("some runs record no data fingerprint (written by an older hesslens)")
-    from hesslens.provenance import versions
 
     return {"arms": arms, "notes": notes, "n_runs": len(runs), "data": data,
             "versions": versions()}
@@ -347,16 +348,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
     """PNG of one metric over epochs, one line per arm (mean ± std band), or None."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     curves = [(a["label"], a["curves"][key]) for a in result["arms"] if a["curves"][key]]
     if not curves:
         return None
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig = new_figure(6.4, 4.2)
+    ax = fig.subplots()
     for label, c in curves:
         ep, mean = c["epochs"], c["mean"]
         (line,) = ax.plot(ep, mean, marker="o" if len(ep) < 15 else None, ms=3, label=label)
@@ -365,7 +361,7 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
             ax.fill_between(ep, [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], color=line.get_color(),
                             alpha=0.2, linewidth=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.locator_params(axis="x", integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel(METRIC_TITLES[key])
     if key in ("trace", "top_eigenvalue") and all(
@@ -375,18 +371,12 @@ def metric_figure(result: dict[str, Any], key: str) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"{METRIC_TITLES[key]} (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_comparison(result: dict[str, Any], out: Path, figures: bool = True) -> list[str]:
     """Write ``compare.json``, ``compare.csv`` and (optionally) the figures into ``out``;
     returns the figure file names."""
-    from hesslens.experiments.common import prepare_out_dir
-    from hesslens.files import write_bytes, write_csv, write_json
-
     prepare_out_dir(out)
     rows = _table_rows(result)
     write_json(out / "compare.json", result)
@@ -405,8 +395,6 @@ def preflight_compare(args: argparse.Namespace) -> Path:
     """Everything ``hesslens compare`` can know before reading the runs: matplotlib (unless
     ``--no-figures``), the output folder (writable, not a file) and that every run folder
     exists. Returns the output folder."""
-    from hesslens.experiments.preflight import check_ready
-
     figures = not getattr(args, "no_figures", False)
     ready = check_ready(out=args.out, device=None,
                         needs={"matplotlib": "the figures (or pass --no-figures)"} if figures

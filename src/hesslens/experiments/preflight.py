@@ -33,6 +33,7 @@ import torch
 
 from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import check_out_dir, resolve_device
+from hesslens.zoo.inputs import model_input
 
 __all__ = ["INSTALL", "Ready", "check_ready", "model_needs", "refuse_hf_model", "require",
            "writable_out_dir"]
@@ -57,8 +58,6 @@ def model_needs(model: str) -> dict[str, str]:
     >>> model_needs("gpt-nano"), model_needs("lenet")
     ({'transformers': 'the zoo model gpt-nano'}, {})
     """
-    from hesslens.zoo.inputs import model_input
-
     return {"transformers": f"the zoo model {model}"} if model_input(model) is not None else {}
 
 
@@ -69,8 +68,6 @@ def refuse_hf_model(model: str, command: str) -> None:
 
     >>> refuse_hf_model("lenet", "train")
     """
-    from hesslens.zoo.inputs import model_input
-
     if model_input(model) is not None:
         raise HesslensInputError(
             f"{command} trains classifiers on (inputs, labels) pairs; {model} is a Hugging "

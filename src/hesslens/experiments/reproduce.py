@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import statistics
 import time
 from collections.abc import Callable
@@ -60,7 +61,9 @@ from hesslens.experiments.common import (
     resolve_dtype,
     show_progress,
 )
+from hesslens.experiments.compare import compare_runs
 from hesslens.experiments.preflight import check_ready, refuse_hf_model, require
+from hesslens.experiments.reproduce_cost import apply_costs, measure_costs
 from hesslens.experiments.reproduce_jobs import (
     diverged,
     finished,
@@ -69,7 +72,13 @@ from hesslens.experiments.reproduce_jobs import (
     share,
 )
 from hesslens.experiments.reproduce_plan import RUN_ONLY, Arm, Plan, full_plan, quick_plan, slug
+from hesslens.experiments.reproduce_report import write_reproduce_report
 from hesslens.experiments.reproduce_study import run_study, study_sizes
+from hesslens.files import write_json
+from hesslens.parallel import all_gather_objects, current, local_device, process_group_from_env
+from hesslens.provenance import dataset_fingerprint, versions
+from hesslens.zoo import DATASETS, MODELS, TASKS, build_model, dataset_info, load_dataset
+from hesslens.zoo.inputs import model_input
 
 __all__ = ["add_reproduce_arguments", "check_pair", "plan_from_args", "preflight_reproduce",
            "reproduce", "run_reproduce", "study_needs"]
@@ -99,8 +108,6 @@ def check_pair(model: str, data: str, data_root: str | None = None) -> None:
     unknown names (the message lists the known ones), Hugging Face models and token tasks
     (their own batches and loss), a model that does not take the data's shape, and a
     file-based data set whose files are not under ``data_root``."""
-    from hesslens.zoo import DATASETS, MODELS, TASKS, build_model, dataset_info, load_dataset
-
     if model not in MODELS:
         raise HesslensInputError(
             f"unknown model {model!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -121,8 +128,6 @@ def check_pair(model: str, data: str, data_root: str | None = None) -> None:
 def study_needs(plan: Plan) -> dict[str, str]:
     """The modules a study of ``plan`` imports only after its training (``{module: what needs
     it}``): checked first, so that a missing one fails in seconds, not after minutes."""
-    from hesslens.zoo.inputs import model_input
-
     needs = {"matplotlib": "the report's figures"}
     transformer = study_sizes(plan.name).transformer
     if model_input(transformer) is not None:
@@ -158,8 +163,6 @@ def preflight_reproduce(args: argparse.Namespace) -> tuple[str, Any, Plan]:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     """Run the study from parsed arguments; prints the summary, returns the exit code."""
-    from hesslens.parallel import local_device, process_group_from_env
-
     device, dtype, plan = preflight_reproduce(args)
     with process_group_from_env(device) as ranks:
         default_workers = 1 if ranks.distributed else max(1, min(2, os.cpu_count() or 1))
@@ -179,8 +182,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
 def _on_main(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0; every rank returns its result, or raises its error (the same type
     and message, so that every rank exits alike). Alone: just ``fn()``."""
-    from hesslens.parallel import all_gather_objects, current
-
     ranks = current()
     if not ranks.distributed:
         return fn()
@@ -201,8 +202,6 @@ def _on_main(fn: Callable[[], T]) -> T:
 def _on_all(fn: Callable[[], None]) -> None:
     """``fn()`` on every rank, then wait for all; an error on any rank is raised on every
     rank (the first failing rank's)."""
-    from hesslens.parallel import all_gather_objects, current
-
     ranks = current()
     if not ranks.distributed:
         fn()
@@ -224,7 +223,6 @@ def _portable(error: BaseException | None) -> BaseException | None:
     """``error`` as something that pickles to another rank with its type and message."""
     if error is None:
         return None
-    import pickle
 
     try:
         pickle.loads(pickle.dumps(error))
@@ -257,8 +255,6 @@ def _train_jobs(jobs: list[tuple[dict[str, Any], Path]], plan: Plan, progress: b
                 desc: str, allow_diverge: bool = False) -> None:
     """Train ``jobs``: this rank's share under torch.distributed (in spawned processes), all of
     them otherwise; every rank returns once every run has finished."""
-    from hesslens.parallel import current
-
     ranks = current()
     mine = share(jobs, ranks.rank, ranks.world)
     _on_all(lambda: run_jobs(mine, plan.workers, progress, desc, isolated=ranks.distributed,
@@ -363,8 +359,6 @@ def _refuse_other_study(out: Path, plan: Plan) -> None:
 
 
 def _check_plan(out: Path, plan: Plan) -> None:
-    from hesslens.files import write_json
-
     _refuse_other_study(out, plan)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", plan.to_dict())
@@ -373,8 +367,6 @@ def _check_plan(out: Path, plan: Plan) -> None:
 def _add_seconds(out: Path, key: str, seconds: float) -> dict[str, float]:
     """Add one leg's time for a stage to ``timings.json``: a study killed and resumed, or run
     again, reports the time all its legs spent, not the last leg's."""
-    from hesslens.files import write_json
-
     path = out / "timings.json"
     held = json.loads(path.read_text()) if path.is_file() else {}
     held[key] = float(held.get(key, 0.0)) + seconds
@@ -384,8 +376,6 @@ def _add_seconds(out: Path, key: str, seconds: float) -> dict[str, float]:
 
 def _timed(out: Path, key: str, fn: Callable[[], T]) -> T:
     """``fn()``, its wall time added to ``timings.json`` (by rank 0)."""
-    from hesslens.parallel import current
-
     t0 = time.perf_counter()
     value = fn()
     if current().is_main:
@@ -398,8 +388,6 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
     """Run (or finish) the whole study into ``out_dir``; returns the content of
     ``results.json`` plus ``summary_text``. ``dtype`` is the layer study's precision (training
     is float32). Under torch.distributed every rank calls it and gets the same result."""
-    from hesslens.parallel import current
-
     require(study_needs(plan))  # before any work: it would fail after training
     check_pair(plan.model, plan.data, plan.data_root)
     ranks = current()
@@ -418,11 +406,6 @@ def reproduce(plan: Plan, out_dir: str | os.PathLike[str], *, device: str = "cpu
 def _finish(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
             runs: dict[str, list[Path]], progress: bool, dtype: Any) -> dict[str, Any]:
     """Rank 0's part: costs, layer study, comparison and report."""
-    from hesslens.experiments.compare import compare_runs
-    from hesslens.experiments.reproduce_cost import apply_costs, measure_costs
-    from hesslens.experiments.reproduce_report import write_reproduce_report
-    from hesslens.parallel import current
-
     cost = None
     if any(arm.name == "SGD" for arm in plan.arms):
         configs = {arm.name: _config(plan, arm, chosen[arm.name]["value"], plan.seeds[0],
@@ -444,9 +427,6 @@ def _finish(plan: Plan, out: Path, device: str, chosen: dict[str, Any],
 
 def _provenance(plan: Plan, device: str) -> dict[str, Any]:
     """The study's data fingerprint (the data set every run and study used) and versions."""
-    from hesslens.provenance import dataset_fingerprint, versions
-    from hesslens.zoo import load_dataset
-
     return {"data": dataset_fingerprint(load_dataset(plan.data, root=plan.data_root),
                                         plan.data),
             "versions": versions(device)}

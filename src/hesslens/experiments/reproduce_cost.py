@@ -23,7 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hesslens.errors import HesslensInputError
+from hesslens.experiments.train import train_zoo
+from hesslens.files import write_json
+from hesslens.training import TrainConfig
 
 __all__ = ["COST_FILE", "apply_costs", "measure_costs", "median_ratio"]
 
@@ -38,17 +43,12 @@ def median_ratio(base: list[float], arm: list[float]) -> float:
 
 def _epoch_seconds(config: dict[str, Any]) -> float:
     """Wall time of one training epoch of ``config`` (the trainer's own timing of its loop)."""
-    from hesslens.experiments.train import train_zoo
-    from hesslens.training import TrainConfig
-
     with tempfile.TemporaryDirectory(prefix="hesslens-cost-") as tmp:
         result = train_zoo(TrainConfig.from_dict(config), tmp, progress=False)
     return float(result["epochs"][-1]["epoch_seconds"])
 
 
 def _measure(configs: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
-    import torch
-
     load_before = _load_average()
     t0 = time.perf_counter()
     for config in configs.values():  # warm-up round: imports, allocator, first-call costs
@@ -87,8 +87,6 @@ def measure_costs(configs: dict[str, dict[str, Any]], out: Path,
     TrainConfig dict; ``configs`` must hold ``"SGD"``). Each config is trained for one epoch
     with a constant learning rate, without tracking. Call it in a process of its own
     (:func:`hesslens.experiments.reproduce_jobs.run_isolated`)."""
-    from hesslens.files import write_json
-
     if "SGD" not in configs:
         raise HesslensInputError("the cost stage measures against an arm named SGD; the plan "
                                  "has none")

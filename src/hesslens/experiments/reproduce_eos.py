@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch import nn
+
+from hesslens import zoo
 from hesslens.experiments.reproduce_plan import EdgeOfStability
+from hesslens.report.html import Paragraph
+from hesslens.report.sharpness import SharpnessMonitor
+from hesslens.report.style import COLORS, new_figure, save_png
 
 __all__ = ["KEYS", "edge_figure", "edge_section", "run_edge_of_stability"]
 
@@ -37,11 +45,6 @@ def _half_sse(out: Any, target: Any) -> Any:
 
 def _run(eos: EdgeOfStability, optimizer: str, lr: float, steps: int, x: Any, target: Any,
          device: str) -> dict[str, Any]:
-    import torch
-    from torch import nn
-
-    from hesslens.report.sharpness import SharpnessMonitor
-
     torch.manual_seed(eos.seed)
     model = nn.Sequential(nn.Linear(x.shape[1], eos.width), nn.Tanh(),
                           nn.Linear(eos.width, eos.width), nn.Tanh(),
@@ -64,10 +67,6 @@ def _run(eos: EdgeOfStability, optimizer: str, lr: float, steps: int, x: Any, ta
 def run_edge_of_stability(eos: EdgeOfStability, device: str = "cpu") -> dict[str, Any]:
     """Every run of ``eos``: ``{"setting": {...}, "runs": [{"optimizer", "lr", "steps",
     "compared", "seconds", "records": [...]}]}``."""
-    from torch import nn
-
-    from hesslens import zoo
-
     ds = zoo.load_dataset("mnist1d")
     x, y = zoo.analysis_subset(*ds.train, per_class=eos.per_class, seed=0)
     x = x.reshape(len(x), -1).to(device)
@@ -85,21 +84,17 @@ def run_edge_of_stability(eos: EdgeOfStability, device: str = "cpu") -> dict[str
 def edge_figure(result: dict[str, Any], path: str | Path) -> Path:
     """The sharpness of every run over its steps against its threshold (log scale): one panel
     for gradient descent, one for Adam's preconditioned sharpness."""
-    import numpy as np
-
-    from hesslens.report.figures import _COLORS, _figure, _save
-
     runs = result["runs"]
     groups = [(name, [r for r in runs if r["optimizer"] == name]) for name in ("SGD", "Adam")]
     groups = [(n, rs) for n, rs in groups if rs]
-    fig = _figure(4.8 * len(groups), 3.5)
+    fig = new_figure(4.8 * len(groups), 3.5)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (name, rs) in zip(axes, groups):
         for i, r in enumerate(rs):
             steps = [x["step"] for x in r["records"]]
             key = "sharpness" if r["compared"] == "sharpness" else "preconditioned_sharpness"
             values = np.array([np.nan if x[key] is None else x[key] for x in r["records"]])
-            color = _COLORS[i % len(_COLORS)]
+            color = COLORS[i % len(COLORS)]
             ax.plot(steps, values, color=color, lw=1.2, label=f"lr {r['lr']:g}")
             ax.axhline(r["records"][-1]["threshold"], color=color, ls="--", lw=1.0)
         ax.set_yscale("log")
@@ -109,14 +104,12 @@ def edge_figure(result: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3, lw=0.5)
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def edge_section(result: dict[str, Any], figures_dir: str | Path) -> tuple[Any, Path, str]:
     """The report's blocks for the setting: what was run (a paragraph), the figure drawn into
     ``figures_dir`` and its caption."""
-    from hesslens.report.html import Paragraph
-
     s = result.get("setting", {})
     png = edge_figure(result, Path(figures_dir) / "edge_of_stability.png")
     runs = ", ".join(f"{r['optimizer']} lr {r['lr']:g} ({r['steps']} steps, "

@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import statistics
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,9 @@ from hesslens.analysis.intervals import t_interval
 from hesslens.analysis.probe_spectra import ProbeSpectra
 from hesslens.curvature.layers import middle_indices
 from hesslens.experiments import reproduce_findings as findings
+from hesslens.files import write_bytes
+from hesslens.report.figures import plot_arm_curves, plot_intervals
+from hesslens.report.style import new_figure, png_bytes
 
 __all__ = ["arm_figures", "finding2_figures", "layer_figures", "transformer_figures"]
 
@@ -27,9 +29,6 @@ __all__ = ["arm_figures", "finding2_figures", "layer_figures", "transformer_figu
 def _layer_curvature_figure(runs: list[dict[str, Any]], key: str, title: str) -> bytes | None:
     """Per-layer curvature over epochs (mean over seeds), each layer relative to its first
     tracked value, with the full network for reference."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     full_key = {"layer_trace": "trace", "layer_top_eigenvalue": "top_eigenvalue"}[key]
     series: dict[str, dict[int, list[float]]] = {}
     for run in runs:
@@ -46,9 +45,8 @@ def _layer_curvature_figure(runs: list[dict[str, Any]], key: str, title: str) ->
                 e[full_key] / first[full_key])
     if not series:
         return None
-    fig = Figure(figsize=(6.4, 4.0), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig = new_figure(6.4, 4.0)
+    ax = fig.subplots()
     for name, points in series.items():
         epochs = sorted(points)
         means = [sum(points[e]) / len(points[e]) for e in epochs]
@@ -61,10 +59,7 @@ def _layer_curvature_figure(runs: list[dict[str, Any]], key: str, title: str) ->
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 METRICS = {  # comparison curve key: (file, y label, title, scale)
@@ -76,8 +71,6 @@ METRICS = {  # comparison curve key: (file, y label, title, scale)
 
 
 def arm_figures(arms: dict[str, Any], figures_dir: Path) -> list[tuple[Path, str]]:
-    from hesslens.report.figures import plot_arm_curves
-
     out = []
     n_seeds = sorted({a["n_seeds"] for a in arms.values()})
     for key, (name, ylabel, title, scale) in METRICS.items():
@@ -125,8 +118,6 @@ def _accuracy_text(deep: dict[str, Any]) -> str:
 
 
 def finding2_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[Path, str]]:
-    from hesslens.report.figures import plot_intervals
-
     out = []
     deep = extra.get("deep") or {}
     spectra = deep.get("spectra") or {}
@@ -165,8 +156,6 @@ def finding2_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[Pat
 
 
 def transformer_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[Path, str]]:
-    from hesslens.report.figures import plot_intervals
-
     tf = extra.get("transformer") or {}
     if not tf.get("probes"):
         return []
@@ -230,8 +219,6 @@ def transformer_figures(extra: dict[str, Any], figures_dir: Path) -> list[tuple[
 def layer_figures(sgd_runs: list[dict[str, Any]], figures_dir: Path
                    ) -> list[tuple[Path, str]]:
     """The SGD arm's per-layer trace and top eigenvalue over epochs, written as PNGs."""
-    from hesslens.files import write_bytes
-
     out = []
     for key, title, what in (
             ("layer_trace", "Hessian trace per layer over training (SGD)", "trace"),

@@ -184,52 +184,21 @@ def layer_spectra_like_full(study: Mapping[str, Any] | None, trained: Mapping[An
     t_states = _by_seed(trained)
     t_stats = _shape_stats(t_states)
     t_bulk, t_few = _passes(t_stats, num_classes)
-    c_bulk = c_few = None
-    c_stats = None
-    if control:
-        c_stats = _shape_stats(_by_seed(control))
-        c_bulk, c_few = _passes(c_stats, num_classes)
-
-    def describe(stats: dict[str, dict[str, tuple[float, float, float]]]) -> str:
-        return "; ".join(f"{e}: bulk {_ci(*s['bulk'], '.3f')}, outliers "
-                         f"{_ci(*s['outliers'], '.3g')}" for e, s in stats.items())
-
+    c_stats = _shape_stats(_by_seed(control)) if control else None
+    c_bulk, c_few = _passes(c_stats, num_classes) if c_stats is not None else (None, None)
+    specific = None if c_stats is None else not (c_bulk and c_few)
     numbers = (f"trained ({len(t_states)} seeds x {t_states[0].n_probes} probes): "
-               + describe(t_stats) + ".")
+               + _describe_shapes(t_stats) + ".")
     if c_stats is not None:
-        numbers += f" Control, {control_name}: " + describe(c_stats) + "."
-    specific = None
-    if c_stats is not None:
-        specific = not (c_bulk and c_few)
-        parts = []
-        if c_bulk:
-            rank = (f"N(C - 1) = {num_samples * (num_classes - 1)}" if num_samples
-                    else "N(C - 1)")
-            parts.append("the bulk part also holds on the control, so it is not specific to "
-                         f"training (on N examples G has rank at most {rank}, below the "
-                         f"full network's {t_states[0].dims['full']} parameters: much of any "
-                         "spectrum is near zero whatever the weights)")
-        if not c_few:
-            parts.append("the outlier count separates the trained networks from the control")
-        if parts:
-            text = "; ".join(parts)
-            numbers += " " + text[0].upper() + text[1:] + "."
+        numbers += f" Control, {control_name}: " + _describe_shapes(c_stats) + "."
+        numbers += _control_note(c_bulk, c_few, num_classes, num_samples,
+                                 t_states[0].dims["full"])
     if study:
         numbers += (" W1 to the full spectrum of the final model (each scaled by its top "
                     "eigenvalue): " + ", ".join(
                         f"{n} {layer['similarity']['wasserstein']:.3f}"
                         for n, layer in study["layers"].items()) + ".")
-    if not t_bulk:
-        verdict = "did not hold"
-    elif t_few and specific is True:
-        verdict = "held"
-    elif t_few and specific is None:
-        verdict = "partly"
-        numbers += " No control was measured, so the rule's specificity is unknown."
-    else:
-        verdict = "partly"
-        if specific is False:
-            numbers = "Not specific: the control passes the same rule. " + numbers
+    verdict, numbers = _finding1_verdict(t_bulk, t_few, specific, numbers)
     full = t_stats["full"]["outliers"]
     summary = _finding1_sentence(t_stats, c_stats, t_bulk, t_few, specific, num_classes)
     return Finding(claim, verdict, rule, numbers, interval=(full[1], full[2]),
@@ -239,6 +208,45 @@ def layer_spectra_like_full(study: Mapping[str, Any] | None, trained: Mapping[An
                             "control": None if c_stats is None else
                             {"bulk": c_bulk, "few_outliers": c_few},
                             "specific": specific})
+
+
+def _describe_shapes(stats: dict[str, dict[str, tuple[float, float, float]]]) -> str:
+    """Every entry's bulk mass and outlier count with their intervals."""
+    return "; ".join(f"{e}: bulk {_ci(*s['bulk'], '.3f')}, outliers "
+                     f"{_ci(*s['outliers'], '.3g')}" for e, s in stats.items())
+
+
+def _control_note(c_bulk: bool, c_few: bool, num_classes: int, num_samples: int | None,
+                  dim: int) -> str:
+    """What the control says about the rule's two parts (``""`` when it says nothing)."""
+    parts = []
+    if c_bulk:
+        rank = f"N(C - 1) = {num_samples * (num_classes - 1)}" if num_samples else "N(C - 1)"
+        parts.append("the bulk part also holds on the control, so it is not specific to "
+                     f"training (on N examples G has rank at most {rank}, below the "
+                     f"full network's {dim} parameters: much of any "
+                     "spectrum is near zero whatever the weights)")
+    if not c_few:
+        parts.append("the outlier count separates the trained networks from the control")
+    if not parts:
+        return ""
+    text = "; ".join(parts)
+    return " " + text[0].upper() + text[1:] + "."
+
+
+def _finding1_verdict(t_bulk: bool, t_few: bool, specific: bool | None,
+                      numbers: str) -> tuple[str, str]:
+    """Finding 1's verdict from the trained networks' two parts and the control's
+    specificity, and the numbers with what the verdict rests on said first or last."""
+    if not t_bulk:
+        return "did not hold", numbers
+    if t_few and specific is True:
+        return "held", numbers
+    if t_few and specific is None:
+        return "partly", numbers + " No control was measured, so the rule's specificity is unknown."
+    if specific is False:
+        numbers = "Not specific: the control passes the same rule. " + numbers
+    return "partly", numbers
 
 
 def _finding1_sentence(t_stats: dict[str, dict[str, tuple[float, float, float]]],
@@ -364,6 +372,52 @@ def middle_layers_most_similar(settings: Mapping[str, Mapping[Any, Any]],
 
 
 # ---------------------------------------------------------------------- finding 3
+@dataclass
+class _CurvatureChanges:
+    """Each seed's change of the full top eigenvalue and trace from its first tracked record
+    to its last (``log(last / first)``, and ``log(last / peak)``), and how many per-layer
+    quantities fell."""
+
+    log_ratio: dict[str, list[float]] = field(
+        default_factory=lambda: {"top_eigenvalue": [], "trace": []})
+    from_peak: dict[str, list[float]] = field(
+        default_factory=lambda: {"top_eigenvalue": [], "trace": []})
+    details: list[str] = field(default_factory=list)
+    first_epochs: set[int] = field(default_factory=set)
+    layer_fell: int = 0
+    layer_total: int = 0
+
+
+def _curvature_changes(runs: list[dict[str, Any]]) -> _CurvatureChanges:
+    """The changes of every run with at least two tracked records (one line of details each)."""
+    out = _CurvatureChanges()
+    for run in runs:
+        tracked = [e for e in run["epochs"] if e.get("trace") is not None
+                   and e.get("top_eigenvalue") is not None]
+        if len(tracked) < 2:
+            continue
+        first, last = tracked[0], tracked[-1]
+        out.first_epochs.add(first["epoch"])
+        for key in out.log_ratio:
+            if first[key] > 0 and last[key] > 0:
+                out.log_ratio[key].append(math.log(last[key] / first[key]))
+                peak = max(e[key] for e in tracked)
+                out.from_peak[key].append(math.log(last[key] / peak))
+        peak = max(tracked, key=lambda e: e["top_eigenvalue"])
+        out.details.append(
+            f"seed {run['config']['seed']}: top eigenvalue {first['top_eigenvalue']:.3g} "
+            f"(epoch {first['epoch']}) -> peak {peak['top_eigenvalue']:.3g} (epoch "
+            f"{peak['epoch']}) -> {last['top_eigenvalue']:.3g} (epoch {last['epoch']}); "
+            f"trace {first['trace']:.3g} -> {last['trace']:.3g}")
+        for key in ("layer_top_eigenvalue", "layer_trace"):
+            a, b = first.get(key) or {}, last.get(key) or {}
+            for name in a:
+                if name in b:
+                    out.layer_total += 1
+                    out.layer_fell += b[name] < a[name]
+    return out
+
+
 def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
     """Finding 3: top eigenvalue and trace, full and per layer, fall during training: from
     the epoch-0 record (initialisation) to the last tracked epoch, seed by seed."""
@@ -375,34 +429,9 @@ def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
             "per-layer quantities fell; did not hold if either full quantity's interval lies "
             "above 0 (it rose); partly otherwise. The one-sided sign test of 'fell in every "
             "seed' is reported beside it (with n seeds its smallest p is 0.5^n)")
-    per_key: dict[str, list[float]] = {"top_eigenvalue": [], "trace": []}
-    from_peak: dict[str, list[float]] = {"top_eigenvalue": [], "trace": []}
-    details, first_epochs = [], set()
-    layer_fell = layer_total = 0
-    for run in runs:
-        tracked = [e for e in run["epochs"] if e.get("trace") is not None
-                   and e.get("top_eigenvalue") is not None]
-        if len(tracked) < 2:
-            continue
-        first, last = tracked[0], tracked[-1]
-        first_epochs.add(first["epoch"])
-        for key in per_key:
-            if first[key] > 0 and last[key] > 0:
-                per_key[key].append(math.log(last[key] / first[key]))
-                peak = max(e[key] for e in tracked)
-                from_peak[key].append(math.log(last[key] / peak))
-        peak = max(tracked, key=lambda e: e["top_eigenvalue"])
-        details.append(
-            f"seed {run['config']['seed']}: top eigenvalue {first['top_eigenvalue']:.3g} "
-            f"(epoch {first['epoch']}) -> peak {peak['top_eigenvalue']:.3g} (epoch "
-            f"{peak['epoch']}) -> {last['top_eigenvalue']:.3g} (epoch {last['epoch']}); "
-            f"trace {first['trace']:.3g} -> {last['trace']:.3g}")
-        for key in ("layer_top_eigenvalue", "layer_trace"):
-            a, b = first.get(key) or {}, last.get(key) or {}
-            for name in a:
-                if name in b:
-                    layer_total += 1
-                    layer_fell += b[name] < a[name]
+    changes = _curvature_changes(runs)
+    per_key, from_peak = changes.log_ratio, changes.from_peak
+    layer_fell, layer_total = changes.layer_fell, changes.layer_total
     n = len(per_key["trace"])
     title = "Curvature falls during training"
     if n == 0:
@@ -415,14 +444,14 @@ def curvature_falls(runs: list[dict[str, Any]]) -> Finding:
         stats[key] = {"m": m, "lo": lo, "hi": hi, "fell": fell, "n": len(vals),
                       "p": sign_test(fell, len(vals))}
     layer_share = layer_fell / layer_total if layer_total else math.nan
-    numbers = "; ".join(details) + ". " + "; ".join(
+    numbers = "; ".join(changes.details) + ". " + "; ".join(
         f"{key.replace('_', ' ')}: log(last/first) = {_ci(s['m'], s['lo'], s['hi'])} "
         f"(x{math.exp(s['m']):.2f}), fell in {s['fell']}/{s['n']} seeds (sign test p = "
         f"{s['p']:.3g}); from its peak: log(last/peak) = "
         f"{_ci(*t_interval(from_peak[key], LEVEL))}" for key, s in stats.items()) + (
         f". Per-layer quantities that fell from the first to the last record: "
         f"{layer_fell}/{layer_total}.")
-    if 0 not in first_epochs:
+    if 0 not in changes.first_epochs:
         numbers += " (No epoch-0 record: the first tracked epoch stands for the start.)"
 
     def falls(s: dict[str, float]) -> bool:
@@ -527,68 +556,16 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
                        title=title, summary="Needs the SGD arm and an HTR arm.")
     paired = all(_values(a, k) is not None for a in [sgd, *htr.values()]
                  for k in ("test_acc", "trace"))
-    if paired:
-        rule = ("per HTR arm, the 95 % interval of its difference to SGD (paired by seed; "
-                "Welch where the seeds differ) in final test accuracy and in final trace; held "
-                "if every HTR arm's accuracy interval lies above 0 and its trace interval "
-                "below 0; partly if some interval shows an improvement; did not hold if HTR is "
-                "worse (an interval on the wrong side) and better nowhere; not shown if every "
-                "interval holds 0")
-    else:
-        rule = ("held if every HTR arm ends with a lower trace than SGD and a higher test "
-                "accuracy, each by more than one pooled standard deviation over seeds; partly "
-                "if some do; not shown if every difference is within that seed noise; did not "
-                "hold if HTR is worse beyond it")
-    acc_sgd, sd_sgd = _stat(sgd, "test_acc")
-    tr_sgd, trsd_sgd = _stat(sgd, "trace")
+    compare = _htr_vs_sgd_paired if paired else _htr_vs_sgd_noise
+    results = [compare(name, arm, sgd) for name, arm in htr.items()]
+    wins = sum(r.more_accurate for r in results)
+    flatter = sum(r.flatter for r in results)
+    worse = sum(r.worse for r in results)
+    headline = results[0].accuracy if paired else None
     best_other = max((_stat(v, "test_acc")[0], k) for k, v in arms.items()
                      if not k.startswith("HTR"))
-    parts, wins, flatter, worse = [], 0, 0, 0
-    headline: dict[str, Any] | None = None
-    lead = ""  # the first HTR arm against SGD, for the summary
-    for name, arm in htr.items():
-        acc, sd = _stat(arm, "test_acc")
-        tr, trsd = _stat(arm, "trace")
-        if paired:
-            da = difference_interval(_values(arm, "test_acc"), _values(sgd, "test_acc"), LEVEL,
-                                     arm.get("seeds"), sgd.get("seeds"))
-            dt = difference_interval(_values(arm, "trace"), _values(sgd, "trace"), LEVEL,
-                                     arm.get("seeds"), sgd.get("seeds"))
-            if headline is None:
-                headline = da
-                lead = (f"{name} minus SGD: test accuracy {100 * da['diff']:+.2f} points "
-                        f"[{100 * da['low']:+.2f}, {100 * da['high']:+.2f}], final trace "
-                        f"{dt['diff']:+.3g} [{dt['low']:+.3g}, {dt['high']:+.3g}]")
-            acc_up = da["low"] > 0
-            tr_down = dt["high"] < 0
-            wins += acc_up
-            flatter += tr_down
-            worse += da["high"] < 0 or dt["low"] > 0
-            parts.append(
-                f"{name}: test accuracy {100 * acc:.2f} ± {100 * sd:.2f} % vs SGD "
-                f"{100 * acc_sgd:.2f} ± {100 * sd_sgd:.2f} %, difference "
-                f"{100 * da['diff']:+.2f} points [{100 * da['low']:+.2f}, "
-                f"{100 * da['high']:+.2f}] (p = {da['p_value']:.2g}, {da['method']}); final "
-                f"trace {tr:.3g} vs {tr_sgd:.3g}, difference {dt['diff']:+.3g} "
-                f"[{dt['low']:+.3g}, {dt['high']:+.3g}] (p = {dt['p_value']:.2g})")
-            continue
-        pooled = math.sqrt((sd**2 + sd_sgd**2) / 2) or math.nan
-        pooled_tr = math.sqrt((trsd**2 + trsd_sgd**2) / 2) or math.nan
-        diff = acc - acc_sgd
-        lead = lead or (f"{name} minus SGD: test accuracy {100 * diff:+.2f} points (seed std "
-                        f"{100 * pooled:.2f}), final trace {tr:.3g} vs {tr_sgd:.3g} "
-                        f"({tr / tr_sgd:.2f}x; no per-seed values, so no interval)")
-        wins += diff > 0 and (math.isnan(pooled) or diff > pooled)
-        flatter += tr < tr_sgd and (math.isnan(pooled_tr) or tr_sgd - tr > pooled_tr)
-        worse += (diff < 0 and not math.isnan(pooled) and -diff > pooled) or (
-            tr > tr_sgd and not math.isnan(pooled_tr) and tr - tr_sgd > pooled_tr)
-        parts.append(f"{name}: test accuracy {100 * acc:.2f} ± {100 * sd:.2f} % vs SGD "
-                     f"{100 * acc_sgd:.2f} ± {100 * sd_sgd:.2f} % ({100 * diff:+.2f} points, "
-                     f"{diff / pooled if pooled == pooled and pooled > 0 else math.nan:+.1f} "
-                     f"pooled std); final trace {tr:.3g} ± {trsd:.2g} vs {tr_sgd:.3g} ± "
-                     f"{trsd_sgd:.2g} ({tr / tr_sgd:.2f}x)")
     best_htr = max((_stat(v, "test_acc")[0], k) for k, v in htr.items())
-    numbers = "; ".join(parts) + (
+    numbers = "; ".join(r.text for r in results) + (
         f". Best non-HTR arm: {best_other[1]} at {100 * best_other[0]:.2f} %; best HTR arm "
         f"{best_htr[1]} at {100 * best_htr[0]:.2f} % ("
         + ("ahead" if best_htr[0] > best_other[0] else "not ahead") + ").")
@@ -599,12 +576,91 @@ def htr_helps(arms: dict[str, dict[str, Any]]) -> Finding:
     else:
         verdict = "did not hold" if worse else "not shown"
     interval = None if headline is None else (headline["low"], headline["high"])
-    summary = (f"{lead}; {wins}/{len(htr)} HTR arms more accurate and {flatter}/{len(htr)} "
-               "flatter than SGD beyond the noise.")
-    return Finding(claim, verdict, rule, numbers, interval=interval,
+    summary = (f"{results[0].lead}; {wins}/{len(htr)} HTR arms more accurate and "
+               f"{flatter}/{len(htr)} flatter than SGD beyond the noise.")
+    return Finding(claim, verdict, _htr_rule(paired), numbers, interval=interval,
                    p_value=None if headline is None else headline["p_value"],
                    setting="test accuracy, first HTR arm minus SGD" if headline else "",
                    title=title, summary=summary)
+
+
+def _htr_rule(paired: bool) -> str:
+    """Finding 5's rule: on intervals over seeds where the per-seed values are known, on the
+    seeds' spread otherwise."""
+    if paired:
+        return ("per HTR arm, the 95 % interval of its difference to SGD (paired by seed; "
+                "Welch where the seeds differ) in final test accuracy and in final trace; held "
+                "if every HTR arm's accuracy interval lies above 0 and its trace interval "
+                "below 0; partly if some interval shows an improvement; did not hold if HTR is "
+                "worse (an interval on the wrong side) and better nowhere; not shown if every "
+                "interval holds 0")
+    return ("held if every HTR arm ends with a lower trace than SGD and a higher test "
+            "accuracy, each by more than one pooled standard deviation over seeds; partly "
+            "if some do; not shown if every difference is within that seed noise; did not "
+            "hold if HTR is worse beyond it")
+
+
+@dataclass(frozen=True)
+class _VersusSgd:
+    """One HTR arm against SGD: the finding's text for it, the summary's sentence, and
+    whether it is more accurate, flatter or worse beyond the noise."""
+
+    text: str
+    lead: str
+    more_accurate: bool
+    flatter: bool
+    worse: bool
+    accuracy: dict[str, Any] | None = None  # the accuracy difference's interval (paired)
+
+
+def _htr_vs_sgd_paired(name: str, arm: dict[str, Any], sgd: dict[str, Any]) -> _VersusSgd:
+    """The arm's differences to SGD in test accuracy and trace, with 95 % intervals over the
+    seeds (paired by seed)."""
+    acc_sgd, sd_sgd = _stat(sgd, "test_acc")
+    tr_sgd, _ = _stat(sgd, "trace")
+    acc, sd = _stat(arm, "test_acc")
+    tr, _ = _stat(arm, "trace")
+    da = difference_interval(_values(arm, "test_acc"), _values(sgd, "test_acc"), LEVEL,
+                             arm.get("seeds"), sgd.get("seeds"))
+    dt = difference_interval(_values(arm, "trace"), _values(sgd, "trace"), LEVEL,
+                             arm.get("seeds"), sgd.get("seeds"))
+    lead = (f"{name} minus SGD: test accuracy {100 * da['diff']:+.2f} points "
+            f"[{100 * da['low']:+.2f}, {100 * da['high']:+.2f}], final trace "
+            f"{dt['diff']:+.3g} [{dt['low']:+.3g}, {dt['high']:+.3g}]")
+    text = (f"{name}: test accuracy {100 * acc:.2f} ± {100 * sd:.2f} % vs SGD "
+            f"{100 * acc_sgd:.2f} ± {100 * sd_sgd:.2f} %, difference "
+            f"{100 * da['diff']:+.2f} points [{100 * da['low']:+.2f}, "
+            f"{100 * da['high']:+.2f}] (p = {da['p_value']:.2g}, {da['method']}); final "
+            f"trace {tr:.3g} vs {tr_sgd:.3g}, difference {dt['diff']:+.3g} "
+            f"[{dt['low']:+.3g}, {dt['high']:+.3g}] (p = {dt['p_value']:.2g})")
+    return _VersusSgd(text, lead, more_accurate=da["low"] > 0, flatter=dt["high"] < 0,
+                      worse=da["high"] < 0 or dt["low"] > 0, accuracy=da)
+
+
+def _htr_vs_sgd_noise(name: str, arm: dict[str, Any], sgd: dict[str, Any]) -> _VersusSgd:
+    """The arm's differences to SGD against one pooled standard deviation over seeds (no
+    per-seed values, so no interval)."""
+    acc_sgd, sd_sgd = _stat(sgd, "test_acc")
+    tr_sgd, trsd_sgd = _stat(sgd, "trace")
+    acc, sd = _stat(arm, "test_acc")
+    tr, trsd = _stat(arm, "trace")
+    pooled = math.sqrt((sd**2 + sd_sgd**2) / 2) or math.nan
+    pooled_tr = math.sqrt((trsd**2 + trsd_sgd**2) / 2) or math.nan
+    diff = acc - acc_sgd
+    lead = (f"{name} minus SGD: test accuracy {100 * diff:+.2f} points (seed std "
+            f"{100 * pooled:.2f}), final trace {tr:.3g} vs {tr_sgd:.3g} "
+            f"({tr / tr_sgd:.2f}x; no per-seed values, so no interval)")
+    text = (f"{name}: test accuracy {100 * acc:.2f} ± {100 * sd:.2f} % vs SGD "
+            f"{100 * acc_sgd:.2f} ± {100 * sd_sgd:.2f} % ({100 * diff:+.2f} points, "
+            f"{diff / pooled if pooled == pooled and pooled > 0 else math.nan:+.1f} "
+            f"pooled std); final trace {tr:.3g} ± {trsd:.2g} vs {tr_sgd:.3g} ± "
+            f"{trsd_sgd:.2g} ({tr / tr_sgd:.2f}x)")
+    return _VersusSgd(
+        text, lead,
+        more_accurate=diff > 0 and (math.isnan(pooled) or diff > pooled),
+        flatter=tr < tr_sgd and (math.isnan(pooled_tr) or tr_sgd - tr > pooled_tr),
+        worse=(diff < 0 and not math.isnan(pooled) and -diff > pooled) or (
+            tr > tr_sgd and not math.isnan(pooled_tr) and tr - tr_sgd > pooled_tr))
 
 
 # ---------------------------------------------------------------------- transformer
@@ -646,37 +702,19 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
     core = [n for n in ps.names if _core(n)]
     het_core = ([heterogeneity({n: ps.spectra[n][p] for n in core})
                  for p in range(ps.n_probes)] if len(core) >= 2 else [])
-    tops = [ps.top[n][0] for n in ps.names]
-    numbers = (f"{model}{' ' + state if state else ''}, {len(ps.names)} blocks, "
-               f"{ps.n_probes} probes: D = "
-               f"{_ci(dm, dlo, dhi)}; most similar block per probe: "
-               + ", ".join(ps.names[int(np.argmin(r))] for r in ps.distances())
-               + f"; H (all blocks) = {_ci(*t_interval(het, LEVEL))}")
-    if het_core:
-        numbers += f"; H (q, k, v, o, mlp blocks only) = {_ci(*t_interval(het_core, LEVEL))}"
-    numbers += (f"; spread of the blocks' top eigenvalues: {log_spread(tops):.2f} decades "
-                f"(std of log10; from {min(tops):.3g} to {max(tops):.3g})")
+    numbers = _blocks_numbers(ps, (dm, dlo, dhi), het, het_core,
+                              f"{model}{' ' + state if state else ''}")
     beats, behind = [], []
     against: list[str] = []  # the heterogeneity differences, for the summary
     for label, runs in (cnn or {}).items():
         states = _by_seed(runs)
         if not states:
             continue
-        h_cnn = [h for s in states for h in s.heterogeneity()]
-        diff = difference_interval(het, h_cnn, LEVEL)
-        spread = float(np.mean([log_spread([s.top[n][0] for n in s.names]) for s in states]))
-        numbers += (f". {label}: H = {_ci(*t_interval(h_cnn, LEVEL))}, top-eigenvalue spread "
-                    f"{spread:.2f} decades; transformer minus CNN: {diff['diff']:+.3g} "
-                    f"[{diff['low']:+.3g}, {diff['high']:+.3g}] (p = {diff['p_value']:.2g})")
+        text, diff = _versus_cnn(label, states, het, het_core)
+        numbers += text
         (beats if diff["low"] > 0 else behind if diff["high"] < 0 else []).append(label)
         against.append(f"H of the blocks minus H of the {label} {diff['diff']:+.3g} "
                        f"[{diff['low']:+.3g}, {diff['high']:+.3g}]")
-        if het_core and diff["low"] > 0:
-            core_diff = difference_interval(het_core, h_cnn, LEVEL)
-            if not core_diff["low"] > 0:
-                numbers += (f" (with the q, k, v, o and MLP blocks alone: {core_diff['diff']:+.3g}"
-                            f" [{core_diff['low']:+.3g}, {core_diff['high']:+.3g}]: the excess "
-                            "comes from the embeddings and norms)")
     numbers += "."
     mid_ok = not math.isnan(dlo) and dlo > 0
     mid_bad = not math.isnan(dhi) and dhi < 0
@@ -702,6 +740,41 @@ def transformer_blocks(transformer: Mapping[str, Any] | None,
         details={"heterogeneity": het, "heterogeneity_core": het_core,
                  "middle_minus_outer": d})
 
+
+def _blocks_numbers(ps: ProbeSpectra, d: tuple[float, float, float], het: list[float],
+                    het_core: list[float], what: str) -> str:
+    """The transformer's own numbers: D with its interval, the most similar block per probe,
+    the heterogeneity (all blocks, and the attention and MLP blocks alone) and the spread of
+    the blocks' top eigenvalues."""
+    tops = [ps.top[n][0] for n in ps.names]
+    numbers = (f"{what}, {len(ps.names)} blocks, {ps.n_probes} probes: D = "
+               f"{_ci(*d)}; most similar block per probe: "
+               + ", ".join(ps.names[int(np.argmin(r))] for r in ps.distances())
+               + f"; H (all blocks) = {_ci(*t_interval(het, LEVEL))}")
+    if het_core:
+        numbers += f"; H (q, k, v, o, mlp blocks only) = {_ci(*t_interval(het_core, LEVEL))}"
+    return numbers + (f"; spread of the blocks' top eigenvalues: {log_spread(tops):.2f} decades "
+                      f"(std of log10; from {min(tops):.3g} to {max(tops):.3g})")
+
+
+def _versus_cnn(label: str, states: list[ProbeSpectra], het: list[float],
+                het_core: list[float]) -> tuple[str, dict[str, Any]]:
+    """One CNN setting's heterogeneity and top-eigenvalue spread, and the transformer's
+    heterogeneity minus the CNN's with its Welch interval (also for the attention and MLP
+    blocks alone, when the excess comes from the embeddings and norms)."""
+    h_cnn = [h for s in states for h in s.heterogeneity()]
+    diff = difference_interval(het, h_cnn, LEVEL)
+    spread = float(np.mean([log_spread([s.top[n][0] for n in s.names]) for s in states]))
+    text = (f". {label}: H = {_ci(*t_interval(h_cnn, LEVEL))}, top-eigenvalue spread "
+            f"{spread:.2f} decades; transformer minus CNN: {diff['diff']:+.3g} "
+            f"[{diff['low']:+.3g}, {diff['high']:+.3g}] (p = {diff['p_value']:.2g})")
+    if het_core and diff["low"] > 0:
+        core_diff = difference_interval(het_core, h_cnn, LEVEL)
+        if not core_diff["low"] > 0:
+            text += (f" (with the q, k, v, o and MLP blocks alone: {core_diff['diff']:+.3g}"
+                     f" [{core_diff['low']:+.3g}, {core_diff['high']:+.3g}]: the excess "
+                     "comes from the embeddings and norms)")
+    return text, diff
 
 
 # ---------------------------------------------------------------------- edge of stability

@@ -17,12 +17,19 @@ Example:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from hesslens.errors import HesslensInputError
+from hesslens.files import write_json
 
 __all__ = ["DIVERGED", "diverged", "finished", "run_isolated", "run_jobs", "share", "weight"]
 
@@ -39,8 +46,6 @@ _TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 def _init_worker() -> None:
-    import torch
-
     for key in _TORCHRUN_ENV:
         os.environ.pop(key, None)
     torch.set_num_threads(1)
@@ -51,9 +56,7 @@ def _train_job(config: dict[str, Any], run_dir: str,
     """Train one run to the end (continuing it if it was interrupted). With ``allow_diverge``
     a run whose loss went non-finite is an outcome, not an error: it ends there and
     ``diverged.json`` in its folder says why."""
-    from hesslens.errors import HesslensInputError
     from hesslens.experiments.train import train_zoo
-    from hesslens.files import write_json
     from hesslens.training import TrainConfig
 
     try:
@@ -117,8 +120,6 @@ def share(jobs: Sequence[Job], rank: int, world: int) -> list[Job]:
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    import multiprocessing
-
     ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
 
@@ -136,8 +137,6 @@ def run_jobs(jobs: list[Job], workers: int, progress: bool, desc: str,
     spawned processes even for one worker (needed under torch.distributed, where a run in this
     process would see the process group). ``allow_diverge``: a run that diverges ends with
     ``diverged.json`` (:func:`diverged`) instead of stopping every job."""
-    from tqdm.auto import tqdm
-
     todo = sorted((j for j in jobs if not finished(Path(j[1]), j[0]["epochs"])),
                   key=lambda j: -weight(j[0]))
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
@@ -161,6 +160,4 @@ def run_jobs(jobs: list[Job], workers: int, progress: bool, desc: str,
 
 
 def _init_worker_threads() -> None:
-    import torch
-
     torch.set_num_threads(1)

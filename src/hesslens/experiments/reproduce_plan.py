@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["RUN_ONLY", "Arm", "EdgeOfStability", "Plan", "full_plan", "quick_plan", "slug"]
@@ -144,8 +144,6 @@ class Plan:
         return replace(self, model=model or self.model, data=data or self.data)
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.experiments import reproduce_findings as findings
+from hesslens.experiments.common import versions
+from hesslens.experiments.compare import load_run, write_comparison
 from hesslens.experiments.reproduce_eos import edge_section
 from hesslens.experiments.reproduce_figures import (
     arm_figures,
@@ -32,6 +34,18 @@ from hesslens.experiments.reproduce_figures import (
 )
 from hesslens.experiments.reproduce_plan import Plan, slug
 from hesslens.experiments.reproduce_study import EXTRA
+from hesslens.files import write_json
+from hesslens.report.html import (
+    Badge,
+    Code,
+    Figure,
+    FoldingTable,
+    Link,
+    Paragraph,
+    Report,
+    Strong,
+    Table,
+)
 
 __all__ = ["arm_table_rows", "write_reproduce_report"]
 
@@ -150,15 +164,11 @@ def figure_id(out: Path, path: Path) -> str:
 
 
 def _figure(out: Path, path: Path, caption: str) -> Any:
-    from hesslens.report.html import Figure
-
     return Figure.from_file(path, caption=caption, id=figure_id(out, path))
 
 
 def _figure_links(out: Path, choices: tuple[tuple[str, str], ...]) -> list[Any]:
     """Links to the figures of ``choices`` that were drawn (in-page anchors), or a dash."""
-    from hesslens.report.html import Link
-
     links: list[Any] = []
     for text, rel in choices:
         if (out / rel).is_file():
@@ -171,8 +181,6 @@ def _finding_rows(checks: list[findings.Finding], figures: list[tuple[tuple[str,
                   out: Path) -> Any:
     """One row per finding: verdict, title, the one sentence that decided it, figure links;
     the claim, every number, the headline statistic and the rule fold away under it."""
-    from hesslens.report.html import Badge, FoldingTable, Paragraph, Strong
-
     rows = []
     for c, choices in zip(checks, figures):
         stat = []
@@ -194,8 +202,6 @@ def _finding_rows(checks: list[findings.Finding], figures: list[tuple[tuple[str,
 
 # ---------------------------------------------------------------------- sections
 def _findings_section(report: Any, out: Path, checks: list[findings.Finding]) -> None:
-    from hesslens.report.html import Paragraph
-
     report.section(
         "Findings of the paper, checked here",
         Paragraph("Sankar et al. (AAAI 2021), finding by finding. Open a row for all its "
@@ -205,8 +211,6 @@ def _findings_section(report: Any, out: Path, checks: list[findings.Finding]) ->
 
 def _beyond_section(report: Any, out: Path, beyond: list[findings.Finding],
                     edge: list[findings.Finding]) -> None:
-    from hesslens.report.html import Paragraph
-
     report.section(
         "Beyond the paper: a transformer's blocks" + (", the edge of stability" if edge else ""),
         _finding_rows(beyond + edge, [TRANSFORMER_FIGURES] * len(beyond)
@@ -230,8 +234,6 @@ def _edge_section(report: Any, out: Path, result: dict[str, Any]) -> None:
 
 def _finding_figures_sections(report: Any, out: Path, f2_figs: list[tuple[Path, str]],
                               tf_figs: list[tuple[Path, str]]) -> None:
-    from hesslens.report.html import Paragraph
-
     if f2_figs:
         report.section(
             "Finding 2 along training",
@@ -268,8 +270,6 @@ ARM_DETAIL_COLUMNS = ("seeds", "final top eigenvalue", "s / epoch")
 
 def _arms_section(report: Any, out: Path, plan: Plan, rows: list[dict[str, Any]],
                   arm_figs: list[tuple[Path, str]], cost_note: str) -> None:
-    from hesslens.report.html import Link, Paragraph, Table
-
     recipe = plan.recipe() if hasattr(plan, "recipe") else None
     report.section(
         "Arms at equal budget",
@@ -289,8 +289,6 @@ def _arms_section(report: Any, out: Path, plan: Plan, rows: list[dict[str, Any]]
 
 
 def _curvature_section(report: Any, out: Path, layer_figs: list[tuple[Path, str]]) -> None:
-    from hesslens.report.html import Paragraph
-
     if layer_figs:
         report.section(
             "Curvature per layer over training",
@@ -301,8 +299,6 @@ def _curvature_section(report: Any, out: Path, layer_figs: list[tuple[Path, str]
 
 def _layer_study_sections(report: Any, out: Path, plan: Plan,
                           layer_studies: dict[str, Any]) -> None:
-    from hesslens.report.html import Link, Paragraph
-
     for name in layer_studies:
         study_dir = out / "study" / slug(name)
         rel = study_dir.relative_to(out).as_posix()
@@ -321,8 +317,6 @@ def _layer_study_sections(report: Any, out: Path, plan: Plan,
 def _run_section(report: Any, out: Path, plan: Plan, results: dict[str, Any],
                  extra: dict[str, Any], notes: list[str], cost: dict[str, Any] | None
                  ) -> None:
-    from hesslens.report.html import Code, Link, Paragraph
-
     timings = results["timings"]
     files = results["extra_studies"]["files"]
     report.section(
@@ -348,8 +342,6 @@ def _run_section(report: Any, out: Path, plan: Plan, results: dict[str, Any],
 def _tuning_section(chosen: dict[str, Any]) -> list[Any]:
     """The tuning grid: each value's validation accuracy (%), mean ± std, min-max and per
     tuning seed, and per arm the margin of the choice against its standard error."""
-    from hesslens.report.html import Paragraph, Table
-
     def pct(v: Any) -> Any:
         return None if v is None else 100 * float(v)
 
@@ -423,8 +415,6 @@ def _results(out: Path, plan: Plan, chosen: dict[str, Any], arms: dict[str, Any]
              checks: list[findings.Finding], beyond: list[findings.Finding],
              timings: dict[str, float], provenance: dict[str, Any] | None) -> dict[str, Any]:
     """The content of ``results.json``."""
-    from hesslens.experiments.common import versions
-
     deep = extra.get("deep") or {}
     tf = extra.get("transformer") or {}
     return {
@@ -480,10 +470,6 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     ``provenance`` (``{"data": fingerprint, "versions": ...}``) goes into ``results.json``;
     without it the versions of this process are recorded. ``studies`` is
     :func:`~hesslens.experiments.reproduce_study.run_study`'s result."""
-    from hesslens.experiments.compare import load_run, write_comparison
-    from hesslens.files import write_json
-    from hesslens.report.html import Report
-
     extra = studies.get(EXTRA) or {}
     layer_studies = {k: v for k, v in studies.items() if k != EXTRA}
     arms = _arms_by_name(comparison, runs)

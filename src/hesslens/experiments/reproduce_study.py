@@ -32,7 +32,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from hesslens import zoo
+from hesslens.analysis import layer_study
+from hesslens.analysis.probe_spectra import probe_spectra
+from hesslens.curvature import Hessian
+from hesslens.experiments.common import load_state_dict
+from hesslens.experiments.reproduce_eos import run_edge_of_stability
+from hesslens.experiments.reproduce_jobs import run_jobs
 from hesslens.experiments.reproduce_plan import Plan, slug
+from hesslens.files import write_json
+from hesslens.provenance import data_fingerprint, dataset_fingerprint, versions
+from hesslens.report.layer_report import write_layer_study
+from hesslens.zoo import analysis_subset, build_model, load_dataset
+from hesslens.zoo.tasks import IGNORE_INDEX
 
 __all__ = ["EXTRA", "SIZES", "STUDY_ARMS", "StudySizes", "run_study", "study_sizes"]
 
@@ -112,8 +126,6 @@ def _timed(fn: Any) -> tuple[Any, dict[str, float]]:
 def _read_or(path: Path, make: Any) -> dict[str, Any]:
     """The part saved at ``path``, or ``make()`` timed (``seconds``: wall and CPU) and
     saved there."""
-    from hesslens.files import write_json
-
     if path.is_file():
         return json.loads(path.read_text())
     result, seconds = _timed(make)
@@ -125,9 +137,6 @@ def _read_or(path: Path, make: Any) -> dict[str, Any]:
 def _probe_spectra(model: Any, loss_fn: Any, data: Any, sizes: StudySizes, k: int,
                    device: str, dtype: Any, layers: Any = None, steps: int | None = None,
                    probes: int | None = None) -> dict[str, Any]:
-    from hesslens.analysis.probe_spectra import probe_spectra
-    from hesslens.curvature import Hessian
-
     H = Hessian(model, loss_fn, data, layers=layers, dtype=dtype, device=device,
                 path="reverse")
     return probe_spectra(H, k=k, n_probes=probes or sizes.probes,
@@ -136,14 +145,6 @@ def _probe_spectra(model: Any, loss_fn: Any, data: Any, sizes: StudySizes, k: in
 
 def _layer_studies(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
                    progress: bool, dtype: Any, data: Any, x: Any, y: Any) -> dict[str, Any]:
-    import torch
-
-    from hesslens.analysis import layer_study
-    from hesslens.experiments.common import load_state_dict
-    from hesslens.provenance import data_fingerprint, dataset_fingerprint, versions
-    from hesslens.report.layer_report import write_layer_study
-    from hesslens.zoo import build_model
-
     studies = {}
     for name in STUDY_ARMS:
         if name not in runs:
@@ -180,11 +181,6 @@ def _default_probes(plan: Plan, runs: dict[str, list[Path]], sizes: StudySizes, 
                     dtype: Any, data: Any, x: Any, y: Any) -> dict[str, Any]:
     """Per-probe spectra of the default model: final SGD networks and the same at
     initialisation (finding 1's control, finding 2's second setting)."""
-    import torch
-
-    from hesslens.experiments.common import load_state_dict
-    from hesslens.zoo import build_model
-
     k = data.num_classes + 2  # the outliers (about C) deflated exactly, two to spare
     trained, init = {}, {}
     for i, run_dir in enumerate(runs.get("SGD", [])[:sizes.seeds]):
@@ -207,12 +203,6 @@ def _default_probes(plan: Plan, runs: dict[str, list[Path]], sizes: StudySizes, 
 def _deep(plan: Plan, out: Path, sizes: StudySizes, device: str, progress: bool, dtype: Any,
           data: Any, x: Any, y: Any) -> dict[str, Any]:
     """The deeper network: SGD runs to each epoch count, per-probe spectra of each."""
-    import torch
-
-    from hesslens.experiments.common import load_state_dict
-    from hesslens.experiments.reproduce_jobs import run_jobs
-    from hesslens.zoo import build_model
-
     root = out / "study" / sizes.deep_model
     base = {"model": sizes.deep_model, "data": plan.data, "batch_size": sizes.deep_batch,
             "lr": sizes.deep_lr, "schedule": "none", "val_fraction": 0.1, "device": device,
@@ -247,10 +237,6 @@ def _deep(plan: Plan, out: Path, sizes: StudySizes, device: str, progress: bool,
 def _answer_accuracy(model: Any, x: Any, y: Any) -> float:
     """Share of sequences whose every predicted token is right (the logits at ``t - 1``
     predict the label at ``t``)."""
-    import torch
-
-    from hesslens.zoo.tasks import IGNORE_INDEX
-
     with torch.no_grad():
         pred = model(input_ids=x).logits[:, :-1].argmax(-1)
     labels = y[:, 1:]
@@ -262,10 +248,6 @@ def _fit_transformer(model: Any, x: Any, y: Any, steps: int, lr: float, seed: in
     """Full-batch AdamW on ``(x, y)`` with the model's own loss. The trainer of ``hesslens
     train`` takes the zoo's classifiers, not token tasks; this is the smallest loop that gives
     the block study a trained transformer."""
-    import torch
-
-    from hesslens import zoo
-
     torch.manual_seed(seed)
     (batch,) = zoo.model_batches("gpt-nano", x, y)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -279,8 +261,6 @@ def _fit_transformer(model: Any, x: Any, y: Any, steps: int, lr: float, seed: in
 
 def _transformer(plan: Plan, sizes: StudySizes, device: str, dtype: Any) -> dict[str, Any]:
     """The block study of the small GPT at initialisation (and trained, where asked)."""
-    from hesslens import zoo
-
     ds = zoo.load_dataset(sizes.transformer_data)
     info = zoo.dataset_info(sizes.transformer_data)
     model = zoo.build_model(sizes.transformer, info.input_shape, info.num_classes,
@@ -312,8 +292,6 @@ def run_study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
     under :data:`EXTRA`, the per-probe studies of the default model, the deeper network and
     the transformer, and the plan's edge-of-stability setting, each with ``seconds`` (wall and
     CPU, when it was measured)."""
-    from hesslens.zoo import analysis_subset, load_dataset
-
     data = load_dataset(plan.data, root=getattr(plan, "data_root", None))
     x, y = analysis_subset(data.x_train, data.y_train, per_class=10, seed=0)
     sizes = study_sizes(plan.name)
@@ -329,8 +307,6 @@ def run_study(plan: Plan, out: Path, runs: dict[str, list[Path]], device: str,
                                     lambda: _transformer(plan, sizes, device, dtype))
     eos = getattr(plan, "edge_of_stability", None)
     if eos is not None:  # beyond the paper: sharpness at the edge of stability
-        from hesslens.experiments.reproduce_eos import run_edge_of_stability
-
         extra["edge_of_stability"] = _read_or(root / "edge_of_stability" / "sharpness.json",
                                               lambda: run_edge_of_stability(eos, device))
     studies[EXTRA] = extra

@@ -22,8 +22,10 @@ The command writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``chec
 N-th; 0: never) it records on the analysis subset the sharpness against the optimizer's
 stability threshold, warm-started, a few products an epoch
 (:mod:`hesslens.analysis.epoch_sharpness`); ``--track-layers`` tracks the full and per-layer
-top eigenvalue and trace instead, from initialisation on. The summary line and
-``metrics.json`` (``tracking``) give what the tracking cost.
+top eigenvalue and trace instead, from initialisation on
+(:mod:`hesslens.analysis.epoch_tracking`). The trainer runs them as callbacks; this module wires
+them from the configuration (:func:`tracking_callbacks`). The summary line and ``metrics.json``
+(``tracking``) give what the tracking cost.
 Bad input raises :class:`~hesslens.errors.HesslensInputError`, which the command line turns
 into one line on stderr and exit code 2.
 
@@ -45,6 +47,9 @@ from typing import Any
 
 from torch import nn
 
+from hesslens import zoo
+from hesslens.analysis.epoch_sharpness import EpochSharpness
+from hesslens.analysis.epoch_tracking import EpochTracking
 from hesslens.errors import HesslensInputError
 from hesslens.experiments.common import (
     SMALL_MODEL,
@@ -58,10 +63,13 @@ from hesslens.experiments.common import (
 )
 from hesslens.experiments.preflight import check_ready, refuse_hf_model
 from hesslens.parallel import process_group_from_env, quiet_other_ranks
+from hesslens.training.callbacks import Callback
 from hesslens.training.config import TrainConfig
+from hesslens.training.layers_select import select_layers
+from hesslens.training.trainer import train
 
 __all__ = ["add_train_arguments", "config_from_args", "preflight_train", "run_train",
-           "summary_line", "train_zoo", "zoo_model_and_data"]
+           "summary_line", "tracking_callbacks", "train_zoo", "zoo_model_and_data"]
 
 
 def zoo_model_and_data(config: TrainConfig) -> tuple[nn.Module, Any]:
@@ -73,8 +81,6 @@ def zoo_model_and_data(config: TrainConfig) -> tuple[nn.Module, Any]:
     >>> data.name, data.num_classes, type(model).__name__
     ('digits', 10, 'MLP')
     """
-    from hesslens import zoo
-
     if not isinstance(config, TrainConfig):
         raise HesslensInputError(f"config must be a TrainConfig, got {type(config).__name__}")
     config.validate()
@@ -89,19 +95,41 @@ def train_zoo(
     *,
     progress: bool = True,
     resume: bool = False,
-    callbacks: Sequence[Callable[[int, dict[str, Any], nn.Module], None]] = (),
+    callbacks: Sequence[Callback] = (),
     similarity: Callable[[Any, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Train the zoo model ``config.model`` on the zoo data set ``config.data``: the objects of
-    :func:`zoo_model_and_data` given to :func:`hesslens.training.train` (see it for the files,
-    the arguments and the result). With ``resume=True`` the model is rebuilt from the config
-    and the trainer restores the checkpoint into it, under ``torchrun`` too.
+    :func:`zoo_model_and_data` given to :func:`hesslens.training.train`, with the curvature
+    tracking ``config.track_*`` asks for (:func:`tracking_callbacks`, run before
+    ``callbacks``; see :func:`~hesslens.training.train` for the files, the arguments and the
+    result). ``similarity``: the spectrum similarity of per-layer tracking with densities.
+    With ``resume=True`` the model is rebuilt from the config and the trainer restores the
+    checkpoint into it, under ``torchrun`` too.
     """
-    from hesslens.training.trainer import train
-
     model, data = zoo_model_and_data(config)
     return train(config, out_dir, model=model, dataset=data, progress=progress, resume=resume,
-                 callbacks=callbacks, similarity=similarity)
+                 callbacks=[*tracking_callbacks(config, similarity), *callbacks])
+
+
+def tracking_callbacks(config: TrainConfig,
+                       similarity: Callable[[Any, Any], Any] | None = None) -> list[Callback]:
+    """The trainer callbacks that do the curvature tracking ``config`` asks for: none at
+    ``track_every=0``; with ``track_layers``, :class:`~hesslens.analysis.epoch_tracking.
+    EpochTracking` (full and per-layer trace and top eigenvalue, from initialisation on; with
+    ``similarity`` where densities are tracked); else the cheap
+    :class:`~hesslens.analysis.epoch_sharpness.EpochSharpness` (the sharpness against the
+    optimizer's threshold). Both read the schedule and the analysis subset from the run.
+
+    >>> [type(cb).__name__ for cb in tracking_callbacks(TrainConfig(track_every=2))]
+    ['EpochTracking']
+    >>> tracking_callbacks(TrainConfig(track_every=0))
+    []
+    """
+    if config.track_every <= 0:
+        return []
+    if config.track_layers:
+        return [EpochTracking(similarity=similarity)]
+    return [EpochSharpness()]
 
 
 def _milestones(s: str) -> list[int]:
@@ -261,8 +289,6 @@ def preflight_train(args: argparse.Namespace) -> tuple[TrainConfig, nn.Module, A
     device, the output folder (writable, not a file), then the model/data pair and the HTR
     layer names. Returns the config and the model and data the run trains. It needs no
     module beyond the core ones."""
-    from hesslens.training.layers_select import select_layers
-
     config = config_from_args(args)
     refuse_hf_model(config.model, "hesslens train")
     check_ready(out=args.out, device=config.device)
@@ -274,8 +300,6 @@ def preflight_train(args: argparse.Namespace) -> tuple[TrainConfig, nn.Module, A
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``hesslens train``; print a one-line summary; return the exit code (0)."""
-    from hesslens.training.trainer import train
-
     config, model, data = preflight_train(args)
     # Small models train several times faster on one thread than on contended cores.
     apply_threads(getattr(args, "threads", None), sum(p.numel() for p in model.parameters()))
@@ -285,30 +309,10 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(config, args.out, model=model, dataset=data,
                        progress=not getattr(args, "no_progress", False),
                        resume=bool(getattr(args, "resume", False)),
-                       callbacks=sharpness_tracking(config, data, ranks))
+                       callbacks=tracking_callbacks(config))
     if ranks.is_main:
         print(summary_line(result, config, args.out))
     return 0
-
-
-def sharpness_tracking(config: TrainConfig, data: Any, ranks: Any) -> list[Any]:
-    """The cheap curvature tracking of ``hesslens train`` (``track_every`` without
-    ``track_layers``): :class:`~hesslens.analysis.epoch_sharpness.EpochSharpness` on the
-    trainer's analysis subset (this rank's shard under torchrun), or nothing."""
-    if config.track_every <= 0 or config.track_layers:
-        return []
-    from hesslens.analysis.epoch_sharpness import EpochSharpness
-    from hesslens.parallel import shard
-    from hesslens.splits import analysis_subset
-
-    xa, ya = analysis_subset(data.x_train, data.y_train, per_class=config.track_per_class,
-                             seed=0)
-    if len(ya) < ranks.world:
-        raise HesslensInputError(
-            f"the analysis subset has {len(ya)} examples, fewer than the {ranks.world} "
-            "processes; raise --track-per-class or use fewer processes")
-    return [EpochSharpness(shard(xa, ranks), shard(ya, ranks), every=config.track_every,
-                           last_epoch=config.epochs)]
 
 
 def summary_line(result: dict, config, out: str) -> str:

@@ -20,19 +20,12 @@ from torch import nn
 
 from hesslens.analysis.sharpness import SCALARS
 from hesslens.analysis.thresholds import stability_rule, unwrap_optimizer
+from hesslens.checks import check_optional_positive_int
 from hesslens.errors import HesslensInputError
 from hesslens.report.sharpness import SharpnessMonitor
-from hesslens.training.tracker import CurvatureTracker
+from hesslens.report.tracking import CurvatureTracker
 
 __all__ = ["MONITOR_OPTIONS", "Schedule", "TrackerCallbackBase", "to_device"]
-
-
-def _check(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HesslensInputError(f"{name} must be a positive integer or None, got {value!r}")
-    return value
 
 
 class Schedule:
@@ -40,8 +33,8 @@ class Schedule:
     (neither given: every epoch)."""
 
     def __init__(self, every_n_steps: int | None, every_n_epochs: int | None) -> None:
-        self.every_n_steps = _check("every_n_steps", every_n_steps)
-        self.every_n_epochs = _check("every_n_epochs", every_n_epochs)
+        self.every_n_steps = check_optional_positive_int(every_n_steps, "every_n_steps")
+        self.every_n_epochs = check_optional_positive_int(every_n_epochs, "every_n_epochs")
         if self.every_n_steps is None and self.every_n_epochs is None:
             self.every_n_epochs = 1
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hesslens.checks import check_positive_int
 from hesslens.errors import HesslensInputError
 from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import (
@@ -238,9 +239,8 @@ def slq(
     """
     op = as_operator(op)
     n = op.dim
-    for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_int(n_probes, "n_probes")
+    check_positive_int(n_steps, "n_steps")
     check_distribution(distribution)
     if reorth not in REORTH:
         raise HesslensInputError(f"reorth must be one of {REORTH}, got {reorth!r}")
@@ -251,9 +251,7 @@ def slq(
     if probe_chunk is None:
         # as many probes as keep the group's three working vectors within the budget
         probe_chunk = vectors_within(WORK_BYTES, n, dtype, per=3, at_most=n_probes)
-    elif isinstance(probe_chunk, bool) or int(probe_chunk) != probe_chunk or probe_chunk < 1:
-        raise HesslensInputError(f"probe_chunk must be a positive integer, got {probe_chunk!r}")
-    probe_chunk = int(probe_chunk)
+    probe_chunk = check_positive_int(probe_chunk, "probe_chunk")
 
     defl_values = np.zeros(0)
     if deflate is not None:

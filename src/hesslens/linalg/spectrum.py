@@ -4,7 +4,9 @@ A :class:`Spectrum` is a discrete probability measure ``sum_i w_i delta(x - x_i)
 real line: the exact spectral measure of a matrix (weight ``1/n`` on each eigenvalue) or a
 stochastic Lanczos quadrature estimate of it. Distances compare the measures themselves
 (Wasserstein-1 on nodes and weights), or their Gaussian-smoothed densities on a shared grid
-(Jensen-Shannon, Kullback-Leibler).
+(Jensen-Shannon, Kullback-Leibler), optionally after dividing each measure by its own scale
+(``normalize``). This is the one implementation of these distances; the layer study's
+similarity (:mod:`hesslens.analysis.similarity`) calls it.
 
 Example
 -------
@@ -27,10 +29,13 @@ from scipy.stats import wasserstein_distance
 
 from hesslens.errors import HesslensInputError
 
-__all__ = ["DEFAULT_SIGMA_FRACTION", "Spectrum"]
+__all__ = ["DEFAULT_SIGMA_FRACTION", "NORMALIZATIONS", "Spectrum", "check_normalize"]
 
 #: Default kernel width of :meth:`Spectrum.pdf`, as a fraction of the width of the support.
 DEFAULT_SIGMA_FRACTION = 0.01
+#: The ways to put a measure on its own scale before comparing it with another
+#: (:meth:`Spectrum.normalized`): by its largest ``|node|``, by its range, or not at all.
+NORMALIZATIONS = ("top", "range", "none")
 
 
 def _as_1d(x: Any, name: str) -> np.ndarray:
@@ -48,6 +53,20 @@ def _width(lo: float, hi: float) -> float:
     if w > 0:
         return w
     return max(abs(lo), abs(hi), 1.0) * 1e-3 if max(abs(lo), abs(hi)) > 0 else 1e-3
+
+
+def check_normalize(normalize: str | None) -> str:
+    """``normalize`` as one of :data:`NORMALIZATIONS` (``None`` is ``"none"``), else raise.
+
+    >>> check_normalize(None), check_normalize("top")
+    ('none', 'top')
+    """
+    normalize = "none" if normalize is None else normalize
+    if normalize not in NORMALIZATIONS:
+        raise HesslensInputError(
+            f"unknown normalisation normalize={normalize!r}; choose one of: "
+            f"{', '.join(NORMALIZATIONS)} (or None)")
+    return normalize
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,30 +229,44 @@ class Spectrum:
             out += np.exp(-0.5 * z * z) @ self.weights[s : s + step]
         return out / (sigma * np.sqrt(2.0 * np.pi))
 
-    # distances --------------------------------------------------------------------------
-    def _normalized(self, normalize: str | None) -> np.ndarray:
-        if normalize is None:
-            return np.asarray(self.nodes)
-        if normalize == "top":
-            scale = float(np.max(np.abs(self.nodes)))
-        elif normalize == "range":
-            lo, hi = self.support
-            scale = hi - lo
-        else:
-            raise HesslensInputError(f"normalize must be None, 'top' or 'range', got {normalize!r}")
-        return self.nodes / scale if scale > 0 else np.asarray(self.nodes)
+    # normalisation ----------------------------------------------------------------------
+    def scale(self, normalize: str | None) -> float:
+        """The number :meth:`normalized` divides the nodes by: the largest ``|node|``
+        (``"top"``), ``max - min`` of the nodes (``"range"``), or 1.0 (``None`` or
+        ``"none"``, and for a measure whose scale is 0).
 
+        >>> Spectrum([-3.0, 1.0], [0.5, 0.5]).scale("top")
+        3.0
+        """
+        normalize = check_normalize(normalize)
+        if normalize == "none":
+            return 1.0
+        lo, hi = self.support
+        scale = max(abs(lo), abs(hi)) if normalize == "top" else hi - lo
+        return float(scale) if scale > 0 else 1.0
+
+    def normalized(self, normalize: str | None) -> Spectrum:
+        """The measure with its nodes divided by its own :meth:`scale` (no shift: zero stays at
+        zero), to compare the shapes of spectra of different magnitude (a layer against the
+        whole network).
+
+        >>> Spectrum([0.0, 4.0], [0.5, 0.5]).normalized("top").nodes.tolist()
+        [0.0, 1.0]
+        """
+        scale = self.scale(normalize)
+        return self if scale == 1.0 else self.scaled(1.0 / scale)
+
+    # distances --------------------------------------------------------------------------
     def wasserstein(self, other: Spectrum, normalize: str | None = None) -> float:
         """Wasserstein-1 distance between the two measures.
 
         Parameters
         ----------
         other : Spectrum
-        normalize : {None, "top", "range"}
-            Rescale each measure by its own scale before comparing: ``"top"`` divides its
-            nodes by its largest ``|node|``, ``"range"`` by ``max - min`` of its nodes (no
-            shift: zero stays at zero). A measure whose scale is 0 is left as it is. Use it
-            to compare shapes of spectra of different magnitude (a layer against the whole).
+        normalize : {None, "none", "top", "range"}
+            Rescale each measure by its own scale before comparing (:meth:`normalized`):
+            ``"top"`` divides its nodes by its largest ``|node|``, ``"range"`` by ``max - min``
+            of its nodes. A measure whose scale is 0 is left as it is.
 
         Returns
         -------
@@ -249,25 +282,20 @@ class Spectrum:
         >>> a.wasserstein(Spectrum([0.0, 4.0], [0.5, 0.5]), normalize="top")
         0.0
         """
-        return float(
-            wasserstein_distance(
-                self._normalized(normalize),
-                other._normalized(normalize),
-                self.weights,
-                other.weights,
-            )
-        )
+        a, b = self.normalized(normalize), other.normalized(normalize)
+        return float(wasserstein_distance(a.nodes, b.nodes, a.weights, b.weights))
 
     def _shared_densities(
-        self, other: Spectrum, grid: Any, sigma: float | None
+        self, other: Spectrum, grid: Any, sigma: float | None, n_grid: int = 1024,
+        sigma_fraction: float = DEFAULT_SIGMA_FRACTION,
     ) -> tuple[np.ndarray, np.ndarray]:
         lo = min(self.support[0], other.support[0])
         hi = max(self.support[1], other.support[1])
         w = _width(lo, hi)
         if sigma is None:
-            sigma = DEFAULT_SIGMA_FRACTION * w
+            sigma = sigma_fraction * w
         if grid is None:
-            grid = np.linspace(lo - 0.05 * w, hi + 0.05 * w, 1024)
+            grid = np.linspace(lo - 0.05 * w, hi + 0.05 * w, int(n_grid))
         p, q = self.pdf(grid, sigma), other.pdf(grid, sigma)
         if not (p.sum() > 0 and q.sum() > 0):
             raise HesslensInputError("a density vanishes on the grid: widen the grid or sigma")
@@ -294,19 +322,29 @@ class Spectrum:
         q = np.maximum(q, eps * q.max())
         return float(max(0.0, np.sum(rel_entr(p, q))))
 
-    def js_divergence(self, other: Spectrum, grid: Any = None, sigma: float | None = None) -> float:
+    def js_divergence(
+        self, other: Spectrum, grid: Any = None, sigma: float | None = None, *,
+        normalize: str | None = None, n_grid: int = 1024,
+        sigma_fraction: float = DEFAULT_SIGMA_FRACTION,
+    ) -> float:
         """Jensen-Shannon divergence of the smoothed densities (nats, in ``[0, log 2]``).
 
-        ``JS = KL(p || m) / 2 + KL(q || m) / 2`` with ``m = (p + q) / 2``, on the same shared
-        grid and kernel width as :meth:`kl_divergence`: symmetric and always finite.
+        ``JS = KL(p || m) / 2 + KL(q || m) / 2`` with ``m = (p + q) / 2``, on a shared grid
+        with a shared kernel width as in :meth:`kl_divergence` (default: ``n_grid`` points,
+        kernel width ``sigma_fraction`` of the grid's unpadded span): symmetric and always
+        finite. ``normalize`` rescales both measures first, as in :meth:`wasserstein`; the
+        default grid then spans the normalised supports.
 
         Examples
         --------
         >>> a = Spectrum.from_eigenvalues([0.0, 1.0])
         >>> a.js_divergence(a), a.js_divergence(a.scaled(3.0)) > 0
         (0.0, True)
+        >>> a.js_divergence(a.scaled(3.0), normalize="top")
+        0.0
         """
-        p, q = self._shared_densities(other, grid, sigma)
+        a, b = self.normalized(normalize), other.normalized(normalize)
+        p, q = a._shared_densities(b, grid, sigma, n_grid, sigma_fraction)
         m = 0.5 * (p + q)
         js = 0.5 * np.sum(rel_entr(p, m)) + 0.5 * np.sum(rel_entr(q, m))
         return float(min(max(0.0, js), np.log(2.0)))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hesslens.checks import check_nonnegative_int, check_positive_int
 from hesslens.errors import BudgetWarning, HesslensInputError, PrecisionWarning
 from hesslens.linalg.budget import WORK_BYTES, vectors_within
 from hesslens.linalg.lanczos import _gram64, _orthonormalize_rows_, _rowdot, work_dtype
@@ -45,12 +46,6 @@ from hesslens.linalg.results import TraceResult
 __all__ = ["BlockTraceEstimator", "TraceState", "block_traces", "hutchinson", "hutchpp"]
 
 ProgressFn = Callable[[int], None]
-
-
-def _check_positive(**kwargs: int) -> None:
-    for name, value in kwargs.items():
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _apply(
@@ -270,7 +265,8 @@ def hutchinson(
     True
     """
     op = as_operator(op)
-    _check_positive(n_hvp=n_hvp, batch_size=batch_size)
+    check_positive_int(n_hvp, "n_hvp")
+    check_positive_int(batch_size, "batch_size")
     check_distribution(distribution)
     gen = generator(seed)
     if op.dim <= n_hvp:
@@ -346,7 +342,8 @@ def hutchpp(
     True
     """
     op = as_operator(op)
-    _check_positive(n_hvp=n_hvp, batch_size=batch_size)
+    check_positive_int(n_hvp, "n_hvp")
+    check_positive_int(batch_size, "batch_size")
     check_distribution(distribution)
     gen = generator(seed)
     if op.dim <= n_hvp:
@@ -515,11 +512,10 @@ class BlockTraceEstimator:
         progress: ProgressFn | None = None,
     ) -> None:
         self.op = as_operator(op)
-        _check_positive(min_probes=min_probes, batch_size=batch_size)
+        check_positive_int(min_probes, "min_probes")
+        check_positive_int(batch_size, "batch_size")
         check_distribution(distribution)
-        if isinstance(sketch_rank, bool) or int(sketch_rank) != sketch_rank or sketch_rank < 0:
-            raise HesslensInputError(
-                f"sketch_rank must be a nonnegative integer, got {sketch_rank}")
+        check_nonnegative_int(sketch_rank, "sketch_rank")
         if min_probes < 2:
             raise HesslensInputError(f"min_probes must be at least 2, got {min_probes}")
         n = self.op.dim
@@ -563,7 +559,7 @@ class BlockTraceEstimator:
         """
         if not rtol >= 0:
             raise HesslensInputError(f"rtol must be nonnegative, got {rtol}")
-        _check_positive(max_hvp=max_hvp)
+        check_positive_int(max_hvp, "max_hvp")
         fewest = 2 * self.sketch_rank + self.min_probes
         if max_hvp < fewest:
             raise HesslensInputError(

@@ -1,6 +1,8 @@
 """Reports: JSON/CSV writers, matplotlib figures and one self-contained HTML page.
 
 * :mod:`hesslens.files` -- atomic writers and JSON-safe conversion;
+* :mod:`hesslens.report.style` -- the one figure style: size, resolution, layout, colours,
+  PNG bytes and files (every figure is made there);
 * :mod:`hesslens.report.figures` -- PNG figures from plain data (Agg backend);
 * :mod:`hesslens.report.html` -- :class:`Report` built from :class:`Section` objects holding
   :class:`Paragraph`, :class:`Table`, :class:`Figure` (base64 PNG) and :class:`Code` blocks;

@@ -1,4 +1,5 @@
-"""The study's figures, drawn with matplotlib's Agg backend (no display, no global pyplot state).
+"""The study's figures, in the one style of :mod:`hesslens.report.style` (matplotlib's Agg
+backend: no display, no global pyplot state).
 
 Every function takes plain data (names, numbers, :class:`~hesslens.linalg.Spectrum` objects or
 ``{"nodes", "weights"}`` dicts) and a path, writes one PNG and returns the path, so any study
@@ -19,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hesslens.linalg import Spectrum
+from hesslens.report.style import COLORS, DPI, FULL_COLOR, new_figure, save_png
 
 __all__ = [
     "DPI",
@@ -42,42 +43,12 @@ __all__ = [
     "plot_similarity_vs_depth",
 ]
 
-#: Resolution of every figure.
-DPI = 110
 #: Densities are cut at this fraction of the highest peak on the log scale.
 DENSITY_FLOOR = 1e-5
-_FULL_COLOR = "#444444"
-_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf"]
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    from hesslens.files import write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return write_bytes(path, buf.getvalue())
 
 
 def _as_spectrum(s: Any) -> Spectrum:
     return s if isinstance(s, Spectrum) else Spectrum.from_dict(s)
-
-
-def _scale(s: Spectrum, normalize: str | None) -> float:
-    if normalize in (None, "none"):
-        return 1.0
-    lo, hi = s.support
-    scale = max(abs(lo), abs(hi)) if normalize == "top" else hi - lo
-    return float(scale) if scale > 0 else 1.0
 
 
 def density_curve(
@@ -135,22 +106,22 @@ def plot_layer_densities(
     n = max(1, len(names))
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig = _figure(3.6 * ncols + 0.4, 2.7 * nrows + 0.6)
+    fig = new_figure(3.6 * ncols + 0.4, 2.7 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=False)
-    full_scale = _scale(full_s, normalize)
+    full_scale = full_s.scale(normalize)
     xlabel = {"top": r"$\lambda\,/\,\max|\lambda|$", "range": r"$\lambda\,/\,$(range)"}.get(
         normalize or "none", r"eigenvalue $\lambda$")
     for i, name in enumerate(names):
         ax = axes[i // ncols][i % ncols]
         s = _as_spectrum(layers[name])
-        scale = _scale(s, normalize)
+        scale = s.scale(normalize)
         grid, sigma = _shared_grid([full_s, s], [full_scale, scale])
         curves = [density_curve(full_s, grid, sigma, full_scale),
                   density_curve(s, grid, sigma, scale)]
         (cf, cl), bottom = _floor_curves(curves, floor)
-        ax.fill_between(grid, bottom, cf, color=_FULL_COLOR, alpha=0.18, lw=0)
-        ax.plot(grid, cf, color=_FULL_COLOR, lw=1.0, label="full network")
-        ax.plot(grid, cl, color=_COLORS[i % len(_COLORS)], lw=1.3, label="layer block")
+        ax.fill_between(grid, bottom, cf, color=FULL_COLOR, alpha=0.18, lw=0)
+        ax.plot(grid, cf, color=FULL_COLOR, lw=1.0, label="full network")
+        ax.plot(grid, cl, color=COLORS[i % len(COLORS)], lw=1.3, label="layer block")
         ax.set_yscale("log")
         ax.set_ylim(bottom=bottom)
         label = name
@@ -171,7 +142,7 @@ def plot_layer_densities(
         axes[j // ncols][j % ncols].set_visible(False)
     fig.suptitle(title or "Eigenvalue density: each layer's Hessian block vs the full Hessian",
                  fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_similarity_vs_depth(
@@ -188,12 +159,12 @@ def plot_similarity_vs_depth(
     starred."""
     names = list(names)
     x = np.asarray(depths, dtype=float)
-    fig = _figure(4.4 * len(metrics) + 0.4, 3.5)
+    fig = new_figure(4.4 * len(metrics) + 0.4, 3.5)
     axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
     for j, (ax, (label, values)) in enumerate(zip(axes, metrics.items())):
         y = np.asarray(values, dtype=float)
         ax.plot(x, y, "-", color="#999999", lw=1, zorder=1)
-        ax.scatter(x, y, s=28, color=_COLORS[0], zorder=2)
+        ax.scatter(x, y, s=28, color=COLORS[0], zorder=2)
         best = [i for i, n in enumerate(names) if n in set(highlight)]
         if best:
             ax.scatter(x[best], y[best], s=160, marker="*", color="#d62728", zorder=3,
@@ -217,7 +188,7 @@ def plot_similarity_vs_depth(
         ax.tick_params(labelsize=8)
     fig.suptitle(title or "Distance of each layer's spectrum to the full one (shaded: middle "
                           "layers)", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _maybe_log(ax: Any, values: np.ndarray) -> bool:
@@ -255,12 +226,12 @@ def plot_layer_curvature(
     standard errors), the full network's values as dashed lines."""
     names = list(names)
     pos = np.arange(len(names))
-    fig = _figure(max(7.5, 1.1 * len(names) + 3.5), 3.6)
+    fig = new_figure(max(7.5, 1.1 * len(names) + 3.5), 3.6)
     ax1, ax2 = fig.subplots(1, 2)
     top_v = np.asarray(top, dtype=float)
-    ax1.bar(pos, top_v, color=_COLORS[0], width=0.65, label="layer block")
+    ax1.bar(pos, top_v, color=COLORS[0], width=0.65, label="layer block")
     if full_top is not None:
-        ax1.axhline(full_top, color=_FULL_COLOR, ls="--", lw=1.2,
+        ax1.axhline(full_top, color=FULL_COLOR, ls="--", lw=1.2,
                     label=f"full network ({full_top:.3g})")
     both = np.append(top_v, [] if full_top is None else [full_top])
     _headroom(ax1, both, _maybe_log(ax1, both))
@@ -268,9 +239,9 @@ def plot_layer_curvature(
     ax1.set_title("Top eigenvalue per layer", fontsize=10)
     tr = np.asarray(trace, dtype=float)
     err = None if trace_err is None else np.asarray(trace_err, dtype=float)
-    ax2.bar(pos, tr, yerr=err, color=_COLORS[1], width=0.65, capsize=3, label="layer block")
+    ax2.bar(pos, tr, yerr=err, color=COLORS[1], width=0.65, capsize=3, label="layer block")
     if full_trace is not None:
-        ax2.axhline(full_trace, color=_FULL_COLOR, ls="--", lw=1.2,
+        ax2.axhline(full_trace, color=FULL_COLOR, ls="--", lw=1.2,
                     label=f"full network ({full_trace:.3g})")
     ax2.axhline(0.0, color="black", lw=0.6)
     hi = tr + (0.0 if err is None else np.nan_to_num(err))
@@ -285,7 +256,7 @@ def plot_layer_curvature(
         ax.tick_params(axis="y", labelsize=8)
         ax.legend(fontsize=8, frameon=False, loc="upper left", ncol=2)
     fig.suptitle(title or "Curvature per layer", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_densities(
@@ -298,18 +269,18 @@ def plot_densities(
     xlabel: str | None = None,
 ) -> Path:
     """Several densities on one shared grid and log scale (``{label: spectrum}``)."""
-    fig = _figure(6.4, 3.8)
+    fig = new_figure(6.4, 3.8)
     ax = fig.subplots()
     _draw_densities(ax, spectra, normalize, floor)
     ax.set_xlabel(xlabel or r"eigenvalue $\lambda$", fontsize=9)
     ax.set_title(title or "Eigenvalue densities", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _draw_densities(ax: Any, spectra: Mapping[str, Any], normalize: str | None,
                     floor: float, colors: Sequence[str] | None = None) -> None:
     items = [(label, _as_spectrum(s)) for label, s in spectra.items()]
-    scales = [_scale(s, normalize) for _, s in items]
+    scales = [s.scale(normalize) for _, s in items]
     grid, sigma = _shared_grid([s for _, s in items], scales)
     curves = [density_curve(s, grid, sigma, c) for (_, s), c in zip(items, scales)]
     curves, bottom = _floor_curves(curves, floor)
@@ -317,7 +288,7 @@ def _draw_densities(ax: Any, spectra: Mapping[str, Any], normalize: str | None,
         if colors is not None:
             color = colors[i % len(colors)]
         else:
-            color = _FULL_COLOR if i == 0 else _COLORS[i % len(_COLORS)]
+            color = FULL_COLOR if i == 0 else COLORS[i % len(COLORS)]
         ax.plot(grid, c, lw=1.2 if i else 1.5, color=color, label=label)
     ax.set_yscale("log")
     ax.set_ylim(bottom=bottom)
@@ -347,7 +318,7 @@ def plot_gauss_newton_split(
     names = list(names)
     pos = np.arange(len(names))
     panels = 2 if spectra else 1
-    fig = _figure(max(7.0, 0.9 * len(names) + 3.0) + (5.0 if spectra else 0.0), 3.8)
+    fig = new_figure(max(7.0, 0.9 * len(names) + 3.0) + (5.0 if spectra else 0.0), 3.8)
     axes = fig.subplots(1, panels, squeeze=False,
                         width_ratios=[max(1.2, 0.18 * len(names) + 0.6), 1][:panels])[0]
     ax = axes[0]
@@ -357,9 +328,9 @@ def plot_gauss_newton_split(
     width = 0.27
     positive = np.concatenate([v[v > 0] for v in (h, g, r)])
     bottom = positive.min() / 20 if positive.size else 1e-12
-    for off, vals, label, color in ((-width, h, "Hessian: max λ", _COLORS[0]),
-                                    (0.0, g, "G: max λ", _COLORS[2]),
-                                    (width, r, "residual: max |λ|", _COLORS[3])):
+    for off, vals, label, color in ((-width, h, "Hessian: max λ", COLORS[0]),
+                                    (0.0, g, "G: max λ", COLORS[2]),
+                                    (width, r, "residual: max |λ|", COLORS[3])):
         shown = vals > 0
         ax.bar(pos[shown] + off, vals[shown], width=width, color=color, label=label,
                bottom=0)
@@ -379,11 +350,11 @@ def plot_gauss_newton_split(
     ax.legend(fontsize=8, frameon=False, loc="upper right", ncol=3)
     if spectra:
         _draw_densities(axes[1], spectra, None, DENSITY_FLOOR,
-                        colors=[_COLORS[0], _COLORS[2], _COLORS[3], *_COLORS[4:]])
+                        colors=[COLORS[0], COLORS[2], COLORS[3], *COLORS[4:]])
         axes[1].set_xlabel(r"eigenvalue $\lambda$", fontsize=9)
         axes[1].set_title("Full network: densities", fontsize=10)
     fig.suptitle(title or "Gauss-Newton split", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_arm_curves(
@@ -411,14 +382,14 @@ def plot_arm_curves(
     >>> os.path.getsize(p) > 1000
     True
     """
-    fig = _figure(6.4, 4.0)
+    fig = new_figure(6.4, 4.0)
     ax = fig.subplots()
     everything = []
     for i, (label, c) in enumerate(curves.items()):
         ep = np.asarray(c["epochs"], dtype=float)
         mean = np.asarray([np.nan if m is None else scale * m for m in c["mean"]], dtype=float)
         std = np.asarray([0.0 if s is None else scale * s for s in c["std"]], dtype=float)
-        color = _COLORS[i % len(_COLORS)]
+        color = COLORS[i % len(COLORS)]
         ax.plot(ep, mean, marker="o" if len(ep) < 15 else None, ms=3, color=color, label=label)
         if (std > 0).any():
             ax.fill_between(ep, mean - std, mean + std, color=color, alpha=0.18, lw=0)
@@ -434,7 +405,7 @@ def plot_arm_curves(
     ax.grid(alpha=0.3, lw=0.5)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_intervals(
@@ -462,7 +433,7 @@ def plot_intervals(
     ...                                ylabel="W1", title="t", shade=["b"])) > 1000
     True
     """
-    fig = _figure(max(6.4, 0.42 * max(len(g["x"]) for g in groups.values()) + 2.5)
+    fig = new_figure(max(6.4, 0.42 * max(len(g["x"]) for g in groups.values()) + 2.5)
                   if rotate else 6.4, 4.0 + (0.8 if rotate else 0.0))
     ax = fig.subplots()
     first = next(iter(groups.values()), {"x": []})
@@ -477,7 +448,7 @@ def plot_intervals(
         high = np.asarray(g["high"], dtype=float)
         err = np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
         ax.errorbar(xs, mean, yerr=err, fmt="o-" if not categorical else "o", ms=4, capsize=3,
-                    color=_COLORS[i % len(_COLORS)], label=label, lw=1.2)
+                    color=COLORS[i % len(COLORS)], label=label, lw=1.2)
     for v in shade:
         x = cats.index(v) if categorical and v in cats else v
         if isinstance(x, (int, float)):
@@ -494,4 +465,4 @@ def plot_intervals(
     ax.grid(alpha=0.3, lw=0.5)
     ax.tick_params(axis="y", labelsize=8)
     ax.legend(fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_png(fig, path)

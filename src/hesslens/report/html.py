@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from hesslens.errors import HesslensInputError
+from hesslens.files import write_text
 from hesslens.version import __version__
 
 __all__ = [
@@ -433,6 +434,4 @@ class Report:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Render and write the page atomically; returns the path."""
-        from hesslens.files import write_text
-
         return write_text(path, self.render())

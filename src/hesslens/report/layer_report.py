@@ -206,22 +206,57 @@ def build_layer_report(
     curvature, Gauss-Newton split, settings)."""
     run = results.get("run") or {}
     settings = results.get("settings") or {}
-    checks = results.get("checks") or {}
     sim = results.get("similarity") or {}
     rows = layer_rows(results)
     normalize = settings.get("similarity_normalize", "top")
+    most = sim.get("most_similar") or []
     model, data = run.get("model", "model"), run.get("data")
-    title = f"Layer study: {model}" + (f" on {data}" if data else "")
     subtitle = (f"{results.get('num_samples', '?')} samples"
                 + (f" ({run['per_class']} per class)" if run.get("per_class") else "")
                 + f", seed {results.get('seed')}, "
                 + (f"checkpoint {run['checkpoint']}" if run.get("checkpoint")
                    else "weights at initialisation"))
-    report = Report(title, subtitle=subtitle)
+    report = Report(f"Layer study: {model}" + (f" on {data}" if data else ""),
+                    subtitle=subtitle)
+    report.section("Summary", *_summary(results, rows, settings, sim, normalize, most))
+    report.section("Layers", _layers_table(rows, most))
+    report.section("Spectra", *_figure(
+        figures, "densities",
+        "Eigenvalue densities (stochastic Lanczos quadrature, deflated with the top "
+        f"{settings.get('k', '?')} eigenpairs, Gaussian-smoothed, log scale with a floor). Each "
+        "panel shows one layer's Hessian block against the full Hessian; eigenvalues are "
+        + ("divided by each spectrum's own largest |λ|, as the similarity compares them."
+           if normalize == "top" else "on the common scale the similarity uses.")))
+    report.section("Similarity to the full spectrum",
+                   *_similarity_blocks(figures, rows, sim, normalize))
+    report.section("Curvature per layer", *_figure(
+        figures, "curvature",
+        "Top eigenvalue and trace of each layer's Hessian block; dashed: the full network. "
+        "Layer traces come from the same probes as the full trace and add up to it."))
+    if "gauss_newton" in figures:
+        report.section("Gauss-Newton split", *_gauss_newton_blocks(figures, rows))
+    meta = {k: results.get(k) for k in ("run", "settings", "versions", "checks", "timings",
+                                         "n_hvp")}
+    report.section(
+        "Settings and reproducibility",
+        Paragraph("Every number above is reproducible from the seed and these settings "
+                  "(results.json holds all of it, including the spectral measures)."),
+        Code(json.dumps(meta, indent=1, default=str), summary="settings, versions, timings"))
+    return report
 
+
+def _figure(figures: Mapping[str, str | os.PathLike[str]], key: str, caption: str) -> list:
+    """The figure ``key`` with its caption, or nothing when it was not drawn."""
+    return [Figure.from_file(figures[key], caption=caption)] if key in figures else []
+
+
+def _summary(results: Mapping[str, Any], rows: list[dict[str, Any]],
+             settings: Mapping[str, Any], sim: Mapping[str, Any], normalize: str,
+             most: list[str]) -> list[Paragraph]:
+    """The full network's numbers, the most similar layers and the checks, in three lines."""
     full = rows[0]
-    most = sim.get("most_similar") or []
-    summary = [
+    checks = results.get("checks") or {}
+    return [
         Paragraph(
             f"Loss {_fmt(_get(results, 'point', 'loss'))}, gradient norm "
             f"{_fmt(_get(results, 'point', 'grad_norm'))}. Full Hessian: top eigenvalue "
@@ -249,36 +284,32 @@ def build_layer_report(
             + ("a probability measure." if checks.get("densities_normalized") else
                "NOT normalised.")),
     ]
-    report.section("Summary", *summary)
 
+
+def _layers_table(rows: list[dict[str, Any]], most: list[str]) -> Table:
+    """The per-layer numbers, the most similar layers highlighted."""
     cols = ["name", "depth", "n_params", "top_eigenvalue", "top_ratio", "trace",
             "trace_stderr", "trace_ratio", "wasserstein", "js_divergence", "similarity_rank"]
     headers = ["layer", "depth", "parameters", "λ1", "λ1 / λ1(full)", "trace", "± s.e.",
                "trace / trace(full)", "W1 to full", "JS to full", "rank"]
-    table = Table(headers, [[r[c] for c in cols] for r in rows],
-                  caption="Per-layer numbers (first row: the full network). Also in layers.csv.",
-                  highlight=[i for i, r in enumerate(rows) if r["name"] in most])
-    report.section("Layers", table)
+    return Table(headers, [[r[c] for c in cols] for r in rows],
+                 caption="Per-layer numbers (first row: the full network). Also in layers.csv.",
+                 highlight=[i for i, r in enumerate(rows) if r["name"] in most])
 
-    def fig(key: str, caption: str) -> list:
-        return [Figure.from_file(figures[key], caption=caption)] if key in figures else []
 
-    report.section("Spectra", *fig(
-        "densities",
-        "Eigenvalue densities (stochastic Lanczos quadrature, deflated with the top "
-        f"{settings.get('k', '?')} eigenpairs, Gaussian-smoothed, log scale with a floor). Each "
-        "panel shows one layer's Hessian block against the full Hessian; eigenvalues are "
-        + ("divided by each spectrum's own largest |λ|, as the similarity compares them."
-           if normalize == "top" else "on the common scale the similarity uses.")))
-
+def _similarity_blocks(figures: Mapping[str, str | os.PathLike[str]],
+                       rows: list[dict[str, Any]], sim: Mapping[str, Any],
+                       normalize: str) -> list[Any]:
+    """The similarity figure, what W1 and JS measure, why the authors' number is not a
+    distance, and the ranking."""
+    by_name = {r["name"]: r for r in rows}
     rank_rows = [[r["rank"], r["name"], r["depth"], r["distance"],
-                  next(x["js_divergence"] for x in rows if x["name"] == r["name"]),
-                  next(x["authors_distance"] for x in rows if x["name"] == r["name"])]
+                  by_name[r["name"]]["js_divergence"], by_name[r["name"]]["authors_distance"]]
                  for r in sim.get("ranking", [])]
-    report.section(
-        "Similarity to the full spectrum",
-        *fig("similarity", "Distance of each layer's spectrum to the full one against "
-                           "normalised depth (index / (n − 1)). Stars: the most similar layers."),
+    return [
+        *_figure(figures, "similarity",
+                 "Distance of each layer's spectrum to the full one against normalised depth "
+                 "(index / (n − 1)). Stars: the most similar layers."),
         Paragraph(
             "W1 is the Wasserstein-1 distance between the two spectral measures (nodes and "
             f"weights), each divided by its own largest |eigenvalue| ('{normalize}' "
@@ -293,37 +324,27 @@ def build_layer_report(
             "eigenvalues lie: a mirrored or shifted spectrum scores as identical. That number "
             "is listed for comparison only ('authors')."),
         Table(["rank", "layer", "depth", "W1", "JS", "authors"], rank_rows,
-              caption="Layers ranked by W1 to the full spectrum (most similar first)."))
+              caption="Layers ranked by W1 to the full spectrum (most similar first)."),
+    ]
 
-    report.section("Curvature per layer", *fig(
-        "curvature",
-        "Top eigenvalue and trace of each layer's Hessian block; dashed: the full network. "
-        "Layer traces come from the same probes as the full trace and add up to it."))
 
-    if "gauss_newton" in figures:
-        gn_rows = [[r["name"], r["top_eigenvalue"], r["gn_top_eigenvalue"], r["gn_top_ratio"],
-                    r["residual_max_abs_eigenvalue"], r["residual_ratio"], r["gn_trace"],
-                    _pm(r["residual_trace"], r.get("residual_trace_stderr")),
-                    r["gn_wasserstein_to_hessian"]] for r in rows]
-        report.section(
-            "Gauss-Newton split",
-            *fig("gauss_newton", "Hess = G + (Hess − G) with G = Jᵀ (∂²loss/∂f²) J. Left: top "
-                                 "eigenvalues per entry (log scale). Right: the full network's "
-                                 "densities."),
-            Paragraph(_residual_note(rows)),
-            Table(["entry", "λ1(Hess)", "λ1(G)", "λ1(G)/λ1(Hess)", "max|λ(res)|",
-                   "max|λ(res)|/λ1(G)", "tr G", "tr res", "W1(G, Hess)"], gn_rows,
-                  caption="Gauss-Newton split per entry (residual eigenvalues: largest "
-                          "magnitude)."))
-
-    meta = {k: results.get(k) for k in ("run", "settings", "versions", "checks", "timings",
-                                         "n_hvp")}
-    report.section(
-        "Settings and reproducibility",
-        Paragraph("Every number above is reproducible from the seed and these settings "
-                  "(results.json holds all of it, including the spectral measures)."),
-        Code(json.dumps(meta, indent=1, default=str), summary="settings, versions, timings"))
-    return report
+def _gauss_newton_blocks(figures: Mapping[str, str | os.PathLike[str]],
+                         rows: list[dict[str, Any]]) -> list[Any]:
+    """The Gauss-Newton figure, the residual's reading and the split per entry."""
+    gn_rows = [[r["name"], r["top_eigenvalue"], r["gn_top_eigenvalue"], r["gn_top_ratio"],
+                r["residual_max_abs_eigenvalue"], r["residual_ratio"], r["gn_trace"],
+                _pm(r["residual_trace"], r.get("residual_trace_stderr")),
+                r["gn_wasserstein_to_hessian"]] for r in rows]
+    return [
+        *_figure(figures, "gauss_newton",
+                 "Hess = G + (Hess − G) with G = Jᵀ (∂²loss/∂f²) J. Left: top eigenvalues per "
+                 "entry (log scale). Right: the full network's densities."),
+        Paragraph(_residual_note(rows)),
+        Table(["entry", "λ1(Hess)", "λ1(G)", "λ1(G)/λ1(Hess)", "max|λ(res)|",
+               "max|λ(res)|/λ1(G)", "tr G", "tr res", "W1(G, Hess)"], gn_rows,
+              caption="Gauss-Newton split per entry (residual eigenvalues: largest "
+                      "magnitude)."),
+    ]
 
 
 def write_layer_study(

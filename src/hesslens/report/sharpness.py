@@ -5,7 +5,7 @@
 The recorder lives in the analysis layer, which draws nothing; the report layer above it adds
 the figures, so every import points down (the monitor is the recorder's subclass here).
 
-Figures (the style of :mod:`hesslens.report.figures`):
+Figures (the style of :mod:`hesslens.report.style`):
 
 * :func:`plot_sharpness`: the sharpness (and the directional sharpness along the update)
   against the optimizer's threshold over the steps, on a log scale; for Adam a second panel
@@ -47,8 +47,8 @@ from hesslens.analysis.sharpness import (
 )
 from hesslens.errors import HesslensInputError
 from hesslens.files import write_csv, write_json
-from hesslens.report.figures import _COLORS, _FULL_COLOR, _figure, _save
 from hesslens.report.html import Code, Figure, Paragraph, Report, Table
+from hesslens.report.style import COLORS, FULL_COLOR, new_figure, save_png
 
 __all__ = ["SharpnessMonitor", "plot_gradient_share", "plot_sharpness",
            "write_sharpness_report"]
@@ -80,21 +80,21 @@ def plot_sharpness(
     threshold (``threshold`` then belongs to that panel; the first shows the sharpness)."""
     x = np.asarray(steps, dtype=float)
     pre = preconditioned is not None and np.isfinite(_array(preconditioned)).any()
-    fig = _figure(9.0 if pre else 5.6, 3.5)
+    fig = new_figure(9.0 if pre else 5.6, 3.5)
     axes = fig.subplots(1, 2) if pre else [fig.subplots(1, 1)]
     ax = axes[0]
     s = _array(sharpness)
-    ax.plot(x, s, color=_COLORS[0], marker="o", ms=2.5, lw=1.3,
+    ax.plot(x, s, color=COLORS[0], marker="o", ms=2.5, lw=1.3,
             label=r"sharpness $\lambda_1(H)$")
     drawn = [s]
     if directional is not None and np.isfinite(_array(directional)).any():
         d = _array(directional)
-        ax.plot(x, d, color=_COLORS[2], lw=1.0, ls=":", label=r"along the update $u^THu/u^Tu$")
+        ax.plot(x, d, color=COLORS[2], lw=1.0, ls=":", label=r"along the update $u^THu/u^Tu$")
         drawn.append(np.abs(d))
     if not pre:
         t = _array(threshold)
         if np.isfinite(t).any():
-            ax.plot(x, t, color=_FULL_COLOR, ls="--", lw=1.2, label="stability threshold")
+            ax.plot(x, t, color=FULL_COLOR, ls="--", lw=1.2, label="stability threshold")
             drawn.append(t)
     _log_axis(ax, *drawn)
     ax.set_title("Sharpness" + ("" if pre else " and the edge of stability"), fontsize=10)
@@ -102,9 +102,9 @@ def plot_sharpness(
         ax2 = axes[1]
         p = _array(preconditioned)
         t = _array(threshold if preconditioned_threshold is None else preconditioned_threshold)
-        ax2.plot(x, p, color=_COLORS[1], marker="o", ms=2.5, lw=1.3,
+        ax2.plot(x, p, color=COLORS[1], marker="o", ms=2.5, lw=1.3,
                  label=r"preconditioned $\lambda_1(P^{-1}H)$")
-        ax2.plot(x, t, color=_FULL_COLOR, ls="--", lw=1.2,
+        ax2.plot(x, t, color=FULL_COLOR, ls="--", lw=1.2,
                  label=r"threshold $(2+2\beta_1)/((1-\beta_1)\eta)$")
         _log_axis(ax2, p, t)
         ax2.set_title("Preconditioned sharpness (Adam)", fontsize=10)
@@ -115,7 +115,7 @@ def plot_sharpness(
         a.legend(fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_gradient_share(
@@ -129,12 +129,12 @@ def plot_gradient_share(
     """The gradient's share in the top-``k`` eigenspace and the top eigenvector's overlap with
     the previous record's, over ``steps`` (both in [0, 1])."""
     x = np.asarray(steps, dtype=float)
-    fig = _figure(5.6, 3.3)
+    fig = new_figure(5.6, 3.3)
     ax = fig.subplots(1, 1)
-    ax.plot(x, _array(share), color=_COLORS[3], marker="o", ms=2.5, lw=1.3,
+    ax.plot(x, _array(share), color=COLORS[3], marker="o", ms=2.5, lw=1.3,
             label=fr"$|V_{{{k}}}^Tg|^2/|g|^2$ (gradient in the top-{k} space)")
     if overlap is not None and np.isfinite(_array(overlap)).any():
-        ax.plot(x, _array(overlap), color=_COLORS[4], ls="--", lw=1.1,
+        ax.plot(x, _array(overlap), color=COLORS[4], ls="--", lw=1.1,
                 label=r"$|\langle v_1, v_1^{prev}\rangle|$ (top eigenvector's turn)")
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("step", fontsize=9)
@@ -142,7 +142,7 @@ def plot_gradient_share(
     ax.grid(alpha=0.3, lw=0.5)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=8, frameon=False, loc="lower left")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _column(history: Sequence[Mapping[str, Any]], key: str) -> list[Any]:

@@ -1,9 +1,11 @@
 """Training towards flatter minima: the Hessian-trace penalty (HTR), SAM, and a trainer that
-tracks curvature and resumes exactly.
+runs callbacks and resumes exactly.
 
 :func:`train` trains the module it is given on the data it is given (:class:`TensorData` or any
-object with the same fields); it knows nothing of the zoo. Training a zoo model on a zoo data set
-by name is :func:`hesslens.experiments.train.train_zoo` (``hesslens train``).
+object with the same fields); it knows nothing of the zoo, and measures no curvature itself:
+tracking is a callback (:mod:`hesslens.training.callbacks`) from the analysis layer above.
+Training a zoo model on a zoo data set by name, with the tracking its configuration asks for, is
+:func:`hesslens.experiments.train.train_zoo` (``hesslens train``).
 
 Example:
     >>> import tempfile, torch
@@ -18,6 +20,7 @@ Example:
     (1, 'SGD')
 """
 
+from hesslens.training.callbacks import TrainingRun
 from hesslens.training.config import TrainConfig, arm_key, arm_label
 from hesslens.training.layers_select import discover_layers, middle_indices, select_layers
 from hesslens.training.penalty import (
@@ -26,18 +29,15 @@ from hesslens.training.penalty import (
     default_fd_eps,
 )
 from hesslens.training.sam import SAM, bn_stats_frozen
-from hesslens.training.tracker import CurvatureTracker
-from hesslens.training.tracking import EpochTracking
 from hesslens.training.trainer import TensorData, evaluate, train
 
 __all__ = [
     "SAM",
-    "CurvatureTracker",
-    "EpochTracking",
     "HessianTracePenalty",
     "NegativeCurvatureWarning",
     "TensorData",
     "TrainConfig",
+    "TrainingRun",
     "arm_key",
     "arm_label",
     "bn_stats_frozen",

@@ -78,13 +78,17 @@ class TrainConfig:
             the mean squared per-sample gradient norm); see
             :class:`hesslens.training.penalty.HessianTracePenalty`.
         sam_rho: SAM's radius; 0 switches SAM off.
-        track_every: record curvature (trace, top eigenvalue, per layer) at initialisation
-            (epoch 0), every N epochs and after the last one; 0 switches tracking off (the
-            default here; ``hesslens train`` tracks every epoch unless ``--track-every 0``).
+        track_every: record curvature every N epochs and after the last one; 0 switches
+            tracking off (the default here; ``hesslens train`` tracks every epoch unless
+            ``--track-every 0``). A trainer callback does the measuring
+            (:mod:`hesslens.training.callbacks`): :func:`hesslens.training.train` refuses
+            ``track_every > 0`` without one, and
+            :func:`hesslens.experiments.train.train_zoo` wires the one ``track_layers`` names.
         track_layers: what ``track_every`` records: ``True`` (here), the full network's and
-            every layer's trace and top eigenvalue; ``False``, nothing in the trainer itself
-            (``hesslens train`` then adds the sharpness against the optimizer's threshold, a
-            few products an epoch, as a callback).
+            every layer's trace and top eigenvalue, from initialisation (epoch 0) on
+            (:class:`~hesslens.analysis.epoch_tracking.EpochTracking`); ``False`` (``hesslens
+            train``'s default), the sharpness against the optimizer's threshold, a few products
+            an epoch (:class:`~hesslens.analysis.epoch_sharpness.EpochSharpness`).
         track_per_class: examples per class in the fixed analysis subset (the paper: 10).
         track_densities: also record eigenvalue densities (slower).
         val_fraction: share of the training set held out for validation (0: none).

@@ -27,9 +27,12 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import scipy
+from sklearn.datasets import load_digits
 
 from hesslens.errors import HesslensInputError
 from hesslens.files import write_bytes
+from hesslens.provenance import sha256_arrays
 
 MNIST1D_SHAPE = (1, 40)
 DIGITS_SHAPE = (1, 8, 8)
@@ -52,8 +55,6 @@ MNIST1D_SIZES = {"train": 4000, "test": 1000}
 
 
 def _mnist1d_hash(arrays: tuple[np.ndarray, ...]) -> str:
-    from hesslens.provenance import sha256_arrays
-
     return sha256_arrays(dict(zip(("x_train", "y_train", "x_test", "y_test"), arrays)))
 
 
@@ -107,7 +108,7 @@ def generate_mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
     The package reseeds the global ``random`` and ``numpy.random`` states; they are restored.
     """
-    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.data import get_dataset_args, make_dataset  # here: mnist1d imports matplotlib
 
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
@@ -145,8 +146,7 @@ def regenerate_mnist1d(path: str | os.PathLike[str] | None = None,
     digest = _mnist1d_hash(arrays)
     matches = digest == MNIST1D_SHA256
     if check and not matches:
-        import mnist1d
-        import scipy
+        import mnist1d  # here: it imports matplotlib
 
         raise HesslensInputError(
             f"the installed generator (mnist1d {getattr(mnist1d, '__version__', '?')}, numpy "
@@ -170,8 +170,6 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         ``(x, y)``: uint8 images ``(1797, 1, 8, 8)`` with values in ``[0, 16]`` and int64
         labels in ``[0, 10)``.
     """
-    from sklearn.datasets import load_digits
-
     bunch = load_digits()
     x = np.asarray(bunch.images, dtype=np.uint8).reshape(-1, *DIGITS_SHAPE)
     return _read_only(x, np.asarray(bunch.target, dtype=np.int64))  # type: ignore[return-value]

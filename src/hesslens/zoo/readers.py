@@ -39,6 +39,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+from scipy.io import loadmat
 
 from hesslens.errors import HesslensInputError
 
@@ -267,8 +268,6 @@ def read_svhn(root: str | os.PathLike[str] | None) -> RawSplits:
 
     Returns uint8 images ``(N, 3, 32, 32)`` and int64 labels in ``[0, 10)``.
     """
-    from scipy.io import loadmat
-
     paths = find_files("svhn", root, SVHN_FILES)
     out: list[np.ndarray] = []
     for name in SVHN_FILES:

@@ -1,36 +1,32 @@
-"""Curvature in any training loop: :class:`CurvatureTracker` records, at the model's current
+"""Curvature in any training loop: :class:`CurvatureRecorder` records, at the model's current
 weights, the top eigenvalues and traces of the full Hessian and of every layer's block on a
-fixed analysis set, as often as asked, and draws them over training.
+fixed analysis set, as often as asked.
 
 The measurement is the layer study's (:func:`hesslens.analysis.spectra.measure_curvature`), on a
 fresh :class:`hesslens.Hessian` of the model as it is now. Recording never changes training: the
 operator works on a private copy of the model, and the global random states (torch CPU and
-CUDA, numpy, ``random``) and the model's train/eval mode are put back as they were, so a loop
-with the tracker ends bit-identical to the same loop without it
-(``tests/training/test_tracker.py`` checks exactly that).
+CUDA, numpy, ``random``) and the model's train/eval mode are put back as they were
+(:func:`untouched_state`), so a loop with the recorder ends bit-identical to the same loop
+without it (``tests/analysis/test_tracker.py`` checks exactly that).
 
-It lives in the training layer because the trainer of ``hesslens train`` uses it too (nothing
-imports upward); the analysis and report packages beside it provide the measurement and the
-figures.
+``hl.CurvatureTracker`` (:class:`hesslens.report.tracking.CurvatureTracker`) is this recorder
+with ``write_report``; the analysis layer holds no figure code.
 
 Example:
-    >>> import tempfile, torch
+    >>> import torch
     >>> from torch import nn
-    >>> from hesslens.training.tracker import CurvatureTracker
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    >>> tracker = CurvatureTracker(model, nn.functional.cross_entropy, (x, y), every=2)
+    >>> recorder = CurvatureRecorder(model, nn.functional.cross_entropy, (x, y), every=2)
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> for step in range(4):
     ...     opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
-    ...     _ = tracker.update(step)
-    >>> [r["step"] for r in tracker.history], sorted(tracker.history[-1]["layers"])
+    ...     _ = recorder.update(step)
+    >>> [r["step"] for r in recorder.history], sorted(recorder.history[-1]["layers"])
     ([0, 2], ['0', '2'])
-    >>> sorted(tracker.history[-1]["full"])
+    >>> sorted(recorder.history[-1]["full"])
     ['dim', 'top_eigenvalues', 'trace', 'trace_converged', 'trace_stderr']
-    >>> tracker.write_report(tempfile.mkdtemp()).name
-    'report.html'
 """
 
 from __future__ import annotations
@@ -48,12 +44,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from hesslens.checks import check_seed
+from hesslens.analysis.similarity import compare_spectra
+from hesslens.analysis.spectra import measure_curvature
+from hesslens.checks import check_positive_int, check_seed
+from hesslens.curvature import Hessian
 from hesslens.errors import HesslensInputError
+from hesslens.files import write_csv, write_json
 from hesslens.locks import OutputLock
 from hesslens.parallel import acquire_folder_lock
 
-__all__ = ["HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureTracker", "untouched_state"]
+__all__ = ["HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureRecorder", "flat_record",
+           "read_history", "untouched_state", "write_history"]
 
 #: Identifier of the layout of ``curvature.json``.
 SCHEMA = "hesslens.curvature_history/1"
@@ -112,18 +113,10 @@ def _similarity_numbers(value: Any) -> Any:
 
 
 def _default_similarity(full: Any, layer: Any) -> dict[str, float]:
-    from hesslens.analysis.similarity import compare_spectra
-
     return compare_spectra(layer, full)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise HesslensInputError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-class CurvatureTracker:
+class CurvatureRecorder:
     """Record curvature during training: call :meth:`update` in the loop.
 
     Args:
@@ -204,8 +197,8 @@ class CurvatureTracker:
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
-        self.every = _positive_int("every", every)
-        self.k = _positive_int("k", k)
+        self.every = check_positive_int(every, "every")
+        self.k = check_positive_int(k, "k")
         self.trace = bool(trace)
         self.similarity: SimilarityFn | None = (
             similarity if callable(similarity) else _default_similarity if similarity else None)
@@ -217,9 +210,9 @@ class CurvatureTracker:
             raise HesslensInputError(f"trace_rtol must be positive, got {trace_rtol!r}")
         self.eig_tol = float(eig_tol)
         self.trace_rtol = float(trace_rtol)
-        self.trace_max_hvp = _positive_int("trace_max_hvp", trace_max_hvp)
-        self.density_probes = _positive_int("density_probes", density_probes)
-        self.density_steps = _positive_int("density_steps", density_steps)
+        self.trace_max_hvp = check_positive_int(trace_max_hvp, "trace_max_hvp")
+        self.density_probes = check_positive_int(density_probes, "density_probes")
+        self.density_steps = check_positive_int(density_steps, "density_steps")
         self.eval_mode = bool(eval_mode)
         self.hessian_options = {"path": "reverse", **dict(hessian_options or {})}
         if "layers" in self.hessian_options:
@@ -242,9 +235,9 @@ class CurvatureTracker:
             if self.out.exists() and not self.out.is_dir():
                 raise HesslensInputError(
                     f"out={str(self.out)!r} is a file; give a folder for curvature.json")
-            self._lock = acquire_folder_lock(self.out, "a CurvatureTracker")
+            self._lock = acquire_folder_lock(self.out, f"a {type(self).__name__}")
             try:
-                self.history = self._read_history(self.out / HISTORY_JSON)
+                self.history = read_history(self.out / HISTORY_JSON)
             except BaseException:
                 if self._lock is not None:
                     self._lock.release(failed=True)
@@ -257,7 +250,7 @@ class CurvatureTracker:
         if self._lock is not None:
             self._lock.release()
 
-    def __enter__(self) -> CurvatureTracker:
+    def __enter__(self) -> CurvatureRecorder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -318,21 +311,18 @@ class CurvatureTracker:
         if self._lock is not None and not self._lock.held:
             raise HesslensInputError(
                 f"this tracker was closed and no longer holds {self.out}: make a new "
-                "CurvatureTracker on the folder to go on recording there")
+                f"{type(self).__name__} on the folder to go on recording there")
         rec = {"step": step, **extra, **self.measure()}
         while self.history and self.history[-1]["step"] >= step:
             self.history.pop()
         self.history.append(rec)
         if self.out is not None:
-            self._write()
+            write_history(self.out, self.history, self.settings())
         return rec
 
     def measure(self) -> dict[str, Any]:
         """The measurement at the model's current weights, without filing it: ``{"full",
         "layers", "seconds", "n_hvp"}``."""
-        from hesslens.analysis.spectra import measure_curvature
-        from hesslens.curvature import Hessian
-
         t0 = time.perf_counter()
         with untouched_state(self.model, self.eval_mode):
             H = Hessian(self.model, self.loss_fn, self.data, layers=self._grouping,
@@ -350,46 +340,35 @@ class CurvatureTracker:
         return {"full": _entry(m.full), "layers": layers,
                 "seconds": time.perf_counter() - t0, "n_hvp": int(m.n_hvp)}
 
-    # ------------------------------------------------------------------ files
-    def _read_history(self, path: Path) -> list[dict[str, Any]]:
-        if not path.exists():
-            return []
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise HesslensInputError(
-                f"{path} exists but cannot be read as a curvature history ({err}); move it "
-                "away or choose another out folder") from None
-        if not isinstance(saved, dict) or saved.get("schema") != SCHEMA or not isinstance(
-                saved.get("records"), list):
-            raise HesslensInputError(
-                f"{path} is not a hesslens curvature history (schema {SCHEMA}); move it away "
-                "or choose another out folder")
-        return list(saved["records"])
 
-    def _write(self, folder: Path | None = None) -> None:
-        from hesslens.files import write_csv, write_json
-
-        folder = self.out if folder is None else folder
-        assert folder is not None
-        write_json(folder / HISTORY_JSON,
-                   {"schema": SCHEMA, "settings": self.settings(), "records": self.history})
-        rows = [flat_record(r) for r in self.history]
-        write_csv(folder / HISTORY_CSV, rows)
-
-    # ------------------------------------------------------------------ report
-    def write_report(self, folder: str | Path, title: str = "Curvature over training") -> Path:
-        """Write the figures over training (``curvature_full.png``, ``curvature_layers.png``,
-        and the similarity and last densities where recorded), the history
-        (``curvature.json``, ``curvature.csv``) and a self-contained ``report.html`` (figures
-        embedded) into ``folder``; return the report's path."""
-        if not self.history:
-            raise HesslensInputError("nothing recorded yet: call update() before write_report()")
-        return write_history_report(self.history, folder, title=title,
-                                    settings=self.settings(), writer=self._write)
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The records of the ``curvature.json`` at ``path`` (none when there is no file); a file
+    that is not a curvature history is refused, naming the fix."""
+    if not path.exists():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise HesslensInputError(
+            f"{path} exists but cannot be read as a curvature history ({err}); move it "
+            "away or choose another out folder") from None
+    if not isinstance(saved, dict) or saved.get("schema") != SCHEMA or not isinstance(
+            saved.get("records"), list):
+        raise HesslensInputError(
+            f"{path} is not a hesslens curvature history (schema {SCHEMA}); move it away "
+            "or choose another out folder")
+    return list(saved["records"])
 
 
-# ---------------------------------------------------------------------- flat rows, figures
+def write_history(folder: Path, history: Sequence[Mapping[str, Any]],
+                  settings: Mapping[str, Any] | None = None) -> None:
+    """``curvature.json`` (schema, settings, records) and ``curvature.csv`` (one
+    :func:`flat_record` row a record) in ``folder``, atomically."""
+    write_json(folder / HISTORY_JSON, {"schema": SCHEMA, "settings": dict(settings or {}),
+                                       "records": list(history)})
+    write_csv(folder / HISTORY_CSV, [flat_record(r) for r in history])
+
+
 def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
     """One CSV row of a record: ``step``, ``seconds``, ``full.top_eigenvalue``,
     ``full.trace``, ``full.trace_stderr``, ``layers.<name>.<same>`` and
@@ -416,202 +395,3 @@ def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
     for name, entry in rec.get("layers", {}).items():
         add(f"layers.{name}", entry)
     return row
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from hesslens.report.figures import DPI
-
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any, path: Path) -> Path:
-    import io
-
-    from hesslens.files import write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return write_bytes(path, buf.getvalue())
-
-
-def _log_if_wide(ax: Any, series: Sequence[Sequence[float | None]]) -> None:
-    """A log scale when every value is positive and they span more than 50x."""
-    v = np.array([x for s in series for x in s if x is not None], dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size and (v > 0).all() and v.max() / v.min() > 50:
-        ax.set_yscale("log")
-
-
-def _series(history: Sequence[Mapping[str, Any]], layer: str | None, key: str,
-            sub: str | None = None) -> list[Any]:
-    out = []
-    for r in history:
-        entry = r["full"] if layer is None else r.get("layers", {}).get(layer, {})
-        if key == "top":
-            value = (entry.get("top_eigenvalues") or [None])[0]
-        else:
-            value = entry.get(key)
-            if isinstance(value, Mapping):
-                value = value.get(sub) if sub else None
-        out.append(value)
-    return out
-
-
-def _plot_full(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    steps = [r["step"] for r in history]
-    fig = _figure(9.0, 3.4)
-    ax1, ax2 = fig.subplots(1, 2)
-    k = max(len(r["full"].get("top_eigenvalues", [])) for r in history)
-    tops = [[(r["full"]["top_eigenvalues"][i] if i < len(r["full"]["top_eigenvalues"])
-              else None) for r in history] for i in range(k)]
-    for i, s in enumerate(tops):
-        ax1.plot(steps, [np.nan if v is None else v for v in s], marker="o", ms=3,
-                 label=fr"$\lambda_{i + 1}$")
-    _log_if_wide(ax1, tops)
-    ax1.set_title("Top eigenvalues, full network", fontsize=10)
-    ax1.legend(fontsize=8, frameon=False)
-    tr = _series(history, None, "trace")
-    if any(v is not None for v in tr):
-        err = [e or 0.0 for e in _series(history, None, "trace_stderr")]
-        t = np.array([np.nan if v is None else v for v in tr], dtype=float)
-        ax2.plot(steps, t, marker="o", ms=3, color="#ff7f0e")
-        ax2.fill_between(steps, t - np.array(err), t + np.array(err), color="#ff7f0e",
-                         alpha=0.25, lw=0)
-        _log_if_wide(ax2, [tr])
-    ax2.set_title("Trace, full network (± standard error)", fontsize=10)
-    for ax in (ax1, ax2):
-        ax.set_xlabel("step", fontsize=9)
-        ax.grid(alpha=0.3, lw=0.5)
-        ax.tick_params(labelsize=8)
-    return _png(fig, path)
-
-
-def _plot_layers(history: Sequence[Mapping[str, Any]], names: Sequence[str], key: str,
-                 path: Path, title: str, sub: str | None = None) -> Path:
-    steps = [r["step"] for r in history]
-    fig = _figure(9.0, 3.8)
-    ax1, ax2 = fig.subplots(1, 2)
-    drawn = []
-    for ax, what, label in ((ax1, "top", "top eigenvalue"), (ax2, key, title)):
-        all_series = []
-        for name in names:
-            s = _series(history, name, what, sub)
-            all_series.append(s)
-            ax.plot(steps, [np.nan if v is None else v for v in s], marker="o", ms=2.5,
-                    lw=1.2, label=name)
-        if what != "similarity":
-            full = _series(history, None, what)
-            if any(v is not None for v in full):
-                all_series.append(full)
-                ax.plot(steps, [np.nan if v is None else v for v in full], color="#444444",
-                        ls="--", lw=1.2, label="full network")
-        _log_if_wide(ax, all_series)
-        ax.set_title(f"{label.capitalize()} per layer", fontsize=10)
-        ax.set_xlabel("step", fontsize=9)
-        ax.grid(alpha=0.3, lw=0.5)
-        ax.tick_params(labelsize=8)
-        drawn.append(ax)
-    drawn[-1].legend(fontsize=7, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _png(fig, path)
-
-
-def _similarity_key(history: Sequence[Mapping[str, Any]]) -> str | None:
-    for r in history:
-        for entry in r.get("layers", {}).values():
-            sim = entry.get("similarity")
-            if isinstance(sim, Mapping):
-                return "wasserstein" if "wasserstein" in sim else next(iter(sim), None)
-            if sim is not None:
-                return ""
-    return None
-
-
-def write_history_report(
-    history: Sequence[Mapping[str, Any]],
-    folder: str | Path,
-    *,
-    title: str = "Curvature over training",
-    settings: Mapping[str, Any] | None = None,
-    writer: Callable[[Path], None] | None = None,
-) -> Path:
-    """Figures and ``report.html`` for a list of tracker records (see
-    :meth:`CurvatureTracker.write_report`)."""
-    from hesslens.files import write_csv, write_json
-    from hesslens.report.figures import plot_layer_densities
-    from hesslens.report.html import Code, Figure, Paragraph, Report, Table
-
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HesslensInputError(f"{str(folder)!r} is a file; give a folder for the report")
-    if writer is not None:
-        writer(folder)
-    else:
-        write_json(folder / HISTORY_JSON, {"schema": SCHEMA, "settings": dict(settings or {}),
-                                           "records": list(history)})
-        write_csv(folder / HISTORY_CSV, [flat_record(r) for r in history])
-    names = list(dict.fromkeys(n for r in history for n in r.get("layers", {})))
-    report = Report(title, subtitle=f"{len(history)} records, steps {history[0]['step']} to "
-                                    f"{history[-1]['step']}")
-    full_png = _plot_full(history, folder / "curvature_full.png")
-    first, last = history[0], history[-1]
-
-    def row(label: str, entry_first: Mapping[str, Any], entry_last: Mapping[str, Any]) -> list:
-        def top(e: Mapping[str, Any]) -> Any:
-            return (e.get("top_eigenvalues") or [None])[0]
-        return [label, top(entry_first), top(entry_last), entry_first.get("trace"),
-                entry_last.get("trace"), entry_last.get("trace_stderr")]
-
-    cols = ["", f"top eigenvalue (step {first['step']})", f"top eigenvalue (step {last['step']})",
-            f"trace (step {first['step']})", f"trace (step {last['step']})", "± (last)"]
-    rows = [row("full network", first["full"], last["full"])]
-    rows += [row(n, first.get("layers", {}).get(n, {}), last.get("layers", {}).get(n, {}))
-             for n in names]
-    report.section(
-        "Full network",
-        Figure.from_file(full_png, caption="Top eigenvalues and trace of the full Hessian on the "
-                                           "analysis data, at each recorded step."),
-        Table(cols, rows, caption="First and last record"))
-    thresholds = [r.get("threshold") for r in history]
-    if any(t is not None for t in thresholds):  # records of a callback that found an optimizer
-        from hesslens.report.sharpness import plot_sharpness
-
-        sharp_png = plot_sharpness([r["step"] for r in history],
-                                   [(r["full"].get("top_eigenvalues") or [None])[0]
-                                    for r in history], thresholds, folder / "sharpness.png")
-        report.section("Sharpness and the edge of stability", Figure.from_file(
-            sharp_png, caption="Top eigenvalue of the full Hessian against the optimizer's "
-                               "stability threshold (2/lr; (2 + 2 momentum)/lr), log scale."))
-    if names:
-        layer_png = _plot_layers(history, names, "trace", folder / "curvature_layers.png",
-                                 "trace")
-        blocks: list[Any] = [Figure.from_file(
-            layer_png, caption="Each layer block's top eigenvalue and trace (dashed: the full "
-                               "network).")]
-        sim_key = _similarity_key(history)
-        if sim_key is not None:
-            sim_png = _plot_layers(history, names, "similarity",
-                                   folder / "similarity_layers.png",
-                                   f"distance to the full spectrum ({sim_key or 'similarity'})",
-                                   sub=sim_key)
-            blocks.append(Figure.from_file(sim_png, caption="Each layer's spectrum against the "
-                                                            "full one, over training."))
-        dens = {n: e["density"] for n, e in last.get("layers", {}).items() if "density" in e}
-        if dens and "density" in last["full"]:
-            dens_png = plot_layer_densities(last["full"]["density"], dens,
-                                            folder / "densities_last.png",
-                                            title=f"Densities at step {last['step']}")
-            blocks.append(Figure.from_file(dens_png, caption="Eigenvalue densities at the last "
-                                                             "record, each layer against the "
-                                                             "full network."))
-        report.section("Per layer", *blocks)
-    secs = [float(r.get("seconds") or 0.0) for r in history]
-    report.section("Cost", Paragraph(
-        f"{sum(secs):.3g} s in all for {len(history)} records ({sum(secs) / len(secs):.3g} s "
-        "each)."), *([Code(json.dumps(dict(settings), indent=1, default=str),
-                           summary="settings")] if settings else []))
-    return report.write(folder / "report.html")

@@ -1,5 +1,5 @@
-"""The trainer's curvature tracking: the callback's numbers against dense references, epoch 0,
-the cost, and training that is the same with tracking as without."""
+"""The trainer's curvature tracking (EpochTracking, a trainer callback): its numbers against
+dense references, epoch 0, the cost, and training that is the same with tracking as without."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from hesslens.analysis.epoch_tracking import EpochTracking
 from hesslens.curvature import Hessian
-from hesslens.training import EpochTracking, TensorData, TrainConfig, train
+from hesslens.training import TensorData, TrainConfig, train
 from hesslens.training.trainer import TIMING_KEYS
 
 
@@ -70,7 +71,8 @@ def test_trainer_tracks_every_n_epochs_and_the_last(tmp_path):
     data = TensorData(x, y, x[:8], y[:8], num_classes=3)
     cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, track_every=2, track_per_class=4,
                       val_fraction=0.0)
-    recs = train(cfg, tmp_path / "r", progress=False, model=model, dataset=data)["epochs"]
+    recs = train(cfg, tmp_path / "r", progress=False, model=model, dataset=data,
+                 callbacks=[EpochTracking()])["epochs"]
     tracked = [r["epoch"] for r in recs if "trace" in r]
     assert tracked == [0, 2, 3]  # initialisation, every 2nd epoch, the last
     assert "train_loss" not in recs[0] and recs[0]["test_acc"] is not None
@@ -105,7 +107,7 @@ def test_tracking_does_not_change_training(tmp_path):
     for every in (0, 1):
         model, data = _dropout_setup()
         result = train(TrainConfig(track_every=every, **cfg), tmp_path / str(every),
-                       progress=False, model=model, dataset=data)
+                       progress=False, model=model, dataset=data, callbacks=[EpochTracking()])
         runs[every] = (result, model.state_dict())
     (off, w_off), (on, w_on) = runs[0], runs[1]
     for k, v in w_off.items():  # parameters and BatchNorm statistics, bit for bit
@@ -125,7 +127,8 @@ def test_resumed_run_repeats_the_tracked_numbers(tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, track_per_class=3, val_fraction=0.0,
                       track_every=1)
     model, data = _dropout_setup()
-    straight = train(cfg, tmp_path / "a", progress=False, model=model, dataset=data)
+    straight = train(cfg, tmp_path / "a", progress=False, model=model, dataset=data,
+                     callbacks=[EpochTracking()])
 
     def kill(epoch, record, model):
         if epoch == 2:
@@ -133,10 +136,11 @@ def test_resumed_run_repeats_the_tracked_numbers(tmp_path):
 
     model, data = _dropout_setup()
     with pytest.raises(_Kill):
-        train(cfg, tmp_path / "b", progress=False, model=model, dataset=data, callbacks=[kill])
+        train(cfg, tmp_path / "b", progress=False, model=model, dataset=data,
+              callbacks=[EpochTracking(), kill])
     model, data = _dropout_setup()
     resumed = train(cfg, tmp_path / "b", progress=False, resume=True, model=model,
-                    dataset=data)
+                    dataset=data, callbacks=[EpochTracking()])
 
     def strip(recs):
         return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]

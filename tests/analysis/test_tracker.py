@@ -1,5 +1,6 @@
-"""CurvatureTracker: curvature in any training loop, checked against dense float64 Hessians, and
-proved not to change training."""
+"""The curvature tracker's measurement (CurvatureRecorder, hl.CurvatureTracker without its
+report): curvature in any training loop, checked against dense float64 Hessians, and proved not
+to change training. The report's tests are in tests/report/test_tracking.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 import hesslens as hl
+from hesslens.analysis.tracker import HISTORY_CSV, HISTORY_JSON, SCHEMA, CurvatureRecorder
 from hesslens.errors import HesslensInputError
-from hesslens.training.tracker import HISTORY_CSV, HISTORY_JSON, SCHEMA, CurvatureTracker
 
 LOSS = nn.functional.cross_entropy
 
@@ -70,7 +71,7 @@ def _dense_reference(model, x, y):
 def test_records_match_dense_float64_hessians_and_a_fresh_operator():
     x, y = _data(dtype=torch.float64)
     model = _model().double()
-    tracker = CurvatureTracker(model, LOSS, (x, y), k=2)
+    tracker = CurvatureRecorder(model, LOSS, (x, y), k=2)
     _train(model, x, y, steps=3, tracker=tracker)
     assert [r["step"] for r in tracker.history] == [0, 1, 2]
     last = tracker.history[-1]
@@ -105,7 +106,7 @@ def test_estimated_traces_repeat_a_fresh_operator_on_the_same_weights():
     model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 10))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 20, generator=g), torch.randint(0, 10, (64,), generator=g)
-    tracker = CurvatureTracker(model, LOSS, (x, y), trace_rtol=0.05)
+    tracker = CurvatureRecorder(model, LOSS, (x, y), trace_rtol=0.05)
     _train(model, x, y, steps=2, tracker=tracker)
     last = tracker.history[-1]
     H = hl.Hessian(model, LOSS, (x, y))
@@ -123,7 +124,7 @@ def test_estimated_traces_repeat_a_fresh_operator_on_the_same_weights():
 def test_default_settings_are_the_operators():
     import inspect
 
-    tracker = CurvatureTracker(_model(), LOSS, _data())
+    tracker = CurvatureRecorder(_model(), LOSS, _data())
     for method, arg, value in (("trace", "rtol", tracker.trace_rtol),
                                ("trace", "max_hvp", tracker.trace_max_hvp),
                                ("eigenvalues", "tol", tracker.eig_tol)):
@@ -137,7 +138,7 @@ def test_a_loop_with_the_tracker_ends_bit_identical_to_one_without():
     after_plain = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
 
     tracked_model = _model(dropout=True)
-    tracker = CurvatureTracker(tracked_model, LOSS, (x, y), density=True, similarity=True)
+    tracker = CurvatureRecorder(tracked_model, LOSS, (x, y), density=True, similarity=True)
     _train(tracked_model, x, y, steps=4, tracker=tracker)
     after_tracked = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
 
@@ -154,13 +155,13 @@ def test_update_restores_the_mode_of_every_module():
     model = _model(dropout=True)
     model.train()
     model[1].eval()  # a mixed state, as a user may set it
-    CurvatureTracker(model, LOSS, (x, y)).update(0)
+    CurvatureRecorder(model, LOSS, (x, y)).update(0)
     assert model.training and not model[1].training and model[3].training
 
 
 def test_every_records_on_the_first_call_and_every_nth_after():
     x, y = _data()
-    tracker = CurvatureTracker(_model(), LOSS, (x, y), every=3, layers=False, trace=False)
+    tracker = CurvatureRecorder(_model(), LOSS, (x, y), every=3, layers=False, trace=False)
     made = [tracker.update(s) is not None for s in range(7)]
     assert made == [True, False, False, True, False, False, True]
     assert [r["step"] for r in tracker.history] == [0, 3, 6]
@@ -170,11 +171,11 @@ def test_every_records_on_the_first_call_and_every_nth_after():
 def test_layer_choices():
     x, y = _data()
     model = _model()
-    only = CurvatureTracker(model, LOSS, (x, y), layers=["5"], trace=False).update(0)
+    only = CurvatureRecorder(model, LOSS, (x, y), layers=["5"], trace=False).update(0)
     assert list(only["layers"]) == ["5"]
     grouping = {"first": ["0.weight", "0.bias", "1.weight", "1.bias"],
                 "rest": ["3.weight", "3.bias", "5.weight", "5.bias"]}
-    grouped = CurvatureTracker(model, LOSS, (x, y), layers=grouping).update(0)
+    grouped = CurvatureRecorder(model, LOSS, (x, y), layers=grouping).update(0)
     assert list(grouped["layers"]) == ["first", "rest"]
     assert grouped["layers"]["first"]["dim"] == 5 * 7 + 7 + 7 + 7
 
@@ -182,14 +183,14 @@ def test_layer_choices():
 def test_files_are_written_per_record_and_a_new_tracker_continues_them(tmp_path):
     x, y = _data()
     model = _model()
-    t1 = CurvatureTracker(model, LOSS, (x, y), out=tmp_path)
+    t1 = CurvatureRecorder(model, LOSS, (x, y), out=tmp_path)
     t1.update(0)
     saved = json.loads((tmp_path / HISTORY_JSON).read_text())
     assert saved["schema"] == SCHEMA and [r["step"] for r in saved["records"]] == [0]
     t1.update(10)
     t1.update(20)
     t1.close()  # "killed" here (which gives back the folder's lock): a new tracker continues
-    t2 = CurvatureTracker(model, LOSS, (x, y), out=tmp_path)
+    t2 = CurvatureRecorder(model, LOSS, (x, y), out=tmp_path)
     assert [r["step"] for r in t2.history] == [0, 10, 20]
     t2.update(10)  # a run resumed from step 10 measures it again: 10 and 20 are replaced
     t2.update(15)
@@ -208,37 +209,20 @@ def test_a_foreign_history_file_is_refused(tmp_path):
     (tmp_path / HISTORY_JSON).write_text(json.dumps({"epochs": []}))
     x, y = _data()
     with pytest.raises(HesslensInputError, match="not a hesslens curvature history"):
-        CurvatureTracker(_model(), LOSS, (x, y), out=tmp_path)
+        CurvatureRecorder(_model(), LOSS, (x, y), out=tmp_path)
 
 
 def test_densities_and_similarities():
     x, y = _data()
     model = _model()
-    rec = CurvatureTracker(model, LOSS, (x, y), density=True, similarity=True, k=2).update(0)
+    rec = CurvatureRecorder(model, LOSS, (x, y), density=True, similarity=True, k=2).update(0)
     assert sum(rec["full"]["density"]["weights"]) == pytest.approx(1.0, abs=1e-9)
     for name, entry in rec["layers"].items():
         assert sum(entry["density"]["weights"]) == pytest.approx(1.0, abs=1e-9), name
         assert entry["similarity"]["wasserstein"] >= 0
-    custom = CurvatureTracker(model, LOSS, (x, y), similarity=lambda full, layer: 0.5).update(0)
+    custom = CurvatureRecorder(model, LOSS, (x, y), similarity=lambda full, layer: 0.5).update(0)
     assert {e["similarity"] for e in custom["layers"].values()} == {0.5}
     assert "density" in custom["full"]  # a similarity needs the densities
-
-
-def test_report_embeds_its_figures(tmp_path):
-    x, y = _data()
-    model = _model()
-    tracker = CurvatureTracker(model, LOSS, (x, y), similarity=True)
-    _train(model, x, y, steps=3, tracker=tracker)
-    path = tracker.write_report(tmp_path / "rep")
-    html = path.read_text()
-    figures = ["curvature_full.png", "curvature_layers.png", "similarity_layers.png",
-               "densities_last.png"]
-    for name in figures:
-        assert (tmp_path / "rep" / name).stat().st_size > 1000
-    assert html.count('<img src="data:image/png;base64,') == len(figures)
-    assert 'src="http' not in html and 'href="http' not in html
-    assert json.loads((tmp_path / "rep" / HISTORY_JSON).read_text())["records"] == json.loads(
-        json.dumps(tracker.history))
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -251,41 +235,27 @@ def test_report_embeds_its_figures(tmp_path):
 def test_bad_settings_are_named(kw, msg):
     x, y = _data()
     with pytest.raises(HesslensInputError, match=msg):
-        CurvatureTracker(_model(), LOSS, (x, y), **kw)
+        CurvatureRecorder(_model(), LOSS, (x, y), **kw)
 
 
-def test_bad_model_step_and_early_report(tmp_path):
+def test_bad_model_and_step(tmp_path):
     x, y = _data()
     with pytest.raises(HesslensInputError, match=r"torch\.nn\.Module"):
-        CurvatureTracker(lambda t: t, LOSS, (x, y))
-    tracker = CurvatureTracker(_model(), LOSS, (x, y), layers=False, trace=False)
-    with pytest.raises(HesslensInputError, match="nothing recorded yet"):
-        tracker.write_report(tmp_path)
+        CurvatureRecorder(lambda t: t, LOSS, (x, y))
+    tracker = CurvatureRecorder(_model(), LOSS, (x, y), layers=False, trace=False)
     with pytest.raises(HesslensInputError, match="step must be a number"):
         tracker.update("one")
     (tmp_path / "f").write_text("")
     with pytest.raises(HesslensInputError, match="is a file"):
-        CurvatureTracker(_model(), LOSS, (x, y), out=tmp_path / "f")
-
-
-def test_import_hesslens_stays_light():
-    import subprocess
-    import sys
-
-    code = ("import sys, hesslens; hesslens.CurvatureTracker; "
-            "print(any(m in sys.modules for m in ('transformers', 'lightning', "
-            "'matplotlib')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
-    assert out.stdout.strip() == "False"
+        CurvatureRecorder(_model(), LOSS, (x, y), out=tmp_path / "f")
 
 
 def test_data_is_passed_to_the_operator_as_it_is():
     x, y = _data(dtype=torch.float64)
     model = _model().double()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    by_batches = CurvatureTracker(model, LOSS, loader, trace=False).update(0)
-    whole = CurvatureTracker(model, LOSS, (x, y), trace=False).update(0)
+    by_batches = CurvatureRecorder(model, LOSS, loader, trace=False).update(0)
+    whole = CurvatureRecorder(model, LOSS, (x, y), trace=False).update(0)
     # batches of 16, 16 and 8 are weighted by size: the same mean loss, the same Hessian
     assert by_batches["full"]["top_eigenvalues"][0] == pytest.approx(
         whole["full"]["top_eigenvalues"][0], rel=1e-8)
