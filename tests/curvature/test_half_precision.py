@@ -115,3 +115,26 @@ def test_the_advised_float32_copy_converges_to_the_float64_values(case):
     ref = torch.linalg.eigvalsh(dense).flip(0)[:3]
     assert bool(result.converged.all())
     assert float(((result.values - ref).abs() / ref.abs()).max()) < 1e-4
+
+
+@pytest.mark.parametrize("precision", HALF, ids=["bfloat16", "float16"])
+def test_half_precision_products_are_summed_in_float32(precision):
+    """A half-precision model is analysed as it is: products in its dtype, summed over batches
+    in float32 (the operator's vectors are float32, its products' precision the model's)."""
+    model = _tanh_mlp().to(precision)
+    x, y = _data("mlp")
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 64, 8)]  # eight batches to sum
+    H = hl.Hessian(model, cross_entropy, batches)
+    assert H.dtype == torch.float32 and H.product_eps == torch.finfo(precision).eps
+    dense = hl.Hessian(copy.deepcopy(model).double(), cross_entropy, batches).dense()
+    V = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(3))
+    got = H.hvp(V)
+    assert got.dtype == torch.float32
+    want = V.double() @ dense
+    # each batch's product is rounded to the model's dtype; the sum adds no more error
+    err = float((got.double() - want).norm() / want.norm())
+    assert err < 8 * torch.finfo(precision).eps, err
+    # a float32 sum of half products is closer than a half-precision sum of them would be
+    half_sum = sum(hl.Hessian(model, cross_entropy, [b]).hvp(V).to(precision) * (8 / 64)
+                   for b in batches)
+    assert err <= float((half_sum.double() - want).norm() / want.norm())

@@ -278,9 +278,11 @@ class CurvatureOperator(Estimators):
         return self._apply(V)
 
     def _apply(self, V: Tensor) -> Tensor:
-        """``M V`` for ``(k, dim)`` vectors already in place (combinations override it)."""
+        """``M V`` for ``(k, dim)`` vectors already in place (combinations override it): the
+        products in the model's dtype, summed in this operator's."""
+        W = self._layout.widen(V).to(self._shared.loop.model.dtype)
         with named_derivative_errors():
-            return self._layout.narrow(self._products(self._layout.widen(V)))
+            return self._layout.narrow(self._products(W))
 
     def hvp(self, v: Tensor) -> Tensor:
         """The product with a flat vector ``v`` of length ``dim``, or with each row of a (k, dim)
@@ -353,7 +355,15 @@ class CurvatureOperator(Estimators):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._shared.loop.model.dtype
+        """The dtype of the operator's vectors and sums: the model's, float32 for a half
+        precision model (whose products are computed in its own dtype)."""
+        return self._shared.loop.accumulate_dtype
+
+    @property
+    def product_eps(self) -> float:
+        """The relative precision the products are computed in (the model dtype's epsilon):
+        the estimators' stopping rules never claim more (:mod:`hesslens.linalg.precision`)."""
+        return torch.finfo(self._shared.loop.model.dtype).eps
 
     @property
     def device(self) -> torch.device:

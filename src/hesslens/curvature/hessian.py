@@ -63,8 +63,9 @@ class Hessian(CurvatureOperator):
         if shape not in choice.chosen and len(candidates) > 1:
             # build the cached graphs first, so that their one-off cost is charged to no path
             self._shared.loop.build_graphs("hessian", self._graph)
+        out = W.new_zeros(W.shape, dtype=self._shared.loop.accumulate_dtype)
         return choice.products(shape, candidates, W,
-                               lambda path, rows, out: self._run(path, names, rows, out))
+                               lambda path, rows, out: self._run(path, names, rows, out), out)
 
     def _candidates(self, k: int, names: Sequence[str]) -> list[str]:
         """The paths worth timing for ``k`` vectors (one when pinned)."""

@@ -44,6 +44,7 @@ from hesslens.curvature.data import (
 from hesslens.curvature.functional_model import FunctionalModel
 from hesslens.curvature.loss import BatchLoss, check_loss
 from hesslens.errors import HesslensInputError, NonFiniteCurvatureError
+from hesslens.linalg.lanczos import work_dtype
 from hesslens.parallel import STATUS_SLOTS, all_reduce_checked
 
 #: Default bound on the bytes of cached per-batch graphs (per operator family).
@@ -147,6 +148,9 @@ class DataLoop:
         self.chunk_size = max(1, int(chunk_size))
         self.product_bytes = int(product_bytes)
         self.checked: set[int] = set()
+        # products are summed in at least float32: a half-precision model's products are
+        # computed in its dtype and added up in float32
+        self.accumulate_dtype = work_dtype(model.dtype)
         self.activation_bytes: int | None = None  # the most a batch's graph saved
         self.version = 0  # counts reload()s: what operators cached before one is stale
         self._graphs: dict[str, list[Any]] = {}
@@ -221,12 +225,13 @@ class DataLoop:
         every batch adds into them. Under torch.distributed the result is the head of a buffer
         that ends with the status slots, so that the reduction step all-reduces it in place."""
         k, n = vs[0].shape[0], sum(v[0].numel() for v in vs)
+        dtype = self.accumulate_dtype
         if flat is not None:
             flat.zero_()
         elif self.group is None:
-            flat = vs[0].new_zeros(k, n)
+            flat = vs[0].new_zeros(k, n, dtype=dtype)
         else:
-            flat = vs[0].new_zeros(k * n + STATUS_SLOTS)[:k * n].view(k, n)
+            flat = vs[0].new_zeros(k * n + STATUS_SLOTS, dtype=dtype)[:k * n].view(k, n)
         return flat, split_flat(flat, [v.shape[1:] for v in vs])
 
     def _finish(self, flat: Tensor, failure: BaseException | None = None) -> Tensor:
@@ -309,7 +314,8 @@ class DataLoop:
     def loss_and_gradient(self, names: Sequence[str]) -> tuple[float, Tensor]:
         """The mean loss and its gradient (flat) with respect to ``names``."""
         total = [torch.zeros((), dtype=torch.float64, device=self.model.device)]
-        grads = [torch.zeros_like(self.model.params[n]) for n in names]
+        grads = [torch.zeros_like(self.model.params[n], dtype=self.accumulate_dtype)
+                 for n in names]
 
         def body() -> None:
             for batch in self.batches():

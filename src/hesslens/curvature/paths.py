@@ -44,8 +44,9 @@ class PathChoice:
 
     def products(self, shape: str, candidates: Sequence[str], V: Tensor, run: Run,
                  out: Tensor | None = None) -> Tensor:
-        """The products of the (k, n) ``V`` by the path chosen for ``shape``; the first call of
-        a shape with several ``candidates`` times them."""
+        """The products of the (k, n) ``V`` by the path chosen for ``shape`` (into ``out``,
+        default a zeroed tensor like ``V``); the first call of a shape with several
+        ``candidates`` times them."""
         out = torch.zeros_like(V) if out is None else out
         if shape in self.chosen:
             return run(self.chosen[shape], V, out)

@@ -241,6 +241,14 @@ def hvp_rows(grads: Sequence[Tensor] | dict[str, Tensor], leaves: Sequence[Tenso
                 for i, h in zip(used, hv):
                     if h is not None:
                         out[i][rows] += h
+        elif any(out[i].dtype != leaf.dtype for i, leaf in zip(used, x)):
+            # products summed in a wider dtype than the model's (half precision)
+            for j in range(k):
+                hv = torch.autograd.grad(g, x, [V[i][j] for i in used], retain_graph=True,
+                                         allow_unused=True)
+                for i, h in zip(used, hv):
+                    if h is not None:
+                        out[i][j] += h
         else:
             # each row's products accumulate into out[.][j] as the leaves' gradients, one
             # parameter at a time (no whole-vector temporary): 0 + h, as out += h would be
