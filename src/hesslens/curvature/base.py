@@ -41,11 +41,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from hesslens.curvature.blocks import Blocks, ParamSlice, block_parameters, resolve_blocks
+from hesslens.curvature.checkpointing import checkpoint_errors
 from hesslens.curvature.data import BatchSource
 from hesslens.curvature.estimators import Estimators
 from hesslens.curvature.functional_model import BatchNormMode, FunctionalModel
 from hesslens.curvature.layers import ROOT_LAYER, owned_parameters, select_layers
 from hesslens.curvature.layout import FlatLayout
+from hesslens.curvature.lm_head import TOKEN_CHUNK_BYTES
 from hesslens.curvature.loop import (
     GRAPH_CACHE_BYTES,
     PRODUCT_BYTES,
@@ -127,6 +129,12 @@ class CurvatureOperator(Estimators):
         :class:`hesslens.curvature.loop.DataLoop`.
     fd_order : {2, 4}
         Order of the finite-difference products (``path="fd"``).
+    token_chunk_bytes : int or None
+        A Hugging Face causal LM's own loss runs its output layer and cross-entropy this many
+        bytes of ``(tokens x vocabulary)`` temporaries at a time (default
+        :data:`~hesslens.curvature.lm_head.TOKEN_CHUNK_BYTES`), so that no product holds
+        ``(batch x tokens x vocabulary)`` tensors; ``None``: the model's own loss, unchunked
+        (:mod:`hesslens.curvature.lm_head`).
     num_terms : callable, optional
         ``num_terms(batch) -> int``: the number of loss terms of a batch (its weight).
     distributed, process_group :
@@ -159,6 +167,7 @@ class CurvatureOperator(Estimators):
         chunk_size: int = 32,
         product_bytes: int | None = None,
         fd_order: int = 4,
+        token_chunk_bytes: int | None = TOKEN_CHUNK_BYTES,
         num_terms: Callable[[Any], int] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
@@ -172,7 +181,7 @@ class CurvatureOperator(Estimators):
         group = resolve_group(distributed, process_group)
         fmodel = FunctionalModel(model, dtype=dtype, device=device, batchnorm=batchnorm,
                                  allow_dropout=allow_dropout)
-        loss = BatchLoss(model, loss_fn, num_terms)
+        loss = BatchLoss(model, loss_fn, num_terms, token_chunk_bytes=token_chunk_bytes)
         source = BatchSource(data, count_terms=loss.terms, group=group)
         cache = GRAPH_CACHE_BYTES if graph_cache_bytes is None else int(graph_cache_bytes)
         loop = DataLoop(fmodel, loss, source, graph_cache_bytes=0 if reuse_graph is False
@@ -264,7 +273,7 @@ class CurvatureOperator(Estimators):
 
     def _apply(self, V: Tensor) -> Tensor:
         """``M V`` for ``(k, dim)`` vectors already in place (combinations override it)."""
-        with named_derivative_errors():
+        with named_derivative_errors(), checkpoint_errors():
             return self._layout.narrow(self._products(self._layout.widen(V)))
 
     def hvp(self, v: Tensor) -> Tensor:
@@ -287,7 +296,8 @@ class CurvatureOperator(Estimators):
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The mean loss and its flat gradient with respect to this operator's elements."""
-        loss, grad = self._shared.loop.loss_and_gradient(self._layout.names)
+        with checkpoint_errors():
+            loss, grad = self._shared.loop.loss_and_gradient(self._layout.names)
         return loss, self._layout.narrow(grad.unsqueeze(0))[0]
 
     def reload_parameters(self, model: nn.Module) -> CurvatureOperator:

@@ -1,8 +1,12 @@
 """A private, frozen copy of a model for curvature products.
 
 Products must never change the user's model: no BatchNorm running-statistic update, no
-parameter or buffer mutation. The operators therefore evaluate a deep copy of the model with
-``torch.func.functional_call``, on a snapshot of the parameters taken at construction.
+parameter or buffer mutation. The operators therefore evaluate a deep copy of the model on a
+snapshot of the parameters taken at construction, each call with the tensors it is given put in
+the copy's modules as ``torch.func.functional_call`` does. They stay there after the call (until
+the next call or :meth:`FunctionalModel.release`): a module checkpointed with
+``torch.utils.checkpoint`` runs again during backward, and must then read the tensors its forward
+pass read (:mod:`hesslens.curvature.checkpointing`).
 
 BatchNorm: ``batchnorm="eval"`` (default) uses the running statistics, whatever mode the model is
 in; ``batchnorm="batch"`` normalises with each batch's own statistics (train-mode semantics)
@@ -28,7 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.stateless import _reparametrize_module
 
+from hesslens.curvature.checkpointing import keep_checkpointing
 from hesslens.curvature.layers import record_call_order
 from hesslens.errors import HesslensInputError
 
@@ -92,6 +98,9 @@ class FunctionalModel:
                     m.running_var = None
                     m.num_batches_tracked = None
         self.module = module
+        # the user's Hugging Face checkpointing stays in effect in the copy, in eval mode too
+        self.checkpointing = keep_checkpointing(module)
+        self._held: Any = None
         self.batchnorm = batchnorm
         self.params = {n: p.detach() for n, p in module.named_parameters()}
         self.buffers = {n: b.detach() for n, b in module.named_buffers()}
@@ -103,6 +112,7 @@ class FunctionalModel:
         """Copy ``model``'s current parameters and buffers into the snapshot, in place (no new
         copy of the model): the same network later in training. Names and shapes must match
         the model this copy was made from."""
+        self.release()
         model_params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in model_params]
         if missing or len(model_params) != len(self.params):
@@ -125,10 +135,28 @@ class FunctionalModel:
 
     def __call__(self, params: dict[str, torch.Tensor], args: tuple = (),
                  kwargs: dict | None = None) -> Any:
-        """The model's output with ``params`` overriding the snapshot."""
-        merged = {**self.params, **params}
-        return torch.func.functional_call(self.module, (merged, self.buffers), tuple(args),
-                                          kwargs or {})
+        """The model's output with ``params`` overriding the snapshot; the tensors stay in the
+        copy's modules until the next call or :meth:`release` (a checkpointed module reruns
+        during backward with them)."""
+        self.hold({**self.params, **params})
+        return self.module(*tuple(args), **(kwargs or {}))
+
+    def hold(self, params: dict[str, torch.Tensor]) -> None:
+        """Put ``params`` (every parameter) and the buffers in the copy's modules (tied weights
+        alike) until the next :meth:`hold` or :meth:`release`: what ``functional_call`` does for
+        the length of one call, kept for the backward passes that rerun checkpointed modules
+        (the data loop holds a cached graph's leaves again before it differentiates it)."""
+        self.release()
+        held = _reparametrize_module(self.module, {**params, **self.buffers}, tie_weights=True)
+        held.__enter__()
+        self._held = held
+
+    def release(self) -> None:
+        """Put the snapshot's own tensors back in the copy's modules (nothing of a product is
+        kept alive by them)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
 
     def bind(self, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
         """``forward(*args, **kwargs)`` of the model with ``params`` overriding the snapshot."""
