@@ -11,6 +11,9 @@ that work for curvature products:
   is switched off: :func:`keep_checkpointing` makes the copy's layers that the user set to
   checkpoint (``gradient_checkpointing_enable()``) do so whenever gradients are recorded,
   non-reentrant (the copy is private: reentrant checkpointing cannot be differentiated twice).
+* A pass that must run under modes (the training penalty's differentiable normalisation and
+  attention kernels) cannot be rerun under them by ``torch.utils.checkpoint``: such a pass runs
+  with the Hugging Face layers' checkpointing off (:func:`checkpointing_off`).
 * ``torch.func`` transforms refuse saved-tensor hooks, on which non-reentrant checkpointing
   runs: the forward-over-reverse path cannot run through a checkpointed module
   (:func:`checkpoint_errors` says so by name; the Gauss-Newton matrix then multiplies through
@@ -31,9 +34,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +99,16 @@ class checkpoint_errors:
         return False
 
 
+def _hf_layers(module: nn.Module) -> list[nn.Module]:
+    """The Hugging Face layers of ``module`` that checkpoint (``gradient_checkpointing_enable``)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers absent or too old: nothing of its kind
+        return []
+    return [m for m in module.modules()
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
 def keep_checkpointing(module: nn.Module) -> bool:
     """Make the Hugging Face layers of ``module`` (a private copy) that checkpoint
     (``gradient_checkpointing_enable()``) do so whenever gradients are recorded, whatever the
@@ -102,20 +116,42 @@ def keep_checkpointing(module: nn.Module) -> bool:
 
     transformers' layers checkpoint only in train mode (``self.gradient_checkpointing and
     self.training``); the copy is put in eval mode to switch dropout off, which would switch the
-    checkpointing off with it. Layers of transformers versions that checkpoint from the model's
-    forward instead of the layer's are left as they are."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # transformers absent or too old: nothing of its kind to keep
-        return False
-    found = False
+    checkpointing off with it. The hook that makes the input embeddings' output require grad
+    (``make_inputs_require_grads``, for reentrant checkpointing) is dropped from the copy: its
+    ``requires_grad_`` is refused inside ``torch.func`` transforms, and the copy's checkpointing
+    is non-reentrant. Layers of transformers versions that checkpoint from the model's forward
+    instead of the layer's are left as they are."""
     for m in module.modules():
-        if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
-            forward = type(m).forward
-            m.forward = types.MethodType(_checkpointed(getattr(forward, "__wrapped__", forward)),
-                                         m)
-            found = True
-    return found
+        hooks = getattr(m, "_forward_hooks", {})
+        for key in [k for k, h in hooks.items()
+                    if getattr(h, "__name__", "") == "make_inputs_require_grads"]:
+            del hooks[key]
+    layers = _hf_layers(module)
+    for m in layers:
+        forward = type(m).forward
+        m.forward = types.MethodType(_checkpointed(getattr(forward, "__wrapped__", forward)), m)
+    return bool(layers)
+
+
+@contextlib.contextmanager
+def checkpointing_off(module: nn.Module) -> Iterator[None]:
+    """Switch the checkpointing of ``module``'s Hugging Face layers off inside the block: for a
+    pass under modes that a rerun in backward would not be under (``torch.utils.checkpoint``
+    reruns outside them).
+
+    Example:
+        >>> import torch
+        >>> with checkpointing_off(torch.nn.Linear(2, 2)):
+        ...     pass
+    """
+    layers = _hf_layers(module)
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
 
 
 def _checkpointed(plain: Callable[..., Any]) -> Callable[..., Any]:
