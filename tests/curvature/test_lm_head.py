@@ -216,9 +216,9 @@ def test_models_that_transform_their_logits_keep_their_own_loss():
     model = RescaledLMHeadModel(tiny_gpt2().config).double().eval()
     data = lm_batches()
     with pytest.warns(UserWarning, match="differs from the model's own"):
-        H = hl.Hessian(model, None, data, token_chunk_bytes=CHUNK_BYTES)
+        H = hl.Hessian(model, None, data, token_chunk_bytes=CHUNK_BYTES, path="reverse")
     assert H._shared.loop.loss.lm_head is None
-    own = hl.Hessian(model, None, data, token_chunk_bytes=None)
+    own = hl.Hessian(model, None, data, token_chunk_bytes=None, path="reverse")
     V = torch.randn(2, H.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert torch.equal(H.hvp(V), own.hvp(V))
 

@@ -120,6 +120,20 @@ def _softmax_hessian(p: Tensor, e: Tensor) -> Tensor:
     return p * e - p * (p * e).sum(-1, keepdim=True)
 
 
+def _add_product(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """``acc + a @ b``: in place (no ``(vocabulary x hidden)`` temporary) unless a ``torch.func``
+    transform batches the operands, which in-place updates of an unbatched ``acc`` cannot take."""
+    if acc is None:
+        return a @ b
+    if _is_transformed(acc, a, b):
+        return acc + a @ b
+    return acc.addmm_(a, b)
+
+
+def _is_transformed(*tensors: Tensor) -> bool:
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def _chunks(n: int, chunk: int) -> list[slice]:
     return [slice(i, min(i + chunk, n)) for i in range(0, n, max(1, chunk))]
 
@@ -137,16 +151,17 @@ def head_gradient(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, s: Tensor, 
     """``s (r W, r^T h, sum_t r_t)``: the gradient of ``s sum_t CE`` in ``(h, W, b)``."""
     dtype = compute_dtype(h.dtype)
     Wc, s = W.to(dtype), s.to(dtype)
-    dh, dW = [], torch.zeros_like(Wc)
+    dh, dW = [], None
     db = torch.zeros(W.shape[0], dtype=dtype, device=W.device) if b is not None else None
     for rows in _chunks(h.shape[0], chunk):
         _, r = _residual(_logits(h[rows], W, b), y[rows])
         r = r * s
         dh.append(r @ Wc)
-        dW = dW + r.T @ h[rows].to(dtype)
+        dW = _add_product(dW, r.T, h[rows].to(dtype))
         if db is not None:
             db = db + r.sum(0)
     dh = torch.cat(dh) if dh else h.new_zeros(h.shape, dtype=dtype)
+    dW = dW if dW is not None else torch.zeros_like(Wc)
     return dh.to(h.dtype), dW.to(W.dtype), db.to(b.dtype) if b is not None else None
 
 
@@ -159,7 +174,7 @@ def head_hessian_product(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, s: T
     gradient in ``s``). ``gauss_newton=True`` leaves out the ``r`` terms: ``J^T H_z J``."""
     dtype = compute_dtype(h.dtype)
     Wc, sc = W.to(dtype), s.to(dtype)
-    out_h, out_W = [], torch.zeros_like(Wc)
+    out_h, out_W = [], None
     out_b = torch.zeros(W.shape[0], dtype=dtype, device=W.device) if b is not None else None
     along_s = h.new_zeros((), dtype=dtype)
     for rows in _chunks(h.shape[0], chunk):
@@ -169,19 +184,19 @@ def head_hessian_product(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, s: T
         e = _direction(hc, uc, V, c, W, dtype)
         q = _softmax_hessian(p, e) * sc
         oh = q @ Wc
-        ow = q.T @ hc
+        out_W = _add_product(out_W, q.T, hc)
         if not gauss_newton:
             along_s = along_s + (r * e).sum()
             r = r * sc
             if V is not None:
                 oh = oh + r @ V.to(dtype)
             if uc is not None:
-                ow = ow + r.T @ uc.to(dtype)
+                out_W = _add_product(out_W, r.T, uc.to(dtype))
         out_h.append(oh)
-        out_W = out_W + ow
         if out_b is not None:
             out_b = out_b + q.sum(0)
     oh = torch.cat(out_h) if out_h else h.new_zeros(h.shape, dtype=dtype)
+    out_W = out_W if out_W is not None else torch.zeros_like(Wc)
     return (oh.to(h.dtype), out_W.to(W.dtype),
             out_b.to(b.dtype) if b is not None else None, along_s)
 
@@ -211,16 +226,17 @@ def head_fisher(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, sample: Tenso
         e = _direction(h[rows].to(dtype), u[rows] if u is not None else None, V, c, W, dtype)
         along = along.index_add(0, sample[rows], (r * e).sum(-1))
     coef = along * sample_weight.to(dtype)
-    out_h, out_W = [], torch.zeros_like(Wc)
+    out_h, out_W = [], None
     out_b = torch.zeros(W.shape[0], dtype=dtype, device=W.device) if b is not None else None
     for rows in _chunks(h.shape[0], chunk):
         _, r = _residual(_logits(h[rows], W, b), y[rows])
         r = r * coef[sample[rows]].unsqueeze(-1)
         out_h.append(r @ Wc)
-        out_W = out_W + r.T @ h[rows].to(dtype)
+        out_W = _add_product(out_W, r.T, h[rows].to(dtype))
         if out_b is not None:
             out_b = out_b + r.sum(0)
     oh = torch.cat(out_h) if out_h else h.new_zeros(h.shape, dtype=dtype)
+    out_W = out_W if out_W is not None else torch.zeros_like(Wc)
     return oh.to(h.dtype), out_W.to(W.dtype), out_b.to(b.dtype) if b is not None else None
 
 
