@@ -104,6 +104,7 @@ class FunctionalModel:
         self.batchnorm = batchnorm
         self.params = {n: p.detach() for n, p in module.named_parameters()}
         self.buffers = {n: b.detach() for n, b in module.named_buffers()}
+        self._aliases = _tied_aliases(module)
         self.trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         for p in module.parameters():
             p.requires_grad_(False)
@@ -147,7 +148,10 @@ class FunctionalModel:
         the length of one call, kept for the backward passes that rerun checkpointed modules
         (the data loop holds a cached graph's leaves again before it differentiates it)."""
         self.release()
-        held = _reparametrize_module(self.module, {**params, **self.buffers}, tie_weights=True)
+        tensors = {**params, **self.buffers}
+        tensors.update({alias: tensors[name] for alias, name in self._aliases.items()
+                        if name in tensors})
+        held = _reparametrize_module(self.module, tensors)
         held.__enter__()
         self._held = held
 
@@ -166,6 +170,21 @@ class FunctionalModel:
         """Run ``run()`` (a forward pass of this copy) and record when each wanted module is
         first called; the copy's module names are the user's model's."""
         return record_call_order(self.module, run, wanted)
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Every other name of a tied parameter or buffer, mapped to its first name (the one
+    ``named_parameters()`` gives): found once here, not on every call as
+    ``functional_call(tie_weights=True)`` does."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
 
 
 def _active_dropout(m: nn.Module) -> bool:

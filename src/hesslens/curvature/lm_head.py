@@ -23,8 +23,8 @@ from one byte budget, ``token_chunk_bytes`` (default :data:`TOKEN_CHUNK_BYTES`).
 ``ForCausalLMLoss`` (or the zoo's ``causal_lm_loss``), a linear output embedding, no logit
 soft-capping or scaling after the head, mapping batches with ``labels``; it checks the chunked
 loss against the model's own on the first batch, and everything else keeps the model's own
-loss. Logits below float32 are upcast as
-transformers does; float64 stays float64 (transformers rounds the logits to float32).
+loss. Logits below float32 are upcast as transformers does; float64 stays float64
+(transformers rounds the logits to float32).
 
 Example:
     >>> import torch
@@ -95,9 +95,10 @@ def _logits(h: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
 
 
 def _residual(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``p = softmax(z)`` and ``r = p - onehot(y)``."""
+    """``p = softmax(z)`` and ``r = p - onehot(y)`` (no one-hot tensor made)."""
     p = torch.softmax(z, dim=-1)
-    r = p - F.one_hot(y, p.shape[-1]).to(p.dtype)
+    rows = torch.arange(p.shape[-2], device=p.device)
+    r = p.index_put((rows, y), p.new_full((), -1.0).expand(y.shape), accumulate=True)
     return p, r
 
 
@@ -108,8 +109,8 @@ def _direction(h: Tensor, u: Tensor | None, V: Tensor | None, c: Tensor | None,
     if u is not None:
         e = F.linear(u.to(dtype), W.to(dtype))
     if V is not None:
-        term = F.linear(h.to(dtype), V.to(dtype))
-        e = term if e is None else e + term
+        hd, Vd = h.to(dtype), V.to(dtype)
+        e = hd @ Vd.T if e is None else torch.addmm(e, hd, Vd.T)
     if c is not None:
         e = c.to(dtype).expand(h.shape[0], -1) if e is None else e + c.to(dtype)
     return e if e is not None else h.new_zeros(h.shape[0], W.shape[0], dtype=dtype)
@@ -117,7 +118,8 @@ def _direction(h: Tensor, u: Tensor | None, V: Tensor | None, c: Tensor | None,
 
 def _softmax_hessian(p: Tensor, e: Tensor) -> Tensor:
     """``q = (diag(p) - p p^T) e`` row by row: the cross-entropy's Hessian in the logits."""
-    return p * e - p * (p * e).sum(-1, keepdim=True)
+    pe = p * e
+    return torch.addcmul(pe, p, pe.sum(-1, keepdim=True), value=-1.0)
 
 
 def _add_product(acc: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
@@ -155,11 +157,11 @@ def head_gradient(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, s: Tensor, 
     db = torch.zeros(W.shape[0], dtype=dtype, device=W.device) if b is not None else None
     for rows in _chunks(h.shape[0], chunk):
         _, r = _residual(_logits(h[rows], W, b), y[rows])
-        r = r * s
-        dh.append(r @ Wc)
-        dW = _add_product(dW, r.T, h[rows].to(dtype))
+        # the scale goes on the (tokens x hidden) side: no scaled (tokens x vocabulary) copy
+        dh.append((r @ Wc) * s)
+        dW = _add_product(dW, r.T, h[rows].to(dtype) * s)
         if db is not None:
-            db = db + r.sum(0)
+            db = db + r.sum(0) * s
     dh = torch.cat(dh) if dh else h.new_zeros(h.shape, dtype=dtype)
     dW = dW if dW is not None else torch.zeros_like(Wc)
     return dh.to(h.dtype), dW.to(W.dtype), db.to(b.dtype) if b is not None else None
@@ -182,19 +184,21 @@ def head_hessian_product(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, s: T
         uc = u[rows] if u is not None else None
         p, r = _residual(_logits(h[rows], W, b), y[rows])
         e = _direction(hc, uc, V, c, W, dtype)
-        q = _softmax_hessian(p, e) * sc
+        q = _softmax_hessian(p, e)
+        del p
+        # the scale goes on the (tokens x hidden) side: no scaled (tokens x vocabulary) copy
         oh = q @ Wc
-        out_W = _add_product(out_W, q.T, hc)
+        out_W = _add_product(out_W, q.T, hc * sc)
+        if out_b is not None:
+            out_b = out_b + q.sum(0) * sc
+        del q
         if not gauss_newton:
             along_s = along_s + (r * e).sum()
-            r = r * sc
             if V is not None:
-                oh = oh + r @ V.to(dtype)
+                oh = torch.addmm(oh, r, V.to(dtype))
             if uc is not None:
-                out_W = _add_product(out_W, r.T, uc.to(dtype))
-        out_h.append(oh)
-        if out_b is not None:
-            out_b = out_b + q.sum(0)
+                out_W = _add_product(out_W, r.T, uc.to(dtype) * sc)
+        out_h.append(oh * sc)
     oh = torch.cat(out_h) if out_h else h.new_zeros(h.shape, dtype=dtype)
     out_W = out_W if out_W is not None else torch.zeros_like(Wc)
     return (oh.to(h.dtype), out_W.to(W.dtype),
@@ -230,11 +234,11 @@ def head_fisher(h: Tensor, W: Tensor, b: Tensor | None, y: Tensor, sample: Tenso
     out_b = torch.zeros(W.shape[0], dtype=dtype, device=W.device) if b is not None else None
     for rows in _chunks(h.shape[0], chunk):
         _, r = _residual(_logits(h[rows], W, b), y[rows])
-        r = r * coef[sample[rows]].unsqueeze(-1)
-        out_h.append(r @ Wc)
-        out_W = _add_product(out_W, r.T, h[rows].to(dtype))
+        token_coef = coef[sample[rows]].unsqueeze(-1)  # on the (tokens x hidden) side
+        out_h.append((r @ Wc) * token_coef)
+        out_W = _add_product(out_W, r.T, h[rows].to(dtype) * token_coef)
         if out_b is not None:
-            out_b = out_b + r.sum(0)
+            out_b = out_b + r.T @ token_coef[:, 0]
     oh = torch.cat(out_h) if out_h else h.new_zeros(h.shape, dtype=dtype)
     out_W = out_W if out_W is not None else torch.zeros_like(Wc)
     return oh.to(h.dtype), out_W.to(W.dtype), out_b.to(b.dtype) if b is not None else None
