@@ -1,7 +1,9 @@
 """Peak memory of one curvature product through a large vocabulary: GPT-2-small
 (``GPT2Config()``, 124M parameters, built from its config, never downloaded) on its own loss at
 8 sequences x 512 tokens, the output layer and cross-entropy whole (``token_chunk_bytes=None``,
-"before") and in token chunks (the default, "after").
+"before") and in token chunks (the default, "after"): Hessian products by double backward
+(``path="reverse"``) and by differences of gradients (``path="fd"``), Gauss-Newton products,
+and the chunked Hessian with Hugging Face activation checkpointing.
 
 Each case runs in a fresh process: it builds the model and the batch, records its resident set,
 then runs one thing (one gradient of the model's loss; or building the operator and one product
@@ -16,7 +18,8 @@ Usage::
     python benchmarks/bench_lm_head.py --layers 2 --tokens 64 --out /tmp/lm.json  # a smoke run
     python benchmarks/bench_lm_head.py --cases gradient hessian-chunked
 
-prints a table and writes ``benchmarks/results/lm_head.json``.
+prints a table and writes ``benchmarks/results/lm_head.json`` (a run of some cases replaces
+those cases' rows there and keeps the others of the same setting).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 from _measure import vm, write_results
 
 CASES = ("gradient", "hessian-unchunked", "hessian-chunked", "hessian-chunked-checkpointing",
-         "gauss-newton-unchunked", "gauss-newton-chunked")
+         "gauss-newton-unchunked", "gauss-newton-chunked", "hessian-fd-unchunked",
+         "hessian-fd-chunked", "hessian-fd-chunked-checkpointing")
 
 
 def _child(case: str, batch_size: int, tokens: int, layers: int | None) -> dict:
@@ -62,7 +66,10 @@ def _child(case: str, batch_size: int, tokens: int, layers: int | None) -> dict:
     if case == "gradient":
         model(**batch).loss.backward()
     elif case.startswith("hessian"):
-        H = hl.Hessian(model, None, [batch], path="reverse", **chunking)
+        # fd: central differences of two gradients (the peak of the fourth-order products,
+        # which take their gradients one at a time, at half the time)
+        path = {"path": "fd", "fd_order": 2} if "-fd" in case else {"path": "reverse"}
+        H = hl.Hessian(model, None, [batch], **path, **chunking)
         norm = float(H.hvp(v).norm())
         extra = {"product_norm": norm,
                  "chunked": H._shared.loop.loss.lm_head is not None}
@@ -96,6 +103,19 @@ def _run(cmd: list[str], max_bytes: int) -> tuple[int, str, str, int]:
     return proc.returncode, out, err, seen
 
 
+def _merged(path: str, setting: dict, rows: list[dict]) -> list[dict]:
+    """``rows`` after the rows of the other cases already in ``path`` for the same setting (a
+    run of some cases updates those)."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return rows
+    if any(old.get(k) != v for k, v in setting.items()):
+        return rows
+    done = {r["case"] for r in rows}
+    return [r for r in old.get("rows", []) if r.get("case") not in done] + rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -127,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rows.append({**json.loads(out.strip().splitlines()[-1]), "load_before": load,
                          "load_after": os.getloadavg()})
+        rows[-1]["max_gib"] = args.max_gib
         print(f"  {case}: {json.dumps(rows[-1])}", flush=True)
     print(f"{'case':<32} {'peak rise MiB':>14} {'f32 param copies':>17} {'seconds':>8}")
     for r in rows:
@@ -136,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         r["float32_copies"] = r["bytes"] / (4 * r["n_params"])
         print(f"{r['case']:<32} {r['bytes'] / 2**20:14.0f} {r['float32_copies']:17.1f} "
               f"{r['seconds']:8.1f}")
-    write_results(args.out, {"benchmark": "lm_head", "batch": args.batch, "tokens": args.tokens,
-                             "layers": args.layers or 12, "max_gib": args.max_gib,
-                             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                             "rows": rows})
+    setting = {"benchmark": "lm_head", "batch": args.batch, "tokens": args.tokens,
+               "layers": args.layers or 12}
+    write_results(args.out, {**setting, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                             "rows": _merged(args.out, setting, rows)})
     return 0
 
 
