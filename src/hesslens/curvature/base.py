@@ -41,11 +41,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from hesslens.curvature.blocks import Blocks, ParamSlice, block_parameters, resolve_blocks
+from hesslens.curvature.checkpointing import checkpoint_errors
 from hesslens.curvature.data import BatchSource
 from hesslens.curvature.estimators import Estimators
 from hesslens.curvature.functional_model import BatchNormMode, FunctionalModel
 from hesslens.curvature.layers import ROOT_LAYER, owned_parameters, select_layers
 from hesslens.curvature.layout import FlatLayout
+from hesslens.curvature.lm_head import TOKEN_CHUNK_BYTES
 from hesslens.curvature.loop import (
     DataLoop,
     WeightedBatch,
@@ -132,6 +134,12 @@ class CurvatureOperator(Estimators):
         ``memory``): see :class:`hesslens.curvature.loop.DataLoop`.
     fd_order : {2, 4}
         Order of the finite-difference products (``path="fd"``).
+    token_chunk_bytes : int or None
+        A Hugging Face causal LM's own loss runs its output layer and cross-entropy this many
+        bytes of ``(tokens x vocabulary)`` temporaries at a time (default
+        :data:`~hesslens.curvature.lm_head.TOKEN_CHUNK_BYTES`), so that no product holds
+        ``(batch x tokens x vocabulary)`` tensors; ``None``: the model's own loss, unchunked
+        (:mod:`hesslens.curvature.lm_head`).
     num_terms : callable, optional
         ``num_terms(batch) -> int``: the number of loss terms of a batch (its weight).
     distributed, process_group :
@@ -169,6 +177,7 @@ class CurvatureOperator(Estimators):
         chunk_size: int = 32,
         product_bytes: int | None = None,
         fd_order: int = 4,
+        token_chunk_bytes: int | None = TOKEN_CHUNK_BYTES,
         num_terms: Callable[[Any], int] | None = None,
         distributed: bool | None = None,
         process_group: Any = None,
@@ -184,7 +193,7 @@ class CurvatureOperator(Estimators):
         group = resolve_group(distributed, process_group)
         fmodel = FunctionalModel(model, dtype=dtype, device=device, batchnorm=batchnorm,
                                  allow_dropout=allow_dropout, snapshot=snapshot)
-        loss = BatchLoss(model, loss_fn, num_terms)
+        loss = BatchLoss(model, loss_fn, num_terms, token_chunk_bytes=token_chunk_bytes)
         source = BatchSource(data, count_terms=loss.terms, group=group)
         width = sum(fmodel.params[n].numel() for n in fmodel.trainable)
         budget = MemoryBudget.of(memory, width * torch.finfo(work_dtype(fmodel.dtype)).bits // 8,
@@ -281,7 +290,7 @@ class CurvatureOperator(Estimators):
         """``M V`` for ``(k, dim)`` vectors already in place (combinations override it): the
         products in the model's dtype, summed in this operator's."""
         W = self._layout.widen(V).to(self._shared.loop.model.dtype)
-        with named_derivative_errors():
+        with named_derivative_errors(), checkpoint_errors():
             return self._layout.narrow(self._products(W))
 
     def hvp(self, v: Tensor) -> Tensor:
@@ -304,7 +313,8 @@ class CurvatureOperator(Estimators):
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """The mean loss and its flat gradient with respect to this operator's elements."""
-        loss, grad = self._shared.loop.loss_and_gradient(self._layout.names)
+        with checkpoint_errors():
+            loss, grad = self._shared.loop.loss_and_gradient(self._layout.names)
         return loss, self._layout.narrow(grad.unsqueeze(0))[0]
 
     def reload_parameters(self, model: nn.Module) -> CurvatureOperator:

@@ -10,7 +10,9 @@ too) and ``d_n = dl_n/dz`` (zero outside row ``n``). The product needs no per-sa
 
 a Gauss-Newton product whose output-space matrix is ``sum_n w_n d_n d_n^T`` instead of the
 loss's Hessian in the outputs. ``J v`` comes from the derivative of ``J^T u`` in a dummy ``u``
-(reverse mode only), so a product costs three reverse passes through the kept graph.
+(reverse mode only), so a product costs three reverse passes through the kept graph. For a
+causal LM's own loss through a chunked output layer the samples' ``d_n . (J v)_n`` and ``J^T c``
+run a chunk of tokens at a time (:func:`hesslens.curvature.lm_head.fisher_rows`).
 
 Example:
     >>> import torch, hesslens as hl
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hesslens.curvature import products
+from hesslens.curvature import lm_head, products
 from hesslens.curvature.base import CurvatureOperator
 from hesslens.curvature.data import leading_size, take_rows
 from hesslens.curvature.loop import WeightedBatch
@@ -68,6 +70,9 @@ class EmpiricalFisher(CurvatureOperator):
         """``F_b V = J^T c`` with ``c_n = w_n d_n (d_n · (J v)_n)``, one vector at a time."""
         graph = batch.graph("fisher", self._graph)
         out = out if out is not None else [torch.zeros_like(v) for v in vectors]
+        if isinstance(graph, lm_head.HeadGraph):
+            return lm_head.fisher_rows(graph, names, vectors,
+                                       self._shared.loop.data.num_terms, out)
         leaves = [graph.leaves[n] for n in names]
         rows = (-1,) + (1,) * (graph.d.dim() - 1)
         with products.second_order_kernels():
@@ -83,11 +88,15 @@ class EmpiricalFisher(CurvatureOperator):
                         o[j] += g
         return out
 
-    def _graph(self, batch: WeightedBatch) -> FisherGraph:
+    def _graph(self, batch: WeightedBatch) -> FisherGraph | lm_head.HeadGraph:
         """Outputs, ``J^T u`` and the per-sample loss gradients of a batch, over every trainable
         parameter (shared by the blocks); checks that the batch's loss is the mean of its
-        samples' losses."""
+        samples' losses. For a chunked output layer: the graph to the head's inputs."""
         batch.check()
+        head = batch.lm_head
+        if head is not None:
+            return lm_head.head_graph(head, batch.model, batch.params, batch.trainable,
+                                      batch.data)
         loop = batch._loop
         data = batch.data
         n = leading_size(data)

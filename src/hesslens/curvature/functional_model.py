@@ -1,8 +1,12 @@
 """A private, frozen copy of a model for curvature products.
 
 Products must never change the user's model: no BatchNorm running-statistic update, no
-parameter or buffer mutation. The operators therefore evaluate a deep copy of the model with
-``torch.func.functional_call``, on a snapshot of the parameters taken at construction.
+parameter or buffer mutation. The operators therefore evaluate a deep copy of the model on a
+snapshot of the parameters taken at construction, each call with the tensors it is given put in
+the copy's modules as ``torch.func.functional_call`` does. They stay there after the call (until
+the next call or :meth:`FunctionalModel.release`): a module checkpointed with
+``torch.utils.checkpoint`` runs again during backward, and must then read the tensors its forward
+pass read (:mod:`hesslens.curvature.checkpointing`).
 
 BatchNorm: ``batchnorm="eval"`` (default) uses the running statistics, whatever mode the model is
 in; ``batchnorm="batch"`` normalises with each batch's own statistics (train-mode semantics)
@@ -28,7 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.stateless import _reparametrize_module
 
+from hesslens.curvature.checkpointing import keep_checkpointing
 from hesslens.curvature.layers import record_call_order
 from hesslens.errors import HesslensInputError
 
@@ -117,9 +123,13 @@ class FunctionalModel:
                     m.running_var = None
                     m.num_batches_tracked = None
         self.module = module
+        # the user's Hugging Face checkpointing stays in effect in the copy, in eval mode too
+        self.checkpointing = keep_checkpointing(module)
+        self._held: Any = None
         self.batchnorm = batchnorm
         self.params = {n: p.detach() for n, p in module.named_parameters()}
         self.buffers = {n: b.detach() for n, b in module.named_buffers()}
+        self._aliases = _tied_aliases(module)
         self.trainable = [n for n, p in module.named_parameters() if p.requires_grad]
         if not self.shared:
             for p in module.parameters():
@@ -145,6 +155,7 @@ class FunctionalModel:
         """Take ``model``'s current parameters and buffers: copied into the snapshot in place
         (no new copy of the model), or, where they are the model's own, taken as they are now.
         The same network later in training: names and shapes must match."""
+        self.release()
         model_params = dict(model.named_parameters())
         missing = [n for n in self.params if n not in model_params]
         if missing or len(model_params) != len(self.params):
@@ -176,10 +187,31 @@ class FunctionalModel:
 
     def __call__(self, params: dict[str, torch.Tensor], args: tuple = (),
                  kwargs: dict | None = None) -> Any:
-        """The model's output with ``params`` overriding the snapshot."""
-        merged = {**self.params, **params}
-        return torch.func.functional_call(self.module, (merged, self.buffers), tuple(args),
-                                          kwargs or {})
+        """The model's output with ``params`` overriding the snapshot; the tensors stay in the
+        copy's modules until the next call or :meth:`release` (a checkpointed module reruns
+        during backward with them)."""
+        self.hold({**self.params, **params})
+        return self.module(*tuple(args), **(kwargs or {}))
+
+    def hold(self, params: dict[str, torch.Tensor]) -> None:
+        """Put ``params`` (every parameter) and the buffers in the copy's modules (tied weights
+        alike) until the next :meth:`hold` or :meth:`release`: what ``functional_call`` does for
+        the length of one call, kept for the backward passes that rerun checkpointed modules
+        (the data loop holds a cached graph's leaves again before it differentiates it)."""
+        self.release()
+        tensors = {**params, **self.buffers}
+        tensors.update({alias: tensors[name] for alias, name in self._aliases.items()
+                        if name in tensors})
+        held = _reparametrize_module(self.module, tensors)
+        held.__enter__()
+        self._held = held
+
+    def release(self) -> None:
+        """Put the snapshot's own tensors back in the copy's modules (nothing of a product is
+        kept alive by them)."""
+        held, self._held = self._held, None
+        if held is not None:
+            held.__exit__(None, None, None)
 
     def bind(self, params: dict[str, torch.Tensor]) -> Callable[..., Any]:
         """``forward(*args, **kwargs)`` of the model with ``params`` overriding the snapshot."""
@@ -189,6 +221,21 @@ class FunctionalModel:
         """Run ``run()`` (a forward pass of this copy) and record when each wanted module is
         first called; the copy's module names are the user's model's."""
         return record_call_order(self.module, run, wanted)
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Every other name of a tied parameter or buffer, mapped to its first name (the one
+    ``named_parameters()`` gives): found once here, not on every call as
+    ``functional_call(tie_weights=True)`` does."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
 
 
 def _active_dropout(m: nn.Module) -> bool:

@@ -5,7 +5,11 @@ the Hessian (:meth:`hesslens.curvature.hessian.Hessian.residual`).
 
 One vector goes through the batch's kept graphs (``J v`` as the derivative of ``J^T u`` in a
 dummy ``u``, ``H_z`` by double backward, ``J^T``: three reverse passes, no forward); several
-are vmapped through ``jvp`` and ``vjp``, which is cheaper per vector.
+are vmapped through ``jvp`` and ``vjp``, which is cheaper per vector. Two cases go through kept
+graphs for every number of vectors: a causal LM's own loss through a chunked output layer
+(``J`` to the head's inputs, ``J_head^T H_z J_head`` a chunk of tokens at a time:
+:mod:`hesslens.curvature.lm_head`), and a model that checkpoints activations (``torch.func``
+cannot run through it: :mod:`hesslens.curvature.checkpointing`).
 
 Example:
     >>> import torch, hesslens as hl
@@ -18,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from hesslens.curvature import products
+from hesslens.curvature import lm_head, products
 from hesslens.curvature.base import CurvatureOperator
+from hesslens.curvature.checkpointing import is_torch_func_refusal
 from hesslens.curvature.loop import WeightedBatch, split_flat
 
 
@@ -30,12 +36,22 @@ class GaussNewton(CurvatureOperator):
 
     def batch_products(self, batch: WeightedBatch, names: list[str], vectors: list[Tensor],
                        out: list[Tensor] | None = None) -> list[Tensor]:
-        """``G_b V``, vmapped through ``jvp`` and ``vjp`` (one forward pass of the batch)."""
-        batch.check()
-        return products.gauss_newton_vmapped(batch.outputs, batch.loss_of_outputs,
-                                             batch.params, names, vectors,
-                                             chunk_size=vectors[0].shape[0],
-                                             randomness=batch.randomness, out=out)
+        """``G_b V``, vmapped through ``jvp`` and ``vjp`` (one forward pass of the batch);
+        through kept graphs for a chunked output layer or a checkpointing model."""
+        model = self._shared.loop.model
+        if batch.lm_head is None and not model.checkpointing:
+            batch.check()
+            try:
+                return products.gauss_newton_vmapped(batch.outputs, batch.loss_of_outputs,
+                                                     batch.params, names, vectors,
+                                                     chunk_size=vectors[0].shape[0],
+                                                     randomness=batch.randomness, out=out)
+            except RuntimeError as err:
+                if not is_torch_func_refusal(err):
+                    raise
+                model.checkpointing = True  # torch.func cannot run through it: kept graphs
+        out = out if out is not None else [torch.zeros_like(v) for v in vectors]
+        return _through_graph(batch, names, vectors, out)
 
     def _products(self, W: Tensor) -> Tensor:
         loop = self._shared.loop
@@ -44,16 +60,28 @@ class GaussNewton(CurvatureOperator):
         # one vector: through the kept graphs, no forward pass
         names = self._layout.names
         vs = split_flat(W, [self._layout.shapes[n] for n in names])
-
-        def through_graph(batch: WeightedBatch, out: list[Tensor]) -> None:
-            graph = batch.graph("gauss_newton", _graph)
-            products.gauss_newton_vp(graph, names, vs, out=out)
-
-        return loop.sum(through_graph, vs, graph_kind="gauss_newton")
+        return loop.sum(lambda batch, out: _through_graph(batch, names, vs, out), vs,
+                        graph_kind="gauss_newton")
 
 
-def _graph(batch: WeightedBatch) -> products.GaussNewtonGraph:
-    """The batch's Gauss-Newton graphs over every trainable parameter (shared by the blocks)."""
+def _through_graph(batch: WeightedBatch, names: list[str], vectors: list[Tensor],
+                   out: list[Tensor]) -> list[Tensor]:
+    """``G_b V`` through the batch's kept graph, one vector at a time."""
+    graph = batch.graph("gauss_newton", _graph)
+    if isinstance(graph, lm_head.HeadGraph):
+        tokens = graph.inputs.labels.numel()
+        return lm_head.gauss_newton_rows(graph, names, vectors, batch.weight / max(tokens, 1),
+                                         out)
+    return products.gauss_newton_vp(graph, names, vectors, out=out)
+
+
+def _graph(batch: WeightedBatch) -> products.GaussNewtonGraph | lm_head.HeadGraph:
+    """The batch's Gauss-Newton graphs over every trainable parameter (shared by the blocks):
+    to the head's inputs for a chunked output layer, else to the outputs."""
     batch.check()
+    head = batch.lm_head
+    if head is not None:
+        return lm_head.head_graph(head, batch.model, batch.params, batch.trainable,
+                                  batch.data)
     return products.gauss_newton_graph(batch.outputs, batch.loss_of_outputs, batch.params,
                                        batch.trainable)

@@ -42,6 +42,7 @@ from hesslens.curvature.data import (
     take_rows,
 )
 from hesslens.curvature.functional_model import FunctionalModel
+from hesslens.curvature.lm_head import ChunkedLMLoss
 from hesslens.curvature.loss import BatchLoss, check_loss
 from hesslens.errors import HesslensInputError, NonFiniteCurvatureError
 from hesslens.linalg.lanczos import work_dtype
@@ -74,6 +75,11 @@ class WeightedBatch:
         return self._loop.model.params
 
     @property
+    def model(self) -> FunctionalModel:
+        """The private copy of the network the products run on."""
+        return self._loop.model
+
+    @property
     def trainable(self) -> list[str]:
         """Every trainable parameter's name, in model order (graphs built over all of them are
         shared by every block)."""
@@ -89,7 +95,7 @@ class WeightedBatch:
         """The weighted loss ``w_b L_b``; checked a finite scalar the first time each batch is
         evaluated outside a transform."""
         loop = self._loop
-        value = loop.loss.loss(loop.loss.call(loop.model.bind(params), self.data), self.data)
+        value = loop.loss.batch_loss(loop.model, params, self.data)
         if self.index not in loop.checked and not _is_traced(value):
             check_loss(value)
             loop.checked.add(self.index)
@@ -99,6 +105,12 @@ class WeightedBatch:
         """The network's output tensor ``z`` (``.logits`` of a ModelOutput)."""
         loop = self._loop
         return loop.loss.output_tensor(loop.loss.call(loop.model.bind(params), self.data))
+
+    @property
+    def lm_head(self) -> ChunkedLMLoss | None:
+        """The chunked output layer this batch's loss runs through
+        (:mod:`~hesslens.curvature.lm_head`), or ``None`` for the model's own loss."""
+        return self._loop.loss.chunked(self.data)
 
     def loss_of_outputs(self, z: Tensor) -> Tensor:
         """The weighted loss as a function of the output tensor ``z``."""
@@ -158,24 +170,31 @@ class DataLoop:
 
     # ----------------------------------------------------------------- batches
     def batches(self) -> Iterator[WeightedBatch]:
-        """Every batch on the model's device, with its weight: one pass."""
+        """Every batch on the model's device, with its weight: one pass (after which the
+        copy's modules hold the snapshot again)."""
         self.model.check_unchanged()
-        for i, (batch, weight) in enumerate(self.data):
-            if batch_device(batch) != self.model.device and not self.model.device_requested:
-                raise HesslensInputError(
-                    f"the inputs are on {batch_device(batch)} but the model is on "
-                    f"{self.model.device}: move the data, or pass device= to the operator"
-                )
-            yield WeightedBatch(self, i, move_batch(batch, self.model.device, self.model.dtype),
-                                weight)
+        try:
+            for i, (batch, weight) in enumerate(self.data):
+                if batch_device(batch) != self.model.device and not self.model.device_requested:
+                    raise HesslensInputError(
+                        f"the inputs are on {batch_device(batch)} but the model is on "
+                        f"{self.model.device}: move the data, or pass device= to the operator"
+                    )
+                yield WeightedBatch(self, i, move_batch(batch, self.model.device,
+                                                        self.model.dtype), weight)
+        finally:
+            self.model.release()
 
     def _pass(self, graph_kind: str | None) -> Iterator[WeightedBatch]:
         """One pass; without touching the data when every batch's graph of ``graph_kind`` is
         cached."""
         if graph_kind is not None and self.graphs_complete(graph_kind):
             self.model.check_unchanged()
-            for i, weight in enumerate(self.data.weights):
-                yield WeightedBatch(self, i, None, weight)
+            try:
+                for i, weight in enumerate(self.data.weights):
+                    yield WeightedBatch(self, i, None, weight)
+            finally:
+                self.model.release()
             return
         yield from self.batches()
 
@@ -186,7 +205,12 @@ class DataLoop:
         cache (one budget for all kinds, a prefix of the batches) has room."""
         cache = self._graphs.setdefault(kind, [])
         if batch.index < len(cache):
-            return cache[batch.index]
+            graph = cache[batch.index]
+            leaves = getattr(graph, "leaves", None)
+            if isinstance(leaves, dict):
+                # a checkpointed module reruns during backward: with the graph's own leaves
+                self.model.hold({**self.model.params, **leaves})
+            return graph
         graph = build(batch)
         self.activation_bytes = max(self.activation_bytes or 0, graph.nbytes)
         if batch.index == len(cache) and (
@@ -292,22 +316,26 @@ class DataLoop:
         parameters differentiated (the vector's tangents, its product, and one temporary of the
         largest layer's size) and one of the saved activations of a batch (the tangents that
         flow through the graph), measured on the first graph built, or on one forward pass of
-        the first batch where no graph is kept."""
+        the first batch where no graph is kept; and one token chunk of a chunked output layer
+        (:mod:`~hesslens.curvature.lm_head`)."""
         if self.activation_bytes is None:
             self.activation_bytes = self._measure_activations()
         params = self.model.params
         per_vector = 3 * sum(params[n].numel() * params[n].element_size() for n in names)
-        per_vector += self.activation_bytes
+        per_vector += self.activation_bytes + self.loss.chunk_bytes(self.model.dtype)
         return int(max(1, min(self.chunk_size, self.product_bytes // max(per_vector, 1))))
 
     def _measure_activations(self) -> int:
         """The bytes one forward pass of the first batch saves for backward (parameters not
         counted)."""
         batch = next(self.batches())
-        with products.saved_bytes(self.model.params.values()) as saved, torch.enable_grad():
-            leaves = {n: self.model.params[n].detach().requires_grad_(True)
-                      for n in self.model.trainable}
-            batch.loss(leaves)
+        try:
+            with products.saved_bytes(self.model.params.values()) as saved, torch.enable_grad():
+                leaves = {n: self.model.params[n].detach().requires_grad_(True)
+                          for n in self.model.trainable}
+                batch.loss(leaves)
+        finally:
+            self.model.release()
         return saved[0]
 
     # ----------------------------------------------------------------- first order
@@ -351,10 +379,14 @@ class DataLoop:
             with torch.no_grad():
                 holder["loss"] = self.loss.loss(self.loss.call(self.model.bind({}), head), head)
 
-        with products.named_derivative_errors():
-            order = self.model.call_order(run, wanted_modules)
-        check_loss(holder["loss"])
-        self._check_mean(head, holder["loss"])
+        try:
+            with products.named_derivative_errors():
+                order = self.model.call_order(run, wanted_modules)
+            check_loss(holder["loss"])
+            self._check_mean(head, holder["loss"])
+            self.loss.check_chunked(self.model, head, holder["loss"])
+        finally:
+            self.model.release()
         return order
 
     def _check_mean(self, head: Batch, loss: Tensor) -> None:

@@ -14,6 +14,13 @@ are not -100; shifted by one for causal language models, which predict the next 
 ``num_terms(batch)`` overrides both. A loss that is not a mean over its terms would be weighted
 wrongly over several batches: a loss module with ``reduction="sum"`` is refused by name.
 
+A Hugging Face causal LM's own loss is computed from the hidden states its output layer
+receives, that layer and the cross-entropy applied a chunk of tokens at a time, so that no
+``(batch x tokens x vocabulary)`` tensor is held whole (:mod:`hesslens.curvature.lm_head`;
+``token_chunk_bytes`` sizes a chunk, ``None`` keeps the model's own loss). Where the model's
+loss is not the plain recipe, or the chunked loss differs from it on the first batch, the
+model's own loss is used.
+
 Example:
     >>> import torch
     >>> spec = BatchLoss(torch.nn.Linear(2, 3), torch.nn.functional.cross_entropy)
@@ -24,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +39,7 @@ import torch
 from torch import nn
 
 from hesslens.curvature.data import Batch, as_args, is_pair, leading_size
+from hesslens.curvature.lm_head import TOKEN_CHUNK_BYTES, ChunkedLMLoss
 from hesslens.errors import CurvatureUnderflowError, HesslensInputError
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -40,10 +49,12 @@ IGNORE_INDEX = -100
 
 class BatchLoss:
     """The loss of one batch for a model, a loss function (or the model's own loss) and a
-    loss-term counter."""
+    loss-term counter; a causal LM's own loss through a chunked output layer where it can be
+    (``token_chunk_bytes``: the bytes of one chunk; ``None``: never)."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None,
-                 num_terms: Callable[[Batch], int] | None = None) -> None:
+                 num_terms: Callable[[Batch], int] | None = None, *,
+                 token_chunk_bytes: int | None = TOKEN_CHUNK_BYTES) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise HesslensInputError(
                 "loss_fn must be callable as loss_fn(outputs, targets), or None for the model's "
@@ -62,6 +73,17 @@ class BatchLoss:
         self._causal = _is_causal_lm(model)
         self._hf_loss = _hf_loss_of_logits(model) if self.own_loss else None
         self._rebuild: Callable[[torch.Tensor], Any] | None = None  # logits -> outputs' form
+        self.lm_head: ChunkedLMLoss | None = None
+        #: why the model's own loss is not chunked (``None`` when it is)
+        self.unchunked_reason: str | None = "a loss_fn was given"
+        if self.own_loss:
+            if token_chunk_bytes is None:
+                self.unchunked_reason = "token_chunk_bytes=None"
+            else:
+                head = ChunkedLMLoss(token_chunk_bytes)
+                self.unchunked_reason = head.unsupported(model)
+                self.lm_head = head if self.unchunked_reason is None else None
+        self._vocab = model.get_output_embeddings().out_features if self.lm_head else 0
 
     # ----------------------------------------------------------------- the model's call
     def call(self, forward: Callable[..., Any], batch: Batch) -> Any:
@@ -75,6 +97,42 @@ class BatchLoss:
         if is_pair(batch):
             return forward(*as_args(batch[0]))
         return forward(batch)
+
+    def batch_loss(self, model: Any, params: dict[str, torch.Tensor], batch: Batch
+                   ) -> torch.Tensor:
+        """The batch's (mean) loss for ``model`` (a
+        :class:`~hesslens.curvature.functional_model.FunctionalModel`) with ``params``
+        overriding its snapshot: through the chunked output layer where it applies."""
+        head = self.chunked(batch)
+        if head is not None:
+            return head.loss(model, params, batch)
+        return self.loss(self.call(model.bind(params), batch), batch)
+
+    def chunked(self, batch: Batch) -> ChunkedLMLoss | None:
+        """The chunked output layer ``batch``'s loss runs through, or ``None``."""
+        if self.lm_head is not None and self.lm_head.applies_to(batch):
+            return self.lm_head
+        return None
+
+    def chunk_bytes(self, dtype: torch.dtype) -> int:
+        """The bytes of one token chunk of the chunked output layer for a model in ``dtype``
+        (0 without one)."""
+        if self.lm_head is None:
+            return 0
+        return self.lm_head.chunk_bytes(self._vocab, dtype)
+
+    def check_chunked(self, model: Any, batch: Batch, own: torch.Tensor) -> None:
+        """On the first batch: keep the chunked output layer only where its loss is the
+        model's own value ``own`` (else warn and use the model's own loss)."""
+        if self.chunked(batch) is None:
+            return
+        problem = self.lm_head.check(model, batch, own)
+        if problem is not None:
+            self.lm_head, self.unchunked_reason = None, problem
+            warnings.warn(
+                f"{problem}: the model's own loss is used, unchunked (every product through "
+                "the output layer then holds (batch x tokens x vocabulary) tensors)",
+                stacklevel=4)
 
     def loss(self, outputs: Any, batch: Batch) -> torch.Tensor:
         """The batch's (mean) loss from the model's ``outputs``."""

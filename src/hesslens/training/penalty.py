@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from hesslens.checks import SEED_LIMIT, check_seed
 from hesslens.curvature.blocks import block_parameters
+from hesslens.curvature.checkpointing import checkpoint_errors
 from hesslens.curvature.products import (
     named_derivative_errors,
     second_difference_step,
@@ -367,7 +368,7 @@ class HessianTracePenalty:
         if probes is None:
             probes = self.sample_probes()
         if self.method == "hvp":
-            with named_derivative_errors(_NO_DOUBLE_BACKWARD):
+            with named_derivative_errors(_NO_DOUBLE_BACKWARD), checkpoint_errors():
                 out = self._hessian_form(self._loss_for_third_derivatives(loss, inputs, targets),
                                          self.parameters(), probes)
         else:

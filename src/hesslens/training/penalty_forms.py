@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from hesslens.curvature import products
+from hesslens.curvature.checkpointing import checkpointing_off
 from hesslens.errors import HesslensInputError
 from hesslens.training.norms import DecomposedNorms
 
@@ -92,8 +93,9 @@ class SidePass:
         state = self.buffers()
         if moved is not None:
             state.update({name: moved[i] for name, i in self.slots})
+        # Hugging Face layers would checkpoint, and rerun in backward outside these modes
         with torch.random.fork_rng(devices=self.devices(params)), DecomposedNorms(), \
-                products.second_order_kernels():
+                products.second_order_kernels(), checkpointing_off(self.model):
             return torch.func.functional_call(self.model, state, (inputs,), tie_weights=False)
 
 
@@ -188,8 +190,10 @@ class SecondDifferenceForm:
                 shifted = [torch.add(p, vi, alpha=t) for p, vi in zip(params, v)]
                 moved = {name: shifted[i] for name, i in self.side_pass.slots}
                 moved.update(buffers)
-                out = torch.func.functional_call(self.side_pass.model, moved, (inputs,),
-                                                 tie_weights=False)
+                # a checkpointed layer would rerun in backward with the live parameters
+                with checkpointing_off(self.side_pass.model):
+                    out = torch.func.functional_call(self.side_pass.model, moved, (inputs,),
+                                                     tie_weights=False)
                 return self.loss_fn(out, targets)
 
         return loss_at
@@ -390,7 +394,8 @@ def empirical_fisher_trace(
 
     per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True),
                                  in_dims=(None, 0, 0), randomness="different")
-    grads, losses = per_sample(tuple(params), inputs, targets)
+    with checkpointing_off(model):  # torch.func refuses checkpointing's saved-tensor hooks
+        grads, losses = per_sample(tuple(params), inputs, targets)
     return _mean_square_norm(grads, masks, inputs.shape[0]), losses.mean()
 
 
