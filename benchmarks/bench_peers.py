@@ -43,9 +43,10 @@ from pathlib import Path
 
 from _measure import vm, write_results
 
-TASKS = ("top5", "trace", "density")
-SUPPORT = {"hesslens": TASKS, "pyhessian": TASKS, "hessian-eigenthings": ("top5", "trace"),
-           "curvlinops": ("top5", "trace")}
+TASKS = ("top1", "top5", "trace", "density")
+SUPPORT = {"hesslens": TASKS, "pyhessian": TASKS,
+           "hessian-eigenthings": ("top1", "top5", "trace"),
+           "curvlinops": ("top1", "top5", "trace")}
 
 
 def _child(tool: str, task: str, model_name: str, width: int, samples: int,
@@ -72,8 +73,8 @@ def _child(tool: str, task: str, model_name: str, width: int, samples: int,
         import hesslens as hl
 
         H = hl.Hessian(model, loss, data)
-        if task == "top5":
-            extra["values"] = [float(v) for v in H.eigenvalues(k=5).values]
+        if task in ("top1", "top5"):
+            extra["values"] = [float(v) for v in H.eigenvalues(k=int(task[3:])).values]
         elif task == "trace":
             r = H.trace(max_hvp=62) if quick else H.trace()
             extra["values"] = [r.value]
@@ -117,16 +118,17 @@ def _child(tool: str, task: str, model_name: str, width: int, samples: int,
             with adapter._counting(counter):
                 adapter._hessian(model, loss, data).trace(maxIter=20)
             answer = _peers.Answer([], counter.n)
-        elif tool == "pyhessian" and task == "top5" and quick:
+        elif tool == "pyhessian" and task in ("top1", "top5") and quick:
             # Power iteration keeps the found eigenvectors, one vector and its product, however
             # many iterations it runs: maxIter=20 (of 100) for each value leaves the peak.
             counter = _peers.Counter()
             with adapter._counting(counter):
-                vals, _ = adapter._hessian(model, loss, data).eigenvalues(top_n=5, maxIter=20)
+                vals, _ = adapter._hessian(model, loss, data).eigenvalues(
+                    top_n=int(task[3:]), maxIter=20)
             answer = _peers.Answer(sorted((float(x) for x in vals), reverse=True), counter.n)
             extra["cap"] = "maxIter=20"
-        elif task == "top5":
-            answer = adapter.top_eigenvalues(model, loss, data, 5, {})
+        elif task in ("top1", "top5"):
+            answer = adapter.top_eigenvalues(model, loss, data, int(task[3:]), {})
         else:
             answer = adapter.trace(model, loss, data, {"products": 62 if quick else 1000})
         products, extra["values"] = answer.products, answer.values
