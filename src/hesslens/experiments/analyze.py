@@ -1,4 +1,5 @@
-"""``hesslens analyze``: the layer study of one zoo model on one data set.
+"""``hesslens analyze``: the layer study of one zoo model on one data set, or of your own
+Hugging Face model on your own data.
 
 Examples (shell)::
 
@@ -6,10 +7,20 @@ Examples (shell)::
     hesslens analyze --model mlp --data mnist1d --seed 1 --k 10
     hesslens analyze --checkpoint runs/sgd/checkpoint.pt          # model and data from it
     hesslens analyze --model lenet --data mnist --data-root ~/data --dtype float64
+    hesslens analyze --hf runs/my-gpt --text corpus.txt --seq-len 64 --sequences 8
+    hesslens analyze --hf runs/my-classifier --tokens ids.npy --labels labels.npy
 
-The model (initialised from ``--seed``, or loaded from ``--checkpoint``) is analysed on the
+A zoo model (initialised from ``--seed``, or loaded from ``--checkpoint``) is analysed on the
 seeded analysis subset of the training set (``--per-class`` examples of each class; the paper:
-10), with the mean cross-entropy loss. Files written into ``--out``:
+10), with the mean cross-entropy loss (a Hugging Face model of the zoo: its own loss).
+
+``--hf DIR`` loads the folder ``save_pretrained`` wrote (never a download; its tokenizer when
+it has one) and analyses the model's own loss on a ``--text`` (tokenised with that tokenizer,
+cut into ``--seq-len`` token sequences, the first ``--sequences``), on token ids
+(``--tokens``, a ``.pt``/``.npy`` integer array ``(N, T)``) or on images (``--images``). A
+causal language model predicts its own tokens; a classifier needs ``--labels``; the blocks are
+the transformer preset's (q, k, v, o, MLP of every layer) unless ``--layers`` says otherwise.
+See :mod:`hesslens.experiments.analyze_hf`. Files written into ``--out``, the same for both:
 
 ``results.json``
     Everything, strict JSON. Top level::
@@ -18,11 +29,15 @@ seeded analysis subset of the training set (``--per-class`` examples of each cla
         seed        the --seed
         run         model, data, data_root, checkpoint, per_class, num_classes,
                     num_samples, split_seed, subset_seed, model_seed, dtype, device, command
+                    (--hf: model and checkpoint are the folder, data the file; hf
+                    {path, architecture, model_class, model_type, task, tokenizer}; source
+                    {kind, path, seq_len, labels, num_samples, mask_seed})
         settings    estimator settings (k, density_probes, density_steps, trace_rtol,
                     trace_max_hvp, eig_tol, gn_tol, gauss_newton, similarity_normalize, ...)
         data        the data set's fingerprint: name, sizes {array: shape}, sha256 of the
                     arrays used (x_train, y_train, x_test, y_test after normalisation), and
-                    analysis_subset {name, sizes, sha256} of the examples analysed
+                    analysis_subset {name, sizes, sha256} of the examples analysed (--hf:
+                    name, sizes and sha256 of the inputs x and labels y analysed, and source)
         versions    hesslens, python, torch, numpy, scipy, matplotlib, platform, device,
                     device_name
         num_samples, point {loss, grad_norm}, layer_names [forward order]
@@ -58,8 +73,11 @@ seeded analysis subset of the training set (``--per-class`` examples of each cla
 ``densities.png``, ``similarity_depth.png``, ``layer_curvature.png``, ``gauss_newton.png``
     The figures; ``report.html`` embeds them (base64) with the tables: one file, offline.
 
-Bad input (unknown model or data set, missing data folder, a checkpoint that does not fit)
-raises :class:`~hesslens.errors.HesslensInputError`: one line on stderr and exit code 2.
+Bad input (unknown model or data set, missing data folder, a checkpoint that does not fit; a
+``--hf`` path that is not a saved model's folder, a text without a tokenizer, token ids of the
+wrong shape or dtype or outside the vocabulary, a classifier without labels) raises
+:class:`~hesslens.errors.HesslensInputError` before any work: one line on stderr and exit code
+2, and no output folder.
 """
 
 from __future__ import annotations
@@ -254,8 +272,9 @@ def preflight_analyze(args: argparse.Namespace) -> Prepared | HFReady:
     it imports (matplotlib for the figures; transformers for a Hugging Face model), the
     device, the output folder (writable, not a file), the checkpoint, and the model/data pair
     (the model is built and the checkpoint loaded into it; ``--k`` within its dimension; the
-    data folder of a file-based data set given). With ``--hf``: :func:`~hesslens.experiments.
-    analyze_hf.preflight_hf` (the folder, the data files, the model's forward on them)."""
+    data folder of a file-based data set given). With ``--hf``:
+    :func:`~hesslens.experiments.analyze_hf.preflight_hf` (the folder, the data files, the
+    model's forward on them)."""
     least = _least_trace_hvp()
     if args.trace_max_hvp < least:
         raise HesslensInputError(
