@@ -1,4 +1,5 @@
-"""``hesslens analyze``: the layer study of one zoo model on one data set.
+"""``hesslens analyze``: the layer study of one zoo model on one data set, or of your own
+Hugging Face model on your own data.
 
 Examples (shell)::
 
@@ -6,10 +7,20 @@ Examples (shell)::
     hesslens analyze --model mlp --data mnist1d --seed 1 --k 10
     hesslens analyze --checkpoint runs/sgd/checkpoint.pt          # model and data from it
     hesslens analyze --model lenet --data mnist --data-root ~/data --dtype float64
+    hesslens analyze --hf runs/my-gpt --text corpus.txt --seq-len 64 --sequences 8
+    hesslens analyze --hf runs/my-classifier --tokens ids.npy --labels labels.npy
 
-The model (initialised from ``--seed``, or loaded from ``--checkpoint``) is analysed on the
+A zoo model (initialised from ``--seed``, or loaded from ``--checkpoint``) is analysed on the
 seeded analysis subset of the training set (``--per-class`` examples of each class; the paper:
-10), with the mean cross-entropy loss. Files written into ``--out``:
+10), with the mean cross-entropy loss (a Hugging Face model of the zoo: its own loss).
+
+``--hf DIR`` loads the folder ``save_pretrained`` wrote (never a download; its tokenizer when
+it has one) and analyses the model's own loss on a ``--text`` (tokenised with that tokenizer,
+cut into ``--seq-len`` token sequences, the first ``--sequences``), on token ids
+(``--tokens``, a ``.pt``/``.npy`` integer array ``(N, T)``) or on images (``--images``). A
+causal language model predicts its own tokens; a classifier needs ``--labels``; the blocks are
+the transformer preset's (q, k, v, o, MLP of every layer) unless ``--layers`` says otherwise.
+See :mod:`hesslens.experiments.analyze_hf`. Files written into ``--out``, the same for both:
 
 ``results.json``
     Everything, strict JSON. Top level::
@@ -18,11 +29,15 @@ seeded analysis subset of the training set (``--per-class`` examples of each cla
         seed        the --seed
         run         model, data, data_root, checkpoint, per_class, num_classes,
                     num_samples, split_seed, subset_seed, model_seed, dtype, device, command
+                    (--hf: model and checkpoint are the folder, data the file; hf
+                    {path, architecture, model_class, model_type, task, tokenizer}; source
+                    {kind, path, seq_len, labels, num_samples, mask_seed})
         settings    estimator settings (k, density_probes, density_steps, trace_rtol,
                     trace_max_hvp, eig_tol, gn_tol, gauss_newton, similarity_normalize, ...)
         data        the data set's fingerprint: name, sizes {array: shape}, sha256 of the
                     arrays used (x_train, y_train, x_test, y_test after normalisation), and
-                    analysis_subset {name, sizes, sha256} of the examples analysed
+                    analysis_subset {name, sizes, sha256} of the examples analysed (--hf:
+                    name, sizes and sha256 of the inputs x and labels y analysed, and source)
         versions    hesslens, python, torch, numpy, scipy, matplotlib, platform, device,
                     device_name
         num_samples, point {loss, grad_norm}, layer_names [forward order]
@@ -58,8 +73,11 @@ seeded analysis subset of the training set (``--per-class`` examples of each cla
 ``densities.png``, ``similarity_depth.png``, ``layer_curvature.png``, ``gauss_newton.png``
     The figures; ``report.html`` embeds them (base64) with the tables: one file, offline.
 
-Bad input (unknown model or data set, missing data folder, a checkpoint that does not fit)
-raises :class:`~hesslens.errors.HesslensInputError`: one line on stderr and exit code 2.
+Bad input (unknown model or data set, missing data folder, a checkpoint that does not fit; a
+``--hf`` path that is not a saved model's folder, a text without a tokenizer, token ids of the
+wrong shape or dtype or outside the vocabulary, a classifier without labels) raises
+:class:`~hesslens.errors.HesslensInputError` before any work: one line on stderr and exit code
+2, and no output folder.
 """
 
 from __future__ import annotations
@@ -69,12 +87,20 @@ import inspect
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hesslens import zoo
 from hesslens.analysis import layer_study
 from hesslens.errors import CheckpointError, HesslensInputError
+from hesslens.experiments.analyze_hf import (
+    HFReady,
+    add_hf_arguments,
+    preflight_hf,
+    refuse_hf_options,
+)
 from hesslens.experiments.common import (
     add_common_arguments,
     apply_threads,
@@ -96,12 +122,13 @@ from hesslens.provenance import data_fingerprint, dataset_fingerprint
 from hesslens.report.layer_report import layer_rows, write_layer_study
 from hesslens.training.checkpoint import fit_problem
 
-__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "Prepared", "add_analyze_arguments",
-           "preflight_analyze", "run_analyze"]
+__all__ = ["DEFAULT_DATA", "DEFAULT_MODEL", "DEFAULT_PER_CLASS", "Prepared",
+           "add_analyze_arguments", "preflight_analyze", "run_analyze"]
 
 DEFAULT_MODEL = "cnn1d"
 DEFAULT_DATA = "mnist1d"
 DEFAULT_OUT = "hesslens-out/analyze"
+DEFAULT_PER_CLASS = 10
 
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,10 +155,11 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
                    default="auto",
                    help="blocks of the study: one per module, or per transformer layer q, k, v "
                         "(slices of a fused QKV weight), o, mlp_in, mlp_out (+ per head); "
-                        "auto (default): transformer for gpt-nano and vit-tiny, else modules")
-    g.add_argument("--per-class", type=positive_int, default=10, metavar="N",
-                   help="analysis subset: N training examples of each class (default 10, as "
-                        "the paper)")
+                        "auto (default): transformer for gpt-nano, vit-tiny and --hf, else "
+                        "modules")
+    g.add_argument("--per-class", type=positive_int, default=None, metavar="N",
+                   help="analysis subset: N training examples of each class (default "
+                        f"{DEFAULT_PER_CLASS}, as the paper)")
 
     g = parser.add_argument_group("estimators")
     g.add_argument("--k", type=positive_int, default=5,
@@ -151,6 +179,7 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--similarity-normalize", choices=["top", "range", "none"], default="top",
                    help="scale the spectra are compared on: each divided by its largest "
                         "|eigenvalue| (top, default: compares shapes), by its range, or raw")
+    add_hf_arguments(parser)
     add_common_arguments(parser, default_out=DEFAULT_OUT)
 
 
@@ -233,22 +262,28 @@ class Prepared:
     config: dict
     data_root: str | None
     split_seed: int
+    per_class: int
     n_params: int
     dtype: Any
 
 
-def preflight_analyze(args: argparse.Namespace) -> Prepared:
+def preflight_analyze(args: argparse.Namespace) -> Prepared | HFReady:
     """Everything ``hesslens analyze`` can know before it loads data: the flags, the modules
     it imports (matplotlib for the figures; transformers for a Hugging Face model), the
     device, the output folder (writable, not a file), the checkpoint, and the model/data pair
     (the model is built and the checkpoint loaded into it; ``--k`` within its dimension; the
-    data folder of a file-based data set given)."""
+    data folder of a file-based data set given). With ``--hf``:
+    :func:`~hesslens.experiments.analyze_hf.preflight_hf` (the folder, the data files, the
+    model's forward on them)."""
     least = _least_trace_hvp()
     if args.trace_max_hvp < least:
         raise HesslensInputError(
             f"--trace-max-hvp {args.trace_max_hvp} is below the {least} products the trace "
             f"estimator needs at least (its sketch and first probes): give --trace-max-hvp "
             f"{least} or more")
+    if args.hf is not None:
+        return preflight_hf(args)
+    refuse_hf_options(args)
     check_ready(out=args.out, device=args.device,
                 needs={"matplotlib": "the figures of the report"})
     dtype = resolve_dtype(args.dtype)
@@ -286,83 +321,138 @@ def preflight_analyze(args: argparse.Namespace) -> Prepared:
     # the train/test split of "digits" depends on the seed the model was trained with
     split_seed = int(config["seed"]) if config.get("data") == data_name and isinstance(
         config.get("seed"), int) else args.seed
+    per_class = DEFAULT_PER_CLASS if args.per_class is None else args.per_class
     return Prepared(model_name, data_name, info, model, state, rest, config, data_root,
-                    split_seed, n_params, dtype)
+                    split_seed, per_class, n_params, dtype)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``hesslens analyze``; print a short table; return the exit code (0).
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process takes its piece of the analysis
-    subset and the operators sum their products over the processes, so the study is the
-    single-process one; rank 0 alone writes the files and prints."""
+    subset (of a Hugging Face model's sequences) and the operators sum their products over
+    the processes, so the study is the single-process one; rank 0 alone writes the files and
+    prints."""
     t0 = time.perf_counter()
     ready = preflight_analyze(args)
     with process_group_from_env(args.device) as ranks:
         quiet_other_ranks(ranks)
         with out_dir_lock(args.out, "analyze", ranks):
-            return _run_analyze(args, ranks, ready, t0)
+            device = resolve_device(args.device, ranks)
+            threads = apply_threads(args.threads,
+                                    ready.n_params if device.type == "cpu" else None)
+            subject = (_hf_subject(ready) if isinstance(ready, HFReady)
+                       else _zoo_subject(args, ready))
+            return _run_study(args, ranks, subject, device, threads, t0)
 
 
-def _run_analyze(args: argparse.Namespace, ranks: Any, ready: Prepared, t0: float) -> int:
-    device = resolve_device(args.device, ranks)
-    model_name, data_name, info = ready.model_name, ready.data_name, ready.info
-    model, state, rest, dtype = ready.model, ready.state, ready.rest, ready.dtype
-    data_root, split_seed = ready.data_root, ready.split_seed
-    threads = apply_threads(args.threads, ready.n_params if device.type == "cpu" else None)
-    dataset = zoo.load_dataset(data_name, root=data_root, seed=split_seed)
-    out = prepare_out_dir(args.out) if ranks.is_main else check_out_dir(args.out)
+@dataclass
+class _Subject:
+    """What the study runs on, from the zoo or from a Hugging Face folder: the model, its loss
+    (``None``: its own), the examples and labels (CPU), how a rank's share of them becomes
+    batches, the blocks' preset, what results.json records of the run (``run``: the source's
+    entries) and of the data, and ``--dtype``."""
+
+    model: Any
+    loss_fn: Any
+    x: Any
+    y: Any
+    batches: Callable[[Any, Any], list]
+    layers: str
+    run: dict[str, Any]
+    data: dict[str, Any]
+    dtype: Any
+
+
+def _zoo_subject(args: argparse.Namespace, ready: Prepared) -> _Subject:
+    """The zoo model on the seeded analysis subset of its data set's training set."""
+    model_name, data_name, state, rest = ready.model_name, ready.data_name, ready.state, ready.rest
+    dataset = zoo.load_dataset(data_name, root=ready.data_root, seed=ready.split_seed)
     token_task = dataset.train[1].dim() == 2
     subset = zoo.token_subset if token_task else zoo.analysis_subset
-    x, y = subset(*dataset.train, per_class=args.per_class, seed=args.seed)
-    x, y = x.to(device), y.to(device)
+    x, y = subset(*dataset.train, per_class=ready.per_class, seed=args.seed)
     # what the model takes: (x, y) pairs and cross-entropy, or mappings and the model's own
     # loss for the Hugging Face models of the zoo
     loss_fn = zoo.model_loss(model_name)
-    if len(y) < ranks.world:
-        raise HesslensInputError(
-            f"the analysis subset has {len(y)} examples, fewer than the {ranks.world} "
-            "processes; raise --per-class or use fewer processes")
-    # under torchrun each rank its piece of the subset; the operators sum over the ranks
-    batches = zoo.model_batches(model_name, shard(x, ranks), shard(y, ranks))
     hf_model = zoo.model_input(model_name) is not None
     layers = args.layers if args.layers != "auto" else (
         "transformer" if hf_model else "modules")
+    run = {
+        "model": model_name,
+        "data": data_name,
+        "data_root": None if ready.data_root is None else str(ready.data_root),
+        "checkpoint": args.checkpoint,
+        "checkpoint_epoch": rest.get("epoch") if isinstance(rest.get("epoch"), int) else None,
+        "per_class": ready.per_class,
+        "num_classes": ready.info.num_classes,
+        "num_samples": int(y.shape[0]),
+        "split_seed": ready.split_seed,
+        "subset_seed": args.seed,
+        "model_seed": None if state is not None else args.seed,
+        "loss": "the model's own loss (mean over label tokens)" if loss_fn is None
+        else "cross-entropy (mean)",
+    }
+    data = {**dataset_fingerprint(dataset, data_name),
+            "analysis_subset": data_fingerprint(f"{data_name} analysis subset",
+                                                {"x": x, "y": y})}
+    return _Subject(ready.model, loss_fn, x, y,
+                    lambda xs, ys: zoo.model_batches(model_name, xs, ys), layers, run, data,
+                    ready.dtype)
+
+
+def _hf_subject(ready: HFReady) -> _Subject:
+    """A Hugging Face folder's model on the sequences (images) of the user's file."""
+    hf, source = ready.hf, ready.source
+    per_token = ready.y.dim() == 2 and not ready.y.is_floating_point()
+    run = {
+        "model": str(hf.path),
+        "data": source["path"],
+        "checkpoint": str(hf.path),
+        "hf": hf.record(),
+        "source": source,
+        "num_samples": int(ready.x.shape[0]),
+        "loss": "the model's own loss (mean over " + (
+            "label tokens)" if per_token else "examples)"),
+    }
+    data = {**data_fingerprint(Path(source["path"]).name, {"x": ready.x, "y": ready.y}),
+            "source": source}
+    return _Subject(hf.model, None, ready.x, ready.y, ready.batches, ready.layers, run, data,
+                    ready.dtype)
+
+
+def _run_study(args: argparse.Namespace, ranks: Any, subject: _Subject, device: Any,
+               threads: int, t0: float) -> int:
+    """The layer study of ``subject`` (each rank its share of the examples), its results and,
+    on rank 0, the files and the table."""
+    out = prepare_out_dir(args.out) if ranks.is_main else check_out_dir(args.out)
+    x, y = subject.x.to(device), subject.y.to(device)
+    if len(y) < ranks.world:
+        raise HesslensInputError(
+            f"the analysis has {len(y)} examples, fewer than the {ranks.world} processes; "
+            "give more examples (--per-class, --sequences) or use fewer processes")
+    # under torchrun each rank its piece of the examples; the operators sum over the ranks
+    batches = subject.batches(shard(x, ranks), shard(y, ranks))
 
     progress = show_progress(args) and ranks.is_main
     study = layer_study(
-        model, loss_fn, batches, layers=layers,
+        subject.model, subject.loss_fn, batches, layers=subject.layers,
         k=args.k, density_probes=args.density_probes, density_steps=args.density_steps,
         trace_rtol=args.trace_rtol, trace_max_hvp=args.trace_max_hvp, eig_tol=args.eig_tol,
         gauss_newton=not args.no_gauss_newton, similarity_normalize=args.similarity_normalize,
-        seed=args.seed, dtype=dtype, device=device, progress=progress)
+        seed=args.seed, dtype=subject.dtype, device=device, progress=progress)
 
     results = study.to_dict()
     results["run"] = {
         "command": "hesslens analyze " + " ".join(shlex.quote(a) for a in sys.argv[2:])
         if len(sys.argv) > 1 and sys.argv[1] == "analyze" else None,
-        "model": model_name,
-        "data": data_name,
-        "data_root": None if data_root is None else str(data_root),
-        "checkpoint": args.checkpoint,
-        "checkpoint_epoch": rest.get("epoch") if isinstance(rest.get("epoch"), int) else None,
-        "per_class": args.per_class,
-        "num_classes": info.num_classes,
-        "num_samples": int(y.shape[0]),
-        "split_seed": split_seed,
-        "subset_seed": args.seed,
-        "model_seed": None if state is not None else args.seed,
-        "loss": "the model's own loss (mean over label tokens)" if loss_fn is None
-        else "cross-entropy (mean)",
-        "layers": layers,
+        **subject.run,
+        "layers": subject.layers,
         "threads": threads,
         "device": str(device),
         "dtype": results["settings"]["dtype"],
         "parallel": ranks.record(),
     }
-    results["data"] = {**dataset_fingerprint(dataset, data_name),
-                       "analysis_subset": data_fingerprint(
-                           f"{data_name} analysis subset", {"x": x, "y": y})}
+    results["data"] = subject.data
     results["versions"] = versions(device)
     results["timings"]["study_total"] = time.perf_counter() - t0
     if ranks.is_main:

@@ -92,6 +92,29 @@ def causal_lm_loss(
     return loss
 
 
+def masked_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    **kwargs: object,
+) -> torch.Tensor:
+    """Hugging Face's masked language-model loss (``ForMaskedLMLoss``: labels not shifted, mean
+    cross-entropy over the tokens whose label is not ``ignore_index``), in the logits' own
+    dtype as :func:`causal_lm_loss` (which it is, with the labels in place).
+
+    >>> rng = torch.Generator().manual_seed(0)
+    >>> logits = torch.randn(1, 3, 5, dtype=torch.float64, generator=rng)
+    >>> labels = torch.tensor([[-100, 1, 2]])
+    >>> loss = masked_lm_loss(logits, labels, 5)
+    >>> loss.dtype, bool(loss == nn.functional.cross_entropy(logits[0, 1:], labels[0, 1:]))
+    (torch.float64, True)
+    """
+    return causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index,
+                          shift_labels=labels)
+
+
 def gpt_nano(
     input_shape: Sequence[int],
     num_classes: int,
