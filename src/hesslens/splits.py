@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from hesslens.checks import check_labels, check_positive_int, check_seed, check_xy
 from hesslens.errors import HesslensInputError
@@ -62,6 +61,9 @@ def split_train_val(
     counts = np.bincount(labels - labels.min())
     present = counts[counts > 0]
     can_stratify = present.min() >= 2 and min(n_val, n - n_val) >= present.size
+    # scikit-learn on first use: importing it takes over a second of every start-up
+    from sklearn.model_selection import train_test_split
+
     train_idx, val_idx = train_test_split(
         np.arange(n),
         test_size=n_val,

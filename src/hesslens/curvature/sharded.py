@@ -35,13 +35,13 @@ Example:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from hesslens.curvature import products
 from hesslens.errors import HesslensInputError
@@ -50,7 +50,10 @@ __all__ = ["ShardedHessian", "check_not_fsdp2", "is_fsdp2"]
 
 
 def _is_dtensor(t: Any) -> bool:
-    return isinstance(t, DTensor)
+    # a DTensor exists only once torch.distributed.tensor is imported (FSDP2 imports it); it
+    # is not imported here, since it alone takes over a second of every start-up
+    tensors = sys.modules.get("torch.distributed.tensor")
+    return tensors is not None and isinstance(t, tensors.DTensor)
 
 
 def is_fsdp2(model: Any) -> bool:
@@ -137,6 +140,8 @@ class ShardedHessian:
         return self.matmat(v.reshape(1, -1))[0] if v.ndim == 1 else self.matmat(v)
 
     def _local(self, v: Tensor) -> list[Tensor]:
+        from torch.distributed.tensor import distribute_tensor  # loaded with FSDP2: see above
+
         return [distribute_tensor(piece.view(p.shape), p.device_mesh, p.placements,
                                   src_data_rank=None).to_local()
                 for piece, p in zip(v.split(self.sizes), self.params)]

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 from scipy.special import rel_entr
-from scipy.stats import wasserstein_distance
 
 from hesslens.errors import HesslensInputError
 
@@ -283,6 +282,9 @@ class Spectrum:
         0.0
         """
         a, b = self.normalized(normalize), other.normalized(normalize)
+        # scipy.stats on first use: importing it takes most of a second of every start-up
+        from scipy.stats import wasserstein_distance
+
         return float(wasserstein_distance(a.nodes, b.nodes, a.weights, b.weights))
 
     def _shared_densities(

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy
-from sklearn.datasets import load_digits
 
 from hesslens.errors import HesslensInputError
 from hesslens.files import write_bytes
@@ -170,6 +169,9 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         ``(x, y)``: uint8 images ``(1797, 1, 8, 8)`` with values in ``[0, 16]`` and int64
         labels in ``[0, 10)``.
     """
+    # scikit-learn on first use: importing it takes over a second of every start-up
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     x = np.asarray(bunch.images, dtype=np.uint8).reshape(-1, *DIGITS_SHAPE)
     return _read_only(x, np.asarray(bunch.target, dtype=np.int64))  # type: ignore[return-value]
