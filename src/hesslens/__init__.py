@@ -17,13 +17,25 @@ from hesslens.curvature import (
     Hessian,
     discover_layers,
 )
-from hesslens.errors import HesslensError, HesslensInputError
+from hesslens.errors import (
+    BudgetWarning,
+    CheckpointError,
+    DataChangedError,
+    HesslensError,
+    HesslensInputError,
+    NonFiniteCurvatureError,
+    OutputLockedError,
+    PrecisionWarning,
+)
 from hesslens.linalg import EigenResult, Spectrum, TraceResult
 from hesslens.version import __version__
 
 __all__ = [
+    "BudgetWarning",
+    "CheckpointError",
     "CurvatureOperator",
     "CurvatureTracker",
+    "DataChangedError",
     "EigenResult",
     "EmpiricalFisher",
     "GaussNewton",
@@ -33,6 +45,9 @@ __all__ = [
     "HesslensError",
     "HesslensInputError",
     "NegativeCurvatureWarning",
+    "NonFiniteCurvatureError",
+    "OutputLockedError",
+    "PrecisionWarning",
     "SharpnessMonitor",
     "Spectrum",
     "TraceResult",
