@@ -49,7 +49,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -60,6 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hesslens.analysis.history import HistoryFiles
 from hesslens.analysis.thresholds import (
     StabilityRule,
     preconditioner,
@@ -72,13 +72,12 @@ from hesslens.curvature import CurvatureOperator, Hessian
 from hesslens.curvature.base import unwrap_model
 from hesslens.curvature.preconditioned import Preconditioned
 from hesslens.errors import BudgetWarning, HesslensInputError
-from hesslens.files import write_csv, write_json
 from hesslens.linalg import eigsh
 from hesslens.locks import OutputLock
 from hesslens.parallel import acquire_folder_lock, current
 
-__all__ = ["SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder", "flat_row",
-           "read_history"]
+__all__ = ["FILES", "SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder",
+           "flat_row"]
 
 #: Identifier of the layout of ``sharpness.json``.
 SCHEMA = "hesslens.sharpness_history/1"
@@ -203,7 +202,7 @@ class SharpnessRecorder:
             # the folder is this monitor's until close(): a second writer gets a named error
             self._lock = acquire_folder_lock(self.out, "a SharpnessMonitor")
             try:
-                self.history = read_history(self.out / SHARPNESS_JSON)
+                self.history = FILES.read(self.out)
             except BaseException:
                 if self._lock is not None:
                     self._lock.release(failed=True)
@@ -394,10 +393,7 @@ class SharpnessRecorder:
     def write_history(self, folder: str | Path) -> None:
         """``sharpness.json`` (settings and records) and ``sharpness.csv`` (one flat row per
         record) into ``folder``, atomically."""
-        folder = Path(folder)
-        write_json(folder / SHARPNESS_JSON,
-                   {"schema": SCHEMA, "settings": self.settings(), "records": self.history})
-        write_csv(folder / SHARPNESS_CSV, [flat_row(r) for r in self.history])
+        FILES.write(Path(folder), self.history, self.settings())
 
 
 def flat_row(rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -414,19 +410,5 @@ def flat_row(rec: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``sharpness.json`` (none when it does not exist)."""
-    if not path.exists():
-        return []
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise HesslensInputError(
-            f"{path} exists but cannot be read as a sharpness history ({err}); move it away or "
-            "choose another out folder") from None
-    if not isinstance(saved, dict) or saved.get("schema") != SCHEMA or not isinstance(
-            saved.get("records"), list):
-        raise HesslensInputError(
-            f"{path} is not a hesslens sharpness history (schema {SCHEMA}); move it away or "
-            "choose another out folder")
-    return list(saved["records"])
+#: The monitor's files: ``sharpness.json`` and ``sharpness.csv``.
+FILES = HistoryFiles(SHARPNESS_JSON, SHARPNESS_CSV, SCHEMA, "sharpness", flat_row)

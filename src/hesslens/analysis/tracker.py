@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -44,17 +43,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from hesslens.analysis.history import HistoryFiles
 from hesslens.analysis.similarity import compare_spectra
 from hesslens.analysis.spectra import measure_curvature
 from hesslens.checks import check_positive_int, check_seed
 from hesslens.curvature import Hessian
 from hesslens.errors import HesslensInputError
-from hesslens.files import write_csv, write_json
 from hesslens.locks import OutputLock
 from hesslens.parallel import acquire_folder_lock
 
-__all__ = ["HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureRecorder", "flat_record",
-           "read_history", "untouched_state", "write_history"]
+__all__ = ["FILES", "HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureRecorder", "flat_record",
+           "untouched_state"]
 
 #: Identifier of the layout of ``curvature.json``.
 SCHEMA = "hesslens.curvature_history/1"
@@ -237,7 +236,7 @@ class CurvatureRecorder:
                     f"out={str(self.out)!r} is a file; give a folder for curvature.json")
             self._lock = acquire_folder_lock(self.out, f"a {type(self).__name__}")
             try:
-                self.history = read_history(self.out / HISTORY_JSON)
+                self.history = FILES.read(self.out)
             except BaseException:
                 if self._lock is not None:
                     self._lock.release(failed=True)
@@ -317,7 +316,7 @@ class CurvatureRecorder:
             self.history.pop()
         self.history.append(rec)
         if self.out is not None:
-            write_history(self.out, self.history, self.settings())
+            FILES.write(self.out, self.history, self.settings())
         return rec
 
     def measure(self) -> dict[str, Any]:
@@ -339,34 +338,6 @@ class CurvatureRecorder:
                         self.similarity(m.full.density, est.density))
         return {"full": _entry(m.full), "layers": layers,
                 "seconds": time.perf_counter() - t0, "n_hvp": int(m.n_hvp)}
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """The records of the ``curvature.json`` at ``path`` (none when there is no file); a file
-    that is not a curvature history is refused, naming the fix."""
-    if not path.exists():
-        return []
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise HesslensInputError(
-            f"{path} exists but cannot be read as a curvature history ({err}); move it "
-            "away or choose another out folder") from None
-    if not isinstance(saved, dict) or saved.get("schema") != SCHEMA or not isinstance(
-            saved.get("records"), list):
-        raise HesslensInputError(
-            f"{path} is not a hesslens curvature history (schema {SCHEMA}); move it away "
-            "or choose another out folder")
-    return list(saved["records"])
-
-
-def write_history(folder: Path, history: Sequence[Mapping[str, Any]],
-                  settings: Mapping[str, Any] | None = None) -> None:
-    """``curvature.json`` (schema, settings, records) and ``curvature.csv`` (one
-    :func:`flat_record` row a record) in ``folder``, atomically."""
-    write_json(folder / HISTORY_JSON, {"schema": SCHEMA, "settings": dict(settings or {}),
-                                       "records": list(history)})
-    write_csv(folder / HISTORY_CSV, [flat_record(r) for r in history])
 
 
 def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
@@ -395,3 +366,7 @@ def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
     for name, entry in rec.get("layers", {}).items():
         add(f"layers.{name}", entry)
     return row
+
+
+#: The tracker's files: ``curvature.json`` and ``curvature.csv``.
+FILES = HistoryFiles(HISTORY_JSON, HISTORY_CSV, SCHEMA, "curvature", flat_record)

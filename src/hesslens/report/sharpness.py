@@ -38,15 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from hesslens.analysis.sharpness import (
-    SCHEMA,
-    SHARPNESS_CSV,
-    SHARPNESS_JSON,
-    SharpnessRecorder,
-    flat_row,
-)
+from hesslens.analysis.sharpness import FILES, SharpnessRecorder
 from hesslens.errors import HesslensInputError
-from hesslens.files import write_csv, write_json
 from hesslens.report.html import Code, Figure, Paragraph, Report, Table
 from hesslens.report.style import COLORS, FULL_COLOR, new_figure, save_png
 
@@ -163,9 +156,7 @@ def write_sharpness_report(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise HesslensInputError(f"{str(folder)!r} is a file; give a folder for the report")
-    write_json(folder / SHARPNESS_JSON, {"schema": SCHEMA, "settings": dict(settings or {}),
-                                         "records": list(history)})
-    write_csv(folder / SHARPNESS_CSV, [flat_row(r) for r in history])
+    FILES.write(folder, history, settings)
     steps = _column(history, "step")
     pre = [r.get("preconditioned_sharpness") for r in history]
     has_pre = any(v is not None for v in pre)

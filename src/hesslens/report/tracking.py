@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from hesslens.analysis.tracker import CurvatureRecorder, write_history
+from hesslens.analysis.tracker import FILES, CurvatureRecorder
 from hesslens.errors import HesslensInputError
 from hesslens.report.figures import plot_layer_densities
 from hesslens.report.html import Code, Figure, Paragraph, Report, Table
@@ -168,7 +168,7 @@ def write_history_report(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise HesslensInputError(f"{str(folder)!r} is a file; give a folder for the report")
-    write_history(folder, history, settings)
+    FILES.write(folder, history, settings)
     names = list(dict.fromkeys(n for r in history for n in r.get("layers", {})))
     report = Report(title, subtitle=f"{len(history)} records, steps {history[0]['step']} to "
                                     f"{history[-1]['step']}")
