@@ -115,16 +115,20 @@ class Estimators:
         Ritz value: see :func:`hesslens.linalg.eigsh`. ``v0`` (a vector, or ``(m, dim)``
         vectors such as an earlier result's ``.vectors``) warm-starts the run near them.
 
-        Memory, in copies of the parameters (``dim * itemsize``; what one product takes:
-        :mod:`hesslens.curvature.loop`): the snapshot (1), the basis and its step temporaries
-        (``ncv + 3``; the ``k`` Ritz vectors are formed in place in the basis, which is then
-        freed, ``k`` more for another ``basis_dtype`` or ``basis_device``; the default ``ncv``
-        of a large operator is ``min(max(2k + 8, 20), 31 - k)``, at least ``k + 2``) and one
-        product; top-5 of a 10M-parameter network: 24 + a product."""
+        Memory, in vectors of ``dim`` (float32 for a float32 or half-precision operator): the
+        basis (``ncv + 1``; the ``k`` Ritz vectors are formed in place in it), the step's
+        product, and what one product holds (:mod:`hesslens.curvature.loop`). ``ncv`` and
+        ``basis_device`` default from the operator's memory budget
+        (:mod:`hesslens.curvature.memory`): a few vectors where they are large, and the basis
+        off a GPU that cannot hold it."""
         _check_k(k, self.dim)
+        budget = self._shared.budget
+        steps = max(100, 30 * k) if max_steps is None else int(max_steps)
         if ncv is None:  # from the memory budget: a smaller basis where vectors are large
-            steps = max(100, 30 * k) if max_steps is None else int(max_steps)
-            ncv = self._shared.budget.ncv(k, self.dim, steps)
+            ncv = budget.ncv(k, self.dim, steps)
+        if basis_device is None:
+            rows = (ncv or min(self.dim, steps)) + 1
+            basis_device = budget.basis_device(rows, self.device)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
                      basis_device=basis_device, v0=v0)

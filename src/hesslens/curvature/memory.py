@@ -7,7 +7,8 @@ graph cache all derive.
 * ``None`` (default): lean where vectors are large. The estimators keep at most
   ``max(64 MiB, 6 vectors)`` of their own vectors (a small model keeps every Lanczos vector and
   a full trace sketch, as fast as it gets; a 10M-parameter one restarts in a few vectors), the
-  graph cache takes up to 4 GiB and a chunk of batched products 256 MiB.
+  graph cache takes up to 4 GiB and a chunk of batched products 256 MiB. On a GPU a Lanczos
+  basis that would take more than half its free memory is kept on the CPU instead.
 * ``"auto"``: half of the memory the device has available now (``MemAvailable`` on the CPU,
   ``torch.cuda.mem_get_info`` on a GPU), split below.
 * bytes: half for the estimators' vectors, 40 % for the graph cache, 10 % for product chunks.
@@ -99,6 +100,16 @@ class MemoryBudget:
         if default + 1 + k <= rows:
             return None
         return min(dim, max(k + 4, rows - 1))
+
+    def basis_device(self, rows: int, device: torch.device) -> torch.device | None:
+        """Where a basis of ``rows`` vectors goes: ``None`` (the operator's device) unless
+        that is a GPU without room for it beside the products (half its free memory), then the
+        CPU, in float32."""
+        if device.type != "cuda":
+            return None
+        if rows * self.vector_bytes <= available_memory(device) // 2:
+            return None
+        return torch.device("cpu")
 
     def trace(self) -> tuple[int, int] | None:
         """``(sketch_rank, batch_size)`` of the trace estimators: ``None`` (their defaults: a
