@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hesslens.checks import SEED_LIMIT, check_seed
+from hesslens.checks import SEED_LIMIT, check_positive_int, check_seed
 from hesslens.curvature.blocks import block_parameters
 from hesslens.curvature.checkpointing import checkpoint_errors
 from hesslens.curvature.products import (
@@ -504,8 +504,7 @@ def _check_arguments(model: Any, n_probes: Any, distribution: str, method: str, 
         raise HesslensInputError(
             f"model must be a torch.nn.Module, got {type(model).__name__}"
         )
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise HesslensInputError(f"n_probes must be a positive integer, got {n_probes!r}")
+    check_positive_int(n_probes, "n_probes")
     check_distribution(distribution)
     if method not in _METHODS:
         raise HesslensInputError(
