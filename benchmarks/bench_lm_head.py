@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _measure import vm, write_results
+from _measure import load_fixed_costs, vm, write_results
 
 CASES = ("gradient", "hessian-unchunked", "hessian-chunked", "hessian-chunked-checkpointing",
          "gauss-newton-unchunked", "gauss-newton-chunked", "hessian-fd-unchunked",
@@ -60,6 +60,7 @@ def _child(case: str, batch_size: int, tokens: int, layers: int | None) -> dict:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     chunking = {} if "-chunked" in case else {"token_chunk_bytes": None}
+    load_fixed_costs()
     base = vm("VmRSS")
     t0 = time.perf_counter()
     extra: dict = {}

@@ -2,7 +2,8 @@
 its parameters above the peak of one gradient.
 
 Each measurement runs in a fresh subprocess (one estimator's peak must not hide another's): the
-process builds the model and data, records its resident set, then runs one thing and reports
+process builds the model and data, loads the libraries every tool loads on its first products
+(``_measure.load_fixed_costs``), records its resident set, then runs one thing and reports
 the rise of its peak resident set (``VmHWM``; on a GPU ``torch.cuda.max_memory_allocated``).
 "gradient" is one ``loss.backward()`` of the same model and batch, the reference the target is
 stated against (top-5, trace and density at defaults within 40 float32 parameter copies above
@@ -34,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import vm, write_results
+from _measure import load_fixed_costs, vm, write_results
 
 CASES = ("gradient", "hessian-construction", "eigenvalues(k=1)", "eigenvalues(k=5)", "trace()",
          "traces()", "density()")
@@ -85,6 +86,7 @@ def _child(case: str, model_name: str, width: int, depth: int, samples: int, dev
             return torch.cuda.max_memory_allocated()
         return vm("VmHWM")
 
+    load_fixed_costs()
     base = torch.cuda.memory_allocated() if dev.type == "cuda" else vm("VmRSS")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import vm, write_results
+from _measure import load_fixed_costs, vm, write_results
 
 TASKS = ("top1", "top5", "trace", "density")
 SUPPORT = {"hesslens": TASKS, "pyhessian": TASKS,
@@ -63,6 +63,7 @@ def _child(tool: str, task: str, model_name: str, width: int, samples: int,
     data = (x, y)
     loss = torch.nn.CrossEntropyLoss()
     n = _peers.n_params(model)
+    load_fixed_costs()
     base = vm("VmRSS")
     start = time.perf_counter()
     extra: dict = {}

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import vm, write_results
+from _measure import load_fixed_costs, vm, write_results
 
 TASKS = ("gradient", "product", "top1", "blocks", "trace", "pyhessian-top1",
          "hessian-eigenthings-top1", "pyhessian-trace", "hessian-eigenthings-trace")
@@ -58,6 +58,7 @@ def _child(task: str, args: argparse.Namespace) -> dict:
 
     model, batch = _model_and_data(args.layers, args.sequences, args.tokens)
     n = sum(p.numel() for p in model.parameters())
+    load_fixed_costs()
     base = vm("VmRSS")
     t0 = time.perf_counter()
     out: dict = {"task": task, "n_params": n}

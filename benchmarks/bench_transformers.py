@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import vm, write_results
+from _measure import load_fixed_costs, vm, write_results
 
 MODELS = ("gpt-nano", "vit-tiny", "resnet18")
 
@@ -177,6 +177,7 @@ def _memory(name: str, tool: str, math: bool) -> dict:
     model, loss_fn, batches = _setup(name, torch.float32)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     v = _unit(n, torch.float32)
+    load_fixed_costs()
     base = vm("VmRSS")
     if tool == "gradient":
         _gradient(model, loss_fn, batches)

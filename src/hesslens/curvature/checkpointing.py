@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -101,9 +102,11 @@ class checkpoint_errors:
 
 def _hf_layers(module: nn.Module) -> list[nn.Module]:
     """The Hugging Face layers of ``module`` that checkpoint (``gradient_checkpointing_enable``)."""
+    if "transformers" not in sys.modules:  # no model of transformers' exists without it
+        return []
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # transformers absent or too old: nothing of its kind
+    except ImportError:  # too old a transformers: nothing of its kind
         return []
     return [m for m in module.modules()
             if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
