@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hesslens.analysis.history import HistoryFiles
+from hesslens.analysis.history import HistoryFiles, HistoryRecorder
 from hesslens.analysis.thresholds import (
     StabilityRule,
     preconditioner,
@@ -73,8 +73,6 @@ from hesslens.curvature.base import unwrap_model
 from hesslens.curvature.preconditioned import Preconditioned
 from hesslens.errors import BudgetWarning, HesslensInputError
 from hesslens.linalg import eigsh
-from hesslens.locks import OutputLock
-from hesslens.parallel import acquire_folder_lock, current
 
 __all__ = ["FILES", "SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder",
            "flat_row"]
@@ -89,11 +87,25 @@ SCALARS = ("sharpness", "threshold", "ratio", "preconditioned_sharpness",
            "directional_sharpness", "gradient_share", "overlap", "loss", "n_hvp", "seconds")
 
 
-def _is_main_process() -> bool:
-    return current().is_main
+def flat_row(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row of a record (lists as their first value, the whole list beside it)."""
+    row: dict[str, Any] = {}
+    for key, value in rec.items():
+        if isinstance(value, (list, tuple)):
+            row[key] = list(value)
+        elif isinstance(value, Mapping):
+            for k, v in value.items():
+                row[f"{key}.{k}"] = v
+        else:
+            row[key] = value
+    return row
 
 
-class SharpnessRecorder:
+#: The monitor's files: ``sharpness.json`` and ``sharpness.csv``.
+FILES = HistoryFiles(SHARPNESS_JSON, SHARPNESS_CSV, SCHEMA, "sharpness", flat_row)
+
+
+class SharpnessRecorder(HistoryRecorder):
     """Record the sharpness against the optimizer's edge of stability: call :meth:`update` in
     the training loop, after ``optimizer.step()``.
 
@@ -130,6 +142,13 @@ class SharpnessRecorder:
             ``False``: whether the step pre-hook copies the parameters before the next step.
     """
 
+    files = FILES
+    measured_keys = frozenset({
+        "sharpness", "eigenvalues", "bounds", "converged", "overlap", "loss", "gradient_norm",
+        "gradient_share", "directional_sharpness", "optimizer", "lr", "threshold", "compared",
+        "preconditioned_sharpness", "preconditioned_bound", "ratio", "n_hvp", "n_hvp_sharpness",
+        "n_hvp_preconditioned", "seconds"})
+
     def __init__(
         self,
         model: nn.Module,
@@ -161,7 +180,6 @@ class SharpnessRecorder:
         self.loss_fn = loss_fn
         self.data = data
         self.optimizer = optimizer
-        self.every = check_positive_int(every, "every")
         self.k = check_positive_int(k, "k")
         self.tol = float(tol)
         self.seed = check_seed(seed)
@@ -169,8 +187,6 @@ class SharpnessRecorder:
         self.direction = bool(direction)
         self.eval_mode = bool(eval_mode)
         self.hessian_options = {"path": "reverse", **dict(hessian_options or {})}
-        self.calls = 0
-        self.history: list[dict[str, Any]] = []
         self.rule: StabilityRule | None = None
         self._op: CurvatureOperator | None = None
         self._previous: torch.Tensor | None = None  # last record's eigenvectors
@@ -193,81 +209,16 @@ class SharpnessRecorder:
         #: record's update direction): ``None`` (default) copies when the next :meth:`update`
         #: records; a loop that calls :meth:`record` itself may set it before each step.
         self.keep_next_step: bool | None = None
-        self.out = None if out is None else Path(out)
-        self._lock: OutputLock | None = None
-        if self.out is not None:
-            if self.out.exists() and not self.out.is_dir():
-                raise HesslensInputError(
-                    f"out={str(self.out)!r} is a file; give a folder for {SHARPNESS_JSON}")
-            # the folder is this monitor's until close(): a second writer gets a named error
-            self._lock = acquire_folder_lock(self.out, "a SharpnessMonitor")
-            try:
-                self.history = FILES.read(self.out)
-            except BaseException:
-                if self._lock is not None:
-                    self._lock.release(failed=True)
-                raise
+        super().__init__(out, every)
 
     # ------------------------------------------------------------------ the loop
-    def due(self) -> bool:
-        """Whether the next :meth:`update` call records."""
-        return self.calls % self.every == 0
-
-    def update(self, step: int | float | None = None) -> dict[str, Any] | None:
-        """Record now if this call is due (see ``every``); return the record, or ``None``.
-
-        Args:
-            step: the training step to file the record under; default one after the last.
-        """
-        due = self.due()
-        self.calls += 1
-        return self.record(step) if due else None
-
-    def record(self, step: int | float | None = None,
-               info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Record now, whatever ``every`` says; append to the history (and the files).
-
-        Args:
-            step: as for :meth:`update`.
-            info: more keys for the record (e.g. ``{"epoch": 2}``); they cannot replace the
-                measured ones.
-        """
-        if step is None:
-            step = self.history[-1]["step"] + 1 if self.history else 0
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(
-                step):
-            raise HesslensInputError(f"step must be a number, got {step!r}")
-        measured = self.measure()
-        extra = dict(info or {})
-        clash = sorted(set(extra) & (set(measured) | {"step"}))
-        if clash:
-            raise HesslensInputError(f"info may not set the measured keys {clash}")
-        if self._lock is not None and not self._lock.held:
-            raise HesslensInputError(
-                f"this monitor was closed and no longer holds {self.out}: make a new one on "
-                "the folder to go on recording there")
-        rec = {"step": step, **extra, **measured}
-        while self.history and self.history[-1]["step"] >= step:
-            self.history.pop()
-        self.history.append(rec)
-        if self.out is not None and _is_main_process():
-            self.write_history(self.out)
-        return rec
-
     def close(self) -> None:
         """Remove the optimizer hook and give back the lock of ``out`` (the recorder keeps its
         history; a new one on the folder continues it)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self._lock is not None:
-            self._lock.release()
-
-    def __enter__(self) -> SharpnessRecorder:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        super().close()
 
     def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Step pre-hook: keep the parameters as they are before a step a record follows."""
@@ -389,26 +340,3 @@ class SharpnessRecorder:
                 "optimizer": None if self.optimizer is None else type(self.optimizer).__name__,
                 "rule": None if self.rule is None else self.rule.to_dict(),
                 "hessian_options": {k: str(v) for k, v in self.hessian_options.items()}}
-
-    def write_history(self, folder: str | Path) -> None:
-        """``sharpness.json`` (settings and records) and ``sharpness.csv`` (one flat row per
-        record) into ``folder``, atomically."""
-        FILES.write(Path(folder), self.history, self.settings())
-
-
-def flat_row(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """One CSV row of a record (lists as their first value, the whole list beside it)."""
-    row: dict[str, Any] = {}
-    for key, value in rec.items():
-        if isinstance(value, (list, tuple)):
-            row[key] = list(value)
-        elif isinstance(value, Mapping):
-            for k, v in value.items():
-                row[f"{key}.{k}"] = v
-        else:
-            row[key] = value
-    return row
-
-
-#: The monitor's files: ``sharpness.json`` and ``sharpness.csv``.
-FILES = HistoryFiles(SHARPNESS_JSON, SHARPNESS_CSV, SCHEMA, "sharpness", flat_row)

@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -43,14 +42,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from hesslens.analysis.history import HistoryFiles
+from hesslens.analysis.history import HistoryFiles, HistoryRecorder
 from hesslens.analysis.similarity import compare_spectra
 from hesslens.analysis.spectra import measure_curvature
 from hesslens.checks import check_positive_int, check_seed
 from hesslens.curvature import Hessian
 from hesslens.errors import HesslensInputError
-from hesslens.locks import OutputLock
-from hesslens.parallel import acquire_folder_lock
 
 __all__ = ["FILES", "HISTORY_CSV", "HISTORY_JSON", "SCHEMA", "CurvatureRecorder", "flat_record",
            "untouched_state"]
@@ -115,7 +112,39 @@ def _default_similarity(full: Any, layer: Any) -> dict[str, float]:
     return compare_spectra(layer, full)
 
 
-class CurvatureRecorder:
+def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """One CSV row of a record: ``step``, ``seconds``, ``full.top_eigenvalue``,
+    ``full.trace``, ``full.trace_stderr``, ``layers.<name>.<same>`` and
+    ``layers.<name>.similarity[.<metric>]`` (densities stay in the JSON)."""
+    row: dict[str, Any] = {"step": rec["step"], "seconds": rec.get("seconds"),
+                           "n_hvp": rec.get("n_hvp")}
+
+    def add(prefix: str, entry: Mapping[str, Any]) -> None:
+        tops = entry.get("top_eigenvalues") or []
+        row[f"{prefix}.top_eigenvalue"] = tops[0] if tops else None
+        if len(tops) > 1:
+            row[f"{prefix}.top_eigenvalues"] = tops
+        for key in ("trace", "trace_stderr"):
+            if key in entry:
+                row[f"{prefix}.{key}"] = entry[key]
+        sim = entry.get("similarity")
+        if isinstance(sim, Mapping):
+            for k, v in sim.items():
+                row[f"{prefix}.similarity.{k}"] = v
+        elif sim is not None:
+            row[f"{prefix}.similarity"] = sim
+
+    add("full", rec["full"])
+    for name, entry in rec.get("layers", {}).items():
+        add(f"layers.{name}", entry)
+    return row
+
+
+#: The tracker's files: ``curvature.json`` and ``curvature.csv``.
+FILES = HistoryFiles(HISTORY_JSON, HISTORY_CSV, SCHEMA, "curvature", flat_record)
+
+
+class CurvatureRecorder(HistoryRecorder):
     """Record curvature during training: call :meth:`update` in the loop.
 
     Args:
@@ -168,6 +197,9 @@ class CurvatureRecorder:
             whether the trace reached ``trace_rtol`` within ``trace_max_hvp`` products).
     """
 
+    files = FILES
+    measured_keys = frozenset({"full", "layers", "seconds", "n_hvp"})
+
     def __init__(
         self,
         model: nn.Module,
@@ -196,7 +228,6 @@ class CurvatureRecorder:
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
-        self.every = check_positive_int(every, "every")
         self.k = check_positive_int(k, "k")
         self.trace = bool(trace)
         self.similarity: SimilarityFn | None = (
@@ -226,34 +257,7 @@ class CurvatureRecorder:
                     "layers must be True, False, a list of layer names or a grouping "
                     f"(mapping), got {type(layers).__name__}")
             self._names = list(layers)
-        self.calls = 0
-        self.history: list[dict[str, Any]] = []
-        self.out = None if out is None else Path(out)
-        self._lock: OutputLock | None = None
-        if self.out is not None:
-            if self.out.exists() and not self.out.is_dir():
-                raise HesslensInputError(
-                    f"out={str(self.out)!r} is a file; give a folder for curvature.json")
-            self._lock = acquire_folder_lock(self.out, f"a {type(self).__name__}")
-            try:
-                self.history = FILES.read(self.out)
-            except BaseException:
-                if self._lock is not None:
-                    self._lock.release(failed=True)
-                raise
-
-    # ------------------------------------------------------------------ the folder's lock
-    def close(self) -> None:
-        """Give back the lock of ``out`` (the records stay in :attr:`history`; a new tracker
-        on the folder continues them). Recording into ``out`` afterwards is an error."""
-        if self._lock is not None:
-            self._lock.release()
-
-    def __enter__(self) -> CurvatureRecorder:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        super().__init__(out, every)
 
     # ------------------------------------------------------------------ recording
     def settings(self) -> dict[str, Any]:
@@ -271,53 +275,6 @@ class CurvatureRecorder:
                                for k, v in self._grouping.items()}),
             "hessian_options": {k: str(v) for k, v in self.hessian_options.items()},
         }
-
-    def due(self) -> bool:
-        """Whether the next :meth:`update` call records."""
-        return self.calls % self.every == 0
-
-    def update(self, step: int | float | None = None) -> dict[str, Any] | None:
-        """Record now if this call is due (see ``every``); return the record, or ``None``.
-
-        Args:
-            step: the training step (or epoch) to file the record under; default one after
-                the last recorded step (0 for the first).
-        """
-        due = self.due()
-        self.calls += 1
-        if not due:
-            return None
-        return self.record(step)
-
-    def record(self, step: int | float | None = None,
-               info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Record now, whatever ``every`` says; append to the history (and the files).
-
-        Args:
-            step: as for :meth:`update`.
-            info: more keys for the record (e.g. ``{"epoch": 2}``); they cannot replace the
-                measured ones.
-        """
-        if step is None:
-            step = int(self.history[-1]["step"]) + 1 if self.history else 0
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(
-                step):
-            raise HesslensInputError(f"step must be a number, got {step!r}")
-        extra = dict(info or {})
-        clash = sorted(set(extra) & {"step", "full", "layers", "seconds", "n_hvp"})
-        if clash:
-            raise HesslensInputError(f"info may not set the measured keys {clash}")
-        if self._lock is not None and not self._lock.held:
-            raise HesslensInputError(
-                f"this tracker was closed and no longer holds {self.out}: make a new "
-                f"{type(self).__name__} on the folder to go on recording there")
-        rec = {"step": step, **extra, **self.measure()}
-        while self.history and self.history[-1]["step"] >= step:
-            self.history.pop()
-        self.history.append(rec)
-        if self.out is not None:
-            FILES.write(self.out, self.history, self.settings())
-        return rec
 
     def measure(self) -> dict[str, Any]:
         """The measurement at the model's current weights, without filing it: ``{"full",
@@ -338,35 +295,3 @@ class CurvatureRecorder:
                         self.similarity(m.full.density, est.density))
         return {"full": _entry(m.full), "layers": layers,
                 "seconds": time.perf_counter() - t0, "n_hvp": int(m.n_hvp)}
-
-
-def flat_record(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """One CSV row of a record: ``step``, ``seconds``, ``full.top_eigenvalue``,
-    ``full.trace``, ``full.trace_stderr``, ``layers.<name>.<same>`` and
-    ``layers.<name>.similarity[.<metric>]`` (densities stay in the JSON)."""
-    row: dict[str, Any] = {"step": rec["step"], "seconds": rec.get("seconds"),
-                           "n_hvp": rec.get("n_hvp")}
-
-    def add(prefix: str, entry: Mapping[str, Any]) -> None:
-        tops = entry.get("top_eigenvalues") or []
-        row[f"{prefix}.top_eigenvalue"] = tops[0] if tops else None
-        if len(tops) > 1:
-            row[f"{prefix}.top_eigenvalues"] = tops
-        for key in ("trace", "trace_stderr"):
-            if key in entry:
-                row[f"{prefix}.{key}"] = entry[key]
-        sim = entry.get("similarity")
-        if isinstance(sim, Mapping):
-            for k, v in sim.items():
-                row[f"{prefix}.similarity.{k}"] = v
-        elif sim is not None:
-            row[f"{prefix}.similarity"] = sim
-
-    add("full", rec["full"])
-    for name, entry in rec.get("layers", {}).items():
-        add(f"layers.{name}", entry)
-    return row
-
-
-#: The tracker's files: ``curvature.json`` and ``curvature.csv``.
-FILES = HistoryFiles(HISTORY_JSON, HISTORY_CSV, SCHEMA, "curvature", flat_record)
