@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,15 @@ def vm(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+#: The environment of a measuring child process: glibc's malloc maps every block above 1 MiB
+#: (``MALLOC_MMAP_THRESHOLD_``; by default the threshold grows with the blocks freed, up to
+#: 32 MiB, and parameter-sized blocks below it stay in the heap, fragmented), so that a freed
+#: tensor leaves the resident set at once and the peak counts tensors, as
+#: ``torch.cuda.max_memory_allocated`` does on a GPU. Without it the same call's peak varies by
+#: a few parameter copies from run to run. Every tool's child runs in it.
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def load_fixed_costs() -> None:

@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _measure import load_fixed_costs, vm, write_results
+from _measure import CHILD_ENV, load_fixed_costs, vm, write_results
 
 CASES = ("gradient", "hessian-unchunked", "hessian-chunked", "hessian-chunked-checkpointing",
          "gauss-newton-unchunked", "gauss-newton-chunked", "hessian-fd-unchunked",
@@ -86,7 +86,8 @@ def _child(case: str, batch_size: int, tokens: int, layers: int | None) -> dict:
 def _run(cmd: list[str], max_bytes: int) -> tuple[int, str, str, int]:
     """Run ``cmd``, stopping it when its resident set passes ``max_bytes``: (return code,
     stdout, stderr, the most resident bytes seen)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=CHILD_ENV)
     status = Path(f"/proc/{proc.pid}/status")
     seen = 0
     while proc.poll() is None:

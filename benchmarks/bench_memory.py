@@ -4,7 +4,9 @@ its parameters above the peak of one gradient.
 Each measurement runs in a fresh subprocess (one estimator's peak must not hide another's): the
 process builds the model and data, loads the libraries every tool loads on its first products
 (``_measure.load_fixed_costs``), records its resident set, then runs one thing and reports
-the rise of its peak resident set (``VmHWM``; on a GPU ``torch.cuda.max_memory_allocated``).
+the rise of its peak resident set (``VmHWM``, with glibc's malloc mapping every block above
+1 MiB, ``_measure.CHILD_ENV``, so that freed tensors leave it at once; on a GPU
+``torch.cuda.max_memory_allocated``).
 "gradient" is one ``loss.backward()`` of the same model and batch, the reference the target is
 stated against (top-5, trace and density at defaults within 40 float32 parameter copies above
 one gradient). The operator's own snapshot of the parameters (one copy) is counted in every
@@ -35,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import load_fixed_costs, vm, write_results
+from _measure import CHILD_ENV, load_fixed_costs, vm, write_results
 
 CASES = ("gradient", "hessian-construction", "eigenvalues(k=1)", "eigenvalues(k=5)", "trace()",
          "traces()", "density()")
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                "--depth", str(args.depth), "--samples", str(args.samples),
                "--device", args.device, "--model", args.model,
                *(["--quick"] if args.quick else [])]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=CHILD_ENV)
         if done.returncode != 0:
             rows.append({"case": case, "error": done.stderr.strip().splitlines()[-1:]})
             print(f"  {case}: error {rows[-1]['error']}", flush=True)

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import load_fixed_costs, vm, write_results
+from _measure import CHILD_ENV, load_fixed_costs, vm, write_results
 
 TASKS = ("top1", "top5", "trace", "density")
 SUPPORT = {"hesslens": TASKS, "pyhessian": TASKS,
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                "--width", str(args.width), "--samples", str(args.samples),
                *(["--quick"] if args.quick else [])]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                              cwd=Path(__file__).parent)
+                              cwd=Path(__file__).parent, env=CHILD_ENV)
         if done.returncode != 0:
             rows.append({"tool": tool, "task": task,
                          "error": done.stderr.strip().splitlines()[-1:]})

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import load_fixed_costs, vm, write_results
+from _measure import CHILD_ENV, load_fixed_costs, vm, write_results
 
 TASKS = ("gradient", "product", "top1", "blocks", "trace", "pyhessian-top1",
          "hessian-eigenthings-top1", "pyhessian-trace", "hessian-eigenthings-trace")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                                  check=False)
+                                  check=False, env=CHILD_ENV)
         except subprocess.TimeoutExpired:
             rows.append({"task": task, "error": f"over {args.timeout:.0f} s"})
             continue

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import load_fixed_costs, vm, write_results
+from _measure import CHILD_ENV, load_fixed_costs, vm, write_results
 
 MODELS = ("gpt-nano", "vit-tiny", "resnet18")
 
@@ -192,7 +192,8 @@ def _memory(name: str, tool: str, math: bool) -> dict:
 
 def _run_child(args: list[str]) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True,
-                          text=True, check=False, cwd=Path(__file__).parent)
+                          text=True, check=False, cwd=Path(__file__).parent,
+                          env=CHILD_ENV)
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
         return {"error": lines[-1] if lines else f"exit {done.returncode}"}
