@@ -130,6 +130,11 @@ def test_adam_preconditioned_sharpness_against_dense(make_opt, shift):
         lr = max(g["lr"] for g in opt.param_groups)
         assert rec["threshold"] == pytest.approx(38 / lr, rel=1e-12)
         assert rec["ratio"] == pytest.approx(ref / (38 / lr), rel=1e-8)
+        # every product is counted: the top eigenvalue's, the one along the update and the
+        # preconditioned matrix's (which its own operator counts)
+        assert rec["n_hvp_preconditioned"] >= 2
+        assert rec["n_hvp"] == (rec["n_hvp_sharpness"] + rec["n_hvp_preconditioned"]
+                                + (rec["directional_sharpness"] is not None))
     assert len(mon.history) == 3
 
 

@@ -275,12 +275,10 @@ class SharpnessRecorder(HistoryRecorder):
             rec["gradient_norm"] = math.sqrt(g2)
             rec["gradient_share"] = float(((V @ g) ** 2).sum()) / g2 if g2 > 0 else None
             rec["directional_sharpness"] = self._directional(op)
-            n1 = op.n_products
             rec.update(self._stability(op, rec["sharpness"]))
-            rec["n_hvp"] = int(op.n_products - n0)
+            # the preconditioned operator counts its own products (rec["n_hvp_preconditioned"])
+            rec["n_hvp"] = int(op.n_products - n0) + rec.get("n_hvp_preconditioned", 0)
             rec["n_hvp_sharpness"] = int(n_top)
-            if rec["preconditioned_sharpness"] is not None:
-                rec["n_hvp_preconditioned"] = int(op.n_products - n1)
         self._previous = top.vectors
         rec["seconds"] = time.perf_counter() - t0
         return rec
@@ -324,6 +322,7 @@ class SharpnessRecorder(HistoryRecorder):
                 self._pprevious = ptop.vectors
                 value = float(ptop.values[0])
                 out["preconditioned_sharpness"] = value
+                out["n_hvp_preconditioned"] = int(P.n_products)
                 out["preconditioned_bound"] = (None if ptop.bounds is None
                                                else float(ptop.bounds[0]))
         threshold = rule.threshold
