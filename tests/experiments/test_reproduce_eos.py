@@ -94,6 +94,8 @@ def test_the_setting_lands_in_the_report(tmp_path):
     claims = [f["claim"] for f in result["beyond_the_paper"]]
     assert any("2/lr" in c for c in claims) and any("38/lr" in c for c in claims)
     page = (tmp_path / "report.html").read_text()
-    assert "Beyond the paper: the edge of stability" in page
+    assert "The edge of stability: setting and figure" in page
     assert (tmp_path / "figures" / "edge_of_stability.png").exists()
+    # the findings' rows link the figure, which is drawn before them
+    assert page.count('href="#fig-figures-edge_of_stability"') == 2
     assert "edge of stability (Cohen et al. 2021)" in result["summary_text"]

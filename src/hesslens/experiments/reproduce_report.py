@@ -212,7 +212,7 @@ def _findings_section(report: Any, out: Path, checks: list[findings.Finding]) ->
 def _beyond_section(report: Any, out: Path, beyond: list[findings.Finding],
                     edge: list[findings.Finding]) -> None:
     report.section(
-        "Beyond the paper: a transformer's blocks" + (", the edge of stability" if edge else ""),
+        "Beyond the paper",
         _finding_rows(beyond + edge, [TRANSFORMER_FIGURES] * len(beyond)
                       + [EDGE_FIGURES] * len(edge), out),
         Paragraph("The same layer-vs-whole comparison on a small GPT's blocks (the "
@@ -225,10 +225,10 @@ def _beyond_section(report: Any, out: Path, beyond: list[findings.Finding],
                      if edge else "")))
 
 
-def _edge_section(report: Any, out: Path, result: dict[str, Any]) -> None:
+def _edge_section(report: Any, out: Path, blocks: tuple[Any, Path, str]) -> None:
     """The edge-of-stability setting: what was run and its figure (verdicts: above)."""
-    paragraph, png, caption = edge_section(result, out / "figures")
-    report.section("Beyond the paper: the edge of stability", paragraph,
+    paragraph, png, caption = blocks
+    report.section("The edge of stability: setting and figure", paragraph,
                    _figure(out, png, caption))
 
 
@@ -483,6 +483,8 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     layer_figs = layer_figures(sgd_runs, figures_dir)
     f2_figs = finding2_figures(extra, figures_dir)
     tf_figs = transformer_figures(extra, figures_dir)
+    # drawn before the findings' rows, which link the figures that exist
+    edge_blocks = edge_section(extra["edge_of_stability"], figures_dir) if edge else None
 
     rows = arm_table_rows(arms, chosen)
     results = _results(out, plan, chosen, arms, comparison, layer_studies, extra, checks,
@@ -497,8 +499,8 @@ def write_reproduce_report(out: Path, plan: Plan, chosen: dict[str, Any],
     _findings_section(report, out, checks)
     _beyond_section(report, out, beyond, edge)
     _finding_figures_sections(report, out, f2_figs, tf_figs)
-    if edge:
-        _edge_section(report, out, extra["edge_of_stability"])
+    if edge_blocks is not None:
+        _edge_section(report, out, edge_blocks)
     cost_note, cost = _cost_note(out, plan)
     _arms_section(report, out, plan, rows, arm_figs, cost_note)
     tuning = _tuning_section(chosen)

@@ -338,7 +338,7 @@ _CSS = """
 * { box-sizing: border-box; }
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
        color: var(--fg); margin: 0; background: #f6f7f9; }
-main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 60px; background: #fff;
+main { max-width: 1240px; margin: 0 auto; padding: 24px 28px 60px; background: #fff;
        min-height: 100vh; box-shadow: 0 0 0 1px var(--line); }
 h1 { font-size: 26px; margin: 8px 0 4px; }
 h2 { font-size: 20px; margin: 28px 0 10px; padding-bottom: 4px;
