@@ -72,6 +72,7 @@ from hesslens.locks import OutputLock, output_lock
 __all__ = [
     "KINDS",
     "STATUS_SLOTS",
+    "WORLD",
     "Ranks",
     "acquire_folder_lock",
     "all_gather_objects",
@@ -94,6 +95,7 @@ __all__ = [
     "shard_range",
     "sum_across",
     "sync_gradients",
+    "torch_group",
 ]
 
 
@@ -122,6 +124,42 @@ class Ranks:
         return {"world_size": self.world, "backend": self.backend}
 
 
+class _World:
+    """The default process group, by name: operators and :class:`Ranks` keep this rather than
+    the group object, so that ``torch.distributed.destroy_process_group()`` really destroys it
+    (joining its gloo threads while the interpreter is alive). A group object kept past that
+    call lives on into interpreter shutdown, where a gloo thread still releasing the last
+    collective's tensors takes the exiting interpreter's lock and aborts the process
+    (``terminate called without an active exception``)."""
+
+    def __repr__(self) -> str:
+        return "WORLD"
+
+
+#: The default process group (see :class:`_World`); :func:`torch_group` turns it into the
+#: ``group=`` argument torch.distributed takes.
+WORLD = _World()
+
+
+def torch_group(group: Any) -> Any:
+    """``group`` as torch.distributed's ``group=`` argument: ``None`` (its default group) for
+    :data:`WORLD`, any other group as it is."""
+    return None if group is WORLD else group
+
+
+def _load_dynamo_before_the_group() -> None:
+    """Under torchrun, load ``torch._dynamo`` now, before any process group exists. The first
+    ``torch.func`` transform loads it otherwise, and loaded while a group exists it keeps
+    references to that group, so that ``destroy_process_group()`` no longer ends it (see
+    :class:`_World` for what that costs at exit). Alone (no torchrun) nothing is loaded."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and dist.is_available() \
+            and not dist.is_initialized():
+        import torch._dynamo  # noqa: F401
+
+
+_load_dynamo_before_the_group()
+
+
 def initialized() -> bool:
     """Whether ``torch.distributed`` is available and initialised in this process."""
     return dist.is_available() and dist.is_initialized()
@@ -130,7 +168,7 @@ def initialized() -> bool:
 def resolve_group(distributed: bool | None, group: Any = None) -> Any:
     """The process group a curvature operator sums over, or ``None`` for a rank-local one:
     ``distributed=False`` is rank-local; ``None`` follows whether torch.distributed is
-    initialised; ``True`` requires it. ``group`` defaults to the world."""
+    initialised; ``True`` requires it. ``group`` defaults to the world (:data:`WORLD`)."""
     if distributed is False:
         return None
     if not initialized():
@@ -139,14 +177,14 @@ def resolve_group(distributed: bool | None, group: Any = None) -> Any:
                 "distributed=True but torch.distributed is not initialised: call "
                 "torch.distributed.init_process_group (torchrun does the environment) first")
         return None
-    return group if group is not None else dist.group.WORLD
+    return group if group is not None else WORLD
 
 
 def current() -> Ranks:
     """This process's :class:`Ranks` in the default group (world 1 when not initialised)."""
     if not initialized():
         return Ranks()
-    return Ranks(dist.get_rank(), dist.get_world_size(), dist.group.WORLD,
+    return Ranks(dist.get_rank(), dist.get_world_size(), WORLD,
                  str(dist.get_backend()))
 
 
@@ -282,7 +320,7 @@ def sync_gradients(params: Sequence[Tensor], ranks: Ranks) -> None:
         has = torch.tensor([p.grad is not None for p in same], dtype=same[0].dtype,
                            device=same[0].device)
         flat = torch.cat([*parts, has])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ranks.group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=torch_group(ranks.group))
         sizes = [p.numel() for p in same]
         n = sum(sizes)
         for p, piece, flag in zip(same, flat[:n].split(sizes), flat[n:].tolist()):
@@ -294,7 +332,7 @@ def sum_across(values: Sequence[float], ranks: Ranks, device: Any = "cpu") -> li
     if not ranks.distributed:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=ranks.group)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=torch_group(ranks.group))
     return t.tolist()
 
 
@@ -303,7 +341,7 @@ def all_gather_objects(obj: Any, ranks: Ranks) -> list[Any]:
     if not ranks.distributed:
         return [obj]
     out: list[Any] = [None] * ranks.world
-    dist.all_gather_object(out, obj, group=ranks.group)
+    dist.all_gather_object(out, obj, group=torch_group(ranks.group))
     return out
 
 
@@ -313,7 +351,7 @@ def broadcast_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
     if not ranks.distributed:
         return
     for b in module.buffers():
-        dist.broadcast(b, src=0, group=ranks.group)
+        dist.broadcast(b, src=0, group=torch_group(ranks.group))
 
 
 @contextlib.contextmanager
@@ -365,7 +403,7 @@ def acquire_folder_lock(folder: str | os.PathLike[str], what: str,
 def barrier(ranks: Ranks) -> None:
     """Wait for every rank (nothing alone)."""
     if ranks.distributed:
-        dist.barrier(group=ranks.group)
+        dist.barrier(group=torch_group(ranks.group))
 
 
 # ---------------------------------------------------------------------- checked collectives
@@ -401,7 +439,7 @@ def all_reduce_checked(buf: Tensor, failure: BaseException | None, group: Any) -
     in place, then raise on every rank if any rank failed: ``failure`` itself on the rank that
     had it, the same kind of error (:func:`remote_failure`) on the others."""
     mark_failure(buf, failure)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=torch_group(group))
     if failure is not None:
         raise failure
     error = remote_failure(buf[-STATUS_SLOTS:].tolist())
@@ -415,7 +453,7 @@ def all_reduce_int(value: int, group: Any, failure: BaseException | None = None)
     ``failure`` (:func:`all_reduce_checked`)."""
     t = torch.zeros(1 + STATUS_SLOTS, dtype=torch.int64)
     t[0] = value
-    if dist.get_backend(group) == "nccl":
+    if dist.get_backend(torch_group(group)) == "nccl":
         t = t.cuda()
     all_reduce_checked(t, failure, group)
     return int(t[0].item())

@@ -3,6 +3,7 @@ test_distributed.py: each rank analyses its shard of uneven batches with a data-
 operator, and the whole data rank-locally, and writes both results to OUT/rank{r}.json."""
 
 import json
+import os
 import sys
 
 import torch
@@ -11,7 +12,13 @@ import torch.distributed as dist
 import hesslens as hl
 
 
+def threads() -> int:
+    """This process's threads (gloo runs its own while a process group lives)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def main(out: str) -> None:
+    before = threads()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -45,9 +52,11 @@ def main(out: str) -> None:
         }
     result["world"] = world
     result["failures"] = failures(model, loss_fn, shards[rank], rank, V)
+    # the operators, still alive, must not keep the group (and its threads) past its end
+    dist.destroy_process_group()
+    result["threads_left"] = threads() - before
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)
-    dist.destroy_process_group()
 
 
 class Shard:

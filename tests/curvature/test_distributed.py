@@ -67,3 +67,11 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank(ranks):
         assert f["product"] == "DataChangedError"
         assert f["nan_loss"] == "HesslensInputError"
     assert ranks[0]["failures"]["after"] == ranks[1]["failures"]["after"]
+
+
+def test_operators_do_not_keep_the_process_group_alive(ranks):
+    # destroy_process_group() ends the group (its gloo threads joined) while operators that
+    # used it still exist; one they kept would live into interpreter shutdown and could abort
+    # the process there
+    for r in ranks:
+        assert r["threads_left"] == 0

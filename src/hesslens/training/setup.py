@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from hesslens.errors import HesslensInputError
-from hesslens.parallel import Ranks, resolve_device
+from hesslens.parallel import Ranks, resolve_device, torch_group
 from hesslens.provenance import dataset_fingerprint, versions
 from hesslens.splits import split_train_val
 from hesslens.training.config import TrainConfig
@@ -183,7 +183,7 @@ def data_parallel(model: nn.Module, device: torch.device,
         return None
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        process_group=ranks.group)
+        process_group=torch_group(ranks.group))
 
 
 # ---------------------------------------------------------------------- the data
