@@ -72,3 +72,39 @@ def test_a_matrix_without_its_per_batch_method_is_named():
     op = Nothing(nn.Linear(2, 2), cross_entropy, (torch.randn(3, 2), torch.tensor([0, 1, 0])))
     with pytest.raises(NotImplementedError, match="Nothing must implement batch_products"):
         op.hvp(torch.ones(op.dim))
+
+
+def _small_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 4, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (n,), generator=g)) for n in (6, 3)]
+    return model, batches
+
+
+def test_products_written_into_a_given_tensor_equal_the_products():
+    model, batches = _small_problem()
+    H = hl.Hessian(model, cross_entropy, batches)
+    V = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    dense = H.dense()
+    for op, ref in ((H, dense), (H.gauss_newton(), H.gauss_newton().dense()),
+                    (H.residual(), dense - H.gauss_newton().dense()),
+                    (H.block("2"), None)):
+        out = torch.full_like(V[:, :op.dim], float("nan"))  # stale contents must not leak in
+        W = V[:, :op.dim]
+        got = op.matmat_into(W, out)
+        assert got is out
+        expected = op.matmat(W) if ref is None else W @ ref
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    # the full operator sums into the given tensor itself, with no result of its own
+    out = torch.empty_like(V)
+    assert H._apply(V, out) is out
+
+
+def test_products_into_a_tensor_of_another_dtype_are_refused_by_name():
+    model, batches = _small_problem()
+    H = hl.Hessian(model, cross_entropy, batches)
+    with pytest.raises(hl.HesslensInputError, match="matmat_into needs out"):
+        H.matmat_into(torch.ones(1, H.dim, dtype=torch.float64),
+                      torch.empty(1, H.dim, dtype=torch.float32))

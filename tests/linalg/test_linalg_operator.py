@@ -124,3 +124,35 @@ def test_result_reprs_are_short():
     t = TraceResult(value=1.5, stderr=0.1, n_hvp=10, method="hutchinson", n_samples=10)
     assert "1.5" in repr(t) and t.to_dict()["n_hvp"] == 10
     assert np.isfinite(t.value)
+
+
+class _IntoOperator(MatrixOperator):
+    """A matrix that can write its products into a given tensor, and counts when it does."""
+
+    into_calls = 0
+
+    def matmat_into(self, V, out):
+        self.into_calls += 1
+        self.n_products += V.shape[0]
+        return torch.matmul(V, self.matrix, out=out)
+
+
+def test_lanczos_products_go_straight_into_its_basis():
+    from hesslens.linalg import eigsh
+
+    A = sym(30, seed=3)
+    op = _IntoOperator(A)
+    got = eigsh(op, k=2, ncv=6, tol=1e-10)
+    ref = torch.linalg.eigvalsh(A).flip(0)[:2]
+    torch.testing.assert_close(got.values, ref, rtol=1e-8, atol=1e-10)
+    assert op.into_calls == got.n_hvp > 0
+
+
+def test_matmat_as_copies_into_out_for_an_operator_without_matmat_into():
+    from hesslens.linalg.operator import matmat_as
+
+    A = sym(5, seed=4)
+    V = torch.randn(2, 5, dtype=torch.float64)
+    out = torch.empty(2, 5, dtype=torch.float32)
+    assert matmat_as(MatrixOperator(A), V, torch.float32, out=out) is out
+    torch.testing.assert_close(out, (V @ A).float())

@@ -251,9 +251,10 @@ class CurvatureOperator(Estimators):
         raise NotImplementedError(
             f"{type(self).__name__} must implement batch_products(batch, names, vectors)")
 
-    def _products(self, W: Tensor) -> Tensor:
+    def _products(self, W: Tensor, out: Tensor | None = None) -> Tensor:
         """``M W`` for ``(k, width)`` vectors over this operator's parameters: the data loop
-        over :meth:`batch_products`, chunks of vectors at a time."""
+        over :meth:`batch_products`, chunks of vectors at a time (summed into ``out``, a
+        ``(k, width)`` tensor of the accumulation dtype, when given)."""
         names = self._layout.names
         vs = split_flat(W, [self._layout.shapes[n] for n in names])
         loop = self._shared.loop
@@ -269,7 +270,7 @@ class CurvatureOperator(Estimators):
                     for o, p in zip(target, result):
                         o += p
 
-        return loop.sum(per_batch, vs, graph_kind=self.graph_kind)
+        return loop.sum(per_batch, vs, out, graph_kind=self.graph_kind)
 
     # ------------------------------------------------------------------ products
     def matmat(self, V: Tensor) -> Tensor:
@@ -286,12 +287,44 @@ class CurvatureOperator(Estimators):
         self.n_products += V.shape[0]
         return self._apply(V)
 
-    def _apply(self, V: Tensor) -> Tensor:
+    def matmat_into(self, V: Tensor, out: Tensor) -> Tensor:
+        """:meth:`matmat` written into ``out`` (a ``(k, dim)`` tensor of this operator's dtype
+        and device that does not overlap ``V``), and returned: the products are summed there
+        directly where they can be, so that no result of their own is held beside it (a
+        Lanczos step's product goes straight into its basis).
+
+        Example:
+            >>> import torch, hesslens as hl
+            >>> H = hl.Hessian(torch.nn.Linear(3, 2), torch.nn.functional.cross_entropy,
+            ...                (torch.randn(6, 3), torch.randint(0, 2, (6,))))
+            >>> V, out = torch.randn(2, H.dim), torch.empty(2, H.dim)
+            >>> H.matmat_into(V, out) is out and torch.allclose(out, H.matmat(V))
+            True
+        """
+        if not (isinstance(out, torch.Tensor) and isinstance(V, torch.Tensor)
+                and out.shape == V.shape and out.dtype == self.dtype
+                and out.device == self.device):
+            raise HesslensInputError(
+                f"matmat_into needs out of V's shape, dtype {self.dtype} and device "
+                f"{self.device}")
+        if V.shape[0] == 0:
+            return out
+        V = V.to(device=self.device, dtype=self.dtype)
+        if not (V.dim() == 2 and V.shape[1] == self.dim):
+            return out.copy_(self.matmat(V))  # matmat names the problem
+        self.n_products += V.shape[0]
+        result = self._apply(V, out)
+        return result if result is out else out.copy_(result)
+
+    def _apply(self, V: Tensor, out: Tensor | None = None) -> Tensor:
         """``M V`` for ``(k, dim)`` vectors already in place (combinations override it): the
-        products in the model's dtype, summed in this operator's."""
+        products in the model's dtype, summed in this operator's; into ``out`` where the sum can
+        go there directly (else a result of their own, which the caller copies)."""
         W = self._layout.widen(V).to(self._shared.loop.model.dtype)
+        direct = (out is not None and self._layout.identity and out.is_contiguous()
+                  and out.dtype == self._shared.loop.accumulate_dtype)
         with named_derivative_errors(), checkpoint_errors():
-            return self._layout.narrow(self._products(W))
+            return self._layout.narrow(self._products(W, out if direct else None))
 
     def hvp(self, v: Tensor) -> Tensor:
         """The product with a flat vector ``v`` of length ``dim``, or with each row of a (k, dim)

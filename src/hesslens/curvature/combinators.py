@@ -46,16 +46,16 @@ class Combination(CurvatureOperator):
         self._attach(first._shared, first._blocks, first._layout.pieces,
                      label if label is not None else first.label)
 
-    def _apply(self, V: Tensor) -> Tensor:
-        out = None
+    def _apply(self, V: Tensor, out: Tensor | None = None) -> Tensor:
+        total = None
         for c, op in self._terms:
-            part = op._apply(V)
-            if out is None:
-                out = part if c == 1.0 else part * c
+            part = op._apply(V, out if total is None and c == 1.0 else None)
+            if total is None:
+                total = part if c == 1.0 else part * c
             else:
-                out.add_(part, alpha=c)
+                total.add_(part, alpha=c)
                 del part
-        return out
+        return total
 
     def _restricted(self, blocks: Blocks, pieces: list[ParamSlice],
                     label: str) -> CurvatureOperator:

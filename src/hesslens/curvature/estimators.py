@@ -116,11 +116,11 @@ class Estimators:
         vectors such as an earlier result's ``.vectors``) warm-starts the run near them.
 
         Memory, in vectors of ``dim`` (float32 for a float32 or half-precision operator): the
-        basis (``ncv + 1``; the ``k`` Ritz vectors are formed in place in it), the step's
-        product, and what one product holds (:mod:`hesslens.curvature.loop`). ``ncv`` and
-        ``basis_device`` default from the operator's memory budget
-        (:mod:`hesslens.curvature.memory`): a few vectors where they are large, and the basis
-        off a GPU that cannot hold it."""
+        basis (``ncv + 1``; each step's product is summed straight into it and the ``k`` Ritz
+        vectors are formed in place in it), one update temporary, and what one product holds
+        (:mod:`hesslens.curvature.loop`). ``ncv`` and ``basis_device`` default from the
+        operator's memory budget (:mod:`hesslens.curvature.memory`): a few vectors where they
+        are large, and the basis off a GPU that cannot hold it."""
         _check_k(k, self.dim)
         budget = self._shared.budget
         steps = max(100, 30 * k) if max_steps is None else int(max_steps)

@@ -53,14 +53,14 @@ class GaussNewton(CurvatureOperator):
         out = out if out is not None else [torch.zeros_like(v) for v in vectors]
         return _through_graph(batch, names, vectors, out)
 
-    def _products(self, W: Tensor) -> Tensor:
+    def _products(self, W: Tensor, out: Tensor | None = None) -> Tensor:
         loop = self._shared.loop
         if W.shape[0] > 1 or loop.graph_cache_bytes == 0:
-            return super()._products(W)
+            return super()._products(W, out)
         # one vector: through the kept graphs, no forward pass
         names = self._layout.names
         vs = split_flat(W, [self._layout.shapes[n] for n in names])
-        return loop.sum(lambda batch, out: _through_graph(batch, names, vs, out), vs,
+        return loop.sum(lambda batch, views: _through_graph(batch, names, vs, views), vs, out,
                         graph_kind="gauss_newton")
 
 

@@ -54,7 +54,7 @@ class Hessian(CurvatureOperator):
         """The path chosen for single and batched products (after the first products)."""
         return dict(self.path_choice.chosen)
 
-    def _products(self, W: Tensor) -> Tensor:
+    def _products(self, W: Tensor, out: Tensor | None = None) -> Tensor:
         names = self._layout.names
         k = W.shape[0]
         shape = "batched" if k > 1 else "single"
@@ -63,7 +63,8 @@ class Hessian(CurvatureOperator):
         if shape not in choice.chosen and len(candidates) > 1:
             # build the cached graphs first, so that their one-off cost is charged to no path
             self._shared.loop.build_graphs("hessian", self._graph)
-        out = W.new_zeros(W.shape, dtype=self._shared.loop.accumulate_dtype)
+        if out is None:
+            out = W.new_zeros(W.shape, dtype=self._shared.loop.accumulate_dtype)
         return choice.products(shape, candidates, W,
                                lambda path, rows, out: self._run(path, names, rows, out), out)
 

@@ -129,8 +129,9 @@ class Preconditioned(CurvatureOperator):
         return self.flat(self._diagonal)
 
     # ------------------------------------------------------------------ products
-    def _apply(self, V: torch.Tensor) -> torch.Tensor:
-        """Rows ``P^(-1/2) (A + S) P^(-1/2) V[i]`` (one product of ``A`` each)."""
+    def _apply(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``P^(-1/2) (A + S) P^(-1/2) V[i]`` (one product of ``A`` each; ``out`` is
+        not used: the scaling makes a result of its own)."""
         out = self._scale * self.inner._apply(self._scale * V)
         if self._scaled_shift is not None:
             out = out + self._scaled_shift * V

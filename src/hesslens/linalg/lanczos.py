@@ -5,7 +5,7 @@ with full reorthogonalisation (classical Gram-Schmidt applied twice, "DGKS"), an
 tridiagonal matrix ``T = Q A Q^T`` and the float64 basis ``Q`` (memory ``8 * m * dim``
 bytes: for small problems and tests). :func:`eigsh` gives the extreme eigenvalues of ``A`` as
 the Ritz values of a Krylov space in a bounded basis (thick restart beyond ``ncv`` vectors,
-memory ``(ncv + 3) * dim`` entries), stopped by an a-posteriori error bound per Ritz value
+memory ``(ncv + 2) * dim`` entries), stopped by an a-posteriori error bound per Ritz value
 (conventions of ``scipy.sparse.linalg.eigsh``).
 
 Vectors are cast to ``op.dtype`` only to be multiplied; the small projected problems are
@@ -406,7 +406,9 @@ class _RestartedLanczos:
     Gram-Schmidt, "DGKS"). When the open block fills the basis, :meth:`compress` keeps the
     wanted Ritz vectors and the residual direction and the process goes on; before that, the
     run is exactly the unrestarted full-reorthogonalisation Lanczos of :class:`_BatchLanczos`.
-    Memory: ``(ncv + 1) * dim`` basis entries, plus one product's input and output.
+    Memory: ``(ncv + 1) * dim`` basis entries and one update temporary; each product goes
+    straight into the next row where the operator has ``matmat_into`` (one more vector where
+    it has not).
     """
 
     def __init__(
@@ -451,7 +453,9 @@ class _RestartedLanczos:
         j, start = self.m, self.block_starts[-1]
         basis = self.basis
         q = basis.row(j)
-        w = matmat_as(self.op, q, self.dtype, self.device)  # a fresh tensor: updated in place
+        # the product goes straight into the next row (free until this step ends), updated
+        # there in place into the next Lanczos vector
+        w = matmat_as(self.op, q, self.dtype, self.device, out=basis.row(j + 1))
         self.n_hvp += 1
         wnorm = float(_norm64(w)[0])
         if self.dtype == torch.float64:  # the same operations as _BatchLanczos
@@ -905,13 +909,14 @@ def eigsh(
 
     Notes
     -----
-    Memory: ``(ncv + 3) * dim * itemsize(basis_dtype)`` bytes while it runs (the basis and
-    the next vector, the product's result and one update temporary), plus what one product
-    itself needs. The Ritz vectors returned are formed in place in the basis's first ``k`` rows
-    and the other rows are then freed, so they add nothing to the peak (with ``basis_dtype`` and
-    ``basis_device`` the operator's; otherwise ``k`` more vectors for the conversion). With the
-    default ``ncv`` on a large operator: 20 + 3 = 23 vectors for ``k=5``, 21 + 3 = 24 for
-    ``k=10``.
+    Memory: ``(ncv + 2) * dim * itemsize(basis_dtype)`` bytes while it runs (the basis with
+    the next vector, into which an operator with ``matmat_into`` of the basis's dtype and
+    device, as the curvature operators are, writes each product; one update temporary), plus
+    what one product itself needs (one vector more, its result, for other operators). The Ritz
+    vectors returned are formed in place in the basis's first ``k`` rows and the other rows
+    are then freed, so they add nothing to the peak (with ``basis_dtype`` and ``basis_device``
+    the operator's; otherwise ``k`` more vectors for the conversion). With the default ``ncv``
+    on a large operator: 20 + 2 = 22 vectors for ``k=5``, 21 + 2 = 23 for ``k=10``.
 
     Raises
     ------

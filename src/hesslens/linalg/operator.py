@@ -66,7 +66,10 @@ class SymmetricOperator(Protocol):
     batch whose row ``i`` is ``A @ V[i]``. The algorithms count cost in products: one row
     of ``V`` is one product. An operator whose products are computed in a lower precision
     than ``dtype`` (a bfloat16 network fed float32 vectors) declares it as a float attribute
-    ``product_eps``: every stopping rule derives from it (:func:`product_eps`).
+    ``product_eps``: every stopping rule derives from it (:func:`product_eps`). An operator
+    may also offer ``matmat_into(V, out)``, the same products written into ``out`` (a tensor
+    of its dtype and device) and returned: the Lanczos steps then keep no product beside their
+    basis (:func:`matmat_as`).
     """
 
     dim: int
@@ -394,6 +397,7 @@ def matmat_as(
     V: Tensor,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Multiply the batch ``V`` through ``op`` and return the product as ``dtype`` on ``device``.
 
@@ -403,6 +407,11 @@ def matmat_as(
     normal range raises (:func:`check_normal_range`). ``device=None`` keeps the
     operator's device. This is the one place where the algorithms call ``op.matmat``.
 
+    ``out`` (a tensor of ``V``'s shape, ``dtype`` on ``device``, not overlapping ``V``) receives
+    the product and is returned: an operator with ``matmat_into(V, out)`` of that dtype and
+    device sums its products there directly, so no product of its own is held beside it (one
+    vector less); any other's product is copied into it.
+
     Examples
     --------
     >>> import torch
@@ -411,7 +420,13 @@ def matmat_as(
     tensor([[2., 3.]], dtype=torch.float64)
     """
     Vc = V.to(dtype=op.dtype, device=op.device)
-    out = op.matmat(Vc)
+    target = out
+    into = getattr(op, "matmat_into", None)
+    if (target is not None and into is not None and target.dtype == op.dtype
+            and target.device == torch.device(op.device) and target.shape == V.shape):
+        out = into(Vc, target)
+    else:
+        out = op.matmat(Vc)
     if not isinstance(out, Tensor) or out.shape != V.shape:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise HesslensInputError(
@@ -422,6 +437,8 @@ def matmat_as(
         if not (math.isfinite(lo) and math.isfinite(hi)):
             _raise_non_finite(out)
         _check_range(out, Vc, lo, hi)
+    if target is not None:
+        return target if out is target else target.copy_(out)
     out = out.to(dtype=dtype, device=op.device if device is None else device)
     if out.untyped_storage().data_ptr() in (
         Vc.untyped_storage().data_ptr(),
