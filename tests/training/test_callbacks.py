@@ -18,21 +18,13 @@ import hesslens.training
 from hesslens.errors import HesslensInputError, TrackingCallbackError
 from hesslens.parallel import Ranks
 from hesslens.splits import analysis_subset
-from hesslens.training import TensorData, TrainConfig, TrainingRun, train
+from hesslens.training import TrainConfig, TrainingRun, train
+from tests.training.tiny import three_class_data, three_class_model
 
 SRC = Path(hesslens.training.__file__).resolve().parents[1]
 
 
-def _data(n=60, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n + 20, 4, generator=g)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
-    return TensorData(x[:n], y[:n], x[n:], y[n:], num_classes=3)
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+_data, _model = three_class_data, three_class_model
 
 
 class _Spy:

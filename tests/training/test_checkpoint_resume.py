@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from hesslens.files import remove_stale_temporaries, write_bytes
 from hesslens.training import TrainConfig, train
@@ -19,19 +18,9 @@ from hesslens.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from hesslens.training.trainer import TensorData
+from tests.training.tiny import two_class_data, two_class_model
 
-
-def _data() -> TensorData:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(48, 5, generator=g)
-    y = (x[:, 0] > 0).long()
-    return TensorData(x[:36], y[:36], x[36:], y[36:], num_classes=2)
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+_data, _model = two_class_data, two_class_model
 
 
 CFG = TrainConfig(epochs=2, batch_size=12, lr=0.1, val_fraction=0.25, seed=0)
