@@ -279,3 +279,72 @@ def test_shared_parameters_give_the_copy_s_products_and_refuse_stale_ones():
         with torch.no_grad():
             model[0].weight.add_(1.0)
         shared.block(shared.layers[0]).hvp(V[:, :shared.block(shared.layers[0]).dim])
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn", "batchnorm"])
+def test_cached_gradient_graph_holds_no_gradient_values(case):
+    """The cached first-order graph keeps the graph, not the gradient's entries (one parameter
+    copy less); the products stay those of the dense Hessian, batched and one at a time."""
+    model, batches, H = _setup(case, path="reverse")
+    dense = dense_hessian(model, cross_entropy, batches, H.parameter_names)
+    V = torch.randn(3, H.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.allclose(H.hvp(V), V @ dense, atol=1e-12, rtol=1e-10)
+    graphs = H._shared.loop._graphs["hessian"]
+    assert len(graphs) == len(batches)
+    grads = [g for graph in graphs for g in graph.grads.values() if g.requires_grad]
+    assert grads and all(g.untyped_storage().nbytes() == 0 for g in grads)
+    assert torch.allclose(H.hvp(V[1]), dense @ V[1], atol=1e-12, rtol=1e-10)
+
+
+def test_a_gradient_the_graph_saves_keeps_its_values():
+    """A gradient whose own storage the graph saved (double backward reads its values) is not
+    freed, and its products stay exact."""
+    from hesslens.curvature import products
+
+    w = torch.tensor([0.5, -1.0], dtype=torch.float64)
+
+    class ExpOfGradient(torch.autograd.Function):
+        """Identity forward; backward returns exp(grad), whose node saves its own result."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.exp()
+
+    def loss_of(p):
+        return (ExpOfGradient.apply(p["w"]) ** 3).sum() / 6  # g = exp(w^2 / 2)
+
+    graph = products.first_order_graph(loss_of, {"w": w}, ["w"], keep_values=False)
+    g = graph.grads["w"]
+    assert g.untyped_storage().nbytes() == g.numel() * g.element_size()
+    assert torch.allclose(g, (w**2 / 2).exp(), atol=1e-15)
+    v = [torch.tensor([1.0, 2.0], dtype=torch.float64)]
+    kept = products.first_order_graph(loss_of, {"w": w}, ["w"])
+    assert torch.equal(products.hvp(graph.grads, graph.leaves, v)[0],
+                       products.hvp(kept.grads, kept.leaves, v)[0])
+
+
+def test_a_graph_that_is_not_kept_is_freed():
+    """Counting what a graph saves must not keep it alive: a saved output held by its own
+    node's saved-tensor record is a reference cycle nothing frees (every product rebuilt
+    without the graph cache leaked a batch's activations)."""
+    import gc
+    import weakref
+
+    from hesslens.curvature import products
+
+    seen = []
+
+    def loss_of(p):
+        e = p["w"].exp()  # exp saves its output for backward
+        seen.append(weakref.ref(e))
+        return e.sum() ** 2
+
+    graph = products.first_order_graph(loss_of, {"w": torch.randn(4)}, ["w"])
+    assert float(products.hvp(graph.grads, graph.leaves, [torch.ones(4)])[0].norm()) > 0
+    del graph
+    gc.collect()
+    assert seen[0]() is None

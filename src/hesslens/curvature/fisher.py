@@ -124,7 +124,7 @@ class EmpiricalFisher(CurvatureOperator):
                                terms)
         w = torch.tensor(terms, dtype=z.dtype, device=z.device) / loop.data.num_terms
         return FisherGraph(leaves, outputs, u, dict(zip(leaves, jt_u)), d, w,
-                           saved[0] + d.numel() * d.element_size())
+                           saved.nbytes + d.numel() * d.element_size())
 
 
 def _check_mean_of_samples(batch_loss: Tensor, per_sample: Tensor, terms: list[int]) -> None:

@@ -118,9 +118,9 @@ class Hessian(CurvatureOperator):
     @staticmethod
     def _graph(batch: WeightedBatch) -> products.FirstOrderGraph:
         """The batch's gradient graph over every trainable parameter, so that every block
-        shares it."""
-        return products.first_order_graph(batch.loss, batch.params,
-                                          batch.trainable)
+        shares it; the gradient's values are not kept (products read only its graph)."""
+        return products.first_order_graph(batch.loss, batch.params, batch.trainable,
+                                          keep_values=False)
 
     def _finite_differences(self, batch: WeightedBatch, names: Sequence[str],
                             vs: list[Tensor], out: list[Tensor]) -> None:

@@ -494,7 +494,7 @@ def head_graph(head: ChunkedLMLoss, model: Any, params: dict[str, Tensor], names
                           x.samples)
     return HeadGraph(leaves, outs, [role for role, _ in pairs], us, dict(zip(leaves, jt_u)),
                      detached, head.chunk(x),
-                     saved[0] + x.hidden.numel() * x.hidden.element_size())
+                     saved.nbytes + x.hidden.numel() * x.hidden.element_size())
 
 
 def _jacobian_product(graph: HeadGraph, names: list[str], v: list[Tensor]

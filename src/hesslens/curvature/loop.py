@@ -336,7 +336,7 @@ class DataLoop:
                 batch.loss(leaves)
         finally:
             self.model.release()
-        return saved[0]
+        return saved.nbytes
 
     # ----------------------------------------------------------------- first order
     def loss_and_gradient(self, names: Sequence[str]) -> tuple[float, Tensor]:

@@ -37,7 +37,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ __all__ = [
     "FirstOrderGraph",
     "GaussNewtonGraph",
     "LossOf",
+    "SavedTensors",
     "StepScale",
     "fd_step",
     "first_order_graph",
@@ -118,20 +119,33 @@ class named_derivative_errors:
         return False
 
 
+@dataclass
+class SavedTensors:
+    """What autograd saved for backward inside a :func:`saved_bytes` block: the bytes of the
+    distinct storages and their addresses."""
+
+    nbytes: int = 0
+    storages: set[int] = field(default_factory=set)
+
+
 @contextlib.contextmanager
-def saved_bytes(exclude: Iterable[Tensor] = ()) -> Iterator[list[int]]:
+def saved_bytes(exclude: Iterable[Tensor] = ()) -> Iterator[SavedTensors]:
     """Count the bytes of the distinct storages autograd saves for backward inside the block
-    (in ``[0]``), leaving out those of ``exclude`` (the parameters: saving them costs no
-    memory). The operators size their graph cache and product chunks with this."""
-    saved = [0]
+    (``.nbytes``; their addresses: ``.storages``), leaving out those of ``exclude`` (the
+    parameters: saving them costs no memory). The operators size their graph cache and product
+    chunks with this."""
+    saved = SavedTensors()
     seen = {_storage_of(t)[0] for t in exclude}
 
     def pack(t: Tensor) -> Tensor:
         ptr, nbytes = _storage_of(t)
         if ptr not in seen:
             seen.add(ptr)
-            saved[0] += nbytes
-        return t
+            saved.storages.add(ptr)
+            saved.nbytes += nbytes
+        # detached: a saved output kept with its own grad_fn would hold its node, and the
+        # node it, in a cycle that nothing frees (autograd puts the edge back on unpacking)
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield saved
@@ -168,16 +182,21 @@ def gradient(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
 class FirstOrderGraph:
     """One batch's gradient with its graph kept for double backward: the leaves it was built
     on, the gradient ``g`` (a zero constant for a parameter the loss does not use) and the
-    bytes the graph saved."""
+    bytes the graph saved. Built with ``keep_values=False``, ``g``'s entries are freed: only
+    its graph may be used (reading them fails)."""
 
     leaves: dict[str, Tensor]
     grads: dict[str, Tensor]
     nbytes: int
 
 
-def first_order_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str]
-                      ) -> FirstOrderGraph:
-    """``g = dL/dθ`` over ``names`` with ``create_graph=True``, and the bytes its graph saves."""
+def first_order_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequence[str], *,
+                      keep_values: bool = True) -> FirstOrderGraph:
+    """``g = dL/dθ`` over ``names`` with ``create_graph=True``, and the bytes its graph saves.
+
+    ``keep_values=False`` frees the memory of the gradient's entries (one copy of the
+    parameters) and keeps its graph: double backward through ``g`` reads only ``g``'s shape,
+    so the products stay exact. A gradient whose storage the graph itself saved keeps it."""
     leaves = _leaves(params, names)
     with torch.enable_grad(), second_order_kernels(), saved_bytes(params.values()) as saved:
         loss = loss_of(leaves)
@@ -185,7 +204,19 @@ def first_order_graph(loss_of: LossOf, params: dict[str, Tensor], names: Sequenc
                                     allow_unused=True)
     grads_map = {n: (g if g is not None else torch.zeros_like(leaves[n]))
                  for n, g in zip(leaves, grads)}
-    return FirstOrderGraph(leaves, grads_map, saved[0])
+    if not keep_values:
+        _free_values([g for g in grads_map.values() if g.requires_grad],
+                     saved.storages | {_storage_of(t)[0] for t in params.values()})
+    return FirstOrderGraph(leaves, grads_map, saved.nbytes)
+
+
+def _free_values(tensors: Sequence[Tensor], keep: set[int]) -> None:
+    """Free the storage of each tensor (its shape, dtype and autograd graph stay) unless its
+    address is in ``keep`` (tensors that something else reads)."""
+    for t in tensors:
+        ptr, _ = _storage_of(t)
+        if ptr not in keep and ptr != id(t):  # id(t): a tensor without a storage of its own
+            t.untyped_storage().resize_(0)
 
 
 # ---------------------------------------------------------------------- Hessian-vector
@@ -348,7 +379,7 @@ def gauss_newton_graph(forward: Callable[[dict[str, Tensor]], Tensor],
                                    allow_unused=True)
         z = out.detach().requires_grad_(True)
         loss_grad = torch.autograd.grad(loss_of_outputs(z), z, create_graph=True)[0]
-    return GaussNewtonGraph(leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad, saved[0])
+    return GaussNewtonGraph(leaves, out, u, dict(zip(leaves, jt_u)), z, loss_grad, saved.nbytes)
 
 
 def gauss_newton_vp(graph: GaussNewtonGraph, names: Sequence[str], V: Sequence[Tensor],
