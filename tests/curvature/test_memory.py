@@ -20,7 +20,7 @@ def test_small_operators_keep_the_estimators_defaults():
 def test_large_operators_get_a_lean_basis_sketch_and_deflation():
     budget = MemoryBudget.of(None, vector_bytes=40_000_000)
     assert budget.vectors == 6
-    assert budget.ncv(k=1, dim=10**7, steps=100) == 5
+    assert budget.ncv(k=1, dim=10**7, steps=100) == 0  # the three-term recurrence
     assert budget.ncv(k=5, dim=10**7, steps=150) == 9
     assert budget.trace() == (4, 1)
     assert budget.deflation(10) == 5 and budget.density_group(8, 5) == 1
@@ -60,3 +60,35 @@ def test_an_explicit_budget_changes_the_basis_not_the_answer():
     full, layers = tight.traces(rtol=0.05, max_hvp=4000)
     assert abs(full.value - float(dense.trace())) <= 4 * full.stderr + 1e-9
     assert sum(r.value for r in layers.values()) == pytest.approx(full.value, rel=1e-9)
+
+
+def test_a_lean_top_eigenvalue_keeps_no_basis_and_forms_its_vector_when_read():
+    """Where the budget holds few vectors, eigenvalues(k=1) runs the three-term recurrence:
+    the dense top eigenvalue in the products of an unrestarted run; its eigenvector comes from
+    a second pass when first read, and is refused after the parameters were reloaded."""
+    model = mlp().double()
+    batches = [(x.double(), y) for x, y in classification_batches((6,), classes=4)]
+    full = hl.Hessian(model, cross_entropy, batches)
+    dense = full.dense()
+    evals, evecs = torch.linalg.eigh(dense)
+    reference = full.eigenvalues(k=1)
+    lean = hl.Hessian(model, cross_entropy, batches, memory=4 * 8 * dense.shape[0])
+    assert lean._shared.budget.ncv(1, lean.dim, 100) == 0
+    top = lean.eigenvalues(k=1)
+    torch.testing.assert_close(top.values[0], evals[-1], rtol=1e-6, atol=0.0)
+    assert bool(top.converged[0]) and top.n_hvp == reference.n_hvp
+    before = lean.n_products
+    v = top.vectors[0]
+    assert top.n_hvp == 2 * reference.n_hvp - 1 and lean.n_products > before
+    # the Ritz vector of the same Krylov space as the full basis's, with the residual it
+    # reported: an eigenvector to the accuracy the convergence rule asks (sqrt(tol))
+    assert abs(float(v @ reference.vectors[0])) == pytest.approx(1.0, abs=1e-10)
+    residual = float((dense @ v - top.values[0] * v).norm())
+    assert residual == pytest.approx(float(top.residuals[0]), rel=1e-4, abs=1e-12)
+    assert abs(float(v @ evecs[:, -1])) > 1 - 1e-6
+    again = lean.eigenvalues(k=1)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    lean.reload_parameters(model)
+    with pytest.raises(hl.HesslensInputError, match="operator changed"):
+        _ = again.vectors

@@ -45,6 +45,7 @@ def spd(n=120, seed=0):
 ESTIMATORS = {
     "eigsh": lambda op: eigsh(op, k=3),
     "eigsh-restarted": lambda op: eigsh(op, k=3, ncv=8),
+    "eigsh-three-term": lambda op: eigsh(op, k=1, ncv=0),
     "lanczos": lambda op: lanczos(op, 20),
     "hutchinson": lambda op: hutchinson(op, n_hvp=40),
     "hutchpp": lambda op: hutchpp(op, n_hvp=60),

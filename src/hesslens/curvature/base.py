@@ -370,6 +370,12 @@ class CurvatureOperator(Estimators):
         self._shared.reload(unwrap_model(model))
         return self
 
+    @property
+    def version(self) -> int:
+        """Counts :meth:`reload_parameters` calls: results formed later from products (an
+        eigenvector read after ``eigenvalues(k=1)`` on a large model) check it unchanged."""
+        return self._shared.loop.version
+
     # ------------------------------------------------------------------ structure
     @property
     def layers(self) -> list[str]:

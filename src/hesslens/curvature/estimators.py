@@ -120,14 +120,17 @@ class Estimators:
         vectors are formed in place in it), one update temporary, and what one product holds
         (:mod:`hesslens.curvature.loop`). ``ncv`` and ``basis_device`` default from the
         operator's memory budget (:mod:`hesslens.curvature.memory`): a few vectors where they
-        are large, and the basis off a GPU that cannot hold it."""
+        are large, and the basis off a GPU that cannot hold it. For ``k=1`` on a large model
+        no basis at all (``ncv=0``, the three-term recurrence: three vectors, the products of
+        a full basis); its eigenvector is then formed when ``.vectors`` is first read, by a
+        second pass of products (:mod:`hesslens.linalg.three_term`)."""
         _check_k(k, self.dim)
         budget = self._shared.budget
         steps = max(100, 30 * k) if max_steps is None else int(max_steps)
         if ncv is None:  # from the memory budget: a smaller basis where vectors are large
             ncv = budget.ncv(k, self.dim, steps)
         if basis_device is None:
-            rows = (ncv or min(self.dim, steps)) + 1
+            rows = 3 if ncv == 0 else (ncv or min(self.dim, steps)) + 1
             basis_device = budget.basis_device(rows, self.device)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
                      return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,

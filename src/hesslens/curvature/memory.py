@@ -6,17 +6,23 @@ graph cache all derive.
 
 * ``None`` (default): lean where vectors are large. The estimators keep at most
   ``max(64 MiB, 6 vectors)`` of their own vectors (a small model keeps every Lanczos vector and
-  a full trace sketch, as fast as it gets; a 10M-parameter one restarts in a few vectors), the
-  graph cache takes up to 4 GiB and a chunk of batched products 256 MiB. On a GPU a Lanczos
-  basis that would take more than half its free memory is kept on the CPU instead.
+  a full trace sketch, as fast as it gets; a 10M-parameter one restarts in a few vectors, and
+  its top eigenvalue keeps none: the three-term recurrence), the graph cache takes up to
+  4 GiB and a chunk of batched products 256 MiB. On a large model a batch whose forward pass
+  saves more than a parameter copy for backward runs in chunks of rows that save about half
+  of one, their graphs rebuilt for every product (slower, and the products' activations stay
+  below a gradient's). On a GPU a Lanczos basis that would take more than half its free
+  memory is kept on the CPU instead.
 * ``"auto"``: half of the memory the device has available now (``MemAvailable`` on the CPU,
   ``torch.cuda.mem_get_info`` on a GPU), split below.
 * bytes: half for the estimators' vectors, 40 % for the graph cache, 10 % for product chunks.
 
 Example:
     >>> budget = MemoryBudget.of(None, vector_bytes=40_000_000)
-    >>> budget.vectors, budget.ncv(k=1, dim=10_000_000, steps=100), budget.trace()
-    (6, 5, (4, 1))
+    >>> budget.vectors, budget.ncv(k=5, dim=10_000_000, steps=150), budget.trace()
+    (6, 9, (4, 1))
+    >>> budget.ncv(k=1, dim=10_000_000, steps=100)  # no basis: the three-term recurrence
+    0
     >>> MemoryBudget.of(None, vector_bytes=4_000).ncv(k=1, dim=1000, steps=100) is None
     True
 """
@@ -92,10 +98,14 @@ class MemoryBudget:
 
     def ncv(self, k: int, dim: int, steps: int) -> int | None:
         """The Lanczos basis for ``k`` eigenvalues within ``steps`` products: ``None`` (eigsh's
-        own default) where that fits the budget, else fewer vectors, at least ``k + 4``."""
+        own default) where that fits the budget; for ``k = 1`` else none at all (``0``: the
+        three-term recurrence, as few products as a full basis); else fewer vectors, at least
+        ``k + 4``."""
         rows = self.vectors
         if (min(steps, dim) + 1) <= rows:
             return None  # every Lanczos vector fits: no restart
+        if k == 1:
+            return 0
         default = min(dim, max(k + 2, min(max(2 * k + 8, 20), 31 - k)))
         if default + 1 + k <= rows:
             return None

@@ -879,7 +879,10 @@ def eigsh(
         ``callback(step, theta, bounds)`` after each convergence check: the wanted Ritz
         values (descending, float64 numpy) and their error bounds; ``step`` counts products.
     ncv : int, optional
-        Most basis vectors, ``k + 2 <= ncv`` (capped at ``dim``). Default: ``dim`` (no
+        Most basis vectors, ``k + 2 <= ncv`` (capped at ``dim``); ``0`` for ``k = 1``: no
+        stored basis, the three-term recurrence in three vectors, as many products as
+        without restarts, the vector formed by a second pass when first read
+        (:func:`~hesslens.linalg.three_term.top_eigenpair`). Default: ``dim`` (no
         restart) while a basis of ``max_steps + 1`` vectors takes at most 64 MiB, else
         ``max(2 * k + 8, 20)``, lowered (not below ``k + 2``) to ``31 - k``
         (:data:`~hesslens.linalg.budget.BASIS_VECTORS` ``- 1 - k``).
@@ -953,6 +956,16 @@ def eigsh(
     """
     op = as_operator(op)
     plan = _Plan.of(op, k, which, tol, max_steps, ncv, basis_dtype, basis_device)
+    if plan.ncv == 0:  # no stored basis (this module's helpers are its building blocks)
+        from hesslens.linalg.three_term import top_eigenpair
+
+        def start() -> Tensor:
+            gen = generator(seed)
+            return _start_vector(op, None, seed, gen) if v0 is None else _warm_start(op, v0, gen)
+
+        return top_eigenpair(op, plan.which, plan.tol, plan.max_steps, start,
+                             return_vectors=return_vectors, callback=callback,
+                             dtype=plan.basis_dtype, device=plan.basis_device)
     gen = generator(seed)
     engine = _RestartedLanczos(
         op, _start_vector(op, None, seed, gen) if v0 is None else _warm_start(op, v0, gen),
@@ -1036,6 +1049,12 @@ class _Plan:
         if ncv is None:
             # the basis and the k Ritz vectors returned within BASIS_VECTORS (not below k + 2)
             return min(n, max(k + 2, min(max(2 * k + 8, 20), BASIS_VECTORS - 1 - k)))
+        if ncv == 0 and not isinstance(ncv, bool):
+            if k != 1:
+                raise HesslensInputError(
+                    f"ncv=0 (no stored basis) finds one eigenvalue, not k={k}: ask k=1, or "
+                    f"give ncv >= k + 2 = {k + 2}")
+            return 0
         if isinstance(ncv, bool) or int(ncv) != ncv or not min(n, k + 2) <= ncv:
             raise HesslensInputError(
                 f"ncv={ncv} is too small: the basis needs at least k + 2 = {k + 2} vectors "
