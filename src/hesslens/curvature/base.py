@@ -209,6 +209,9 @@ class CurvatureOperator(Estimators):
             path = "reverse"
         blocks = _ordered_blocks(loop, resolve_blocks(fmodel.module, layers, fmodel.trainable),
                                  by_call_order=layers is None or isinstance(layers, str))
+        if (budget.chunk_saved_bytes is not None and reuse_graph is None
+                and graph_cache_bytes is None and loop.split_rows(budget.chunk_saved_bytes)):
+            loop.graph_cache_bytes = 0  # each chunk's graph is rebuilt: none held between
         self._attach(Shared(loop, budget, path=path, fd_order=fd_order), blocks,
                      [ParamSlice(n) for n in fmodel.trainable], label="full")
 

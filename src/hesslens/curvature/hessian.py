@@ -83,10 +83,12 @@ class Hessian(CurvatureOperator):
             # (benchmarks/README.md, "Memory").
             return ["reverse-loop"]
         reverse = ["reverse-loop", "reverse-batched"] if k > 1 else ["reverse-loop"]
-        if k == 1 and loop.model.device.type == "cpu" and loop.graph_cache_bytes > 0:
+        if k == 1 and loop.model.device.type == "cpu" and (
+                loop.graph_cache_bytes > 0 or loop.rows_per_chunk is not None):
             # On CPU a single double backward on a kept graph beats a single
             # forward-over-reverse product on every model tried (benchmarks/README.md), so do
-            # not spend a product finding that out again.
+            # not spend a product finding that out again; on batches split for memory it
+            # holds less, too.
             return reverse
         return [*reverse, "forward"]
 

@@ -165,25 +165,46 @@ class DataLoop:
         self.accumulate_dtype = work_dtype(model.dtype)
         self.activation_bytes: int | None = None  # the most a batch's graph saved
         self.version = 0  # counts reload()s: what operators cached before one is stale
+        self.rows_per_chunk: int | None = None  # batches run in chunks of rows (split_rows)
+        self._unit_weights: list[float] | None = None  # every chunk's weight, after a pass
         self._graphs: dict[str, list[Any]] = {}
         self._cache_used = 0
 
     # ----------------------------------------------------------------- batches
     def batches(self) -> Iterator[WeightedBatch]:
-        """Every batch on the model's device, with its weight: one pass (after which the
+        """Every batch on the model's device, with its weight, in chunks of
+        ``rows_per_chunk`` rows where set (:meth:`split_rows`): one pass (after which the
         copy's modules hold the snapshot again)."""
         self.model.check_unchanged()
+        weights: list[float] = []
         try:
-            for i, (batch, weight) in enumerate(self.data):
+            for batch, weight in self.data:
                 if batch_device(batch) != self.model.device and not self.model.device_requested:
                     raise HesslensInputError(
                         f"the inputs are on {batch_device(batch)} but the model is on "
                         f"{self.model.device}: move the data, or pass device= to the operator"
                     )
-                yield WeightedBatch(self, i, move_batch(batch, self.model.device,
-                                                        self.model.dtype), weight)
+                for part, part_weight in self._chunks(batch, weight):
+                    yield WeightedBatch(self, len(weights), move_batch(
+                        part, self.model.device, self.model.dtype), part_weight)
+                    weights.append(part_weight)
+            self._unit_weights = weights
         finally:
             self.model.release()
+
+    def _chunks(self, batch: Batch, weight: float) -> Iterator[tuple[Batch, float]]:
+        """``batch`` whole, or in chunks of ``rows_per_chunk`` rows, each weighing its share
+        of the batch's loss terms (chunks without any are skipped)."""
+        rows = leading_size(batch)
+        if self.rows_per_chunk is None or rows <= self.rows_per_chunk:
+            yield batch, weight
+            return
+        terms = self.loss.terms(batch)
+        for start in range(0, rows, self.rows_per_chunk):
+            part = take_rows(batch, slice(start, start + self.rows_per_chunk))
+            part_terms = self.loss.terms(part)
+            if part_terms > 0:
+                yield part, weight * part_terms / terms
 
     def _pass(self, graph_kind: str | None) -> Iterator[WeightedBatch]:
         """One pass; without touching the data when every batch's graph of ``graph_kind`` is
@@ -191,12 +212,58 @@ class DataLoop:
         if graph_kind is not None and self.graphs_complete(graph_kind):
             self.model.check_unchanged()
             try:
-                for i, weight in enumerate(self.data.weights):
+                weights = (self.data.weights if self.rows_per_chunk is None
+                           else self._unit_weights or ())
+                for i, weight in enumerate(weights):
                     yield WeightedBatch(self, i, None, weight)
             finally:
                 self.model.release()
             return
         yield from self.batches()
+
+    def split_rows(self, max_saved_bytes: int) -> int | None:
+        """Run every batch in chunks of rows whose forward pass saves at most about
+        ``max_saved_bytes`` for backward (measured on the first batch), so that a product
+        holds one chunk's graph, not a whole batch's: where a batch saves more than twice
+        that (below, keeping the batch whole and its graph costs less time), and its loss
+        is exactly the term-weighted mean of its chunks' losses (checked on the first batch:
+        no batch statistics, no dropout, no interaction between samples). Returns the rows
+        per chunk, or ``None`` (batches kept whole)."""
+        if self.model.batchnorm == "batch" or getattr(self.model, "random", False):
+            return None
+        saved = self._measure_activations()
+        batch = next(self.batches()).data
+        rows = leading_size(batch)
+        per_row = saved / max(rows, 1)
+        chunk = max(1, int(max_saved_bytes // max(per_row, 1)))
+        if saved <= 2 * max_saved_bytes or chunk >= rows or not self._chunks_add_up(batch,
+                                                                                   chunk):
+            return None
+        self.rows_per_chunk = chunk
+        self.activation_bytes = int(per_row * chunk)
+        self._unit_weights = None
+        return chunk
+
+    def _chunks_add_up(self, batch: Batch, chunk: int) -> bool:
+        """Whether ``batch``'s loss is the term-weighted mean of its chunks' losses (to
+        rounding)."""
+        def loss_of(part: Batch) -> float:
+            with torch.no_grad():
+                return float(self.loss.loss(self.loss.call(self.model.bind({}), part), part))
+
+        try:
+            whole = loss_of(batch)
+            terms = self.loss.terms(batch)
+            parts = [(self.loss.terms(p), p) for p in (
+                take_rows(batch, slice(i, i + chunk))
+                for i in range(0, leading_size(batch), chunk))]
+            mean = sum(n * loss_of(p) for n, p in parts if n > 0) / terms
+        except Exception:  # a model or loss that cannot take part of a batch
+            return False
+        finally:
+            self.model.release()
+        tol = 100 * torch.finfo(self.model.dtype).eps * max(abs(whole), abs(mean), 1e-6)
+        return math.isfinite(whole) and abs(whole - mean) <= tol
 
     # ----------------------------------------------------------------- graph cache
     def graph(self, batch: WeightedBatch, kind: str, build: Callable[[WeightedBatch], Any]
@@ -221,7 +288,9 @@ class DataLoop:
 
     def graphs_complete(self, kind: str) -> bool:
         """Whether every batch's graph of ``kind`` is cached."""
-        return len(self._graphs.get(kind, ())) == len(self.data)
+        units = len(self.data) if self.rows_per_chunk is None else (
+            -1 if self._unit_weights is None else len(self._unit_weights))
+        return len(self._graphs.get(kind, ())) == units
 
     def build_graphs(self, kind: str, build: Callable[[WeightedBatch], Any]) -> None:
         """Build (and cache, as room allows) every batch's graph of ``kind`` now."""

@@ -73,6 +73,10 @@ class MemoryBudget:
     estimator_bytes: int
     graph_cache_bytes: int
     product_bytes: int
+    #: Where set (lean, ``memory=None`` on a large model): batches whose forward pass saves
+    #: more than twice this for backward run in chunks of rows that save about this much,
+    #: without a graph cache (:meth:`hesslens.curvature.loop.DataLoop.split_rows`).
+    chunk_saved_bytes: int | None = None
 
     @classmethod
     def of(cls, memory: int | str | None, vector_bytes: int,
@@ -80,8 +84,10 @@ class MemoryBudget:
         """The budget for ``memory`` (``None``, ``"auto"`` or bytes; see the module)."""
         vector_bytes = max(int(vector_bytes), 1)
         if memory is None:
+            lean = LEAN_VECTORS * vector_bytes > FLOOR_BYTES
             return cls(vector_bytes, max(FLOOR_BYTES, LEAN_VECTORS * vector_bytes),
-                       GRAPH_CACHE_BYTES, PRODUCT_BYTES)
+                       GRAPH_CACHE_BYTES, PRODUCT_BYTES,
+                       chunk_saved_bytes=vector_bytes // 2 if lean else None)
         if memory == "auto":
             total = int(AUTO_FRACTION * available_memory(device))
         elif isinstance(memory, int) and not isinstance(memory, bool) and memory > 0:
@@ -96,15 +102,16 @@ class MemoryBudget:
         """How many vectors the estimators may keep (at least 3)."""
         return max(3, self.estimator_bytes // self.vector_bytes)
 
-    def ncv(self, k: int, dim: int, steps: int) -> int | None:
+    def ncv(self, k: int, dim: int, steps: int, vector_later: bool = True) -> int | None:
         """The Lanczos basis for ``k`` eigenvalues within ``steps`` products: ``None`` (eigsh's
         own default) where that fits the budget; for ``k = 1`` else none at all (``0``: the
-        three-term recurrence, as few products as a full basis); else fewer vectors, at least
-        ``k + 4``."""
+        three-term recurrence, as few products as a full basis, its vector formed later by a
+        second pass) unless the vector is wanted with the value (``vector_later=False``); else
+        fewer vectors, at least ``k + 4``."""
         rows = self.vectors
         if (min(steps, dim) + 1) <= rows:
             return None  # every Lanczos vector fits: no restart
-        if k == 1:
+        if k == 1 and vector_later:
             return 0
         default = min(dim, max(k + 2, min(max(2 * k + 8, 20), 31 - k)))
         if default + 1 + k <= rows:
