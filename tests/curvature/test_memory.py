@@ -21,6 +21,7 @@ def test_large_operators_get_a_lean_basis_sketch_and_deflation():
     budget = MemoryBudget.of(None, vector_bytes=40_000_000)
     assert budget.vectors == 6
     assert budget.ncv(k=1, dim=10**7, steps=100) == 0  # the three-term recurrence
+    assert budget.ncv(k=1, dim=10**7, steps=100, vector_later=False) == 5
     assert budget.ncv(k=5, dim=10**7, steps=150) == 9
     assert budget.trace() == (4, 1)
     assert budget.deflation(10) == 5 and budget.density_group(8, 5) == 1
@@ -86,6 +87,11 @@ def test_a_lean_top_eigenvalue_keeps_no_basis_and_forms_its_vector_when_read():
     residual = float((dense @ v - top.values[0] * v).norm())
     assert residual == pytest.approx(float(top.residuals[0]), rel=1e-4, abs=1e-12)
     assert abs(float(v @ evecs[:, -1])) > 1 - 1e-6
+    eager = lean.eigenvalues(k=1, return_vectors=True)  # a small basis: the vector now
+    assert type(eager).__name__ == "EigenResult" and eager.vectors is not None
+    torch.testing.assert_close(eager.values[0], evals[-1], rtol=1e-6, atol=0.0)
+    assert abs(float(eager.vectors[0] @ evecs[:, -1])) > 1 - 1e-6
+    assert lean.eigenvalues(k=1, return_vectors=False).vectors is None
     again = lean.eigenvalues(k=1)
     with torch.no_grad():
         model[0].weight.mul_(1.5)

@@ -72,7 +72,6 @@ from hesslens.curvature import CurvatureOperator, Hessian
 from hesslens.curvature.base import unwrap_model
 from hesslens.curvature.preconditioned import Preconditioned
 from hesslens.errors import BudgetWarning, HesslensInputError
-from hesslens.linalg import eigsh
 
 __all__ = ["FILES", "SCALARS", "SCHEMA", "SHARPNESS_CSV", "SHARPNESS_JSON", "SharpnessRecorder",
            "flat_row"]
@@ -286,7 +285,10 @@ class SharpnessRecorder(HistoryRecorder):
     def _top(self, op: Any, start: torch.Tensor | None, k: int | None = None) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BudgetWarning)  # the record says converged=False
-            return eigsh(op, k=k or self.k, tol=self.tol, seed=self.seed, v0=start)
+            # the operator's memory budget sizes the basis (a few vectors on a large model);
+            # the vectors are wanted at once, for the next record's warm start
+            return op.eigenvalues(k=k or self.k, tol=self.tol, seed=self.seed, v0=start,
+                                  return_vectors=True)
 
     def _directional(self, op: CurvatureOperator) -> float | None:
         if not (self.direction and self._captured):

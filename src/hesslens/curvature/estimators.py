@@ -103,7 +103,7 @@ class Estimators:
         tol: float = 1e-6,
         max_steps: int | None = None,
         seed: int = 0,
-        return_vectors: bool = True,
+        return_vectors: bool | None = None,
         ncv: int | None = None,
         basis_dtype: torch.dtype | None = None,
         basis_device: torch.device | str | None = None,
@@ -114,6 +114,9 @@ class Estimators:
         ``basis_dtype`` on ``basis_device``), stopped on the a-posteriori error bound of each
         Ritz value: see :func:`hesslens.linalg.eigsh`. ``v0`` (a vector, or ``(m, dim)``
         vectors such as an earlier result's ``.vectors``) warm-starts the run near them.
+        ``return_vectors``: ``None`` (default) the eigenvectors, for ``k=1`` on a large model
+        formed when first read (below); ``True`` formed with the values (a basis is kept);
+        ``False`` none.
 
         Memory, in vectors of ``dim`` (float32 for a float32 or half-precision operator): the
         basis (``ncv + 1``; each step's product is summed straight into it and the ``k`` Ritz
@@ -128,12 +131,12 @@ class Estimators:
         budget = self._shared.budget
         steps = max(100, 30 * k) if max_steps is None else int(max_steps)
         if ncv is None:  # from the memory budget: a smaller basis where vectors are large
-            ncv = budget.ncv(k, self.dim, steps)
+            ncv = budget.ncv(k, self.dim, steps, vector_later=return_vectors is None)
         if basis_device is None:
             rows = 3 if ncv == 0 else (ncv or min(self.dim, steps)) + 1
             basis_device = budget.basis_device(rows, self.device)
         return eigsh(self, k=k, which=which, tol=tol, max_steps=max_steps, seed=seed,
-                     return_vectors=return_vectors, ncv=ncv, basis_dtype=basis_dtype,
+                     return_vectors=return_vectors is not False, ncv=ncv, basis_dtype=basis_dtype,
                      basis_device=basis_device, v0=v0)
 
     def trace(
