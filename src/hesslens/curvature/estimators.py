@@ -131,7 +131,7 @@ class Estimators:
         budget = self._shared.budget
         steps = max(100, 30 * k) if max_steps is None else int(max_steps)
         if ncv is None:  # from the memory budget: a smaller basis where vectors are large
-            ncv = budget.ncv(k, self.dim, steps, vector_later=return_vectors is None)
+            ncv = budget.ncv(k, self.dim, steps, vector_later=return_vectors is not True)
         if basis_device is None:
             rows = 3 if ncv == 0 else (ncv or min(self.dim, steps)) + 1
             basis_device = budget.basis_device(rows, self.device)
