@@ -9,8 +9,9 @@ the rise of its peak resident set (``VmHWM``, with glibc's malloc mapping every 
 ``torch.cuda.max_memory_allocated``).
 "gradient" is one ``loss.backward()`` of the same model and batch, the reference the target is
 stated against (top-5, trace and density at defaults within 40 float32 parameter copies above
-one gradient). The operator's own snapshot of the parameters (one copy) is counted in every
-estimator's peak.
+one gradient). Construction is counted in every estimator's peak (on a model above 16 MiB the
+operator shares the parameters; on a large model it measures the first batch's forward pass to
+decide whether batches run in chunks of rows).
 
 Usage::
 
