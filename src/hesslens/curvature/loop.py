@@ -247,17 +247,13 @@ class DataLoop:
     def _chunks_add_up(self, batch: Batch, chunk: int) -> bool:
         """Whether ``batch``'s loss is the term-weighted mean of its chunks' losses (to
         rounding)."""
-        def loss_of(part: Batch) -> float:
-            with torch.no_grad():
-                return float(self.loss.loss(self.loss.call(self.model.bind({}), part), part))
-
         try:
-            whole = loss_of(batch)
+            whole = float(self._plain_loss(batch))
             terms = self.loss.terms(batch)
             parts = [(self.loss.terms(p), p) for p in (
                 take_rows(batch, slice(i, i + chunk))
                 for i in range(0, leading_size(batch), chunk))]
-            mean = sum(n * loss_of(p) for n, p in parts if n > 0) / terms
+            mean = sum(n * float(self._plain_loss(p)) for n, p in parts if n > 0) / terms
         except Exception:  # a model or loss that cannot take part of a batch
             return False
         finally:
@@ -445,8 +441,7 @@ class DataLoop:
         holder: dict[str, Tensor] = {}
 
         def run() -> None:
-            with torch.no_grad():
-                holder["loss"] = self.loss.loss(self.loss.call(self.model.bind({}), head), head)
+            holder["loss"] = self._plain_loss(head)
 
         try:
             with products.named_derivative_errors():
@@ -457,6 +452,11 @@ class DataLoop:
         finally:
             self.model.release()
         return order
+
+    def _plain_loss(self, batch: Batch) -> Tensor:
+        """The batch's own (unweighted) loss at the snapshot, without a graph."""
+        with torch.no_grad():
+            return self.loss.loss(self.loss.call(self.model.bind({}), batch), batch)
 
     def _check_mean(self, head: Batch, loss: Tensor) -> None:
         """Refuse a loss that adds its terms up instead of averaging them (the weighting of
@@ -472,9 +472,7 @@ class DataLoop:
             for r in range(2):
                 one = take_rows(head, slice(r, r + 1))
                 n = self.loss.terms(one)
-                with torch.no_grad():
-                    value = self.loss.loss(self.loss.call(self.model.bind({}), one), one)
-                parts.append((n, float(value)))
+                parts.append((n, float(self._plain_loss(one))))
         except Exception:  # e.g. a model that needs two samples: nothing to conclude
             return
         (na, la), (nb, lb) = parts
