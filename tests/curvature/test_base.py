@@ -46,11 +46,7 @@ def _dense_monte_carlo_fisher(model, batches, names):
 
 
 def test_a_matrix_of_ones_own_matches_its_dense_reference():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(n, 5, generator=g, dtype=torch.float64),
-                torch.randint(0, 3, (n,), generator=g)) for n in (6, 4)]
+    model, batches = _small_problem(inputs=5, hidden=7, sizes=(6, 4))
     F = MonteCarloFisher(model, cross_entropy, batches)
     dense = _dense_monte_carlo_fisher(model, batches, F.parameter_names)
     V = torch.randn(3, F.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -74,12 +70,13 @@ def test_a_matrix_without_its_per_batch_method_is_named():
         op.hvp(torch.ones(op.dim))
 
 
-def _small_problem():
+def _small_problem(inputs=4, hidden=5, sizes=(6, 3)):
+    """A float64 tanh MLP with 3 classes and uneven batches of ``sizes`` samples."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, 3)).double()
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(n, 4, generator=g, dtype=torch.float64),
-                torch.randint(0, 3, (n,), generator=g)) for n in (6, 3)]
+    batches = [(torch.randn(n, inputs, generator=g, dtype=torch.float64),
+                torch.randint(0, 3, (n,), generator=g)) for n in sizes]
     return model, batches
 
 
